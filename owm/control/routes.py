@@ -1,0 +1,198 @@
+"""The control API's endpoints for volumes and preserved images.
+
+Every handler validates its input into plain Python values, calls one pool operation and
+answers JSON; errors are raised as ``OwmError`` and turned into 4xx answers by the app's
+middleware. Later features (backups, application locks) add their own route tables beside this.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+from urllib.parse import unquote
+
+from aiohttp import web
+
+from owm.control.body import Body
+from owm.control.context import CONTEXT, ControlContext, holding_sessions, split_image
+from owm.control.openapi import openapi_document
+from owm.errors import InvalidRequest, OwmError
+
+log = logging.getLogger("owm.control")
+routes = web.RouteTableDef()
+
+METHODS = ("cow", "log", "mirror")
+ENOSPC_POLICIES = ("fail-write", "break-image")
+
+
+class ShuttingDown(OwmError):
+    """The daemon stopped while the request was waiting."""
+
+
+def ok(data: Any, status: int = 200) -> web.Response:
+    return web.json_response(data, status=status)
+
+
+def ctx_of(request: web.Request) -> ControlContext:
+    return request.app[CONTEXT]
+
+
+def name_arg(request: web.Request, key: str) -> str:
+    value = unquote(request.match_info[key])
+    if not value:
+        raise InvalidRequest(f"the {key} in the URL is empty")
+    return value
+
+
+async def no_body(request: web.Request) -> None:
+    """Endpoints without parameters still refuse a body that is not JSON or has fields."""
+    (await Body.read(request)).done()
+
+
+@routes.get("/v1/health")
+async def health(request: web.Request) -> web.Response:
+    ctx = ctx_of(request)
+    return ok({"status": "closing" if ctx.closing.is_set() else "ok", **ctx.daemon})
+
+
+@routes.get("/v1/openapi.json")
+async def openapi(request: web.Request) -> web.Response:
+    return ok(openapi_document())
+
+
+@routes.get("/v1/volumes")
+async def list_volumes(request: web.Request) -> web.Response:
+    return ok(ctx_of(request).pool.status())
+
+
+@routes.post("/v1/volumes")
+async def create_volume(request: web.Request) -> web.Response:
+    ctx = ctx_of(request)
+    body = await Body.read(request)
+    name = body.text("name", required=True)
+    assert name is not None
+    if not name or "@" in name or "/" in name:
+        raise InvalidRequest(
+            f"'{name}' cannot name a volume; use letters, digits, '.', '-' or '_' (no '@' or '/')"
+        )
+    size = body.size("size", required=True)
+    method = body.choice("method", METHODS, "cow")
+    chunk_size = body.size("chunk_size", 65536)
+    legs = body.whole("legs", 2, minimum=1)
+    policy = body.choice("enospc_policy", ENOSPC_POLICIES, "fail-write")
+    body.done()
+    assert size is not None and chunk_size is not None and legs is not None
+    status = await ctx.pool.create_volume(
+        name, size, method=method, chunk_size=chunk_size, legs=legs, enospc_policy=policy
+    )
+    log.info("created volume size=%d method=%s", size, method, extra={"volume": name})
+    return ok(status, 201)
+
+
+@routes.get("/v1/volumes/{name}")
+async def show_volume(request: web.Request) -> web.Response:
+    return ok(ctx_of(request).volume(name_arg(request, "name")))
+
+
+@routes.delete("/v1/volumes/{name}")
+async def delete_volume(request: web.Request) -> web.Response:
+    ctx = ctx_of(request)
+    name = name_arg(request, "name")
+    await no_body(request)
+    ctx.volume(name)  # a clear NotFound before anything else
+    await ctx.pool.delete_volume(name)
+    log.info("deleted volume", extra={"volume": name})
+    return ok({"deleted": name})
+
+
+@routes.post("/v1/volumes/{name}/preserve")
+async def preserve(request: web.Request) -> web.Response:
+    ctx = ctx_of(request)
+    name = name_arg(request, "name")
+    body = await Body.read(request)
+    instant = body.flag("instant")
+    body.done()
+    ctx.volume(name)
+    started = time.perf_counter()
+    image = await ctx.pool.preserve(name, instant=instant)
+    elapsed_ms = (time.perf_counter() - started) * 1000
+    log.info("preserved image=%s instant=%s in %.2f ms", image, instant, elapsed_ms,
+             extra={"volume": name})
+    _, entry = ctx.image(image)
+    return ok({"image": image, "volume": name, "instant": instant,
+               "preserve_ms": round(elapsed_ms, 3), "status": entry}, 201)
+
+
+@routes.get("/v1/images/{image}")
+async def show_image(request: web.Request) -> web.Response:
+    ctx = ctx_of(request)
+    image = name_arg(request, "image")
+    volume, entry = ctx.image(image)
+    _, generation = split_image(image)
+    return ok({**entry, "holding": holding_sessions(volume, generation)})
+
+
+@routes.post("/v1/images/{image}/wait")
+async def wait_drained(request: web.Request) -> web.Response:
+    ctx = ctx_of(request)
+    image = name_arg(request, "image")
+    body = await Body.read(request)
+    timeout = body.seconds("timeout")
+    body.done()
+    ctx.image(image)
+    waiter = asyncio.ensure_future(ctx.pool.wait_drained(image, timeout))
+    closing = asyncio.ensure_future(ctx.closing.wait())
+    try:
+        await asyncio.wait({waiter, closing}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        closing.cancel()
+        if not waiter.done():
+            waiter.cancel()
+    if not waiter.done() or waiter.cancelled():
+        raise ShuttingDown("the daemon is shutting down; the image was not drained yet")
+    drained = waiter.result()
+    volume, entry = ctx.image(image)
+    _, generation = split_image(image)
+    return ok({"image": image, "drained": bool(drained), "status": entry,
+               "holding": [] if drained else holding_sessions(volume, generation)})
+
+
+@routes.post("/v1/images/{image}/cutover")
+async def cutover(request: web.Request) -> web.Response:
+    ctx = ctx_of(request)
+    image = name_arg(request, "image")
+    await no_body(request)
+    volume, _ = ctx.image(image)
+    _, generation = split_image(image)
+    rebound = holding_sessions(volume, generation)
+    await ctx.pool.cutover(image)
+    log.info("cut over image=%s rebound=%d sessions", image, len(rebound),
+             extra={"volume": volume.get("name")})
+    _, entry = ctx.image(image)
+    return ok({"image": image, "rebound": rebound, "status": entry})
+
+
+@routes.post("/v1/images/{image}/release")
+async def release(request: web.Request) -> web.Response:
+    ctx = ctx_of(request)
+    image = name_arg(request, "image")
+    await no_body(request)
+    volume, entry = ctx.image(image)
+
+    def progress(done: int, total: int) -> None:
+        ctx.release_progress[image] = (done, total)
+
+    # A client that hangs up must not interrupt a release half-way: shield it.
+    task = asyncio.ensure_future(ctx.pool.release(image, progress=progress))
+    try:
+        await asyncio.shield(task)
+    finally:
+        if task.done():
+            ctx.release_progress.pop(image, None)
+        else:
+            task.add_done_callback(lambda _: ctx.release_progress.pop(image, None))
+    log.info("released image=%s", image, extra={"volume": volume.get("name")})
+    return ok({"image": image, "released": True,
+               "bytes_freed": entry.get("bytes_on_disk", 0)})
