@@ -8,6 +8,7 @@ socket, ``ControlError`` (carrying the HTTP status) when the daemon refused the 
 from __future__ import annotations
 
 import json
+import shlex
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -38,7 +39,8 @@ def control_socket(pool: Path) -> Path:
 
 def not_running_message(pool: Path) -> str:
     return (
-        f"No owm daemon is running for pool {pool}; start one with: owm --pool {pool} serve"
+        f"No owm daemon is running for pool {pool}; "
+        f"start one with 'owm --pool {shlex.quote(str(pool))} serve'"
     )
 
 

@@ -1,0 +1,553 @@
+"""The ``owm`` command line: ``serve`` runs the daemon, every other command talks to it.
+
+The command set is the contract in DESIGN.md ("Command line"). Commands reach the daemon of
+``--pool`` (default ``$OWM_POOL``, then ``./owm-pool``) through its control socket; with no
+daemon they say so and exit 2. User mistakes are one sentence on stderr and a non-zero exit
+(2 for a bad command line, 1 for a request the daemon refused), never a traceback. Every
+command that reports state takes ``--json`` and then prints exactly one JSON document.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sys
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+from rich.console import Console
+
+from owm.cli_output import (
+    holding_lines,
+    plural,
+    sentence,
+    status_view,
+    volume_detail,
+    volumes_table,
+)
+from owm.control.client import ControlClient, DaemonNotRunning
+from owm.control.context import split_image
+from owm.errors import InvalidRequest, OwmError
+from owm.sizes import format_size, parse_size
+
+T = TypeVar("T")
+JSON = dict[str, Any]
+
+DEFAULT_POOL = "owm-pool"
+METHODS = ("cow", "log", "mirror")
+
+
+class Fail(Exception):
+    """End the command with ``code``, after printing ``message`` (if any) on stderr."""
+
+    def __init__(self, message: str, code: int = 1) -> None:
+        super().__init__(message)
+        self.message = message
+        self.code = code
+
+
+@dataclass
+class State:
+    """Per-invocation settings shared by the commands."""
+
+    pool: Path
+
+    @property
+    def out(self) -> Console:
+        return Console(highlight=False)
+
+    @property
+    def err(self) -> Console:
+        return Console(stderr=True, highlight=False)
+
+
+# ----------------------------------------------------------------------------------------------
+# Parameter types and shared options
+
+
+class SizeType(click.ParamType[int]):
+    """A byte count: 4096, 64K, 1G, 1.5T."""
+
+    name = "size"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
+        if isinstance(value, int):
+            return value
+        try:
+            size = parse_size(str(value))
+        except InvalidRequest as exc:
+            self.fail(str(exc), param, ctx)
+        if size <= 0:
+            self.fail(f"'{value}' is not a size greater than zero", param, ctx)
+        return size
+
+
+class ImageType(click.ParamType[str]):
+    """A preserved image name, NAME@N."""
+
+    name = "NAME@N"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> str:
+        try:
+            split_image(str(value))
+        except InvalidRequest as exc:
+            self.fail(str(exc), param, ctx)
+        return str(value)
+
+
+SIZE = SizeType()
+IMAGE = ImageType()
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _set_pool(ctx: click.Context, _: click.Parameter, value: str | None) -> None:
+    if value:
+        ctx.ensure_object(State).pool = Path(value)
+
+
+def pool_option(f: F) -> F:
+    """``--pool`` is global, and every subcommand accepts it too (``owm serve --pool DIR``)."""
+    option = click.option(
+        "--pool", metavar="DIR", expose_value=False, is_eager=True, callback=_set_pool,
+        help="Pool directory (overrides the global --pool).",
+    )
+    return option(f)
+
+
+def json_option(f: F) -> F:
+    return click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")(f)
+
+
+def state() -> State:
+    return click.get_current_context().ensure_object(State)
+
+
+def print_json(doc: Any) -> None:
+    click.echo(json.dumps(doc, indent=2))
+
+
+def talk(call: Callable[[ControlClient], Awaitable[T]]) -> T:
+    """Run one exchange with the pool's daemon; map its failures to exit codes."""
+    pool = state().pool
+
+    async def go() -> T:
+        async with ControlClient(pool) as client:
+            return await call(client)
+
+    try:
+        return asyncio.run(go())
+    except DaemonNotRunning as exc:
+        raise Fail(str(exc), 2) from None
+    except OwmError as exc:
+        raise Fail(str(exc), 1) from None
+
+
+# ----------------------------------------------------------------------------------------------
+# The command group
+
+
+class OrderedGroup(click.Group):
+    """Lists commands in the order they are defined (the story order), not alphabetically."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return list(self.commands)
+
+
+@click.group(
+    cls=OrderedGroup,
+    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
+)
+@click.option(
+    "--pool", metavar="DIR", envvar="OWM_POOL", default=DEFAULT_POOL, show_default=True,
+    help="Pool directory; defaults to $OWM_POOL, then ./owm-pool.",
+)
+@click.version_option(package_name="owm", prog_name="owm")
+@click.pass_context
+def cli(ctx: click.Context, pool: str) -> None:
+    """owm: a one-way mirror block device served over NBD.
+
+    Preserve a live volume without pausing it: sessions open at the preserve finish on the
+    preserved image NAME@N, new sessions use the live volume, and NAME@N becomes a
+    transaction-consistent image once the old sessions end.
+    """
+    ctx.obj = State(pool=Path(pool or DEFAULT_POOL))
+
+
+# ----------------------------------------------------------------------------------------------
+# serve
+
+
+def parse_endpoint(text: str, what: str) -> tuple[str, int] | None:
+    """'127.0.0.1:10809', '[::1]:10809', ':10809' (loopback) or 'none'."""
+    if text.strip().lower() in ("none", "off", ""):
+        return None
+    host, sep, port = text.rpartition(":")
+    host = host.strip("[]") if host.startswith("[") else host
+    if not sep or not port.isdigit() or int(port) > 65535:
+        raise click.BadParameter(f"'{text}' is not HOST:PORT", param_hint=what)
+    return (host or "127.0.0.1", int(port))
+
+
+@cli.command()
+@pool_option
+@click.option("--listen", default="127.0.0.1:10809", show_default=True, metavar="HOST:PORT",
+              help="NBD over TCP ('none' for the Unix socket only; port 0 picks a free one).")
+@click.option("--socket", "nbd_socket", metavar="PATH", type=click.Path(path_type=Path),
+              help="NBD Unix socket [default: POOL/nbd.sock].")
+@click.option("--control-listen", metavar="HOST:PORT",
+              help="Also serve the control API on TCP (needs --control-token-file).")
+@click.option("--control-token-file", metavar="FILE", type=click.Path(path_type=Path),
+              help="File holding the bearer token the TCP control listener requires.")
+@click.option("--grace", type=click.FloatRange(min=0), default=30.0, show_default=True,
+              help="Seconds requests in flight get to finish at shutdown.")
+@click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]),
+              default="info", show_default=True)
+def serve(listen: str, nbd_socket: Path | None, control_listen: str | None,
+          control_token_file: Path | None, grace: float, log_level: str) -> None:
+    """Run the daemon (NBD and the control API) in the foreground.
+
+    NBD is served on HOST:PORT and POOL/nbd.sock, the control API on POOL/control.sock.
+    SIGTERM or Ctrl-C stops it cleanly.
+    """
+    from owm.daemon import DaemonConfig, run
+
+    control_tcp = parse_endpoint(control_listen, "--control-listen") if control_listen else None
+    if control_tcp is not None and control_token_file is None:
+        raise click.UsageError("--control-listen needs --control-token-file")
+    config = DaemonConfig(
+        pool=state().pool, nbd_listen=parse_endpoint(listen, "--listen"), nbd_socket=nbd_socket,
+        control_listen=control_tcp, control_token_file=control_token_file, grace=grace,
+    )
+    try:
+        run(config, log_level)
+    except OwmError as exc:
+        raise Fail(str(exc), 1) from None
+    except OSError as exc:
+        where = f" ({exc.filename})" if exc.filename else ""
+        raise Fail(f"the daemon could not start: {exc.strerror or exc}{where}", 1) from None
+
+
+# ----------------------------------------------------------------------------------------------
+# volume create | list | show | delete
+
+
+@cli.group(cls=OrderedGroup)
+def volume() -> None:
+    """Create, list, show and delete volumes."""
+
+
+@volume.command("create")
+@pool_option
+@click.argument("name")
+@click.option("--size", type=SIZE, required=True, help="Volume size, e.g. 10G.")
+@click.option("--method", type=click.Choice(METHODS), default="cow", show_default=True,
+              help="How preserved images keep their data.")
+@click.option("--chunk-size", type=SIZE, default="64K", show_default=True,
+              help="Chunk size, a power of two from 4K to 1M.")
+@click.option("--legs", type=click.IntRange(min=1), default=2, show_default=True,
+              help="Mirror legs (mirror method only).")
+@click.option("--enospc-policy", type=click.Choice(["fail-write", "break-image"]),
+              default="fail-write", show_default=True,
+              help="On a full disk: fail the write, or break the preserved image.")
+@json_option
+def volume_create(name: str, size: int, method: str, chunk_size: int, legs: int,
+                  enospc_policy: str, as_json: bool) -> None:
+    """Create volume NAME."""
+
+    async def call(c: ControlClient) -> tuple[JSON, JSON]:
+        created = await c.create_volume(name, size, method=method, chunk_size=chunk_size,
+                                        legs=legs, enospc_policy=enospc_policy)
+        return created, await c.health()
+
+    created, health = talk(call)
+    if as_json:
+        print_json(created)
+        return
+    tcp = (health.get("nbd") or {}).get("tcp")
+    where = f"; serve it as nbd://{tcp}/{name}" if tcp else ""
+    state().out.print(
+        f"Created volume {name}: {format_size(size)}, {method}, "
+        f"{format_size(chunk_size)} chunks{where}", markup=False,
+    )
+
+
+@volume.command("list")
+@pool_option
+@json_option
+def volume_list(as_json: bool) -> None:
+    """List the volumes of the pool."""
+    volumes = talk(lambda c: c.volumes())
+    if as_json:
+        print_json(volumes)
+    elif not volumes:
+        state().out.print(f"No volumes in pool {state().pool.absolute()}; create one with: "
+                          "owm volume create NAME --size 1G", markup=False)
+    else:
+        state().out.print(volumes_table(volumes))
+
+
+@volume.command("show")
+@pool_option
+@click.argument("name")
+@json_option
+def volume_show(name: str, as_json: bool) -> None:
+    """Show volume NAME: its settings, sessions and preserved images."""
+    found = talk(lambda c: c.volume(name))
+    if as_json:
+        print_json(found)
+    else:
+        state().out.print(volume_detail(found))
+
+
+@volume.command("delete")
+@pool_option
+@click.argument("name")
+@json_option
+def volume_delete(name: str, as_json: bool) -> None:
+    """Delete volume NAME and its images.
+
+    Refused while sessions or readers are open.
+    """
+    result = talk(lambda c: c.delete_volume(name))
+    if as_json:
+        print_json(result)
+    else:
+        state().out.print(f"Deleted volume {name}.", markup=False)
+
+
+# ----------------------------------------------------------------------------------------------
+# preserve, status, wait, cutover, release
+
+
+@cli.command()
+@pool_option
+@click.argument("name")
+@click.option("--instant", is_flag=True,
+              help="Cut over at once: a classic crash-consistent snapshot.")
+@json_option
+def preserve(name: str, instant: bool, as_json: bool) -> None:
+    """Preserve volume NAME without a pause; prints NAME@N.
+
+    Sessions open now finish on NAME@N (their writes also reach the live volume); sessions
+    opened from now on use the live volume only.
+    """
+    result = talk(lambda c: c.preserve(name, instant=instant))
+    if as_json:
+        print_json(result)
+        return
+    image = str(result["image"])
+    click.echo(image)
+    err = state().err
+    if err.is_terminal:
+        left = int((result.get("status") or {}).get("sessions_left") or 0)
+        if left:
+            err.print(f"{image} is draining: {plural(left, 'session')} still hold it; "
+                      f"'owm wait {image}' returns once it is drained.", markup=False, style="dim")
+        else:
+            err.print(f"{image} is drained already (no session was open).", markup=False,
+                      style="dim")
+
+
+@cli.command()
+@pool_option
+@click.argument("name", required=False)
+@json_option
+def status(name: str | None, as_json: bool) -> None:
+    """Show sessions per generation and preserved images.
+
+    For every volume, or just NAME.
+    """
+
+    async def call(c: ControlClient) -> list[JSON]:
+        return [await c.volume(name)] if name else await c.volumes()
+
+    volumes = talk(call)
+    if as_json:
+        print_json(volumes)
+    elif not volumes:
+        state().out.print(f"No volumes in pool {state().pool.absolute()}.", markup=False)
+    else:
+        state().out.print(status_view(volumes))
+
+
+@cli.command()
+@pool_option
+@click.argument("image", type=IMAGE)
+@click.option("--timeout", type=click.FloatRange(min=0), metavar="SECONDS",
+              help="Give up after this long (exit 1). Default: wait as long as it takes.")
+@json_option
+def wait(image: str, timeout: float | None, as_json: bool) -> None:
+    """Wait until IMAGE is drained (exit 0), or time out (exit 1).
+
+    On a timeout it names the sessions still holding the image.
+    """
+    err = state().err
+    show_progress = err.is_terminal and not as_json
+
+    async def call(c: ControlClient) -> JSON:
+        if not show_progress:
+            return await c.wait(image, timeout)
+        waiter = asyncio.ensure_future(c.wait(image, timeout))
+        with err.status(f"waiting for {image} to drain") as spinner:
+            while not waiter.done():
+                await asyncio.wait({waiter}, timeout=0.5)
+                if waiter.done():
+                    break
+                try:
+                    info = await c.image(image)
+                except OwmError:
+                    continue
+                left = int(info.get("sessions_left") or 0)
+                spinner.update(f"waiting for {image} to drain: {plural(left, 'session')} left")
+        return await waiter
+
+    result = talk(call)
+    drained = bool(result.get("drained"))
+    if as_json:
+        print_json(result)
+    elif drained:
+        consistency = (result.get("status") or {}).get("consistency", "")
+        state().out.print(f"{image} is drained{f' ({consistency})' if consistency else ''}.",
+                          markup=False)
+    if not drained:
+        if not as_json:
+            holding = result.get("holding") or []
+            lines = [f"{image} is still draining after {timeout:g}s; "
+                     f"{plural(len(holding), 'session')} still hold it:"]
+            lines += holding_lines(holding) or ["  (none listed)"]
+            click.echo("\n".join(lines), err=True)
+        raise Fail("", 1)
+
+
+@cli.command()
+@pool_option
+@click.argument("image", type=IMAGE)
+@json_option
+def cutover(image: str, as_json: bool) -> None:
+    """Stop waiting for IMAGE: rebind its sessions to the live volume.
+
+    IMAGE stops changing at once and is then only crash-consistent.
+    """
+    result = talk(lambda c: c.cutover(image))
+    if as_json:
+        print_json(result)
+        return
+    rebound = result.get("rebound") or []
+    state().out.print(
+        f"Cut over {image}: {plural(len(rebound), 'session')} moved to the live volume; "
+        f"{image} no longer changes and is crash-consistent.", markup=False,
+    )
+
+
+@cli.command()
+@pool_option
+@click.argument("image", type=IMAGE)
+@json_option
+def release(image: str, as_json: bool) -> None:
+    """Discard the drained IMAGE and reclaim its storage."""
+    err = state().err
+    show_progress = err.is_terminal and not as_json
+
+    async def call(c: ControlClient) -> JSON:
+        if not show_progress:
+            return await c.release(image)
+        from rich.progress import BarColumn, Progress, TaskProgressColumn, TimeRemainingColumn
+
+        releaser = asyncio.ensure_future(c.release(image))
+        with Progress("[progress.description]{task.description}", BarColumn(),
+                      TaskProgressColumn(), TimeRemainingColumn(), console=err,
+                      transient=True) as bar:
+            task = bar.add_task(f"releasing {image}", total=None)
+            while not releaser.done():
+                await asyncio.wait({releaser}, timeout=0.2)
+                if releaser.done():
+                    break
+                try:
+                    progress = (await c.image(image)).get("release_progress") or {}
+                except OwmError:
+                    continue
+                if progress.get("total"):
+                    bar.update(task, completed=progress.get("done", 0), total=progress["total"])
+        return await releaser
+
+    result = talk(call)
+    if as_json:
+        print_json(result)
+    else:
+        freed = int(result.get("bytes_freed") or 0)
+        state().out.print(f"Released {image} ({format_size(freed)} freed).", markup=False)
+
+
+# ----------------------------------------------------------------------------------------------
+# Backups (issue 5) go here: `owm backup NAME@N --to PATH ...`, `owm backup list|verify|delete`
+# and `owm restore REPO ID --to PATH|NAME`, as a click group from the backup package added with
+# cli.add_command(...). They read images over NBD and talk to the daemon through `talk`.
+
+
+# ----------------------------------------------------------------------------------------------
+# demo
+
+
+@cli.command()
+@click.option("--writers", type=click.IntRange(1, 16), default=4, show_default=True,
+              help="Sessions open at the preserve (they finish on the preserved image).")
+@click.option("--new-writers", type=click.IntRange(1, 16), default=3, show_default=True,
+              help="Sessions opened after the preserve (they use the live volume).")
+@json_option
+def demo(writers: int, new_writers: int, as_json: bool) -> None:
+    """Run the end-to-end story on a throw-away pool.
+
+    Writers are busy on a volume; it is preserved mid-work; old sessions drain onto the
+    preserved image while new ones carry on on the live volume; the image is checked and
+    released.
+    """
+    from owm.demo import DemoFailed, run_demo
+
+    try:
+        summary = run_demo(old_sessions=writers, new_sessions=new_writers, quiet=as_json)
+    except DemoFailed as exc:
+        raise Fail(str(exc), 1) from None
+    if as_json:
+        print_json(summary)
+
+
+# ----------------------------------------------------------------------------------------------
+# Entry point
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """The ``owm`` console script: run the command, turn every failure into a sentence."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    code = 0
+    try:
+        result = cli.main(args=args, prog_name="owm", standalone_mode=False)
+        if isinstance(result, int):
+            code = result
+    except Fail as exc:
+        if exc.message:
+            click.echo(sentence(exc.message), err=True)
+        code = exc.code
+    except click.UsageError as exc:
+        where = exc.ctx.command_path if exc.ctx else "owm"
+        click.echo(f"{sentence(exc.format_message())} See '{where} --help'.", err=True)
+        code = exc.exit_code
+    except click.ClickException as exc:
+        click.echo(sentence(exc.format_message()), err=True)
+        code = exc.exit_code
+    except (click.Abort, KeyboardInterrupt):
+        click.echo("Interrupted.", err=True)
+        code = 130
+    except BrokenPipeError:
+        # The reader went away (e.g. `owm status | head`): say nothing more.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        code = 1
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,167 @@
+"""``owm serve``: one asyncio process holding the pool, its NBD server and its control API.
+
+Start-up opens the pool (recovering it after a crash), then listens for NBD on TCP and on
+POOL/nbd.sock and for control requests on POOL/control.sock. SIGTERM or SIGINT stops it the
+careful way: refuse new work, let requests in flight finish, sync, close the pool so that the
+next start on the same directory finds every volume and image as it was.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import owm
+from owm.control.context import ControlContext
+from owm.control.server import ControlServer, check_unix_path, read_token_file, socket_in_use
+from owm.errors import WrongState
+
+log = logging.getLogger("owm.daemon")
+
+DEFAULT_NBD_LISTEN = ("127.0.0.1", 10809)
+
+# Record attributes other modules pass with ``extra=`` that the log line should show.
+CONTEXT_FIELDS = ("volume", "image", "session", "peer", "export")
+
+
+class OneLineFormatter(logging.Formatter):
+    """``LEVEL TIME logger: message key=value ...``, one record per line, UTC timestamps."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+        line = f"{record.levelname:<7} {stamp}.{int(record.msecs):03d}Z {record.name}: "
+        line += record.getMessage()
+        for key in CONTEXT_FIELDS:
+            value = record.__dict__.get(key)
+            if value is not None:
+                line += f" {key}={value}"
+        if record.exc_info:
+            # Keep the one-line promise even for tracebacks: fold them onto the record's line.
+            line += " | " + self.formatException(record.exc_info).replace("\n", " | ")
+        return line
+
+
+def setup_logging(level: str = "INFO") -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(OneLineFormatter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+
+
+@dataclass
+class DaemonConfig:
+    """Everything ``owm serve`` was told on its command line."""
+
+    pool: Path
+    nbd_listen: tuple[str, int] | None = DEFAULT_NBD_LISTEN
+    nbd_socket: Path | None = None  # default POOL/nbd.sock
+    control_listen: tuple[str, int] | None = None
+    control_token_file: Path | None = None
+    grace: float = 30.0  # seconds in-flight NBD requests get at shutdown
+
+    @property
+    def control_socket(self) -> Path:
+        return self.pool / "control.sock"
+
+    @property
+    def nbd_socket_path(self) -> Path:
+        return self.nbd_socket if self.nbd_socket is not None else self.pool / "nbd.sock"
+
+
+def _endpoint(address: tuple[str, int] | None) -> str | None:
+    if address is None:
+        return None
+    host, port = address
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+async def serve(config: DaemonConfig, stop: asyncio.Event | None = None) -> None:
+    """Run the daemon until ``stop`` is set or SIGTERM/SIGINT arrives, then shut down cleanly."""
+    # Imported here so that the control client and the CLI do not pull in the storage stack.
+    from owm.nbd.server import NbdServer
+    from owm.pool import Pool
+
+    pool_dir = config.pool.absolute()
+    check_unix_path(config.control_socket.absolute())
+    check_unix_path(config.nbd_socket_path.absolute())
+    token = read_token_file(config.control_token_file) if config.control_token_file else None
+    if socket_in_use(config.control_socket):
+        raise WrongState(f"a daemon is already serving pool {pool_dir}")
+    if not pool_dir.exists():
+        pool_dir.mkdir(mode=0o700, parents=True)
+
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    signals = (signal.SIGTERM, signal.SIGINT)
+
+    def on_signal(signum: int) -> None:
+        if stop.is_set():
+            log.warning("already stopping; %s ignored", signal.Signals(signum).name)
+            return
+        log.info("%s received, stopping", signal.Signals(signum).name)
+        stop.set()
+
+    for signum in signals:
+        loop.add_signal_handler(signum, on_signal, signum)
+
+    started = time.monotonic()
+    pool = await Pool.open(pool_dir)
+    nbd: Any = None
+    ctx = ControlContext(pool=pool)
+    control = ControlServer(ctx)
+    try:
+        nbd = NbdServer(pool)
+        await nbd.start(tcp=config.nbd_listen, unix_path=str(config.nbd_socket_path))
+        nbd_tcp = (config.nbd_listen[0], nbd.tcp_port) if config.nbd_listen else None
+        ctx.daemon.update({
+            "pool": str(pool_dir), "pid": os.getpid(), "version": owm.__version__,
+            "nbd": {"tcp": _endpoint(nbd_tcp), "unix": str(config.nbd_socket_path.absolute())},
+            "control": {"unix": str(config.control_socket.absolute()), "tcp": None},
+        })
+        await control.start(config.control_socket, tcp=config.control_listen, token=token)
+        ctx.daemon["control"]["tcp"] = _endpoint(control.tcp_address)
+        volumes = pool.status()
+        log.info(
+            "serving pool %s with %d volume(s): NBD on %s and %s, control on %s%s "
+            "(ready in %.0f ms)",
+            pool_dir, len(volumes), _endpoint(nbd_tcp) or "no TCP", config.nbd_socket_path,
+            config.control_socket,
+            f" and {_endpoint(control.tcp_address)} (token required)" if control.tcp_address
+            else "",
+            (time.monotonic() - started) * 1000,
+        )
+        await stop.wait()
+    finally:
+        for signum in signals:
+            loop.remove_signal_handler(signum)
+        log.info("stopping: finishing requests in flight")
+        ctx.closing.set()
+        try:
+            if nbd is not None:
+                await nbd.stop(config.grace)
+        finally:
+            try:
+                await control.stop()
+            finally:
+                await pool.close()
+        log.info("stopped; pool %s closed cleanly", pool_dir)
+
+
+def run(config: DaemonConfig, log_level: str = "INFO") -> None:
+    """Blocking entry point for ``owm serve``: uvloop when available, then ``serve``."""
+    setup_logging(log_level)
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency; stay usable without it
+        asyncio.run(serve(config))
+    else:
+        uvloop.run(serve(config))
