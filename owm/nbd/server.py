@@ -1,0 +1,538 @@
+"""The asyncio NBD server: drives :mod:`owm.nbd.protocol` over TCP and Unix sockets.
+
+Each connection is an ``asyncio.Protocol`` (no StreamReader on the hot path) that feeds the
+received bytes to its :class:`~owm.nbd.protocol.ServerConnection` and turns its events into
+calls on an ``owm.view.Exports`` / ``View``.  Requests of one connection run concurrently as
+tasks and may complete out of order; each reply (header plus payload) is queued whole, and
+the replies finished in one event-loop turn go out in one ``writelines`` call.
+
+A connection opens its view when GO or EXPORT_NAME succeeds.  On DISC it stops reading,
+finishes the requests in flight and closes the view with ``clean=True``; a connection that
+drops without DISC closes it with ``clean=False`` once its requests have finished.  Reading is
+paused while too many requests or payload bytes are in flight, or while the client is not
+reading its replies, so a fast or hostile client cannot make the server buffer without bound.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import os
+import socket
+import stat
+import struct
+from collections.abc import Callable
+from typing import Any, cast
+
+from owm.errors import NotFound, OwmError
+from owm.nbd import constants as c
+from owm.nbd import protocol as p
+from owm.view import ExportInfo, Exports, View
+
+log = logging.getLogger("owm.nbd.server")
+
+MAX_INFLIGHT_REQUESTS = 256
+MAX_INFLIGHT_BYTES = 128 * 1024 * 1024
+WRITE_HIGH_WATER = 8 * 1024 * 1024
+WRITE_LOW_WATER = 2 * 1024 * 1024
+
+_OPTION_ERRORS = {
+    # How an OwmError from opening an export is told to a client during GO/INFO.
+    "NotFound": c.REP_ERR_UNKNOWN,
+    "WrongState": c.REP_ERR_UNKNOWN,
+    "ReadOnly": c.REP_ERR_POLICY,
+}
+
+
+def _peer_name(transport: asyncio.BaseTransport) -> str:
+    peer = transport.get_extra_info("peername")
+    if isinstance(peer, tuple) and len(peer) >= 2:
+        host = peer[0]
+        return f"[{host}]:{peer[1]}" if ":" in str(host) else f"{host}:{peer[1]}"
+    sock = transport.get_extra_info("socket")
+    if sock is not None and hasattr(socket, "SO_PEERCRED"):
+        with contextlib.suppress(OSError):
+            creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+            pid, uid, _gid = struct.unpack("3i", creds)
+            return f"unix:pid={pid},uid={uid}"
+    return "unix"
+
+
+class _Connection(asyncio.Protocol):
+    """One client connection: protocol machine, view, requests in flight, reply batching."""
+
+    def __init__(self, server: NbdServer) -> None:
+        self.server = server
+        self.machine = p.ServerConnection()
+        self.transport: asyncio.Transport | None = None
+        self.peer = "?"
+        self.view: View | None = None
+        self._loop = asyncio.get_running_loop()
+        self._out: list[bytes | bytearray | memoryview] = []
+        self._flush_scheduled = False
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._inflight = 0
+        self._inflight_bytes = 0
+        self._idle: asyncio.Future[None] | None = None
+        self._reading_paused = False
+        self._write_paused = False
+        self._option_busy = False  # an async option answer (GO, EXPORT_NAME) is running
+        self._disconnecting = False  # DISC received
+        self._lost = False
+        self._closing = False  # we decided to close (ABORT, refused export, shutdown)
+        self._finished: asyncio.Future[None] = self._loop.create_future()
+        self._stopping = False
+        self._finishing = False
+
+    # ------------------------------------------------------------------ asyncio callbacks
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports do not subclass asyncio.Transport, but implement it.
+        transport = cast(asyncio.Transport, transport)
+        self.transport = transport
+        self.peer = _peer_name(transport)
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        transport.set_write_buffer_limits(high=WRITE_HIGH_WATER, low=WRITE_LOW_WATER)
+        self.server._connections.add(self)
+        log.debug("connection from %s", self.peer)
+        if self.server._stopping:
+            transport.close()
+            return
+        transport.write(self.machine.initiate())
+
+    def data_received(self, data: bytes) -> None:
+        self.machine.receive_data(data)
+        self._process()
+
+    def eof_received(self) -> bool | None:
+        return None  # close our side too; connection_lost follows
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+        self._update_reading()
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        self._update_reading()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._lost = True
+        self._out.clear()
+        self.server._connections.discard(self)
+        log.debug("connection from %s lost (%s)", self.peer, exc or "closed")
+        if not self._disconnecting and not self._option_busy:
+            self._loop.create_task(self._finish(clean=False))
+
+    # ----------------------------------------------------------------------- plumbing
+
+    def _update_reading(self) -> None:
+        transport = self.transport
+        if transport is None or self._lost:
+            return
+        want_pause = (
+            self._option_busy
+            or self._disconnecting
+            or self._closing
+            or self._write_paused
+            or self._inflight >= MAX_INFLIGHT_REQUESTS
+            or self._inflight_bytes >= MAX_INFLIGHT_BYTES
+        )
+        if want_pause and not self._reading_paused:
+            self._reading_paused = True
+            transport.pause_reading()
+        elif not want_pause and self._reading_paused:
+            self._reading_paused = False
+            transport.resume_reading()
+
+    def _send(self, data: bytes | bytearray | memoryview) -> None:
+        if self._lost:
+            return
+        self._out.append(data)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self._loop.call_soon(self._flush)
+
+    def _send_many(self, bufs: list[bytes | bytearray | memoryview]) -> None:
+        if self._lost:
+            return
+        self._out.extend(bufs)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self._loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        out = self._out
+        if not out or self._lost or self.transport is None:
+            out.clear()
+            return
+        self._out = []
+        if len(out) == 1:
+            self.transport.write(out[0])
+        else:
+            self.transport.writelines(out)
+
+    def _close_transport(self, abort: bool = False) -> None:
+        self._closing = True
+        self._flush()
+        if self.transport is not None and not self._lost:
+            if abort:
+                self.transport.abort()
+            else:
+                self.transport.close()
+
+    # ------------------------------------------------------------------- event dispatch
+
+    def _process(self) -> None:
+        machine = self.machine
+        request_type = p.Request
+        while not self._option_busy:
+            try:
+                event = machine.next_event()
+            except p.ProtocolError as e:
+                log.info("client %s broke the protocol: %s", self.peer, e)
+                self._close_transport(abort=True)
+                return
+            kind = type(event)
+            if kind is request_type:
+                assert isinstance(event, p.Request)
+                self._start_request(event)
+            elif event is p.NEED_DATA or event is p.PAUSED:
+                return
+            elif kind is p.RequestRejected:
+                assert isinstance(event, p.RequestRejected)
+                log.debug("%s: rejected %s: %s", self.peer, event.command, event.message)
+                self._send(event.data)
+            else:
+                self._option_event(event)
+
+    def _option_event(self, event: object) -> None:
+        machine = self.machine
+        if isinstance(event, p.OptionHandled):
+            self._send(event.data)
+        elif isinstance(event, p.ListExports):
+            if self._stopping:
+                self._send(
+                    machine.reply_option_error(c.REP_ERR_SHUTDOWN, "The server is stopping.")
+                )
+                return
+            try:
+                exports = [(i.name, i.description) for i in self.server.exports.list_exports()]
+            except Exception:
+                log.exception("listing exports failed")
+                self._send(machine.reply_option_error(c.REP_ERR_UNSUP, "Listing failed."))
+                return
+            self._send(machine.reply_list(exports))
+        elif isinstance(event, p.ExportInfoRequest):
+            if self._stopping:
+                self._send(
+                    machine.reply_option_error(c.REP_ERR_SHUTDOWN, "The server is stopping.")
+                )
+            elif event.go:
+                self._begin_open(event.name, go=True)
+            else:
+                self._answer_info(event.name)
+        elif isinstance(event, p.ExportNameRequest):
+            if self._stopping:
+                machine.refuse_export_name()
+                self._close_transport()
+            else:
+                self._begin_open(event.name, go=False)
+        elif isinstance(event, p.MetaContextRequest):
+            exists = self._lookup(event.export_name) is not None
+            self._send(machine.reply_meta_context(exists))
+        elif isinstance(event, p.AbortRequest):
+            self._send(event.data)
+            self._close_transport()
+        elif isinstance(event, p.Disconnect):
+            self._disconnecting = True
+            self._update_reading()
+            self._loop.create_task(self._finish(clean=True))
+        elif isinstance(event, p.ConnectionClosed):
+            pass  # connection_lost does the rest
+
+    def _resolve_name(self, name: str) -> str:
+        """The export a client means: "" is the one live volume, if there is exactly one."""
+        if name:
+            return name
+        live = [i.name for i in self.server.exports.list_exports() if "@" not in i.name]
+        return live[0] if len(live) == 1 else name
+
+    def _lookup(self, name: str) -> ExportInfo | None:
+        try:
+            return self.server.exports.export_info(self._resolve_name(name))
+        except NotFound:
+            return None
+        except OwmError as e:
+            log.info("export %r: %s", name, e)
+            return None
+
+    def _answer_info(self, name: str) -> None:
+        info = self._lookup(name)
+        if info is None:
+            self._send(
+                self.machine.reply_option_error(
+                    c.REP_ERR_UNKNOWN, f"There is no export named {name!r}."
+                )
+            )
+        else:
+            self._send(self.machine.reply_info(info))
+
+    def _begin_open(self, name: str, go: bool) -> None:
+        self._option_busy = True
+        self._update_reading()
+        self._loop.create_task(self._open(name, go))
+
+    async def _open(self, name: str, go: bool) -> None:
+        machine = self.machine
+        view: View | None = None
+        error: tuple[int, str] | None = None
+        info = self._lookup(name)
+        if info is None:
+            error = (c.REP_ERR_UNKNOWN, f"There is no export named {name!r}.")
+        else:
+            try:
+                view = await self.server.exports.open_export(info.name, self.peer)
+            except OwmError as e:
+                error = (_OPTION_ERRORS.get(type(e).__name__, c.REP_ERR_UNKNOWN), str(e))
+            except Exception:
+                log.exception("opening export %r failed", name)
+                error = (c.REP_ERR_UNKNOWN, "The export could not be opened.")
+        if view is not None and (self._lost or self._stopping):
+            # Transmission never started, so no I/O can have been torn: a clean end.
+            with contextlib.suppress(Exception):
+                await view.close(clean=True)
+            view = None
+            error = (c.REP_ERR_SHUTDOWN, "The server is stopping.")
+        self._option_busy = False
+        if self._lost:
+            await self._finish(clean=False)
+            return
+        if view is not None:
+            assert info is not None
+            self.view = view
+            info = dataclasses.replace(
+                info, size=view.size, read_only=view.read_only or info.read_only
+            )
+            log.info("%s opened export %r", self.peer, info.name)
+            self._send(machine.reply_info(info) if go else machine.reply_export_name(info))
+        else:
+            assert error is not None
+            log.info("%s could not open export %r: %s", self.peer, name, error[1])
+            if not go:
+                machine.refuse_export_name()
+                self._close_transport()
+                return
+            self._send(machine.reply_option_error(*error))
+        self._update_reading()
+        self._process()
+
+    # ------------------------------------------------------------------------ requests
+
+    def _start_request(self, req: p.Request) -> None:
+        if self._stopping:
+            self._send(self.machine.reply_error(req.handle, c.ESHUTDOWN, "The server is stopping."))
+            return
+        self._inflight += 1
+        if req.payload is not None:
+            self._inflight_bytes += req.length
+        if self._inflight >= MAX_INFLIGHT_REQUESTS or self._inflight_bytes >= MAX_INFLIGHT_BYTES:
+            self._update_reading()
+        task = self._loop.create_task(self._run(req))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _run(self, req: p.Request) -> None:
+        machine = self.machine
+        view = self.view
+        cmd = req.command
+        handle = req.handle
+        try:
+            assert view is not None
+            if cmd == c.CMD_READ:
+                if req.length:
+                    data = await view.read(req.offset, req.length)
+                    if len(data) != req.length:
+                        raise OwmError(f"The storage returned {len(data)} of {req.length} bytes.")
+                else:
+                    data = b""
+                self._send_many(machine.reply_read(handle, req.offset, data))
+            elif cmd == c.CMD_WRITE:
+                if req.length:
+                    assert req.payload is not None
+                    await view.write(req.offset, req.payload, bool(req.flags & c.CMD_FLAG_FUA))
+                self._send(machine.reply_ok(handle))
+            elif cmd == c.CMD_FLUSH:
+                await view.flush()
+                self._send(machine.reply_ok(handle))
+            elif cmd == c.CMD_BLOCK_STATUS:
+                extents = await view.block_status(req.offset, req.length)
+                self._send(
+                    machine.reply_block_status(
+                        handle,
+                        req.length,
+                        [(e.length, e.nbd_flags) for e in extents],
+                        bool(req.flags & c.CMD_FLAG_REQ_ONE),
+                    )
+                )
+            elif cmd == c.CMD_WRITE_ZEROES:
+                flags = req.flags
+                no_hole = bool(flags & c.CMD_FLAG_NO_HOLE)
+                if flags & c.CMD_FLAG_FAST_ZERO and no_hole:
+                    # Fully provisioned zeroes cost as much as a write: fail fast, as asked.
+                    self._send(
+                        machine.reply_error(handle, c.ENOTSUP, "Zeroing without holes is not fast.")
+                    )
+                else:
+                    if req.length:
+                        await view.write_zeroes(
+                            req.offset, req.length, bool(flags & c.CMD_FLAG_FUA), not no_hole
+                        )
+                    self._send(machine.reply_ok(handle))
+            elif cmd == c.CMD_TRIM:
+                if req.length:
+                    await view.trim(req.offset, req.length, bool(req.flags & c.CMD_FLAG_FUA))
+                self._send(machine.reply_ok(handle))
+            elif cmd == c.CMD_CACHE:
+                if req.length:
+                    await view.cache(req.offset, req.length)
+                self._send(machine.reply_ok(handle))
+            else:  # the machine only passes the commands above
+                self._send(machine.reply_error(handle, c.EINVAL, "Unsupported command."))
+        except OwmError as e:
+            self._send(machine.reply_error(handle, c.wire_errno(e.errno), str(e)))
+        except OSError as e:
+            log.warning("%s: %s failed: %s", self.peer, c.COMMAND_NAMES.get(cmd, cmd), e)
+            self._send(machine.reply_error(handle, c.wire_errno(e.errno), "The storage failed."))
+        except Exception:
+            log.exception("%s: %s failed", self.peer, c.COMMAND_NAMES.get(cmd, cmd))
+            self._send(machine.reply_error(handle, c.EIO, "Internal server error."))
+        finally:
+            self._inflight -= 1
+            if req.payload is not None:
+                self._inflight_bytes -= req.length
+            if self._reading_paused:
+                self._update_reading()
+            if self._inflight == 0 and self._idle is not None:
+                if not self._idle.done():
+                    self._idle.set_result(None)
+                self._idle = None
+
+    async def _wait_idle(self) -> None:
+        while self._inflight:
+            if self._idle is None:
+                self._idle = self._loop.create_future()
+            await self._idle
+
+    # ------------------------------------------------------------------------- endings
+
+    async def _finish(self, clean: bool) -> None:
+        """Finish the requests in flight, close the view, then the connection."""
+        if self._finishing:
+            return
+        self._finishing = True
+        try:
+            await self._wait_idle()
+            self._flush()
+            view, self.view = self.view, None
+            if view is not None:
+                try:
+                    await view.close(clean=clean)
+                except Exception:
+                    log.exception("closing the view of %s failed", self.peer)
+                how = "clean" if clean else "unclean"
+                log.info("%s closed export %s (%s)", self.peer, view.export_name, how)
+            self._close_transport()
+        finally:
+            if not self._finished.done():
+                self._finished.set_result(None)
+            self.server._connections.discard(self)
+
+    def begin_shutdown(self) -> None:
+        """Server stop: new requests get ESHUTDOWN; once idle, the session ends uncleanly."""
+        if self._stopping:
+            return
+        self._stopping = True
+        if self._lost or self._disconnecting:
+            return
+        if self.view is None and not self._option_busy:
+            self._close_transport()
+            if not self._finished.done():
+                self._finished.set_result(None)
+            return
+        if not self._option_busy:
+            self._loop.create_task(self._finish(clean=False))
+
+    def force_close(self) -> None:
+        self._close_transport(abort=True)
+        for task in list(self._tasks):
+            task.cancel()
+
+
+class NbdServer:
+    """Serves an ``owm.view.Exports`` over NBD on TCP and/or a Unix socket."""
+
+    def __init__(self, exports: Exports) -> None:
+        self.exports = exports
+        self._connections: set[_Connection] = set()
+        self._servers: list[asyncio.AbstractServer] = []
+        self._unix_path: str | None = None
+        self._stopping = False
+        self.tcp_port = 0
+
+    @property
+    def connection_count(self) -> int:
+        """Connections currently open, in any phase."""
+        return len(self._connections)
+
+    async def start(
+        self, tcp: tuple[str, int] | None = None, unix_path: str | os.PathLike[str] | None = None
+    ) -> None:
+        """Listen on ``tcp`` (host, port; port 0 picks a free one) and/or ``unix_path``."""
+        loop = asyncio.get_running_loop()
+        factory: Callable[[], _Connection] = lambda: _Connection(self)  # noqa: E731
+        if tcp is not None:
+            host, port = tcp
+            srv = await loop.create_server(factory, host, port, reuse_address=True, backlog=128)
+            self._servers.append(srv)
+            sockets = srv.sockets or ()
+            if sockets:
+                self.tcp_port = int(sockets[0].getsockname()[1])
+        if unix_path is not None:
+            path = os.fspath(unix_path)
+            with contextlib.suppress(FileNotFoundError):
+                if stat.S_ISSOCK(os.stat(path).st_mode):
+                    os.unlink(path)
+            srv = await loop.create_unix_server(factory, path, backlog=128)
+            self._servers.append(srv)
+            self._unix_path = path
+        if not self._servers:
+            raise ValueError("NbdServer.start needs a TCP address or a Unix socket path")
+
+    async def stop(self, grace: float = 5.0) -> None:
+        """Stop accepting, finish the requests in flight (up to ``grace`` seconds), close views."""
+        self._stopping = True
+        for srv in self._servers:
+            srv.close()
+        connections = list(self._connections)
+        for conn in connections:
+            conn.begin_shutdown()
+        waiters: list[Any] = [conn._finished for conn in connections]
+        if waiters:
+            _done, pending = await asyncio.wait(waiters, timeout=grace)
+            if pending:
+                log.warning("%d connections did not finish in %.1f s", len(pending), grace)
+                for conn in connections:
+                    if not conn._finished.done():
+                        conn.force_close()
+                await asyncio.wait(waiters, timeout=grace)
+        self._servers.clear()
+        if self._unix_path is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self._unix_path)
+            self._unix_path = None
