@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from owm.errors import NotFound, OutOfRange, ReadOnly
 from owm.nbd.server import NbdServer
@@ -147,7 +148,7 @@ class MemoryExports:
         size: int,
         description: str = "",
         read_only: bool = False,
-        **info: int | bool,
+        **info: Any,
     ) -> MemoryDisk:
         disk = MemoryDisk(ExportInfo(name, description, size, read_only, **info), bytearray(size))
         self.disks[name] = disk
