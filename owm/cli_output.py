@@ -33,7 +33,10 @@ def plural(n: int, word: str) -> str:
 
 
 def ago(stamp: str | None, now: datetime | None = None) -> str:
-    """'2026-11-22T02:40:00Z' -> '02:40:00 (3m ago)'; anything unparsable is shown as is."""
+    """'2026-11-22T02:40:00Z' -> '02:40:00 (3m ago)' (UTC); older than a day: the date.
+
+    Anything unparsable is shown as is.
+    """
     if not stamp:
         return "-"
     try:
@@ -53,7 +56,9 @@ def ago(stamp: str | None, now: datetime | None = None) -> str:
         age = f"{seconds // 3600}h ago"
     else:
         age = f"{seconds // 86400}d ago"
-    return f"{when.astimezone(UTC):%Y-%m-%d %H:%M:%S}Z ({age})"
+    if seconds < 86400:
+        return f"{when.astimezone(UTC):%H:%M:%S} ({age})"
+    return f"{when.astimezone(UTC):%Y-%m-%d %H:%M}"
 
 
 def sessions_of(volume: JSON) -> list[JSON]:
@@ -69,7 +74,7 @@ def image_state(image: JSON) -> Text:
     state = str(image.get("state", "?"))
     if state == "draining":
         left = int(image.get("sessions_left") or 0)
-        return Text(f"draining, {plural(left, 'session')} left", style="yellow")
+        return Text(f"draining, {plural(left, 'session')} left", style="yellow", no_wrap=True)
     if state == "drained":
         return Text("drained", style="green")
     if state == "drained-unclean":
@@ -109,7 +114,7 @@ def volumes_table(volumes: list[JSON]) -> Table:
 def sessions_table(sessions: list[JSON], title: str = "Sessions") -> Table:
     table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
     for column, justify in (("GEN", "right"), ("ID", "right"), ("PEER", "left"),
-                            ("CONNECTED SINCE", "left"), ("READ", "right"),
+                            ("CONNECTED (UTC)", "left"), ("READ", "right"),
                             ("WRITTEN", "right")):
         table.add_column(column, justify=justify)  # type: ignore[arg-type]
     for s in sessions:
@@ -125,12 +130,13 @@ def images_table(images: list[JSON]) -> Table:
     table = Table(title="Preserved images", title_justify="left", box=box.SIMPLE_HEAD,
                   pad_edge=False)
     for column, justify in (("IMAGE", "left"), ("STATE", "left"), ("CONSISTENCY", "left"),
-                            ("PRESERVED", "left"), ("DRAINED", "left"), ("ON DISK", "right"),
-                            ("READERS", "right")):
+                            ("PRESERVED (UTC)", "left"), ("DRAINED (UTC)", "left"),
+                            ("ON DISK", "right"), ("READERS", "right")):
         table.add_column(column, justify=justify)  # type: ignore[arg-type]
     for image in images:
         table.add_row(
-            Text(str(image.get("name"))), image_state(image), str(image.get("consistency", "-")),
+            Text(str(image.get("name"))), image_state(image),
+            str(image.get("consistency", "-")).replace("-consistent", ""),
             ago(image.get("preserved_at")), ago(image.get("drained_at")),
             format_size(int(image.get("bytes_on_disk") or 0)), str(image.get("readers", 0)),
         )
