@@ -58,7 +58,10 @@ class State:
 
     @property
     def out(self) -> Console:
-        return Console(highlight=False)
+        # Piped output is read by scripts and people alike: don't wrap tables at rich's
+        # 80-column default for files (COLUMNS, when set, still wins).
+        wide = not sys.stdout.isatty() and "COLUMNS" not in os.environ
+        return Console(highlight=False, width=140 if wide else None)
 
     @property
     def err(self) -> Console:
