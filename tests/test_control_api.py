@@ -234,7 +234,7 @@ def test_no_request_makes_a_500(daemon: Daemon) -> None:
         ("POST", "/v1/volumes", {"name": "c", "size": "1M", "chunk_size": 7}),
         ("POST", "/v1/volumes", {"name": "d", "size": "1M", "chunk_size": "4G"}),
         ("POST", "/v1/volumes", {"name": "e", "size": 1.5}),
-        ("POST", "/v1/volumes", {"name": "f", "size": "1M", "legs": 10**9}),
+        ("POST", "/v1/volumes", {"name": "f", "size": "1M", "method": "mirror", "legs": 10**9}),
         ("POST", "/v1/volumes", b"\x00" * 100),
         ("POST", "/v1/volumes", b"null"),
         ("GET", "/v1/volumes/%00", None),
