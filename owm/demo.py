@@ -9,13 +9,16 @@ what the old sessions wrote (and with nothing the new ones wrote), the live volu
 to hold both, the image is released and a summary is printed.
 
 Each writer owns its own region of the volume so that the expected content of every byte is
-known without ambiguity; the new writers' regions must stay zero in the preserved image.
+known without ambiguity. The new writers' regions are filled before the preserve and then
+overwritten by them afterwards: the preserved image must still show the old content there
+(the copy-on-write engine copied it aside), the live volume the new.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import random
 import shutil
 import signal
@@ -181,6 +184,23 @@ async def _write_until(
     writer.state = f"done ({time.perf_counter() - started:.1f}s)"
 
 
+async def _seed(nbd_socket: Path, writers: list[Writer], rng: random.Random) -> int:
+    """Fill the writers' regions (before the preserve) and make their models start from it."""
+    from owm.nbd.client import NbdClient
+
+    client = await NbdClient.connect(export=VOLUME, unix_path=str(nbd_socket))
+    try:
+        for w in writers:
+            w.model[:] = rng.randbytes(REGION)
+            step = 1 << 20
+            await asyncio.gather(*(client.write(w.offset + at, bytes(w.model[at:at + step]))
+                                   for at in range(0, REGION, step)))
+        await client.flush()
+    finally:
+        await client.disconnect()
+    return REGION * len(writers)
+
+
 async def _read_all(nbd_socket: Path, export: str, size: int) -> bytes:
     from owm.nbd.client import NbdClient
 
@@ -269,8 +289,11 @@ async def _demo(old_count: int, new_count: int, console: Console | None) -> JSON
                 nbd_socket = Path(health["nbd"]["unix"])
                 event(f"daemon up on the throw-away pool {pool}")
                 await control.create_volume(VOLUME, size, method="cow")
-                event(f"volume {VOLUME}: {format_size(size)}, cow; "
-                      f"{old_count} writers start their transactions")
+                seeded = await _seed(nbd_socket, new, rng)
+                seed = {w.name: bytes(w.model) for w in new}
+                event(f"volume {VOLUME}: {format_size(size)}, cow; {format_size(seeded)} of data "
+                      f"written where the new sessions will write later")
+                event(f"{old_count} writers start their transactions")
 
                 # Old sessions: already writing when the preserve comes; each ends later.
                 warm_until = time.perf_counter() + WARMUP
@@ -325,14 +348,14 @@ async def _demo(old_count: int, new_count: int, console: Console | None) -> JSON
                 # The check: the image holds exactly the old sessions' writes...
                 image = await _read_all(nbd_socket, image_name, size)
                 for w in old + new:
-                    want = w.model if w.generation == "old" else bytes(REGION)
+                    want = w.model if w.generation == "old" else seed[w.name]
                     bad = _first_difference(image[w.offset:w.offset + REGION], want)
                     if bad is not None:
                         raise DemoFailed(
                             f"{image_name} differs from what the old sessions wrote at byte "
                             f"{w.offset + bad} (region of {w.name})")
                 event(f"{image_name} read back over NBD: every old session's write is there, "
-                      "no new session's write is")
+                      "no new session's write is (what they overwrote was copied aside)")
                 # ...and the live volume holds everyone's.
                 live_data = await _read_all(nbd_socket, VOLUME, size)
                 for w in old + new:
@@ -403,7 +426,8 @@ def _summary_table(s: JSON) -> Table:
 
 def run_demo(old_sessions: int = 4, new_sessions: int = 3, quiet: bool = False) -> JSON:
     """Run the demo (blocking); print it unless ``quiet``; return the summary."""
-    console = None if quiet else Console(highlight=False)
+    wide = not sys.stdout.isatty() and "COLUMNS" not in os.environ
+    console = None if quiet else Console(highlight=False, width=120 if wide else None)
     try:
         import uvloop
     except ImportError:  # pragma: no cover
