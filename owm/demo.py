@@ -285,7 +285,7 @@ async def _demo(old_count: int, new_count: int, console: Console | None) -> JSON
 
     live: Live | None = None
     if console is not None and console.is_terminal:
-        live = Live(view, console=console, refresh_per_second=10, transient=False)
+        live = Live(view, console=console, refresh_per_second=4, transient=False)
     try:
         with _daemon(pool, log_path) as proc, live or contextlib.nullcontext():
             async with ControlClient(pool) as control:
