@@ -419,8 +419,9 @@ def wait(image: str, timeout: float | None, as_json: bool) -> None:
     if not drained:
         if not as_json:
             holding = result.get("holding") or []
+            verb = "holds" if len(holding) == 1 else "hold"
             lines = [f"{image} is still draining after {timeout:g}s; "
-                     f"{plural(len(holding), 'session')} still hold it:"]
+                     f"{plural(len(holding), 'session')} still {verb} it:"]
             lines += holding_lines(holding) or ["  (none listed)"]
             click.echo("\n".join(lines), err=True)
         raise Fail("", 1)
