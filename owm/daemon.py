@@ -114,13 +114,20 @@ async def serve(config: DaemonConfig, stop: asyncio.Event | None = None) -> None
         loop.add_signal_handler(signum, on_signal, signum)
 
     started = time.monotonic()
+    ready = False
     pool = await Pool.open(pool_dir)
     nbd: Any = None
     ctx = ControlContext(pool=pool)
     control = ControlServer(ctx)
     try:
         nbd = NbdServer(pool)
-        await nbd.start(tcp=config.nbd_listen, unix_path=str(config.nbd_socket_path))
+        try:
+            await nbd.start(tcp=config.nbd_listen, unix_path=str(config.nbd_socket_path))
+        except OSError as exc:
+            reason = os.strerror(exc.errno) if exc.errno else str(exc)
+            where = " and ".join(filter(None, (_endpoint(config.nbd_listen),
+                                               str(config.nbd_socket_path))))
+            raise WrongState(f"cannot serve NBD on {where}: {reason}") from None
         nbd_tcp = (config.nbd_listen[0], nbd.tcp_port) if config.nbd_listen else None
         ctx.daemon.update({
             "pool": str(pool_dir), "pid": os.getpid(), "version": owm.__version__,
@@ -139,11 +146,13 @@ async def serve(config: DaemonConfig, stop: asyncio.Event | None = None) -> None
             else "",
             (time.monotonic() - started) * 1000,
         )
+        ready = True
         await stop.wait()
     finally:
         for signum in signals:
             loop.remove_signal_handler(signum)
-        log.info("stopping: finishing requests in flight")
+        if ready:
+            log.info("stopping: finishing requests in flight")
         ctx.closing.set()
         try:
             if nbd is not None:
@@ -153,7 +162,8 @@ async def serve(config: DaemonConfig, stop: asyncio.Event | None = None) -> None
                 await control.stop()
             finally:
                 await pool.close()
-        log.info("stopped; pool %s closed cleanly", pool_dir)
+        if ready:
+            log.info("stopped; pool %s closed cleanly", pool_dir)
 
 
 def run(config: DaemonConfig, log_level: str = "INFO") -> None:
