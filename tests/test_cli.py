@@ -166,6 +166,40 @@ def test_serve_takes_pool_after_the_command_too(short_tmp: Path) -> None:
     assert proc.returncode == 0
 
 
+def test_serve_on_a_busy_port_is_one_sentence(short_tmp: Path) -> None:
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        result = run_owm("--pool", short_tmp / "pool", "serve", "--listen", f"127.0.0.1:{port}",
+                         timeout=30)
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    assert f"127.0.0.1:{port}" in result.stderr.strip().splitlines()[-1]
+    assert "in use" in result.stderr
+
+
+def test_sigterm_with_a_session_open_stops_promptly(
+    short_tmp: Path, hold_session: Holder
+) -> None:
+    d = start_daemon(short_tmp / "pool")
+    ok(d.owm("volume", "create", "vol", "--size", "8M"))
+    hold_session(d, "vol")
+    assert ok(d.owm("preserve", "vol")).strip() == "vol@0"
+    started = time.monotonic()
+    assert d.stop() == 0
+    assert time.monotonic() - started < 10
+    d = start_daemon(short_tmp / "pool")
+    try:
+        image = as_json(d.owm("status", "vol", "--json"))[0]["images"][0]
+        # The session was cut off by the shutdown: the image drained, but not cleanly.
+        assert image["name"] == "vol@0" and image["state"] != "draining"
+    finally:
+        assert d.stop() == 0
+
+
 def test_restart_brings_back_volumes_and_images(short_tmp: Path) -> None:
     d = start_daemon(short_tmp / "pool")
     ok(d.owm("volume", "create", "vol", "--size", "8M"))
