@@ -348,7 +348,8 @@ def preserve(name: str, instant: bool, as_json: bool) -> None:
     if err.is_terminal:
         left = int((result.get("status") or {}).get("sessions_left") or 0)
         if left:
-            err.print(f"{image} is draining: {plural(left, 'session')} still hold it; "
+            verb = "holds" if left == 1 else "hold"
+            err.print(f"{image} is draining: {plural(left, 'session')} still {verb} it; "
                       f"'owm wait {image}' returns once it is drained.", markup=False, style="dim")
         else:
             err.print(f"{image} is drained already (no session was open).", markup=False,
@@ -419,9 +420,8 @@ def wait(image: str, timeout: float | None, as_json: bool) -> None:
     if not drained:
         if not as_json:
             holding = result.get("holding") or []
-            verb = "holds" if len(holding) == 1 else "hold"
             lines = [f"{image} is still draining after {timeout:g}s; "
-                     f"{plural(len(holding), 'session')} still {verb} it:"]
+                     f"{plural(len(holding), 'session')} still hold it:"]
             lines += holding_lines(holding) or ["  (none listed)"]
             click.echo("\n".join(lines), err=True)
         raise Fail("", 1)
