@@ -16,6 +16,7 @@ from urllib.parse import quote
 
 import aiohttp
 
+from owm.control.server import check_unix_path
 from owm.errors import OwmError
 
 JSON = dict[str, Any]
@@ -86,6 +87,7 @@ class ControlClient:
         if self._session is None:
             connector: aiohttp.BaseConnector
             if self.pool is not None:
+                check_unix_path(control_socket(self.pool))
                 connector = aiohttp.UnixConnector(path=str(control_socket(self.pool)))
             else:
                 connector = aiohttp.TCPConnector()
@@ -108,6 +110,10 @@ class ControlClient:
                 raw = await response.read()
                 status = response.status
         except aiohttp.ClientConnectorError as exc:
+            if isinstance(exc.os_error, PermissionError):
+                message = (f"the control socket of {self._where()} is not yours to use "
+                           "(permission denied); run this as the daemon's user")
+                raise ControlError(message, 403) from None
             if self.pool is not None:
                 raise DaemonNotRunning(not_running_message(self.pool)) from None
             where = f"No owm daemon answers at {self._url} ({exc.strerror})"
