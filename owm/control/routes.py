@@ -10,8 +10,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Any
-from urllib.parse import unquote
+from collections.abc import Coroutine
+from typing import Any, TypeVar
 
 from aiohttp import web
 
@@ -22,6 +22,7 @@ from owm.errors import InvalidRequest, OwmError
 
 log = logging.getLogger("owm.control")
 routes = web.RouteTableDef()
+T = TypeVar("T")
 
 METHODS = ("cow", "log", "mirror")
 ENOSPC_POLICIES = ("fail-write", "break-image")
@@ -29,6 +30,15 @@ ENOSPC_POLICIES = ("fail-write", "break-image")
 
 class ShuttingDown(OwmError):
     """The daemon stopped while the request was waiting."""
+
+
+async def completed(operation: Coroutine[Any, Any, T]) -> T:
+    """Run a pool operation to its end even if the client hangs up half-way.
+
+    Handlers are cancelled when their client disconnects (so that abandoned waits end);
+    a change to the pool must never be interrupted that way.
+    """
+    return await asyncio.shield(asyncio.ensure_future(operation))
 
 
 def ok(data: Any, status: int = 200) -> web.Response:
@@ -40,7 +50,7 @@ def ctx_of(request: web.Request) -> ControlContext:
 
 
 def name_arg(request: web.Request, key: str) -> str:
-    value = unquote(request.match_info[key])
+    value = request.match_info[key]  # aiohttp has percent-decoded it
     if not value:
         raise InvalidRequest(f"the {key} in the URL is empty")
     return value
@@ -84,9 +94,9 @@ async def create_volume(request: web.Request) -> web.Response:
     policy = body.choice("enospc_policy", ENOSPC_POLICIES, "fail-write")
     body.done()
     assert size is not None and chunk_size is not None and legs is not None
-    status = await ctx.pool.create_volume(
+    status = await completed(ctx.pool.create_volume(
         name, size, method=method, chunk_size=chunk_size, legs=legs, enospc_policy=policy
-    )
+    ))
     log.info("created volume size=%d method=%s", size, method, extra={"volume": name})
     return ok(status, 201)
 
@@ -102,7 +112,7 @@ async def delete_volume(request: web.Request) -> web.Response:
     name = name_arg(request, "name")
     await no_body(request)
     ctx.volume(name)  # a clear NotFound before anything else
-    await ctx.pool.delete_volume(name)
+    await completed(ctx.pool.delete_volume(name))
     log.info("deleted volume", extra={"volume": name})
     return ok({"deleted": name})
 
@@ -116,7 +126,7 @@ async def preserve(request: web.Request) -> web.Response:
     body.done()
     ctx.volume(name)
     started = time.perf_counter()
-    image = await ctx.pool.preserve(name, instant=instant)
+    image = await completed(ctx.pool.preserve(name, instant=instant))
     elapsed_ms = (time.perf_counter() - started) * 1000
     log.info("preserved image=%s instant=%s in %.2f ms", image, instant, elapsed_ms,
              extra={"volume": name})
@@ -167,7 +177,7 @@ async def cutover(request: web.Request) -> web.Response:
     volume, _ = ctx.image(image)
     _, generation = split_image(image)
     rebound = holding_sessions(volume, generation)
-    await ctx.pool.cutover(image)
+    await completed(ctx.pool.cutover(image))
     log.info("cut over image=%s rebound=%d sessions", image, len(rebound),
              extra={"volume": volume.get("name")})
     _, entry = ctx.image(image)
