@@ -52,6 +52,7 @@ FIRST_FINISH = 0.8  # the first old session ends this long after the preserve...
 STAGGER = 0.6  # ...and each next one this much later
 TAIL = 0.4  # new sessions keep writing this long after the image drained
 DAEMON_START_TIMEOUT = 20.0
+DEMO_TIME_LIMIT = 90.0  # it normally takes under 10 s
 
 
 class DemoFailed(OwmError):
@@ -431,6 +432,15 @@ def _summary_table(s: JSON) -> Table:
     return table
 
 
+async def _bounded(old_count: int, new_count: int, console: Console | None) -> JSON:
+    """The demo, stopped with a plain error if it ever hangs (a broken daemon, say)."""
+    try:
+        async with asyncio.timeout(DEMO_TIME_LIMIT):
+            return await _demo(old_count, new_count, console)
+    except TimeoutError:
+        raise DemoFailed(f"the demo did not finish within {DEMO_TIME_LIMIT:.0f} seconds") from None
+
+
 def run_demo(old_sessions: int = 4, new_sessions: int = 3, quiet: bool = False) -> JSON:
     """Run the demo (blocking); print it unless ``quiet``; return the summary."""
     wide = not sys.stdout.isatty() and "COLUMNS" not in os.environ
@@ -438,9 +448,9 @@ def run_demo(old_sessions: int = 4, new_sessions: int = 3, quiet: bool = False) 
     try:
         import uvloop
     except ImportError:  # pragma: no cover
-        summary = asyncio.run(_demo(old_sessions, new_sessions, console))
+        summary = asyncio.run(_bounded(old_sessions, new_sessions, console))
     else:
-        summary = uvloop.run(_demo(old_sessions, new_sessions, console))
+        summary = uvloop.run(_bounded(old_sessions, new_sessions, console))
     if console is not None:
         console.print(_summary_table(summary))
     return dict(summary)
