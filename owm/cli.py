@@ -509,12 +509,12 @@ def demo(writers: int, new_writers: int, as_json: bool) -> None:
     preserved image while new ones carry on on the live volume; the image is checked and
     released.
     """
-    from owm.demo import DemoFailed, run_demo
+    from owm.demo import run_demo
 
     try:
         summary = run_demo(old_sessions=writers, new_sessions=new_writers, quiet=as_json)
-    except DemoFailed as exc:
-        raise Fail(str(exc), 1) from None
+    except OwmError as exc:
+        raise Fail(f"the demo failed: {exc}", 1) from None
     if as_json:
         print_json(summary)
 
@@ -542,6 +542,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     except click.ClickException as exc:
         click.echo(sentence(exc.format_message()), err=True)
         code = exc.exit_code
+    except OwmError as exc:
+        click.echo(sentence(str(exc)), err=True)
+        code = 1
     except (click.Abort, KeyboardInterrupt):
         click.echo("Interrupted.", err=True)
         code = 130
