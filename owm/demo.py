@@ -377,7 +377,7 @@ async def _demo(old_count: int, new_count: int, console: Console | None) -> JSON
     except OwmError:
         raise
     except OSError as exc:
-        raise DemoFailed(f"the demo failed: {exc}. Daemon log: {_log_tail(log_path)}") from None
+        raise DemoFailed(f"{exc}; the daemon log ends: {_log_tail(log_path)}") from None
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 
