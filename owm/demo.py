@@ -374,10 +374,10 @@ async def _demo(old_count: int, new_count: int, console: Console | None) -> JSON
                 on_disk = int(status.get("bytes_on_disk") or 0)
                 await control.release(image_name)
                 event(f"released {image_name}, {format_size(on_disk)} reclaimed")
-    except OwmError:
+    except DemoFailed:
         raise
-    except OSError as exc:
-        raise DemoFailed(f"{exc}; the daemon log ends: {_log_tail(log_path)}") from None
+    except (OwmError, OSError) as exc:
+        raise DemoFailed(f"{exc}; the daemon log ends:\n{_log_tail(log_path, 3)}") from None
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 
