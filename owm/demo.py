@@ -377,7 +377,8 @@ async def _demo(old_count: int, new_count: int, console: Console | None) -> JSON
     except DemoFailed:
         raise
     except (OwmError, OSError) as exc:
-        raise DemoFailed(f"{exc}; the daemon log ends:\n{_log_tail(log_path, 3)}") from None
+        said = str(exc).rstrip(".")
+        raise DemoFailed(f"{said}; the daemon log ends:\n{_log_tail(log_path, 3)}") from None
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 
