@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
+import shutil
 import signal
 import stat
 import subprocess
@@ -273,8 +275,9 @@ def test_preserve_with_no_sessions_drains_at_once(daemon: Daemon) -> None:
     assert preserved["image"] == "vol@1" and preserved["status"]["state"] == "drained"
     out = ok(daemon.owm("status"))
     assert "vol@0" in out and "vol@1" in out and "drained" in out
-    out = ok(daemon.owm("release", "vol@0"))
-    assert "Released vol@0" in out
+    result = daemon.owm("release", "vol@0")
+    assert "Released vol@0" in ok(result)
+    assert result.stderr == ""  # no progress bar when piped
     released = as_json(daemon.owm("release", "vol@1", "--json"))
     assert released["released"] is True
     assert as_json(daemon.owm("status", "vol", "--json"))[0]["images"] == []
@@ -334,6 +337,30 @@ def test_cutover_and_instant_preserve(daemon: Daemon, hold_session: Holder) -> N
     assert waited["drained"] is True
     assert waited["status"]["consistency"] == "crash-consistent"
     assert "vol@9" in refused(daemon.owm("cutover", "vol@9"))
+
+
+@pytest.mark.skipif(shutil.which("script") is None, reason="needs script(1) for a terminal")
+def test_terminal_spinner_and_progress_bar(daemon: Daemon, hold_session: Holder) -> None:
+    """On a terminal, wait shows a spinner and release a progress bar; both end cleanly."""
+
+    def on_terminal(*args: str) -> subprocess.CompletedProcess[str]:
+        command = shlex.join([*OWM, "--pool", str(daemon.pool), *args])
+        return subprocess.run(["script", "-qec", command, "/dev/null"], capture_output=True,
+                              text=True, timeout=60, env=cli_env(COLUMNS="100"),
+                              stdin=subprocess.DEVNULL)
+
+    ok(daemon.owm("volume", "create", "vol", "--size", "8M", "--method", "log"))
+    holder = hold_session(daemon, "vol")
+    ok(daemon.owm("preserve", "vol"))
+    result = on_terminal("wait", "vol@0", "--timeout", "1")
+    assert result.returncode == 1 and "waiting for vol@0" in result.stdout
+    assert "still draining" in result.stdout
+    holder.disconnect()
+    result = on_terminal("wait", "vol@0", "--timeout", "20")
+    assert result.returncode == 0 and "is drained" in result.stdout
+    result = on_terminal("release", "vol@0")
+    assert result.returncode == 0 and "Released vol@0" in result.stdout
+    assert "Traceback" not in result.stdout
 
 
 def test_json_outputs_are_single_documents(daemon: Daemon) -> None:
