@@ -28,10 +28,10 @@ from conftest import (
     start_daemon,
 )
 
+from owm.control.app import ROUTE_TABLES
 from owm.control.client import ControlClient, ControlError, DaemonNotRunning
 from owm.control.context import ControlContext
 from owm.control.openapi import openapi_document
-from owm.control.routes import routes
 from owm.control.server import ControlServer
 from owm.errors import NotFound, WrongState
 
@@ -75,7 +75,12 @@ def test_openapi_document_covers_every_route(daemon: Daemon) -> None:
     status, doc = daemon.api("GET", "/v1/openapi.json")
     assert status == 200
     assert doc["openapi"].startswith("3.")
-    routed = {(r.method.lower(), r.path) for r in routes if isinstance(r, aiohttp.web.RouteDef)}
+    routed = {
+        (r.method.lower(), r.path)
+        for table in ROUTE_TABLES
+        for r in table
+        if isinstance(r, aiohttp.web.RouteDef)
+    }
     documented = {
         (method, path)
         for path, item in doc["paths"].items()
@@ -255,19 +260,22 @@ def test_no_request_makes_a_500(daemon: Daemon) -> None:
 def test_token_protected_tcp_listener(short_tmp: Path) -> None:
     token_file = short_tmp / "token"
     token_file.write_text("s3cret-token\n")
-    d = start_daemon(short_tmp / "pool", "--control-listen", "127.0.0.1:0",
-                     "--control-token-file", token_file)
+    d = start_daemon(
+        short_tmp / "pool", "--control-listen", "127.0.0.1:0", "--control-token-file", token_file
+    )
     try:
         where = d.health["control"]["tcp"]
         assert where and where.startswith("127.0.0.1:")
         host, port = where.rsplit(":", 1)
 
-        def call(path: str, method: str = "GET", headers: dict[str, str] | None = None,
-                 body: Any = None) -> tuple[int, Any]:
+        def call(
+            path: str, method: str = "GET", headers: dict[str, str] | None = None, body: Any = None
+        ) -> tuple[int, Any]:
             import http.client
 
-            return http_call(http.client.HTTPConnection(host, int(port), timeout=10),
-                             method, path, body, headers)
+            return http_call(
+                http.client.HTTPConnection(host, int(port), timeout=10), method, path, body, headers
+            )
 
         for path in ("/v1/health", "/v1/volumes", "/v1/openapi.json", "/v1/nothing"):
             assert_error(*call(path), 401)
@@ -294,14 +302,25 @@ def test_token_protected_tcp_listener(short_tmp: Path) -> None:
 
 
 def test_tcp_listener_needs_a_token(short_tmp: Path) -> None:
-    result = run_owm("--pool", short_tmp / "pool", "serve", "--control-listen", "127.0.0.1:0",
-                     timeout=30)
+    result = run_owm(
+        "--pool", short_tmp / "pool", "serve", "--control-listen", "127.0.0.1:0", timeout=30
+    )
     assert result.returncode == 2
     assert "--control-token-file" in result.stderr and "Traceback" not in result.stderr
     empty = short_tmp / "empty"
     empty.write_text("\n")
-    result = run_owm("--pool", short_tmp / "pool", "serve", "--listen", "127.0.0.1:0",
-                     "--control-listen", "127.0.0.1:0", "--control-token-file", empty, timeout=30)
+    result = run_owm(
+        "--pool",
+        short_tmp / "pool",
+        "serve",
+        "--listen",
+        "127.0.0.1:0",
+        "--control-listen",
+        "127.0.0.1:0",
+        "--control-token-file",
+        empty,
+        timeout=30,
+    )
     assert result.returncode == 1
     assert "empty" in result.stderr and "Traceback" not in result.stderr
 
@@ -340,14 +359,27 @@ class ScriptedPool:
             return [self.volumes[name]] if name in self.volumes else []
         return list(self.volumes.values())
 
-    async def create_volume(self, name: str, size: int, method: str = "cow",
-                            chunk_size: int = 65536, legs: int = 2,
-                            enospc_policy: str = "fail-write") -> JSON:
+    async def create_volume(
+        self,
+        name: str,
+        size: int,
+        method: str = "cow",
+        chunk_size: int = 65536,
+        legs: int = 2,
+        enospc_policy: str = "fail-write",
+    ) -> JSON:
         if name == "explode":
             raise RuntimeError("a bug in the pool")
-        self.volumes[name] = {"name": name, "size": size, "method": method,
-                              "chunk_size": chunk_size, "legs": legs, "live_generation": 0,
-                              "generations": [], "images": []}
+        self.volumes[name] = {
+            "name": name,
+            "size": size,
+            "method": method,
+            "chunk_size": chunk_size,
+            "legs": legs,
+            "live_generation": 0,
+            "generations": [],
+            "images": [],
+        }
         return self.volumes[name]
 
     async def delete_volume(self, name: str) -> None:
@@ -356,8 +388,14 @@ class ScriptedPool:
     async def preserve(self, name: str, instant: bool = False) -> str:
         image = f"{name}@0"
         self.volumes[name]["images"].append(
-            {"name": image, "generation": 0, "state": "draining", "sessions_left": 1,
-             "release_progress": None})
+            {
+                "name": image,
+                "generation": 0,
+                "state": "draining",
+                "sessions_left": 1,
+                "release_progress": None,
+            }
+        )
         return image
 
     async def cutover(self, image: str) -> None:
@@ -428,7 +466,8 @@ async def test_control_socket_refuses_a_second_server(short_tmp: Path) -> None:
         with pytest.raises(WrongState, match="already listening"):
             await second.start(short_tmp / "control.sock")
         status, _ = await asyncio.to_thread(
-            http_call, UnixHTTPConnection(short_tmp / "control.sock"), "GET", "/v1/health")
+            http_call, UnixHTTPConnection(short_tmp / "control.sock"), "GET", "/v1/health"
+        )
         assert status == 200
     finally:
         await first.stop()
@@ -436,6 +475,7 @@ async def test_control_socket_refuses_a_second_server(short_tmp: Path) -> None:
 
 def test_cli_subprocess_sanity() -> None:
     """The test environment runs the CLI from this checkout."""
-    result = subprocess.run([*OWM, "--version"], capture_output=True, text=True, timeout=30,
-                            env=cli_env())
+    result = subprocess.run(
+        [*OWM, "--version"], capture_output=True, text=True, timeout=30, env=cli_env()
+    )
     assert result.returncode == 0 and "0.1.0" in result.stdout
