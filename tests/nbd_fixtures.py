@@ -74,7 +74,7 @@ class MemoryView:
     async def read(self, offset: int, length: int) -> bytes:
         self._range(offset, length)
         await self._yield()
-        return bytes(self.disk.data[offset : offset + length])
+        return bytes(memoryview(self.disk.data)[offset : offset + length])
 
     async def write(
         self, offset: int, data: bytes | bytearray | memoryview, fua: bool = False

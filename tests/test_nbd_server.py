@@ -16,6 +16,7 @@ import pytest
 import uvloop
 from nbd_fixtures import MemoryExports, MemoryView, serve, wait_for
 
+from owm.errors import OutOfRange
 from owm.nbd import constants as c
 from owm.nbd.client import NbdClient, NbdError
 from owm.nbd.server import NbdServer
@@ -557,3 +558,48 @@ async def test_export_name_for_unknown_export_disconnects(
     writer.write(option(c.OPT_EXPORT_NAME, b"nope"))
     assert await read_until_closed(reader) == b""
     writer.close()
+
+
+async def test_requests_that_suspend_in_every_way(tmp_path: Path) -> None:
+    """Requests start outside any task and finish in one when they block: whatever they
+    wait on (a bare yield, an executor, a lock held by another request), and whether they
+    fail before or after waiting, each gets exactly its own reply."""
+    exports = MemoryExports(size=1 << 20)
+    lock = asyncio.Lock()
+    original_read = MemoryView.read
+
+    async def read(self: MemoryView, offset: int, length: int) -> bytes:
+        kind = offset // 65536
+        if kind == 1:
+            await asyncio.sleep(0)
+        elif kind == 2:
+            await asyncio.get_running_loop().run_in_executor(None, lambda: None)
+        elif kind == 3:
+            async with lock:
+                await asyncio.sleep(0.001)
+        elif kind == 4:
+            await asyncio.sleep(0)
+            raise OutOfRange("failed after waiting")
+        elif kind == 5:
+            raise OutOfRange("failed at once")
+        assert asyncio.current_task() is not None or kind == 0
+        return await original_read(self, offset, length)
+
+    MemoryView.read = read  # type: ignore[method-assign]
+    try:
+        async with serve(exports, tmp_path):
+            client = await connect(tmp_path)
+            await client.write(0, bytes(range(256)) * 4096)
+            offsets = [k * 65536 + i * 512 for k in range(6) for i in range(20)]
+            random.shuffle(offsets)
+            results = await asyncio.gather(
+                *(client.read(off, 512) for off in offsets), return_exceptions=True
+            )
+            for off, got in zip(offsets, results, strict=True):
+                if off // 65536 >= 4:
+                    assert isinstance(got, NbdError) and got.errno == c.EINVAL
+                else:
+                    assert got == (bytes(range(256)) * 2)
+            await client.disconnect()
+    finally:
+        MemoryView.read = original_read  # type: ignore[method-assign]
