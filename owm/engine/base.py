@@ -1,0 +1,252 @@
+"""The one small interface every engine implements, and the plumbing they share.
+
+An engine keeps the views of one volume in fixed-size chunks on a ``Storage``.  Views are named
+by generation; ``views`` lists the existing ones oldest first, the last being the live view.  A
+write by generation k lands in views k..live; a read of view v returns view v.  The public
+methods here validate the request and take the volume's engine locks (shared for reads,
+exclusive for everything that changes data or tables), then call the engine's ``_``-methods,
+which may assume they own the chunks they touch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from abc import ABC, abstractmethod
+from collections.abc import Awaitable, Callable, Iterator
+from typing import Any, ClassVar
+
+from owm.errors import InvalidRequest, OutOfRange
+from owm.groupsync import GroupSync
+from owm.locks import EXCLUSIVE, SHARED, RangeLockManager
+from owm.storage import Buffer, Storage
+from owm.view import Extent
+
+Progress = Callable[[int, int], None]
+BrokenCallback = Callable[[int, str], Awaitable[None]]
+
+MIN_CHUNK, MAX_CHUNK = 4096, 1 << 20
+ENOSPC_POLICIES = ("fail-write", "break-image")
+
+
+def check_chunk_size(chunk_size: int) -> None:
+    if chunk_size < MIN_CHUNK or chunk_size > MAX_CHUNK or chunk_size & (chunk_size - 1):
+        raise InvalidRequest(
+            f"chunk size {chunk_size} is not a power of two between 4K and 1M"
+        )
+
+
+class Engine(ABC):
+    method: ClassVar[str]
+
+    def __init__(
+        self,
+        storage: Storage,
+        size: int,
+        chunk_size: int,
+        *,
+        legs: int = 2,
+        enospc_policy: str = "fail-write",
+        state: dict[str, Any] | None = None,
+    ) -> None:
+        check_chunk_size(chunk_size)
+        if size <= 0:
+            raise InvalidRequest("a volume's size must be more than zero bytes")
+        if enospc_policy not in ENOSPC_POLICIES:
+            raise InvalidRequest(f"unknown full-disk policy {enospc_policy!r}")
+        self.storage = storage
+        self.size = size
+        self.chunk_size = chunk_size
+        self.shift = chunk_size.bit_length() - 1
+        self.chunks = (size + chunk_size - 1) >> self.shift
+        self.legs = legs
+        self.enospc_policy = enospc_policy
+        self.state: dict[str, Any] = dict(state or {})  # persisted by the volume's catalog row
+        self.views: list[int] = [0]
+        self.locks = RangeLockManager()
+        self.on_broken: BrokenCallback | None = None
+        self.broken: set[int] = set()  # preserved views that lost data (full disk)
+        self._syncs: dict[str, GroupSync] = {}
+        self.zero_chunk = bytes(chunk_size)
+
+    # -- lifecycle (engine-specific) ----------------------------------------------------------
+    @abstractmethod
+    async def open(self, views: list[int], releasing: list[int], clean: bool) -> None:
+        """Load tables for ``views`` (oldest first, live last) after a restart; ``releasing``
+        are views whose release had begun and is to be resumed by ``release``."""
+
+    @abstractmethod
+    async def preserve(self) -> int:
+        """Freeze the live view as a preserved image and start a new live view; return the
+        preserved generation.  Must cost the same whatever the volume's size."""
+
+    @abstractmethod
+    async def release(self, view: int, progress: Progress | None = None) -> None:
+        """Discard drained view ``view`` and reclaim the storage only it used (resumable)."""
+
+    async def close(self) -> None:
+        await self.flush()
+
+    async def destroy(self) -> None:
+        for name in self.storage.names():
+            await self.storage.delete(name)
+
+    def bytes_on_disk(self, view: int) -> int:
+        return sum(self.storage.bytes_used(n) for n in self.objects_of(view))
+
+    @abstractmethod
+    def objects_of(self, view: int) -> list[str]:
+        """Storage objects that belong to ``view`` alone (for size reporting)."""
+
+    # -- data path ----------------------------------------------------------------------------
+    def _check(self, offset: int, length: int) -> None:
+        if length <= 0:
+            raise InvalidRequest("a request must cover at least one byte")
+        if offset < 0 or offset + length > self.size:
+            raise OutOfRange(
+                f"bytes {offset}..{offset + length} lie outside the volume of {self.size} bytes"
+            )
+
+    def _check_view(self, view: int) -> None:
+        if view not in self.views:
+            raise InvalidRequest(f"generation {view} has no view")
+
+    def chunk_range(self, offset: int, length: int) -> tuple[int, int]:
+        return offset >> self.shift, (offset + length - 1) >> self.shift
+
+    def pieces(self, offset: int, length: int) -> Iterator[tuple[int, int, int, int]]:
+        """Split a byte range per chunk: (chunk, offset in chunk, length, offset in request)."""
+        done = 0
+        mask = self.chunk_size - 1
+        while done < length:
+            pos = offset + done
+            chunk, within = pos >> self.shift, pos & mask
+            n = min(self.chunk_size - within, length - done)
+            yield chunk, within, n, done
+            done += n
+
+    async def read(self, view: int, offset: int, length: int) -> bytes:
+        self._check(offset, length)
+        self._check_view(view)
+        first, last = self.chunk_range(offset, length)
+        fut = self.locks.try_acquire(first, last, SHARED)
+        if fut is not None:
+            await fut
+        try:
+            return await self._read(view, offset, length)
+        finally:
+            self.locks.release(first, last)
+
+    async def write(self, gen: int, offset: int, data: Buffer, fua: bool = False) -> None:
+        self._check(offset, len(data))
+        self._check_view(gen)
+        first, last = self.chunk_range(offset, len(data))
+        fut = self.locks.try_acquire(first, last, EXCLUSIVE)
+        if fut is not None:
+            await fut
+        try:
+            touched = await self._write(gen, offset, data)
+        finally:
+            self.locks.release(first, last)
+        if fua:
+            await self.sync_objects(touched)
+
+    async def zero(
+        self, gen: int, offset: int, length: int, punch: bool = True, fua: bool = False
+    ) -> None:
+        self._check(offset, length)
+        self._check_view(gen)
+        first, last = self.chunk_range(offset, length)
+        async with self.locks.locked(first, last, EXCLUSIVE):
+            touched = await self._zero(gen, offset, length, punch)
+        if fua:
+            await self.sync_objects(touched)
+
+    async def extents(self, view: int, offset: int, length: int) -> list[Extent]:
+        self._check(offset, length)
+        self._check_view(view)
+        first, last = self.chunk_range(offset, length)
+        async with self.locks.locked(first, last, SHARED):
+            runs: list[tuple[int, int, bool]] = []
+            for name, start, n in self._placement(view, offset, length):
+                runs.extend(await self.storage.extents(name, start, n))
+        return merge_runs(runs)
+
+    async def _read(self, view: int, offset: int, length: int) -> bytes:
+        parts = [
+            await self.storage.read(name, start, n)
+            for name, start, n in self._placement(view, offset, length)
+        ]
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    @abstractmethod
+    async def _write(self, gen: int, offset: int, data: Buffer) -> set[str]:
+        """Apply the write; return the storage objects it wrote (a FUA syncs them)."""
+
+    @abstractmethod
+    async def _zero(self, gen: int, offset: int, length: int, punch: bool) -> set[str]: ...
+
+    @abstractmethod
+    def _placement(self, view: int, offset: int, length: int) -> Iterator[tuple[str, int, int]]:
+        """Where view's bytes live: (object, offset in object, length) runs in order."""
+
+    # -- durability ---------------------------------------------------------------------------
+    def group_sync(self, name: str) -> GroupSync:
+        gs = self._syncs.get(name)
+        if gs is None:
+            gs = self._syncs[name] = GroupSync(lambda: self.storage.sync(name))
+        return gs
+
+    async def sync_objects(self, names: set[str] | list[str]) -> None:
+        if names:
+            await asyncio.gather(*(self.group_sync(n)() for n in names))
+
+    @abstractmethod
+    async def flush(self) -> None:
+        """Make every write completed so far durable in every view."""
+
+    # -- helpers for engines ------------------------------------------------------------------
+    async def put(self, name: str, offset: int, data: Buffer, punch: bool = True) -> None:
+        """Write data, or punch a hole when it is all zeroes and punching is allowed."""
+        if punch and not any(data):
+            await self.storage.discard(name, offset, len(data))
+        else:
+            await self.storage.write(name, offset, data)
+
+    async def put_zero(self, name: str, offset: int, length: int, punch: bool) -> None:
+        if punch:
+            await self.storage.discard(name, offset, length)
+            return
+        step = 1 << 20
+        zero = bytes(min(step, length))
+        done = 0
+        while done < length:
+            n = min(step, length - done)
+            await self.storage.write(name, offset + done, zero[:n] if n < len(zero) else zero)
+            done += n
+
+
+def merge_runs(runs: list[tuple[int, int, bool]]) -> list[Extent]:
+    out: list[Extent] = []
+    for _start, length, is_data in runs:
+        hole = not is_data
+        if out and out[-1].hole == hole:
+            out[-1] = Extent(out[-1].length + length, hole=hole, zero=hole)
+        else:
+            out.append(Extent(length, hole=hole, zero=hole))
+    return out
+
+
+def group_runs(
+    items: Iterator[tuple[str, int, int]],
+) -> Iterator[tuple[str, int, int]]:
+    """Join consecutive (object, offset, length) runs that continue each other."""
+    cur: tuple[str, int, int] | None = None
+    for name, off, n in items:
+        if cur is not None and cur[0] == name and cur[1] + cur[2] == off:
+            cur = (name, cur[1], cur[2] + n)
+            continue
+        if cur is not None:
+            yield cur
+        cur = (name, off, n)
+    if cur is not None:
+        yield cur

@@ -1,0 +1,223 @@
+"""A pool: one directory holding the catalog and every volume's storage; the Exports of the server.
+
+Layout: ``POOL/catalog.sqlite`` and ``POOL/volumes/NAME/`` (the volume's storage objects).  Opening
+a pool after any kind of stop recovers it: sessions the crash cut off are ended as unclean, their
+images settle as drained-unclean, interrupted releases resume.  The pool is also what the NBD
+server serves: ``NAME`` opens a session of the newest generation, ``NAME@N`` image N read-only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import shutil
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, TypeVar
+
+from owm.catalog import Catalog, VolumeRow, now
+from owm.engine import ENGINES, make_engine
+from owm.engine.base import Progress, check_chunk_size
+from owm.errors import AlreadyExists, InvalidRequest, NotFound, WrongState
+from owm.storage import Storage
+from owm.storage.local import LocalStorage
+from owm.view import ExportInfo, View
+from owm.volume import Volume, parse_image_name
+
+T = TypeVar("T")
+log = logging.getLogger("owm.pool")
+
+StorageFactory = Callable[[str], Storage]
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+MAX_PAYLOAD = 32 * 1024 * 1024
+
+
+class Pool:
+    def __init__(self, root: Path, storage_factory: StorageFactory | None) -> None:
+        self.root = root
+        self._factory = storage_factory or (lambda name: LocalStorage(root / "volumes" / name))
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="owm-catalog")
+        self.catalog: Catalog | None = None
+        self.volumes: dict[str, Volume] = {}
+        self.was_clean = True
+
+    @classmethod
+    async def open(
+        cls, root: Path | str, *, storage_factory: StorageFactory | None = None
+    ) -> Pool:
+        pool = cls(Path(root), storage_factory)
+        await pool._open()
+        return pool
+
+    async def db(self, fn: Callable[[Catalog], T]) -> T:
+        """Run a catalog call on the catalog's own thread."""
+        catalog = self.catalog
+        assert catalog is not None
+        return await asyncio.get_running_loop().run_in_executor(
+            self._executor, lambda: fn(catalog))
+
+    async def _open(self) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        (self.root / "volumes").mkdir(exist_ok=True)
+        self.catalog = await asyncio.get_running_loop().run_in_executor(
+            self._executor, lambda: Catalog(self.root / "catalog.sqlite"))
+        self.was_clean = await self.db(lambda c: c.get_meta("clean", "1")) == "1"
+        if not self.was_clean:
+            log.warning("pool %s was not shut down cleanly: recovering", self.root)
+        await self.db(lambda c: c.set_meta("clean", "0"))
+        for row in await self.db(lambda c: c.volumes()):
+            await self._start_volume(row, self.was_clean)
+
+    async def _start_volume(self, row: VolumeRow, clean: bool) -> Volume:
+        engine = make_engine(row.method, self._factory(row.name), row.size, row.chunk_size,
+                             legs=row.legs, enospc_policy=row.enospc_policy,
+                             state=row.engine_state)
+        volume = Volume(row, engine, self.db)
+        images = await self.db(lambda c: c.images(row.name))
+        vanished = await self.db(lambda c: c.open_sessions(row.name))
+        await volume.start(images, clean, vanished)
+        self.volumes[row.name] = volume
+        return volume
+
+    async def close(self) -> None:
+        for volume in list(self.volumes.values()):
+            await volume.close()
+        self.volumes.clear()
+        if self.catalog is not None:
+            await self.db(lambda c: c.prune_sessions())
+            await self.db(lambda c: c.set_meta("clean", "1"))
+            await self.db(lambda c: c.close())
+            self.catalog = None
+        self._executor.shutdown(wait=True)
+
+    async def kill(self) -> None:
+        """Stop the way a crashed process stops: nothing is synced, closed or marked clean."""
+        for volume in self.volumes.values():
+            volume.abandon()
+        self.volumes.clear()
+        if self.catalog is not None:
+            await self.db(lambda c: c.close())
+            self.catalog = None
+        self._executor.shutdown(wait=True)
+
+    # -- volumes ----------------------------------------------------------------------------
+    def volume(self, name: str) -> Volume:
+        volume = self.volumes.get(name)
+        if volume is None:
+            raise NotFound(f"there is no volume named '{name}'")
+        return volume
+
+    def status(self, name: str | None = None) -> list[dict[str, Any]]:
+        if name is not None:
+            return [self.volume(name).status()]
+        return [v.status() for _, v in sorted(self.volumes.items())]
+
+    async def create_volume(
+        self,
+        name: str,
+        size: int,
+        method: str = "cow",
+        chunk_size: int = 65536,
+        legs: int = 2,
+        enospc_policy: str = "fail-write",
+    ) -> dict[str, Any]:
+        if not _NAME.match(name):
+            raise InvalidRequest(
+                f"'{name}' is not a valid volume name; use letters, digits, '.', '_' and '-' "
+                "(at most 64, starting with a letter or digit)"
+            )
+        if name in self.volumes:
+            raise AlreadyExists(f"a volume named '{name}' already exists")
+        if method not in ENGINES:
+            raise InvalidRequest(f"unknown method '{method}'; choose one of cow, log, mirror")
+        check_chunk_size(chunk_size)
+        if size <= 0:
+            raise InvalidRequest("a volume's size must be more than zero bytes")
+        if size > 1 << 60:
+            raise InvalidRequest("a volume can be at most 1 EiB")
+        if method == "mirror" and not 2 <= legs <= 16:
+            raise InvalidRequest("a mirror has between 2 and 16 legs")
+        if method != "mirror":
+            legs = 1
+        row = VolumeRow(name, size, chunk_size, method, legs, enospc_policy, 0, {}, now())
+        make_engine(method, self._factory(name), size, chunk_size, legs=max(legs, 2),
+                    enospc_policy=enospc_policy)  # validates every argument before anything persists
+        await self.db(lambda c: c.add_volume(row))
+        volume = await self._start_volume(row, clean=True)
+        log.info("created volume %s (%d bytes, %s)", name, size, method)
+        return volume.status()
+
+    async def delete_volume(self, name: str) -> None:
+        volume = self.volume(name)
+        if volume.sessions or any(volume.readers.values()):
+            raise WrongState(
+                f"volume '{name}' still has {len(volume.sessions)} sessions and "
+                f"{sum(volume.readers.values())} readers open"
+            )
+        del self.volumes[name]
+        await volume.close()
+        await volume.engine.destroy()
+        await self.db(lambda c: c.delete_volume(name))
+        shutil.rmtree(self.root / "volumes" / name, ignore_errors=True)
+        log.info("deleted volume %s", name)
+
+    # -- images -----------------------------------------------------------------------------
+    def _image(self, image: str) -> tuple[Volume, int]:
+        name, gen = parse_image_name(image)
+        volume = self.volume(name)
+        volume.image(gen)
+        return volume, gen
+
+    async def preserve(self, name: str, instant: bool = False) -> str:
+        volume = self.volume(name)
+        return f"{name}@{await volume.preserve(instant)}"
+
+    async def cutover(self, image: str) -> None:
+        volume, gen = self._image(image)
+        await volume.cutover(gen)
+
+    async def wait_drained(self, image: str, timeout: float | None) -> bool:
+        volume, gen = self._image(image)
+        return await volume.wait_drained(gen, timeout)
+
+    async def release(self, image: str, progress: Progress | None = None) -> None:
+        volume, gen = self._image(image)
+        await volume.release(gen, progress)
+
+    # -- exports (what the NBD server serves) -----------------------------------------------
+    def _export(self, volume: Volume, gen: int | None) -> ExportInfo:
+        chunk = volume.row.chunk_size
+        if gen is None:
+            n = len(volume.sessions)
+            return ExportInfo(volume.name, f"live volume, {volume.row.method}, {n} sessions",
+                              volume.size, False, preferred_block=min(chunk, 65536),
+                              max_block=MAX_PAYLOAD)
+        image = volume.image(gen)
+        state = image.state
+        if state == "draining":
+            state = f"draining, {len(volume.holders(gen))} sessions left"
+        return ExportInfo(f"{volume.name}@{gen}", f"preserved image {gen}, {state}",
+                          volume.size, True, preferred_block=min(chunk, 65536),
+                          max_block=MAX_PAYLOAD)
+
+    def list_exports(self) -> list[ExportInfo]:
+        out = []
+        for _, volume in sorted(self.volumes.items()):
+            out.append(self._export(volume, None))
+            out.extend(self._export(volume, g) for g, i in sorted(volume.images.items())
+                       if i.state != "releasing")
+        return out
+
+    def export_info(self, name: str) -> ExportInfo:
+        if "@" in name:
+            volume, gen = self._image(name)
+            return self._export(volume, gen)
+        return self._export(self.volume(name), None)
+
+    async def open_export(self, name: str, peer: str) -> View:
+        if "@" in name:
+            volume, gen = self._image(name)
+            return await volume.open_reader(gen)
+        return await self.volume(name).open_session(peer)

@@ -1,0 +1,241 @@
+"""Local-file storage: each named object is a sparse file in one directory.
+
+Small reads and writes are tried inline with RWF_NOWAIT, which the kernel refuses (EAGAIN) when
+it would have to wait for a disk; only then does the request go to a thread pool.  So the event
+loop never blocks on a disk, and page-cache hits cost no thread hop.  Syncs always go to the pool.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import os
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import TypeVar
+
+from owm.errors import NoSpace, OwmError
+from owm.storage import Buffer
+
+T = TypeVar("T")
+
+_NOWAIT = getattr(os, "RWF_NOWAIT", 0)
+_SEEK_DATA = getattr(os, "SEEK_DATA", 3)
+_SEEK_HOLE = getattr(os, "SEEK_HOLE", 4)
+_INLINE_LIMIT = 256 * 1024  # larger requests go to the pool without trying inline
+
+
+def _punch_hole(fd: int, offset: int, length: int) -> None:
+    """fallocate(PUNCH_HOLE|KEEP_SIZE); falls back to writing zeroes where unsupported."""
+    import ctypes
+    import ctypes.util
+
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    fallocate = libc.fallocate
+    fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong]
+    falloc_fl_keep_size, falloc_fl_punch_hole = 0x01, 0x02
+    if fallocate(fd, falloc_fl_keep_size | falloc_fl_punch_hole, offset, length) != 0:
+        err = ctypes.get_errno()
+        if err not in (errno.EOPNOTSUPP, errno.ENOSYS):
+            raise OSError(err, os.strerror(err))
+        size = os.fstat(fd).st_size
+        end = min(offset + length, size)
+        zeroes = bytes(1 << 20)
+        while offset < end:
+            n = min(len(zeroes), end - offset)
+            os.pwrite(fd, zeroes[:n], offset)
+            offset += n
+
+
+def _translate(exc: OSError, what: str) -> OwmError:
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return NoSpace(f"the pool's disk is full while {what}")
+    return OwmError(f"storage error while {what}: {exc.strerror or exc}")
+
+
+class LocalStorage:
+    """Named objects as sparse files under ``root``."""
+
+    def __init__(self, root: Path | str, *, threads: int = 8) -> None:
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self._fds: dict[str, int] = {}
+        self._fd_lock = threading.Lock()
+        self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="owm-io")
+        self._inline = bool(_NOWAIT)
+
+    def _path(self, name: str) -> Path:
+        if "/" in name or name.startswith("."):
+            raise ValueError(f"bad object name {name!r}")
+        return self.root / name
+
+    def _fd(self, name: str, create: bool) -> int | None:
+        fd = self._fds.get(name)
+        if fd is not None:
+            return fd
+        with self._fd_lock:
+            fd = self._fds.get(name)
+            if fd is None:
+                flags = os.O_RDWR | os.O_CLOEXEC | (os.O_CREAT if create else 0)
+                try:
+                    fd = os.open(self._path(name), flags, 0o600)
+                except FileNotFoundError:
+                    return None
+                self._fds[name] = fd
+            return fd
+
+    async def _run(self, fn: Callable[[], T], what: str) -> T:
+        loop = asyncio.get_running_loop()
+        try:
+            return await loop.run_in_executor(self._pool, fn)
+        except OSError as exc:
+            raise _translate(exc, what) from exc
+
+    async def read(self, name: str, offset: int, length: int) -> bytes:
+        fd = self._fd(name, create=False)
+        if fd is None:
+            return bytes(length)
+        if self._inline and length <= _INLINE_LIMIT:
+            buf = bytearray(length)
+            try:
+                n = os.preadv(fd, [buf], offset, _NOWAIT)
+            except BlockingIOError:
+                pass
+            except OSError as exc:
+                if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                    raise _translate(exc, f"reading {name}") from exc
+                self._inline = False
+            else:
+                if n == length:
+                    return bytes(buf)
+                if n < length and offset + n >= os.fstat(fd).st_size:
+                    return bytes(buf)  # short read at end of file: the rest is zeroes
+        return await self._run(lambda: self._read_blocking(fd, offset, length), f"reading {name}")
+
+    @staticmethod
+    def _read_blocking(fd: int, offset: int, length: int) -> bytes:
+        buf = bytearray(length)
+        view = memoryview(buf)
+        done = 0
+        while done < length:
+            n = os.preadv(fd, [view[done:]], offset + done)
+            if n == 0:
+                break
+            done += n
+        return bytes(buf)
+
+    async def write(self, name: str, offset: int, data: Buffer) -> None:
+        fd = self._fd(name, create=True)
+        assert fd is not None
+        length = len(data)
+        if self._inline and length <= _INLINE_LIMIT:
+            try:
+                n = os.pwritev(fd, [data], offset, _NOWAIT)
+            except BlockingIOError:
+                pass
+            except OSError as exc:
+                if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                    raise _translate(exc, f"writing {name}") from exc
+                self._inline = False
+            else:
+                if n == length:
+                    return
+                offset, data = offset + n, memoryview(data)[n:]
+        await self._run(lambda: self._write_blocking(fd, offset, data), f"writing {name}")
+
+    @staticmethod
+    def _write_blocking(fd: int, offset: int, data: Buffer) -> None:
+        view = memoryview(data)
+        while view:
+            n = os.pwrite(fd, view, offset)
+            view, offset = view[n:], offset + n
+
+    async def sync(self, name: str) -> None:
+        fd = self._fd(name, create=False)
+        if fd is not None:
+            await self._run(lambda: os.fdatasync(fd), f"syncing {name}")
+
+    async def allocate(self, name: str, size: int) -> None:
+        fd = self._fd(name, create=True)
+        assert fd is not None
+
+        def grow() -> None:
+            if os.fstat(fd).st_size < size:
+                os.ftruncate(fd, size)
+            os.fsync(fd)
+            dirfd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                os.fsync(dirfd)
+            finally:
+                os.close(dirfd)
+
+        await self._run(grow, f"creating {name}")
+
+    async def discard(self, name: str, offset: int, length: int) -> None:
+        fd = self._fd(name, create=False)
+        if fd is not None and length > 0:
+            await self._run(lambda: _punch_hole(fd, offset, length), f"discarding in {name}")
+
+    async def extents(self, name: str, offset: int, length: int) -> list[tuple[int, int, bool]]:
+        fd = self._fd(name, create=False)
+        if fd is None:
+            return [(offset, length, False)]
+        return await self._run(lambda: self._extents_blocking(fd, offset, length), f"mapping {name}")
+
+    @staticmethod
+    def _extents_blocking(fd: int, offset: int, length: int) -> list[tuple[int, int, bool]]:
+        end = offset + length
+        size = os.fstat(fd).st_size
+        runs: list[tuple[int, int, bool]] = []
+        pos = offset
+        while pos < end:
+            if pos >= size:
+                runs.append((pos, end - pos, False))
+                break
+            try:
+                data = os.lseek(fd, pos, _SEEK_DATA)
+            except OSError as exc:
+                if exc.errno != errno.ENXIO:
+                    raise
+                data = size
+            if data > pos:
+                stop = min(data, end)
+                runs.append((pos, stop - pos, False))
+                pos = stop
+                continue
+            hole = os.lseek(fd, pos, _SEEK_HOLE)
+            stop = min(hole, end)
+            runs.append((pos, stop - pos, True))
+            pos = stop
+        return runs
+
+    async def delete(self, name: str) -> None:
+        with self._fd_lock:
+            fd = self._fds.pop(name, None)
+        if fd is not None:
+            os.close(fd)
+        try:
+            self._path(name).unlink()
+        except FileNotFoundError:
+            pass
+
+    def exists(self, name: str) -> bool:
+        return name in self._fds or self._path(name).exists()
+
+    def names(self) -> list[str]:
+        return sorted(p.name for p in self.root.iterdir() if p.is_file())
+
+    def bytes_used(self, name: str) -> int:
+        try:
+            return self._path(name).stat().st_blocks * 512
+        except FileNotFoundError:
+            return 0
+
+    async def close(self) -> None:
+        with self._fd_lock:
+            fds, self._fds = list(self._fds.values()), {}
+        for fd in fds:
+            os.close(fd)
+        self._pool.shutdown(wait=True)

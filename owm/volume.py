@@ -1,0 +1,452 @@
+"""A volume: its engine, its generation chain, its sessions and the drain of its images.
+
+A session is bound to the live generation when it opens.  ``preserve`` freezes the live view as
+image N and opens generation N+1 for every later session.  Image N is *drained* once no session of
+generation <= N is open; ``cutover`` rebinds such sessions forward so that it stops changing now
+(it is then only crash-consistent).  Sessions that end without a clean close still end, but
+the images they held are marked drained-unclean with a count.  ``release`` hands a drained image to
+the engine to reclaim, in the background, resuming after a restart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from owm.catalog import ImageRow, VolumeRow, now
+from owm.engine import Engine
+from owm.engine.base import Progress
+from owm.errors import ImageBroken, InvalidRequest, NotFound, ReadOnly, Timeout, WrongState
+from owm.storage import Buffer
+from owm.view import Extent
+
+if TYPE_CHECKING:
+    from owm.catalog import Catalog
+
+T = TypeVar("T")
+log = logging.getLogger("owm.volume")
+
+DbCall = Callable[[Callable[["Catalog"], T]], Awaitable[T]]
+
+
+class Session:
+    """A client session of the live export: a read-write view bound to a generation."""
+
+    read_only = False
+
+    def __init__(self, volume: Volume, sid: int, generation: int, peer: str) -> None:
+        self.volume = volume
+        self.id = sid
+        self.generation = generation
+        self.peer = peer
+        self.opened_at = now()
+        self.opened_mono = time.monotonic()
+        self.bytes_read = 0
+        self.bytes_written = 0
+        self.closed = False
+        self.export_name = volume.name
+        self.size = volume.size
+
+    def _check_open(self) -> None:
+        if self.closed:
+            raise WrongState("this session is closed")
+
+    async def read(self, offset: int, length: int) -> bytes:
+        self._check_open()
+        gen = self.volume._enter(self.generation)
+        try:
+            data = await self.volume.engine.read(gen, offset, length)
+        finally:
+            self.volume._leave(gen)
+        self.bytes_read += length
+        return data
+
+    async def write(self, offset: int, data: Buffer, fua: bool = False) -> None:
+        self._check_open()
+        gen = self.volume._enter(self.generation)
+        try:
+            await self.volume.engine.write(gen, offset, data, fua)
+        finally:
+            self.volume._leave(gen)
+        self.bytes_written += len(data)
+
+    async def write_zeroes(
+        self, offset: int, length: int, fua: bool = False, may_trim: bool = True
+    ) -> None:
+        self._check_open()
+        gen = self.volume._enter(self.generation)
+        try:
+            await self.volume.engine.zero(gen, offset, length, punch=may_trim, fua=fua)
+        finally:
+            self.volume._leave(gen)
+        self.bytes_written += length
+
+    async def trim(self, offset: int, length: int, fua: bool = False) -> None:
+        # Trimmed bytes read back as zeroes in owm: the model stays exact.
+        await self.write_zeroes(offset, length, fua=fua, may_trim=True)
+
+    async def flush(self) -> None:
+        self._check_open()
+        await self.volume.engine.flush()
+
+    async def cache(self, offset: int, length: int) -> None:
+        self._check_open()
+        self.volume.engine._check(offset, length)
+
+    async def block_status(self, offset: int, length: int) -> list[Extent]:
+        self._check_open()
+        return await self.volume.engine.extents(self.generation, offset, length)
+
+    async def close(self, clean: bool = True) -> None:
+        if not self.closed:
+            self.closed = True
+            await self.volume._session_closed(self, clean)
+
+    def status(self) -> dict[str, Any]:
+        return {"id": self.id, "peer": self.peer, "connected_since": self.opened_at,
+                "bytes_read": self.bytes_read, "bytes_written": self.bytes_written}
+
+
+class ImageReader:
+    """A read-only view of a preserved image; not a session of any generation."""
+
+    read_only = True
+
+    def __init__(self, volume: Volume, generation: int) -> None:
+        self.volume = volume
+        self.generation = generation
+        self.export_name = f"{volume.name}@{generation}"
+        self.size = volume.size
+        self.closed = False
+
+    def _check(self) -> None:
+        if self.closed:
+            raise WrongState("this reader is closed")
+        image = self.volume.images.get(self.generation)
+        if image is None or image.state == "releasing":
+            raise WrongState(f"image {self.export_name} has been released")
+        if image.state == "broken":
+            raise ImageBroken(f"image {self.export_name} is broken: {image.broken_reason}")
+
+    async def read(self, offset: int, length: int) -> bytes:
+        self._check()
+        return await self.volume.engine.read(self.generation, offset, length)
+
+    async def _refuse(self) -> None:
+        self._check()
+        raise ReadOnly(f"{self.export_name} is a preserved image and is read-only")
+
+    async def write(self, offset: int, data: Buffer, fua: bool = False) -> None:
+        await self._refuse()
+
+    async def write_zeroes(
+        self, offset: int, length: int, fua: bool = False, may_trim: bool = True
+    ) -> None:
+        await self._refuse()
+
+    async def trim(self, offset: int, length: int, fua: bool = False) -> None:
+        await self._refuse()
+
+    async def flush(self) -> None:
+        self._check()
+
+    async def cache(self, offset: int, length: int) -> None:
+        self._check()
+
+    async def block_status(self, offset: int, length: int) -> list[Extent]:
+        self._check()
+        return await self.volume.engine.extents(self.generation, offset, length)
+
+    async def close(self, clean: bool = True) -> None:
+        if not self.closed:
+            self.closed = True
+            self.volume.readers[self.generation] -= 1
+
+
+class Volume:
+    def __init__(self, row: VolumeRow, engine: Engine, db: DbCall[Any]) -> None:
+        self.row = row
+        self.engine = engine
+        self._db = db
+        self.sessions: dict[int, Session] = {}
+        self.readers: Counter[int] = Counter()
+        self.images: dict[int, ImageRow] = {}
+        self._drained: dict[int, asyncio.Event] = {}
+        self._inflight: Counter[int] = Counter()
+        self._quiet: asyncio.Event | None = None  # set when in-flight requests finish
+        self._control = asyncio.Lock()  # one preserve / cutover / release at a time
+        self._preserving: asyncio.Event | None = None
+        self._releases: dict[int, asyncio.Task[None]] = {}
+        self.release_progress: dict[int, tuple[int, int]] = {}
+        engine.on_broken = self._image_broken
+
+    @property
+    def name(self) -> str:
+        return self.row.name
+
+    @property
+    def size(self) -> int:
+        return self.row.size
+
+    @property
+    def live(self) -> int:
+        return self.engine.views[-1]
+
+    async def start(
+        self, images: list[ImageRow], clean: bool, vanished: list[tuple[int, int]]
+    ) -> None:
+        """Open the engine, end the sessions a crash cut off (``vanished``: id, generation),
+        settle drains and resume unfinished releases."""
+        self.images = {i.generation: i for i in images}
+        for _sid, session_gen in vanished:
+            for gen, image in self.images.items():
+                if image.state == "draining" and gen >= session_gen:
+                    image.unclean_sessions += 1
+        if vanished:
+            await self._db(lambda c: c.end_sessions_unclean(self.name))
+        views = [g for g, i in self.images.items() if i.state != "releasing"]
+        releasing = [g for g, i in self.images.items() if i.state == "releasing"]
+        await self.engine.open(sorted(views) + [self.row.live_generation], releasing, clean)
+        for image in self.images.values():
+            self._drained[image.generation] = asyncio.Event()
+            if image.state != "draining":
+                self._drained[image.generation].set()
+            if image.state == "broken":
+                self.engine.broken.add(image.generation)
+        await self._db(lambda c: c.save_engine_state(self.name, self.engine.state))
+        await self._settle_drains()
+        for gen in releasing:
+            self._releases[gen] = asyncio.get_running_loop().create_task(self._run_release(gen))
+
+    # -- in-flight accounting (cutover waits for requests of the generations it rebinds) ------
+    def _enter(self, gen: int) -> int:
+        self._inflight[gen] += 1
+        return gen
+
+    def _leave(self, gen: int) -> None:
+        self._inflight[gen] -= 1
+        if self._inflight[gen] == 0:
+            del self._inflight[gen]
+            if self._quiet is not None:
+                self._quiet.set()
+
+    async def _wait_quiet(self, upto: int) -> None:
+        while any(g <= upto for g in self._inflight):
+            self._quiet = asyncio.Event()
+            await self._quiet.wait()
+        self._quiet = None
+
+    # -- sessions ---------------------------------------------------------------------------
+    async def open_session(self, peer: str) -> Session:
+        if self._preserving is not None:
+            await self._preserving.wait()
+        gen = self.live
+        sid = await self._db(lambda c: c.open_session(self.name, gen, peer))
+        # A preserve that completed while the catalog was written did not count this session
+        # among its holders: it opened after that preserve, so it belongs to the newest
+        # generation (the catalog row is corrected when the session closes).
+        session = Session(self, sid, self.live, peer)
+        self.sessions[sid] = session
+        return session
+
+    async def _session_closed(self, session: Session, clean: bool) -> None:
+        del self.sessions[session.id]
+        await self._db(lambda c: c.close_session(session.id, clean, session.bytes_read,
+                                                 session.bytes_written, session.generation))
+        if not clean:
+            for gen, image in self.images.items():
+                if image.state == "draining" and gen >= session.generation:
+                    image.unclean_sessions += 1
+            log.warning("session %d of %s ended without a clean close", session.id, self.name)
+        await self._settle_drains()
+
+    def holders(self, gen: int) -> list[Session]:
+        """Open sessions that keep image ``gen`` from draining."""
+        return [s for s in self.sessions.values() if s.generation <= gen]
+
+    async def _settle_drains(self, crash_consistent: bool = False) -> None:
+        for gen, image in sorted(self.images.items()):
+            if image.state != "draining" or self.holders(gen):
+                continue
+            # A drained image never changes again, crash or not: make it durable first.
+            await self.engine.flush()
+            image.state = "drained-unclean" if image.unclean_sessions else "drained"
+            image.drained_at = now()
+            if crash_consistent or image.unclean_sessions:
+                image.consistency = "crash-consistent"
+            await self._db(lambda c, i=image: c.update_image(i))  # type: ignore[misc]
+            self._drained[gen].set()
+            log.info("image %s@%d is %s", self.name, gen, image.state)
+
+    # -- preserved images -------------------------------------------------------------------
+    def image(self, gen: int) -> ImageRow:
+        image = self.images.get(gen)
+        if image is None:
+            raise NotFound(f"volume {self.name} has no preserved image {gen}")
+        return image
+
+    async def open_reader(self, gen: int) -> ImageReader:
+        image = self.image(gen)
+        if image.state == "releasing":
+            raise WrongState(f"image {self.name}@{gen} is being released")
+        reader = ImageReader(self, gen)
+        self.readers[gen] += 1
+        return reader
+
+    async def preserve(self, instant: bool = False) -> int:
+        async with self._control:
+            self._preserving = asyncio.Event()
+            try:
+                preserved = await self.engine.preserve()
+                holders = self.holders(preserved)
+                image = ImageRow(self.name, preserved, "draining" if holders else "drained",
+                                 "transaction-consistent", now(),
+                                 None if holders else now(), 0, None)
+                try:
+                    await self._db(lambda c: c.record_preserve(image, self.live,
+                                                               self.engine.state))
+                except BaseException:
+                    log.error("could not record the preserve of %s; restart to recover", self.name)
+                    raise
+                self.images[preserved] = image
+                self._drained[preserved] = asyncio.Event()
+                if not holders:
+                    self._drained[preserved].set()
+            finally:
+                self._preserving.set()
+                self._preserving = None
+            log.info("preserved %s@%d with %d sessions draining", self.name, preserved,
+                     len(holders))
+            if instant:
+                await self._cutover(preserved)
+            return preserved
+
+    async def cutover(self, gen: int) -> None:
+        async with self._control:
+            await self._cutover(gen)
+
+    async def _cutover(self, gen: int) -> None:
+        image = self.image(gen)
+        if image.state != "draining":
+            return
+        successor = min(v for v in self.engine.views if v > gen)
+        moved = self.holders(gen)
+        for session in moved:
+            session.generation = successor
+        await self._wait_quiet(gen)
+        for g, img in self.images.items():
+            if g <= gen and img.state == "draining":
+                img.consistency = "crash-consistent"
+        log.info("cut over %d sessions of %s@%d to generation %d", len(moved), self.name, gen,
+                 successor)
+        await self._settle_drains(crash_consistent=True)
+
+    async def wait_drained(self, gen: int, timeout: float | None) -> bool:
+        self.image(gen)
+        try:
+            await asyncio.wait_for(self._drained[gen].wait(), timeout)
+        except TimeoutError:
+            return False
+        return True
+
+    async def _image_broken(self, gen: int, reason: str) -> None:
+        image = self.images.get(gen)
+        if image is None:
+            return
+        image.state = "broken"
+        image.broken_reason = reason
+        image.consistency = "broken"
+        await self._db(lambda c: c.update_image(image))
+        self._drained[gen].set()
+        log.error("image %s@%d is broken: %s", self.name, gen, reason)
+
+    async def release(self, gen: int, progress: Progress | None = None) -> None:
+        async with self._control:
+            image = self.image(gen)
+            if image.state == "draining":
+                raise WrongState(
+                    f"image {self.name}@{gen} is still draining ({len(self.holders(gen))} "
+                    "sessions open); wait for it or cut over first"
+                )
+            if self.readers[gen]:
+                raise WrongState(
+                    f"image {self.name}@{gen} is being read by {self.readers[gen]} clients"
+                )
+            if image.state != "releasing":
+                image.state = "releasing"
+                await self._db(lambda c: c.update_image(image))
+                self._releases[gen] = asyncio.get_running_loop().create_task(
+                    self._run_release(gen, progress))
+            task = self._releases[gen]
+        await asyncio.shield(task)
+
+    async def _run_release(self, gen: int, progress: Progress | None = None) -> None:
+        def report(done: int, total: int) -> None:
+            self.release_progress[gen] = (done, total)
+            if progress is not None:
+                progress(done, total)
+
+        try:
+            await self.engine.release(gen, report)
+            await self._db(lambda c: c.finish_release(self.name, gen, self.engine.state))
+            self.images.pop(gen, None)
+            self._drained.pop(gen, None)
+            log.info("released %s@%d", self.name, gen)
+        finally:
+            self._releases.pop(gen, None)
+            self.release_progress.pop(gen, None)
+
+    # -- reporting --------------------------------------------------------------------------
+    def status(self) -> dict[str, Any]:
+        by_gen: dict[int, list[dict[str, Any]]] = {}
+        for s in self.sessions.values():
+            by_gen.setdefault(s.generation, []).append(s.status())
+        images = []
+        for gen, image in sorted(self.images.items()):
+            progress = self.release_progress.get(gen)
+            images.append({
+                "name": f"{self.name}@{gen}", "generation": gen, "state": image.state,
+                "sessions_left": len(self.holders(gen)) if image.state == "draining" else 0,
+                "unclean_sessions": image.unclean_sessions, "consistency": image.consistency,
+                "preserved_at": image.preserved_at, "drained_at": image.drained_at,
+                "bytes_on_disk": self.engine.bytes_on_disk(gen)
+                if image.state != "releasing" else 0,
+                "broken_reason": image.broken_reason, "readers": self.readers[gen],
+                "release_progress": None if progress is None
+                else {"done": progress[0], "total": progress[1]},
+            })
+        return {
+            "name": self.name, "size": self.size, "method": self.row.method,
+            "chunk_size": self.row.chunk_size, "legs": self.row.legs,
+            "enospc_policy": self.row.enospc_policy, "live_generation": self.live,
+            "bytes_on_disk": self.engine.bytes_on_disk(self.live),
+            "generations": [{"generation": g, "sessions": by_gen[g]} for g in sorted(by_gen)],
+            "images": images,
+        }
+
+    def abandon(self) -> None:
+        """Drop everything in memory without syncing (crash simulation)."""
+        for task in list(self._releases.values()):
+            task.cancel()
+        self.sessions.clear()
+
+    async def close(self) -> None:
+        tasks = list(self._releases.values())
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for session in list(self.sessions.values()):
+            await session.close(clean=False)
+        await self.engine.close()
+        await self.engine.storage.close()
+
+
+def parse_image_name(text: str) -> tuple[str, int]:
+    name, sep, gen = text.rpartition("@")
+    if not sep or not name or not gen.isdigit():
+        raise InvalidRequest(f"'{text}' is not an image name; images are named VOLUME@N")
+    return name, int(gen)
