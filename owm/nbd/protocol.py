@@ -319,6 +319,24 @@ class ServerConnection:
             self._buf = self._buf[self._pos :] + data
         self._pos = 0
 
+    def body_buffer(self) -> memoryview | None:
+        """Where the rest of a message body being collected (a WRITE payload, an option's data)
+        can be received directly, without a copy; None when no body is being collected.
+
+        Fill it and report the count with :meth:`body_received` (a socket's ``recv_into``).
+        """
+        body = self._body
+        if body is None or self._body_filled >= len(body):
+            return None
+        return memoryview(body)[self._body_filled :]
+
+    def body_received(self, n: int) -> None:
+        """``n`` bytes were written into the view :meth:`body_buffer` returned."""
+        body = self._body
+        if body is None or n < 0 or self._body_filled + n > len(body):
+            raise ValueError("body_received without a matching body_buffer")
+        self._body_filled += n
+
     @property
     def buffered(self) -> int:
         """Bytes the machine holds on to (unparsed input plus a message body being filled)."""

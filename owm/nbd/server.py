@@ -23,7 +23,7 @@ import os
 import socket
 import stat
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from typing import Any, cast
 
 from owm.errors import NotFound, OwmError
@@ -37,6 +37,8 @@ MAX_INFLIGHT_REQUESTS = 256
 MAX_INFLIGHT_BYTES = 128 * 1024 * 1024
 WRITE_HIGH_WATER = 8 * 1024 * 1024
 WRITE_LOW_WATER = 2 * 1024 * 1024
+RECV_BUFFER = 256 * 1024
+DIRECT_MIN = 16 * 1024  # bodies still missing at least this much are read into place
 
 _OPTION_ERRORS = {
     # How an OwmError from opening an export is told to a client during GO/INFO.
@@ -60,8 +62,35 @@ def _peer_name(transport: asyncio.BaseTransport) -> str:
     return "unix"
 
 
-class _Connection(asyncio.Protocol):
-    """One client connection: protocol machine, view, requests in flight, reply batching."""
+async def _resume(coro: Coroutine[Any, Any, None], waiting: Any) -> None:
+    """Drive ``coro``, which was started outside any task and is waiting on ``waiting``.
+
+    ``waiting`` is what the coroutine yielded: an asyncio future (it resumes once that is
+    done and reads the outcome itself) or None (a bare yield, as ``asyncio.sleep(0)``).
+    Cancelling this task cancels the future it waits on, which the coroutine then sees.
+    """
+    while True:
+        if waiting is None:
+            await asyncio.sleep(0)
+        else:
+            # A Task clears this flag when it takes a yielded future; nobody did for the first
+            # yield, and a future still flagged refuses to be awaited again.
+            waiting._asyncio_future_blocking = False
+            with contextlib.suppress(Exception, asyncio.CancelledError):
+                await waiting
+        try:
+            waiting = coro.send(None)
+        except StopIteration:
+            return
+
+
+class _Connection(asyncio.BufferedProtocol):
+    """One client connection: protocol machine, view, requests in flight, reply batching.
+
+    Reads land in a preallocated scratch buffer and are handed to the machine as one bytes
+    object per read (small WRITE payloads are then slices of it, not copies), except while the
+    machine collects a large body: then the socket reads straight into the payload buffer.
+    """
 
     def __init__(self, server: NbdServer) -> None:
         self.server = server
@@ -83,6 +112,8 @@ class _Connection(asyncio.Protocol):
         self._lost = False
         self._closing = False  # we decided to close (ABORT, refused export, shutdown)
         self._finished: asyncio.Future[None] = self._loop.create_future()
+        self._scratch = memoryview(bytearray(RECV_BUFFER))
+        self._direct = False
         self._stopping = False
         self._finishing = False
 
@@ -105,8 +136,19 @@ class _Connection(asyncio.Protocol):
             return
         transport.write(self.machine.initiate())
 
-    def data_received(self, data: bytes) -> None:
-        self.machine.receive_data(data)
+    def get_buffer(self, sizehint: int) -> memoryview:
+        body = self.machine.body_buffer()
+        if body is not None and len(body) >= DIRECT_MIN:
+            self._direct = True
+            return body
+        self._direct = False
+        return self._scratch
+
+    def buffer_updated(self, nbytes: int) -> None:
+        if self._direct:
+            self.machine.body_received(nbytes)
+        else:
+            self.machine.receive_data(bytes(self._scratch[:nbytes]))
         self._process()
 
     def eof_received(self) -> bool | None:
@@ -343,7 +385,15 @@ class _Connection(asyncio.Protocol):
             self._inflight_bytes += req.length
         if self._inflight >= MAX_INFLIGHT_REQUESTS or self._inflight_bytes >= MAX_INFLIGHT_BYTES:
             self._update_reading()
-        task = self._loop.create_task(self._run(req))
+        # Run the request eagerly until it first has to wait: a request the storage completes
+        # without blocking (page-cache I/O) then costs no Task at all.  One that blocks is
+        # handed to a real Task for the rest of its life.
+        coro = self._run(req)
+        try:
+            waiting = coro.send(None)
+        except StopIteration:
+            return
+        task = self._loop.create_task(_resume(coro, waiting))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
