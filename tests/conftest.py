@@ -37,12 +37,21 @@ def cli_env(**extra: str) -> dict[str, str]:
     return env
 
 
-def run_owm(*args: str | Path, timeout: float = CLI_TIMEOUT, env: dict[str, str] | None = None,
-            cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+def run_owm(
+    *args: str | Path,
+    timeout: float = CLI_TIMEOUT,
+    env: dict[str, str] | None = None,
+    cwd: Path | None = None,
+) -> subprocess.CompletedProcess[str]:
     """Run the CLI as a user would; stdout and stderr captured, stdin closed."""
     return subprocess.run(
-        [*OWM, *map(str, args)], capture_output=True, text=True, timeout=timeout,
-        stdin=subprocess.DEVNULL, env=env or cli_env(), cwd=cwd or REPO,
+        [*OWM, *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        stdin=subprocess.DEVNULL,
+        env=env or cli_env(),
+        cwd=cwd or REPO,
     )
 
 
@@ -60,9 +69,13 @@ class UnixHTTPConnection(http.client.HTTPConnection):
         self.sock = sock
 
 
-def http_call(conn: http.client.HTTPConnection, method: str, path: str,
-              body: bytes | dict[str, Any] | list[Any] | None = None,
-              headers: dict[str, str] | None = None) -> tuple[int, Any]:
+def http_call(
+    conn: http.client.HTTPConnection,
+    method: str,
+    path: str,
+    body: bytes | dict[str, Any] | list[Any] | None = None,
+    headers: dict[str, str] | None = None,
+) -> tuple[int, Any]:
     """One request; returns (status, decoded JSON or None)."""
     payload = json.dumps(body).encode() if isinstance(body, dict | list) else body
     try:
@@ -95,8 +108,13 @@ class Daemon:
     def nbd_tcp(self) -> str:
         return str(self.health["nbd"]["tcp"])
 
-    def api(self, method: str, path: str, body: bytes | dict[str, Any] | None = None,
-            headers: dict[str, str] | None = None) -> tuple[int, Any]:
+    def api(
+        self,
+        method: str,
+        path: str,
+        body: bytes | dict[str, Any] | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> tuple[int, Any]:
         return http_call(UnixHTTPConnection(self.control_socket), method, path, body, headers)
 
     def owm(
@@ -127,7 +145,10 @@ def start_daemon(pool: Path, *extra: str | Path) -> Daemon:
     with open(log, "wb") as out:
         proc = subprocess.Popen(
             [*OWM, "--pool", str(pool), "serve", "--listen", "127.0.0.1:0", *map(str, extra)],
-            stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, env=cli_env(),
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=cli_env(),
             cwd=REPO,
         )
     daemon = Daemon(pool, proc, log)
@@ -193,8 +214,12 @@ class SessionHolder:
     def __init__(self, daemon: Daemon, export: str) -> None:
         self.proc = subprocess.Popen(
             [sys.executable, "-c", HOLDER, export, str(daemon.nbd_socket)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-            env=cli_env(), cwd=REPO,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=cli_env(),
+            cwd=REPO,
         )
         assert self.proc.stdout is not None
         line = self.proc.stdout.readline()

@@ -49,8 +49,7 @@ def as_json(result: subprocess.CompletedProcess[str]) -> Any:
 
 def test_help_names_every_command_of_the_contract() -> None:
     out = ok(run_owm("--help"))
-    for command in ("serve", "volume", "preserve", "status", "wait", "cutover", "release",
-                    "demo"):
+    for command in ("serve", "volume", "preserve", "status", "wait", "cutover", "release", "demo"):
         assert f"  {command}" in out
     volume_help = ok(run_owm("volume", "--help"))
     for sub in ("create", "list", "show", "delete"):
@@ -132,8 +131,9 @@ def test_serve_logs_one_line_records_and_stops_cleanly(short_tmp: Path) -> None:
     assert mode == 0o600
     assert d.stop(signal.SIGINT) == 0
     log = d.log_text().splitlines()
-    assert log and all(line.split(" ", 1)[0] in ("DEBUG", "INFO", "WARNING", "ERROR")
-                       for line in log), log
+    assert log and all(
+        line.split(" ", 1)[0] in ("DEBUG", "INFO", "WARNING", "ERROR") for line in log
+    ), log
     assert any("serving pool" in line for line in log)
     assert any("volume=vol" in line or "vol" in line for line in log if "created" in line)
     assert any("stopped" in line for line in log)
@@ -151,7 +151,9 @@ def test_serve_takes_pool_after_the_command_too(short_tmp: Path) -> None:
     pool = short_tmp / "p2"
     proc = subprocess.Popen(
         [*OWM, "serve", "--pool", str(pool), "--listen", "none"],
-        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
         env=cli_env(),
     )
     try:
@@ -175,17 +177,16 @@ def test_serve_on_a_busy_port_is_one_sentence(short_tmp: Path) -> None:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
-        result = run_owm("--pool", short_tmp / "pool", "serve", "--listen", f"127.0.0.1:{port}",
-                         timeout=30)
+        result = run_owm(
+            "--pool", short_tmp / "pool", "serve", "--listen", f"127.0.0.1:{port}", timeout=30
+        )
     assert result.returncode == 1
     assert "Traceback" not in result.stderr
     assert f"127.0.0.1:{port}" in result.stderr.strip().splitlines()[-1]
     assert "in use" in result.stderr
 
 
-def test_sigterm_with_a_session_open_stops_promptly(
-    short_tmp: Path, hold_session: Holder
-) -> None:
+def test_sigterm_with_a_session_open_stops_promptly(short_tmp: Path, hold_session: Holder) -> None:
     d = start_daemon(short_tmp / "pool")
     ok(d.owm("volume", "create", "vol", "--size", "8M"))
     hold_session(d, "vol")
@@ -227,8 +228,9 @@ def test_volume_commands(daemon: Daemon) -> None:
 
     out = ok(daemon.owm("volume", "create", "vol", "--size", "64M"))
     assert "Created volume vol" in out and "64M" in out and f"nbd://{daemon.nbd_tcp}/vol" in out
-    created = as_json(daemon.owm("volume", "create", "small", "--size", "1.5M",
-                                 "--chunk-size", "4K", "--json"))
+    created = as_json(
+        daemon.owm("volume", "create", "small", "--size", "1.5M", "--chunk-size", "4K", "--json")
+    )
     assert created["size"] == 1536 * 1024 and created["chunk_size"] == 4096
     assert created["method"] == "cow"
 
@@ -255,8 +257,11 @@ def test_volume_commands(daemon: Daemon) -> None:
 
 @pytest.mark.parametrize("method", ["cow", "log", "mirror"])
 def test_volume_create_each_method(daemon: Daemon, method: str) -> None:
-    created = as_json(daemon.owm("volume", "create", "v", "--size", "4M", "--method", method,
-                                 "--legs", "3", "--json"))
+    created = as_json(
+        daemon.owm(
+            "volume", "create", "v", "--size", "4M", "--method", method, "--legs", "3", "--json"
+        )
+    )
     assert created["method"] == method
     if method == "mirror":
         assert created["legs"] == 3
@@ -345,9 +350,14 @@ def test_terminal_spinner_and_progress_bar(daemon: Daemon, hold_session: Holder)
 
     def on_terminal(*args: str) -> subprocess.CompletedProcess[str]:
         command = shlex.join([*OWM, "--pool", str(daemon.pool), *args])
-        return subprocess.run(["script", "-qec", command, "/dev/null"], capture_output=True,
-                              text=True, timeout=60, env=cli_env(COLUMNS="100"),
-                              stdin=subprocess.DEVNULL)
+        return subprocess.run(
+            ["script", "-qec", command, "/dev/null"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env=cli_env(COLUMNS="100"),
+            stdin=subprocess.DEVNULL,
+        )
 
     ok(daemon.owm("volume", "create", "vol", "--size", "8M", "--method", "log"))
     holder = hold_session(daemon, "vol")
@@ -366,8 +376,13 @@ def test_terminal_spinner_and_progress_bar(daemon: Daemon, hold_session: Holder)
 def test_json_outputs_are_single_documents(daemon: Daemon) -> None:
     ok(daemon.owm("volume", "create", "vol", "--size", "8M"))
     ok(daemon.owm("preserve", "vol"))
-    for args in (["status", "--json"], ["status", "vol", "--json"], ["volume", "list", "--json"],
-                 ["volume", "show", "vol", "--json"], ["wait", "vol@0", "--json"]):
+    for args in (
+        ["status", "--json"],
+        ["status", "vol", "--json"],
+        ["volume", "list", "--json"],
+        ["volume", "show", "vol", "--json"],
+        ["wait", "vol@0", "--json"],
+    ):
         result = daemon.owm(*args)
         assert result.returncode == 0, result
         json.loads(result.stdout)  # exactly one document, nothing else on stdout
