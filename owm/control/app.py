@@ -16,9 +16,14 @@ from aiohttp.typedefs import Handler, Middleware
 
 from owm import errors
 from owm.control.context import CONTEXT, ControlContext
-from owm.control.routes import ShuttingDown, routes
+from owm.control.routes import ShuttingDown
+from owm.control.routes import routes as volume_routes
 
 log = logging.getLogger("owm.control")
+
+# Every route table the daemon serves. Application locks (served to transaction workers in
+# other processes) and backup endpoints each bring their own table and join this tuple.
+ROUTE_TABLES: tuple[web.RouteTableDef, ...] = (volume_routes,)
 
 # Most specific first: OutOfRange is an InvalidRequest, so order matters.
 STATUS_FOR_ERROR: tuple[tuple[type[errors.OwmError], int], ...] = (
@@ -104,5 +109,6 @@ def create_app(ctx: ControlContext, token: str | None = None) -> web.Application
         middlewares.insert(0, bearer_token_check(token))
     app = web.Application(middlewares=middlewares, client_max_size=1 << 20)
     app[CONTEXT] = ctx
-    app.add_routes(routes)
+    for table in ROUTE_TABLES:
+        app.add_routes(table)
     return app
