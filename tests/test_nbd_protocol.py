@@ -5,6 +5,7 @@ but ProtocolError nor buffer more than one message's worth of data."""
 from __future__ import annotations
 
 import itertools
+import random
 import struct
 
 import pytest
@@ -477,6 +478,30 @@ def test_write_payload_in_pieces_is_assembled() -> None:
     assert (flush.command, flush.handle) == (c.CMD_FLUSH, 8)
 
 
+def test_write_payload_received_in_place() -> None:
+    conn = transmission()
+    payload = random.randbytes(50000)
+    conn.receive_data(request(c.CMD_WRITE, 0, len(payload)) + payload[:100])
+    assert conn.next_event() is p.NEED_DATA
+    received = 100
+    while (view := conn.body_buffer()) is not None:
+        n = min(len(view), 7000)
+        view[:n] = payload[received : received + n]
+        conn.body_received(n)
+        received += n
+        assert (conn.next_event() is p.NEED_DATA) == (received < len(payload))
+    assert received == len(payload)
+    with pytest.raises(ValueError):
+        conn.body_received(1)
+
+
+def test_body_received_must_match_a_body_buffer() -> None:
+    conn = transmission()
+    assert conn.body_buffer() is None
+    with pytest.raises(ValueError):
+        conn.body_received(10)
+
+
 def rejected(conn: p.ServerConnection, data: bytes) -> p.RequestRejected:
     conn.receive_data(data)
     ev = conn.next_event()
@@ -683,10 +708,24 @@ def test_block_status_reply_merges_clips_and_honours_req_one() -> None:
 LIMIT = INFO.max_block + p.REQUEST_SIZE
 
 
+def feed(conn: p.ServerConnection, chunk: bytes) -> None:
+    """Give bytes to the machine the way the server does: straight into a body being
+    collected where there is one (as recv_into would), the rest through receive_data."""
+    while chunk:
+        body = conn.body_buffer()
+        if body is None:
+            conn.receive_data(chunk)
+            return
+        n = min(len(body), len(chunk))
+        body[:n] = chunk[:n]
+        conn.body_received(n)
+        chunk = chunk[n:]
+
+
 def drive(conn: p.ServerConnection, chunks: list[bytes], answer_error: bool = False) -> None:
     """Feed chunks, answering every option; only ProtocolError may escape."""
     for chunk in chunks:
-        conn.receive_data(chunk)
+        feed(conn, chunk)
         while True:
             try:
                 ev = conn.next_event()
