@@ -603,3 +603,28 @@ async def test_requests_that_suspend_in_every_way(tmp_path: Path) -> None:
             await client.disconnect()
     finally:
         MemoryView.read = original_read  # type: ignore[method-assign]
+
+
+async def test_a_client_that_never_negotiates_is_dropped(server: NbdServer, tmp_path: Path) -> None:
+    server.handshake_timeout = 0.2
+    reader, writer = await raw_connection(tmp_path)  # greeted, then silent
+    assert await read_until_closed(reader) == b""
+    writer.close()
+    # One that finishes in time keeps its connection however long it then stays idle.
+    client = await connect(tmp_path)
+    await asyncio.sleep(0.4)
+    assert await client.read(0, 4) == bytes(4)
+    await client.disconnect()
+    await wait_for(lambda: server.connection_count == 0)
+
+
+async def test_tcp_connections_use_keepalive(server: NbdServer) -> None:
+    import socket
+
+    client = await NbdClient.connect("vol", host="127.0.0.1", port=server.tcp_port)
+    (conn,) = server._connections
+    assert conn.transport is not None
+    sock = conn.transport.get_extra_info("socket")
+    assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
+    assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1
+    await client.disconnect()

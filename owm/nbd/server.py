@@ -38,6 +38,7 @@ MAX_INFLIGHT_BYTES = 128 * 1024 * 1024
 WRITE_HIGH_WATER = 8 * 1024 * 1024
 WRITE_LOW_WATER = 2 * 1024 * 1024
 RECV_BUFFER = 256 * 1024
+HANDSHAKE_TIMEOUT = 60.0
 DIRECT_MIN = 16 * 1024  # bodies still missing at least this much are read into place
 
 _OPTION_ERRORS = {
@@ -46,6 +47,22 @@ _OPTION_ERRORS = {
     "WrongState": c.REP_ERR_UNKNOWN,
     "ReadOnly": c.REP_ERR_POLICY,
 }
+
+
+def _tune_tcp(sock: socket.socket) -> None:
+    """No Nagle delay (the protocol document asks for it), and keepalive probes so that a peer
+    that vanished without closing (a dead host, a cut network) ends its session within minutes
+    instead of holding a preserved image in its draining state forever."""
+    options = [
+        (socket.IPPROTO_TCP, socket.TCP_NODELAY, 1),
+        (socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1),
+    ]
+    for name, value in (("TCP_KEEPIDLE", 60), ("TCP_KEEPINTVL", 10), ("TCP_KEEPCNT", 6)):
+        if hasattr(socket, name):
+            options.append((socket.IPPROTO_TCP, getattr(socket, name), value))
+    for level, option, value in options:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(level, option, value)
 
 
 def _peer_name(transport: asyncio.BaseTransport) -> str:
@@ -114,6 +131,7 @@ class _Connection(asyncio.BufferedProtocol):
         self._finished: asyncio.Future[None] = self._loop.create_future()
         self._scratch = memoryview(bytearray(RECV_BUFFER))
         self._direct = False
+        self._deadline: asyncio.TimerHandle | None = None
         self._stopping = False
         self._finishing = False
 
@@ -126,15 +144,22 @@ class _Connection(asyncio.BufferedProtocol):
         self.peer = _peer_name(transport)
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
-            with contextlib.suppress(OSError):
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            _tune_tcp(sock)
         transport.set_write_buffer_limits(high=WRITE_HIGH_WATER, low=WRITE_LOW_WATER)
         self.server._connections.add(self)
         log.debug("connection from %s", self.peer)
         if self.server._stopping:
             transport.close()
             return
+        self._deadline = self._loop.call_later(
+            self.server.handshake_timeout, self._handshake_timed_out
+        )
         transport.write(self.machine.initiate())
+
+    def _handshake_timed_out(self) -> None:
+        if self.machine.state is not p.State.TRANSMISSION and not self._option_busy:
+            log.info("%s did not finish negotiating in time", self.peer)
+            self._close_transport(abort=True)
 
     def get_buffer(self, sizehint: int) -> memoryview:
         body = self.machine.body_buffer()
@@ -164,6 +189,8 @@ class _Connection(asyncio.BufferedProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._lost = True
+        if self._deadline is not None:
+            self._deadline.cancel()
         self._out.clear()
         self.server._connections.discard(self)
         log.debug("connection from %s lost (%s)", self.peer, exc or "closed")
@@ -363,6 +390,8 @@ class _Connection(asyncio.BufferedProtocol):
             )
             log.info("%s opened export %r", self.peer, info.name)
             self._send(machine.reply_info(info) if go else machine.reply_export_name(info))
+            if self._deadline is not None:
+                self._deadline.cancel()
         else:
             assert error is not None
             log.info("%s could not open export %r: %s", self.peer, name, error[1])
@@ -534,6 +563,8 @@ class NbdServer:
         self._unix_path: str | None = None
         self._stopping = False
         self.tcp_port = 0
+        # Seconds a client gets from connecting to entering transmission.
+        self.handshake_timeout = HANDSHAKE_TIMEOUT
 
     @property
     def connection_count(self) -> int:
