@@ -285,6 +285,7 @@ async def test_fio_verify(env: Env, method: str) -> None:
         "--size=8M",
         "--verify=crc32c",
         "--verify_fatal=1",
+        "--verify_state_save=0",
         "--do_verify=1",
         "--runtime=60",
         "--output-format=json",
