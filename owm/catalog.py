@@ -109,7 +109,10 @@ class Catalog:
             "SELECT name, size, chunk_size, method, legs, enospc_policy, live_generation, "
             "engine_state, created_at FROM volumes ORDER BY name"
         ).fetchall()
-        return [VolumeRow(*r[:7], json.loads(r[7]), r[8]) for r in rows]
+        return [
+            VolumeRow(r[0], r[1], r[2], r[3], r[4], r[5], r[6], json.loads(r[7]), r[8])
+            for r in rows
+        ]
 
     def add_volume(self, v: VolumeRow) -> None:
         self.db.execute(

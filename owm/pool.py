@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 
 from owm.catalog import Catalog, VolumeRow, now
 from owm.engine import ENGINES, make_engine
-from owm.engine.base import Progress, check_chunk_size
+from owm.engine.base import ENOSPC_POLICIES, Progress, check_chunk_size
 from owm.errors import AlreadyExists, InvalidRequest, NotFound, WrongState
 from owm.storage import Storage
 from owm.storage.local import LocalStorage
@@ -141,9 +141,11 @@ class Pool:
             raise InvalidRequest("a mirror has between 2 and 16 legs")
         if method != "mirror":
             legs = 1
+        if enospc_policy not in ENOSPC_POLICIES:
+            raise InvalidRequest(
+                f"unknown full-disk policy '{enospc_policy}'; choose fail-write or break-image"
+            )
         row = VolumeRow(name, size, chunk_size, method, legs, enospc_policy, 0, {}, now())
-        make_engine(method, self._factory(name), size, chunk_size, legs=max(legs, 2),
-                    enospc_policy=enospc_policy)  # validates every argument before anything persists
         await self.db(lambda c: c.add_volume(row))
         volume = await self._start_volume(row, clean=True)
         log.info("created volume %s (%d bytes, %s)", name, size, method)

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from owm.catalog import ImageRow, VolumeRow, now
 from owm.engine import Engine
 from owm.engine.base import Progress
-from owm.errors import ImageBroken, InvalidRequest, NotFound, ReadOnly, Timeout, WrongState
+from owm.errors import ImageBroken, InvalidRequest, NotFound, ReadOnly, WrongState
 from owm.storage import Buffer
 from owm.view import Extent
 
@@ -210,7 +210,7 @@ class Volume:
             await self._db(lambda c: c.end_sessions_unclean(self.name))
         views = [g for g, i in self.images.items() if i.state != "releasing"]
         releasing = [g for g, i in self.images.items() if i.state == "releasing"]
-        await self.engine.open(sorted(views) + [self.row.live_generation], releasing, clean)
+        await self.engine.open([*sorted(views), self.row.live_generation], releasing, clean)
         for image in self.images.values():
             self._drained[image.generation] = asyncio.Event()
             if image.state != "draining":

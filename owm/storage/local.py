@@ -8,6 +8,7 @@ loop never blocks on a disk, and page-cache hits cost no thread hop.  Syncs alwa
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import os
 import threading
@@ -182,7 +183,9 @@ class LocalStorage:
         fd = self._fd(name, create=False)
         if fd is None:
             return [(offset, length, False)]
-        return await self._run(lambda: self._extents_blocking(fd, offset, length), f"mapping {name}")
+        return await self._run(
+            lambda: self._extents_blocking(fd, offset, length), f"mapping {name}"
+        )
 
     @staticmethod
     def _extents_blocking(fd: int, offset: int, length: int) -> list[tuple[int, int, bool]]:
@@ -216,10 +219,8 @@ class LocalStorage:
             fd = self._fds.pop(name, None)
         if fd is not None:
             os.close(fd)
-        try:
+        with contextlib.suppress(FileNotFoundError):
             self._path(name).unlink()
-        except FileNotFoundError:
-            pass
 
     def exists(self, name: str) -> bool:
         return name in self._fds or self._path(name).exists()
