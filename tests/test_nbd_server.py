@@ -628,3 +628,34 @@ async def test_tcp_connections_use_keepalive(server: NbdServer) -> None:
     assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
     assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1
     await client.disconnect()
+
+
+async def test_a_burst_of_large_reads_is_bounded_in_memory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Hundreds of 1 MiB READs arriving in one go never have more than the in-flight byte
+    limit being served at once (each would hold its data in memory)."""
+    from owm.nbd import server as server_module
+
+    monkeypatch.setattr(server_module, "MAX_INFLIGHT_BYTES", 16 * 1024 * 1024)
+    exports = MemoryExports(size=64 * 1024 * 1024, delay=0.002)
+    active = peak = 0
+    original = MemoryView.read
+
+    async def read(self: MemoryView, offset: int, length: int) -> bytes:
+        nonlocal active, peak
+        active += length
+        peak = max(peak, active)
+        try:
+            return await original(self, offset, length)
+        finally:
+            active -= length
+
+    monkeypatch.setattr(MemoryView, "read", read)
+    async with serve(exports, tmp_path):
+        client = await connect(tmp_path)
+        mib = 1024 * 1024
+        results = await asyncio.gather(*(client.read((i % 64) * mib, mib) for i in range(300)))
+        assert all(r == bytes(mib) for r in results)
+        assert 8 * mib <= peak <= 17 * mib
+        await client.disconnect()

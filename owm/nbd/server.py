@@ -123,6 +123,7 @@ class _Connection(asyncio.BufferedProtocol):
         self._inflight_bytes = 0
         self._idle: asyncio.Future[None] | None = None
         self._reading_paused = False
+        self._stalled = False  # parsing stopped at the in-flight limits
         self._write_paused = False
         self._option_busy = False  # an async option answer (GO, EXPORT_NAME) is running
         self._disconnecting = False  # DISC received
@@ -186,6 +187,7 @@ class _Connection(asyncio.BufferedProtocol):
     def resume_writing(self) -> None:
         self._write_paused = False
         self._update_reading()
+        self._unstall()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._lost = True
@@ -203,14 +205,7 @@ class _Connection(asyncio.BufferedProtocol):
         transport = self.transport
         if transport is None or self._lost:
             return
-        want_pause = (
-            self._option_busy
-            or self._disconnecting
-            or self._closing
-            or self._write_paused
-            or self._inflight >= MAX_INFLIGHT_REQUESTS
-            or self._inflight_bytes >= MAX_INFLIGHT_BYTES
-        )
+        want_pause = self._option_busy or self._disconnecting or self._closing or self._busy()
         if want_pause and not self._reading_paused:
             self._reading_paused = True
             transport.pause_reading()
@@ -257,10 +252,23 @@ class _Connection(asyncio.BufferedProtocol):
 
     # ------------------------------------------------------------------- event dispatch
 
+    def _busy(self) -> bool:
+        """Too much in flight (or unread by the client) to start more requests now."""
+        return (
+            self._inflight >= MAX_INFLIGHT_REQUESTS
+            or self._inflight_bytes >= MAX_INFLIGHT_BYTES
+            or self._write_paused
+        )
+
     def _process(self) -> None:
         machine = self.machine
         request_type = p.Request
         while not self._option_busy:
+            if self._busy():
+                # Leave the rest parsed later: one read can hold thousands of requests.
+                self._stalled = True
+                self._update_reading()
+                return
             try:
                 event = machine.next_event()
             except p.ProtocolError as e:
@@ -410,10 +418,8 @@ class _Connection(asyncio.BufferedProtocol):
             self._send(self.machine.reply_error(req.handle, c.ESHUTDOWN, "The server is stopping."))
             return
         self._inflight += 1
-        if req.payload is not None:
+        if req.command <= c.CMD_WRITE:  # READ and WRITE hold their length in memory
             self._inflight_bytes += req.length
-        if self._inflight >= MAX_INFLIGHT_REQUESTS or self._inflight_bytes >= MAX_INFLIGHT_BYTES:
-            self._update_reading()
         # Run the request eagerly until it first has to wait: a request the storage completes
         # without blocking (page-cache I/O) then costs no Task at all.  One that blocks is
         # handed to a real Task for the rest of its life.
@@ -493,14 +499,21 @@ class _Connection(asyncio.BufferedProtocol):
             self._send(machine.reply_error(handle, c.EIO, "Internal server error."))
         finally:
             self._inflight -= 1
-            if req.payload is not None:
+            if cmd <= c.CMD_WRITE:
                 self._inflight_bytes -= req.length
-            if self._reading_paused:
-                self._update_reading()
+            if self._stalled:
+                self._unstall()
             if self._inflight == 0 and self._idle is not None:
                 if not self._idle.done():
                     self._idle.set_result(None)
                 self._idle = None
+
+    def _unstall(self) -> None:
+        """Parsing stopped at the limits; go on (from the loop, never recursively) once below."""
+        if self._stalled and not self._busy() and not self._lost:
+            self._stalled = False
+            self._update_reading()
+            self._loop.call_soon(self._process)
 
     async def _wait_idle(self) -> None:
         while self._inflight:
