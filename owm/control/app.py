@@ -16,6 +16,7 @@ from aiohttp.typedefs import Handler, Middleware
 
 from owm import errors
 from owm.control.context import CONTEXT, ControlContext
+from owm.control.lock_routes import routes as lock_routes
 from owm.control.routes import ShuttingDown
 from owm.control.routes import routes as volume_routes
 
@@ -23,7 +24,7 @@ log = logging.getLogger("owm.control")
 
 # Every route table the daemon serves. Application locks (served to transaction workers in
 # other processes) and backup endpoints each bring their own table and join this tuple.
-ROUTE_TABLES: tuple[web.RouteTableDef, ...] = (volume_routes,)
+ROUTE_TABLES: tuple[web.RouteTableDef, ...] = (volume_routes, lock_routes)
 
 # Most specific first: OutOfRange is an InvalidRequest, so order matters.
 STATUS_FOR_ERROR: tuple[tuple[type[errors.OwmError], int], ...] = (

@@ -50,6 +50,17 @@ class Body:
             raise InvalidRequest(f"the field '{key}' must be a string")
         return value
 
+    def text_list(self, key: str, *, required: bool = False) -> list[str] | None:
+        """A JSON array of strings (e.g. lock names)."""
+        value = self._get(key)
+        if value is None:
+            if required:
+                raise InvalidRequest(f"the field '{key}' is required")
+            return None
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise InvalidRequest(f"the field '{key}' must be a list of strings")
+        return value
+
     def choice(self, key: str, choices: tuple[str, ...], default: str) -> str:
         value = self.text(key, default)
         assert value is not None

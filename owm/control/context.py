@@ -13,6 +13,7 @@ from typing import Any, Protocol
 
 from aiohttp import web
 
+from owm.applocks import LockService
 from owm.errors import InvalidRequest, NotFound
 
 JSON = dict[str, Any]
@@ -55,6 +56,8 @@ class ControlContext:
     closing: asyncio.Event = field(default_factory=asyncio.Event)
     # Release progress reported by the pool's callback, by image name, while a release runs.
     release_progress: dict[str, tuple[int, int]] = field(default_factory=dict)
+    # Application locks ([0053]) served to transaction workers: in memory, outside every volume.
+    app_locks: LockService = field(default_factory=LockService)
 
     def volume(self, name: str) -> JSON:
         """The status dict of one volume, NotFound if there is none of that name."""

@@ -222,6 +222,9 @@ def _paths() -> JSON:
 
 def openapi_document() -> JSON:
     """The whole document, built fresh (callers may mutate it)."""
+    # Imported here: the route modules import this one for GET /v1/openapi.json.
+    from owm.control import lock_routes
+
     return {
         "openapi": "3.1.0",
         "info": {
@@ -233,9 +236,9 @@ def openapi_document() -> JSON:
                 "is a 4xx (5xx only for daemon bugs or shutdown) with {\"error\": sentence}."
             ),
         },
-        "paths": _paths(),
+        "paths": {**_paths(), **lock_routes.OPENAPI_PATHS},
         "components": {
-            "schemas": _SCHEMAS,
+            "schemas": {**_SCHEMAS, **lock_routes.OPENAPI_SCHEMAS},
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer",
                                            "description": "Only on the TCP listener."}},
         },
