@@ -15,6 +15,7 @@ from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
 from owm import errors
+from owm.control.backup_routes import routes as backup_routes
 from owm.control.context import CONTEXT, ControlContext
 from owm.control.lock_routes import routes as lock_routes
 from owm.control.routes import ShuttingDown
@@ -24,7 +25,7 @@ log = logging.getLogger("owm.control")
 
 # Every route table the daemon serves. Application locks (served to transaction workers in
 # other processes) and backup endpoints each bring their own table and join this tuple.
-ROUTE_TABLES: tuple[web.RouteTableDef, ...] = (volume_routes, lock_routes)
+ROUTE_TABLES: tuple[web.RouteTableDef, ...] = (volume_routes, lock_routes, backup_routes)
 
 # Most specific first: OutOfRange is an InvalidRequest, so order matters.
 STATUS_FOR_ERROR: tuple[tuple[type[errors.OwmError], int], ...] = (

@@ -223,7 +223,7 @@ def _paths() -> JSON:
 def openapi_document() -> JSON:
     """The whole document, built fresh (callers may mutate it)."""
     # Imported here: the route modules import this one for GET /v1/openapi.json.
-    from owm.control import lock_routes
+    from owm.control import backup_routes, lock_routes
 
     return {
         "openapi": "3.1.0",
@@ -236,9 +236,10 @@ def openapi_document() -> JSON:
                 "is a 4xx (5xx only for daemon bugs or shutdown) with {\"error\": sentence}."
             ),
         },
-        "paths": {**_paths(), **lock_routes.OPENAPI_PATHS},
+        "paths": {**_paths(), **lock_routes.OPENAPI_PATHS, **backup_routes.OPENAPI_PATHS},
         "components": {
-            "schemas": {**_SCHEMAS, **lock_routes.OPENAPI_SCHEMAS},
+            "schemas": {**_SCHEMAS, **lock_routes.OPENAPI_SCHEMAS,
+                        **backup_routes.OPENAPI_SCHEMAS},
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer",
                                            "description": "Only on the TCP listener."}},
         },
