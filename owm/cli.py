@@ -487,9 +487,18 @@ def release(image: str, as_json: bool) -> None:
 
 
 # ----------------------------------------------------------------------------------------------
-# Backups (issue 5) go here: `owm backup NAME@N --to PATH ...`, `owm backup list|verify|delete`
-# and `owm restore REPO ID --to PATH|NAME`, as a click group from the backup package added with
-# cli.add_command(...). They read images over NBD and talk to the daemon through `talk`.
+# Backups: `owm backup NAME@N --to PATH ...`, `owm backup list|verify|delete` and
+# `owm restore REPO ID --to PATH|NAME` live in owm/backup/commands.py.
+
+
+def _add_backup_commands() -> None:
+    from owm.backup.commands import backup, restore
+
+    cli.add_command(backup)
+    cli.add_command(restore)
+
+
+_add_backup_commands()
 
 
 # ----------------------------------------------------------------------------------------------

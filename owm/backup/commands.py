@@ -1,0 +1,381 @@
+"""The backup commands of the ``owm`` CLI: ``backup``, ``backup list|verify|delete``, ``restore``.
+
+``owm backup NAME@N --to PATH`` backs an image up (the group treats a first argument that is
+not one of its subcommands as an image, so ``owm backup create NAME@N`` is the same command);
+``list``, ``verify`` and ``delete`` work on an owm repository and need no daemon; ``restore``
+needs the daemon only to restore into a new volume.  Progress bars (bytes, rate, ETA) appear on
+a terminal only; ``--json`` prints one JSON document.  owm/cli.py adds these commands.
+
+This module imports owm.cli only inside functions: owm.cli imports it while being loaded.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+from rich import box
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+from owm.backup.run import FORMATS
+from owm.control.client import ControlClient, DaemonNotRunning
+from owm.control.context import split_image
+from owm.errors import InvalidRequest, OwmError
+from owm.sizes import format_size
+
+T = TypeVar("T")
+F = TypeVar("F", bound=Callable[..., Any])
+JSON = dict[str, Any]
+Progress = Callable[[int, int], None]
+
+TAKE = "create"
+
+
+# ----------------------------------------------------------------------------------------------
+# Helpers shared with owm/cli.py (imported late, see the module docstring)
+
+
+def _fail(message: str, code: int = 1) -> Exception:
+    from owm.cli import Fail
+
+    return Fail(message, code)
+
+
+def _err() -> Console:
+    return Console(stderr=True, highlight=False)
+
+
+def _out() -> Console:
+    from owm.cli import state
+
+    return state().out
+
+
+def _echo_json(doc: Any) -> None:
+    click.echo(json.dumps(doc, indent=2))
+
+
+def _set_pool(ctx: click.Context, param: click.Parameter, value: str | None) -> None:
+    from owm.cli import _set_pool as set_pool
+
+    set_pool(ctx, param, value)
+
+
+def pool_option(f: F) -> F:
+    option = click.option(
+        "--pool", metavar="DIR", expose_value=False, is_eager=True, callback=_set_pool,
+        help="Pool directory (overrides the global --pool).")
+    return option(f)
+
+
+def json_option(f: F) -> F:
+    return click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")(f)
+
+
+def _image_arg(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    try:
+        split_image(value)
+    except InvalidRequest as exc:
+        raise click.BadParameter(str(exc), ctx, param) from None
+    return value
+
+
+def _run(main: Awaitable[T]) -> T:
+    import uvloop
+
+    async def wrapped() -> T:
+        return await main
+
+    return uvloop.run(wrapped())
+
+
+def _guarded(call: Callable[[], T]) -> T:
+    """Map what can go wrong to one sentence and an exit code."""
+    try:
+        return call()
+    except DaemonNotRunning as exc:
+        raise _fail(str(exc), 2) from None
+    except OwmError as exc:
+        raise _fail(str(exc), 1) from None
+    except OSError as exc:
+        where = f" ({exc.filename})" if exc.filename else ""
+        raise _fail(f"{exc.strerror or exc}{where}", 1) from None
+
+
+def with_daemon(call: Callable[[ControlClient], Awaitable[T]]) -> T:
+    """Run ``call`` with a control client of the pool's daemon."""
+    from owm.cli import state
+
+    pool = state().pool
+
+    async def go() -> T:
+        async with ControlClient(pool) as control:
+            return await call(control)
+
+    return _guarded(lambda: _run(go()))
+
+
+@contextlib.contextmanager
+def progress_bar(what: str, enabled: bool) -> Iterator[Progress | None]:
+    """A bar with bytes, rate and ETA on a terminal; nothing (None) otherwise."""
+    err = _err()
+    if not enabled or not err.is_terminal:
+        yield None
+        return
+    from rich.progress import (
+        BarColumn,
+        DownloadColumn,
+        Progress,
+        TimeRemainingColumn,
+        TransferSpeedColumn,
+    )
+
+    with Progress("[progress.description]{task.description}", BarColumn(), DownloadColumn(),
+                  TransferSpeedColumn(), TimeRemainingColumn(), console=err,
+                  transient=True) as bar:
+        task = bar.add_task(what, total=None)
+
+        def update(done: int, total: int) -> None:
+            bar.update(task, completed=done, total=total)
+
+        yield update
+
+
+def _rate(nbytes: int, seconds: float) -> str:
+    return f"{format_size(int(nbytes / seconds))}/s" if seconds > 0 else "-"
+
+
+# ----------------------------------------------------------------------------------------------
+# owm backup NAME@N --to PATH ...
+
+
+class BackupGroup(click.Group):
+    """Dispatches ``owm backup NAME@N ...`` to the hidden ``create`` subcommand."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if args and args[0] not in self.commands and args[0] not in ctx.help_option_names:
+            args = [TAKE, *args]
+        return super().parse_args(ctx, args)
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return list(self.commands)
+
+
+@click.group("backup", cls=BackupGroup)
+def backup() -> None:
+    """Back up a preserved image, or list, verify and delete backups.
+
+    \b
+    owm backup NAME@N --to PATH [--format raw|qcow2|owm] [--verify] [--release]
+                                [--timeout S] [--force] [--json]
+    owm backup list REPO | verify REPO [ID] | delete REPO ID
+
+    The format follows PATH unless --format says: .raw/.img/.bin is a sparse raw file, .qcow2
+    a qcow2 image, anything else an owm repository (deduplicated, compressed chunks;
+    incremental when it already holds an older image of the volume).
+    """
+
+
+@backup.command(TAKE, hidden=True)
+@pool_option
+@click.argument("image", metavar="NAME@N", callback=_image_arg)
+@click.option("--to", "to", required=True, metavar="PATH", type=click.Path(path_type=Path),
+              help="A raw or qcow2 file to create, or an owm repository directory.")
+@click.option("--format", "fmt", type=click.Choice(FORMATS),
+              help="raw, qcow2 or owm [default: from PATH].")
+@click.option("--verify", is_flag=True, help="Read the backup back and check it.")
+@click.option("--release", is_flag=True, help="Release the image once the backup is complete.")
+@click.option("--timeout", type=click.FloatRange(min=0), metavar="SECONDS",
+              help="How long to wait for a draining image [default: as long as it takes].")
+@click.option("--force", is_flag=True,
+              help="Back up a drained-unclean or broken image (recorded as not "
+                   "transaction-consistent).")
+@json_option
+def create(image: str, to: Path, fmt: str | None, verify: bool, release: bool,
+           timeout: float | None, force: bool, as_json: bool) -> None:
+    """Back up the preserved image NAME@N to PATH.
+
+    A draining image is waited for (--timeout), naming the sessions that hold it.
+    """
+    from owm.backup.run import BackupResult, run_backup
+
+    err = _err()
+
+    def notify(message: str) -> None:
+        err.print(message[0].upper() + message[1:] + ".", markup=False)
+
+    async def call(control: ControlClient) -> BackupResult:
+        with progress_bar(f"backing up {image}", not as_json) as bar:
+            return await run_backup(control, image, to, fmt=fmt, verify=verify,
+                                    release=release, timeout=timeout, force=force,
+                                    progress=bar, notify=notify)
+
+    result = with_daemon(call)
+    if as_json:
+        _echo_json(result.to_json())
+        return
+    s = result.stats
+    what = result.format
+    if result.backup_id:
+        what += f", backup {result.backup_id}"
+        if result.incremental and result.parent:
+            n = result.changed_chunks
+            what += (f", incremental from {result.parent}"
+                     + (f" ({n} changed chunk{'' if n == 1 else 's'})" if n is not None else ""))
+    lines = [
+        f"Backed up {result.image} to {result.path} ({what}).",
+        f"Read {format_size(s.bytes_read)} of {format_size(result.size)}, wrote "
+        f"{format_size(s.bytes_written)}; {s.chunks_new} new chunks, {s.chunks_reused} reused, "
+        f"{s.chunks_zero} zero; {result.seconds:.2f}s ({_rate(result.size, result.seconds)} of "
+        "image).",
+    ]
+    if result.verified:
+        lines.append("Verified: the backup reads back as the image.")
+    if result.released:
+        lines.append(f"Released {result.image}.")
+    out = _out()
+    out.print("\n".join(lines), markup=False)
+    if not result.transaction_consistent:
+        err.print(f"Note: this backup is {result.consistency}, not transaction-consistent"
+                  f"{' (forced)' if result.forced else ''}.", markup=False)
+
+
+# ----------------------------------------------------------------------------------------------
+# owm backup list | verify | delete
+
+
+def _open_repo(path: Path) -> Any:
+    from owm.backup.repo import Repository
+
+    return _guarded(lambda: Repository.open(path))
+
+
+@backup.command("list")
+@click.argument("repo", metavar="REPO", type=click.Path(path_type=Path))
+@json_option
+def backup_list(repo: Path, as_json: bool) -> None:
+    """List the backups in the owm repository REPO."""
+    from owm.backup.repo import Repository
+
+    r: Repository = _open_repo(repo)
+    manifests, damaged = _guarded(r.manifests)
+    rows = []
+    for m in sorted(manifests, key=lambda m: (m.started_at, m.id)):
+        row = m.summary()
+        if not m.complete and r.running(m.id):
+            row["state"] = "running"
+        rows.append(row)
+    rows += [{"id": i, "state": "damaged", "error": reason} for i, reason in damaged]
+    if as_json:
+        _echo_json(rows)
+        return
+    if not rows:
+        _out().print(f"No backups in {repo}.", markup=False)
+        return
+    table = Table(box=box.SIMPLE_HEAD, pad_edge=False)
+    for column, justify in (("ID", "left"), ("IMAGE", "left"), ("TIME (UTC)", "left"),
+                            ("SIZE", "right"), ("STATE", "left"), ("CONSISTENCY", "left"),
+                            ("KIND", "left")):
+        table.add_column(column, justify=justify)  # type: ignore[arg-type]
+    for row in rows:
+        if row["state"] == "damaged":
+            table.add_row(Text(row["id"]), "-", "-", "-", "damaged", Text(row["error"]), "-")
+            continue
+        consistency = str(row["consistency"]) + (" (forced)" if row["forced"] else "")
+        table.add_row(Text(row["id"]), Text(row["image"]),
+                      str(row["time"]).replace("T", " ").rstrip("Z"),
+                      format_size(int(row["size"])), row["state"], consistency,
+                      "incremental" if row["incremental"] else "full")
+    _out().print(table)
+
+
+@backup.command("verify")
+@click.argument("repo", metavar="REPO", type=click.Path(path_type=Path))
+@click.argument("backup_id", metavar="[ID]", required=False)
+@json_option
+def backup_verify(repo: Path, backup_id: str | None, as_json: bool) -> None:
+    """Check every chunk of backup ID (or of every backup) in REPO against its hash.
+
+    Exits 1 and names the offset of every chunk that fails.
+    """
+    from owm.backup.verify import VerifyReport, verify_backups
+
+    r = _open_repo(repo)
+    with progress_bar("verifying", not as_json) as bar:
+        reports: list[VerifyReport] = _guarded(
+            lambda: verify_backups(r, backup_id, progress=bar))
+    bad = [x for x in reports if not x.ok]
+    if as_json:
+        _echo_json({"ok": not bad, "backups": [x.to_json() for x in reports]})
+    else:
+        lines = []
+        for report in reports:
+            lines.append(report.sentence()[0].upper() + report.sentence()[1:] + ".")
+            for failure in report.failures[1:]:
+                lines.append(f"  also the chunk at offset {failure.offset} (chunk "
+                             f"{failure.chunk}): {failure.reason}")
+        if not reports:
+            lines.append(f"No backups in {repo}.")
+        click.echo("\n".join(lines), err=bool(bad))
+    if bad:
+        raise _fail("", 1)
+
+
+@backup.command("delete")
+@click.argument("repo", metavar="REPO", type=click.Path(path_type=Path))
+@click.argument("backup_id", metavar="ID")
+@json_option
+def backup_delete(repo: Path, backup_id: str, as_json: bool) -> None:
+    """Delete backup ID from REPO, and the chunks no other backup uses."""
+    r = _open_repo(repo)
+    result = _guarded(lambda: r.delete(backup_id))
+    if as_json:
+        _echo_json(result.to_json())
+    else:
+        _out().print(f"Deleted backup {result.id}: {result.chunks_removed} chunks no other "
+                     f"backup used were removed ({format_size(result.bytes_freed)} freed).",
+                     markup=False)
+
+
+# ----------------------------------------------------------------------------------------------
+# owm restore REPO ID --to PATH|NAME
+
+
+@click.command("restore")
+@pool_option
+@click.argument("repo", metavar="REPO", type=click.Path(path_type=Path))
+@click.argument("backup_id", metavar="ID")
+@click.option("--to", "to", required=True, metavar="PATH|NAME",
+              help="A new raw file (a path with '/' or ending in .raw/.img/.bin, or "
+                   "file:PATH) or a new volume (a name, or volume:NAME).")
+@click.option("--method", type=click.Choice(["cow", "log", "mirror"]), default="cow",
+              show_default=True, help="Method of the new volume.")
+@json_option
+def restore(repo: Path, backup_id: str, to: str, method: str, as_json: bool) -> None:
+    """Restore backup ID (an id, a unique prefix, or NAME@N for its newest backup) from REPO.
+
+    Into a new raw file, or into a new volume created through the daemon.
+    """
+    from owm.backup.restore import RestoreResult, parse_target, restore_backup
+
+    kind, _ = _guarded(lambda: parse_target(to))
+
+    async def call(control: ControlClient | None) -> RestoreResult:
+        with progress_bar(f"restoring {backup_id}", not as_json) as bar:
+            return await restore_backup(repo, backup_id, to, control=control, method=method,
+                                        progress=bar)
+
+    result = with_daemon(call) if kind == "volume" else _guarded(lambda: _run(call(None)))
+    if as_json:
+        _echo_json(result.to_json())
+        return
+    where = f"file {result.target}" if result.kind == "file" else f"new volume {result.target}"
+    _out().print(f"Restored backup {result.backup_id} ({result.image}, "
+                 f"{format_size(result.size)}) into {where}: {format_size(result.bytes_written)}"
+                 f" written in {result.seconds:.2f}s.", markup=False)

@@ -1,0 +1,419 @@
+"""The owm backup repository: a directory of content-addressed chunks and one manifest per backup.
+
+Layout::
+
+    REPO/owm-repo.json          what this directory is (format, hash, compression)
+    REPO/lock                   flock: backups, verifies and restores share it, delete excludes
+    REPO/chunks/ab/ab12…ef      one zstd frame per distinct chunk, named by the BLAKE3 of its
+                                content (so chunks are shared between backups and volumes)
+    REPO/backups/ID.json        the manifest of backup ID (see manifest.py)
+    REPO/backups/ID.lock        flock held while backup ID is being written
+
+Durability: a chunk file appears under its name only by an atomic rename of a finished file,
+and a manifest says "complete" only after every chunk it names has been synced (one syncfs of
+the repository's file system) and the manifest itself is written to a temporary file, synced,
+renamed and its directory synced.  A killed backup therefore leaves at most an "incomplete"
+manifest (which a rerun resumes) and some unreferenced chunks; it never leaves a false
+"complete".  Deleting a backup removes its manifest, then every chunk no remaining manifest
+names (complete or not).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import fcntl
+import json
+import logging
+import os
+import re
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import blake3
+import zstandard
+
+from owm.backup.manifest import COMPLETE, DIGEST_SIZE, DamagedManifest, Manifest
+from owm.errors import AlreadyExists, InvalidRequest, NotFound, WrongState
+
+log = logging.getLogger("owm.backup")
+
+MARKER = "owm-repo.json"
+REPO_FORMAT = "owm-backup-repository"
+REPO_VERSION = 1
+DEFAULT_LEVEL = 3
+_TMP = ".tmp"
+
+
+class ChunkDamaged(Exception):
+    """A stored chunk is missing, undecodable, of the wrong length or fails its hash."""
+
+
+def utc_now() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _syncfs_call() -> Any:
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return libc.syncfs
+    except (OSError, AttributeError):  # pragma: no cover - not Linux
+        return None
+
+
+_SYNCFS = _syncfs_call()
+
+
+def sync_filesystem(path: Path) -> None:
+    """Make every write to ``path``'s file system durable (syncfs; sync where there is none)."""
+    if _SYNCFS is None:  # pragma: no cover - not Linux
+        os.sync()
+        return
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        if _SYNCFS(fd) != 0:
+            code = ctypes.get_errno()
+            raise OSError(code, os.strerror(code), str(path))
+    finally:
+        os.close(fd)
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_atomically(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that a crash leaves the old file or the new, whole."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}{_TMP}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+@dataclass
+class DeleteResult:
+    id: str
+    chunks_removed: int
+    bytes_freed: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {"deleted": self.id, "chunks_removed": self.chunks_removed,
+                "bytes_freed": self.bytes_freed}
+
+
+class Repository:
+    """An owm backup repository on a local file system.  Chunk methods are thread-safe."""
+
+    def __init__(self, root: Path, config: dict[str, Any]) -> None:
+        self.root = root
+        self.config = config
+        self.level = int(config.get("compression_level", DEFAULT_LEVEL))
+        self._local = threading.local()
+
+    # -- opening ----------------------------------------------------------------------------
+    @classmethod
+    def open(cls, path: Path | str, *, create: bool = False) -> Repository:
+        root = Path(path)
+        marker = root / MARKER
+        if not marker.exists():
+            if not create:
+                if not root.exists():
+                    raise NotFound(f"there is no backup repository at {root}")
+                raise NotFound(f"{root} is not an owm backup repository (it has no {MARKER})")
+            return cls._create(root)
+        try:
+            config = json.loads(marker.read_bytes())
+        except (OSError, ValueError) as exc:
+            raise InvalidRequest(f"{marker} cannot be read ({exc})") from None
+        if not isinstance(config, dict) or config.get("format") != REPO_FORMAT:
+            raise InvalidRequest(f"{root} is not an owm backup repository")
+        if config.get("version") != REPO_VERSION:
+            raise InvalidRequest(f"{root} is a version {config.get('version')} repository; "
+                                 f"this owm reads version {REPO_VERSION}")
+        return cls(root, config)
+
+    @classmethod
+    def _create(cls, root: Path) -> Repository:
+        if root.exists() and not root.is_dir():
+            raise InvalidRequest(f"{root} exists and is not a directory")
+        if root.is_dir() and any(root.iterdir()):
+            raise InvalidRequest(f"{root} is a directory that is not empty and not an owm "
+                                 "backup repository")
+        root.mkdir(parents=True, exist_ok=True)
+        for sub in ("chunks", "backups"):
+            (root / sub).mkdir(exist_ok=True)
+        for n in range(256):
+            (root / "chunks" / f"{n:02x}").mkdir(exist_ok=True)
+        config = {"format": REPO_FORMAT, "version": REPO_VERSION, "hash": "blake3",
+                  "compression": "zstd", "compression_level": DEFAULT_LEVEL,
+                  "created_at": utc_now()}
+        (root / "lock").touch()
+        sync_filesystem(root)
+        write_atomically(root / MARKER, json.dumps(config, indent=1).encode())
+        log.info("created backup repository %s", root)
+        return cls(root, config)
+
+    # -- locking ----------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def locked(self, exclusive: bool, wait: float = 30.0) -> Iterator[None]:
+        """Share the repository (backup, verify, restore) or own it (delete)."""
+        fd = os.open(self.root / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            mode = fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH
+            deadline = time.monotonic() + wait
+            while True:
+                try:
+                    fcntl.flock(fd, mode | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() >= deadline:
+                        what = ("a backup, verify or restore is using it" if exclusive
+                                else "a delete is running in it")
+                        raise WrongState(f"the repository {self.root} is busy: {what}") from None
+                    time.sleep(0.05)
+            yield
+        finally:
+            os.close(fd)
+
+    # -- chunks -----------------------------------------------------------------------------
+    def chunk_path(self, digest: bytes) -> Path:
+        name = digest.hex()
+        return self.root / "chunks" / name[:2] / name
+
+    def has_chunk(self, digest: bytes) -> bool:
+        return self.chunk_path(digest).exists()
+
+    def _compressor(self) -> zstandard.ZstdCompressor:
+        comp = getattr(self._local, "comp", None)
+        if comp is None:
+            comp = self._local.comp = zstandard.ZstdCompressor(level=self.level)
+        return comp
+
+    def _decompressor(self) -> zstandard.ZstdDecompressor:
+        dec = getattr(self._local, "dec", None)
+        if dec is None:
+            dec = self._local.dec = zstandard.ZstdDecompressor()
+        return dec
+
+    def put_chunk(self, digest: bytes, data: bytes | memoryview) -> int:
+        """Store one chunk (compressed) under its digest; returns the bytes written."""
+        path = self.chunk_path(digest)
+        packed = self._compressor().compress(data)
+        tmp = path.with_name(f".{path.name[:16]}.{os.getpid()}.{threading.get_ident()}{_TMP}")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+        try:
+            view = memoryview(packed)
+            while view:
+                view = view[os.write(fd, view):]
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+        return len(packed)
+
+    def get_chunk(self, digest: bytes, length: int) -> bytes:
+        """The content of a chunk, checked against its digest and length (ChunkDamaged if not)."""
+        try:
+            packed = self.chunk_path(digest).read_bytes()
+        except FileNotFoundError:
+            raise ChunkDamaged("its chunk file is missing") from None
+        try:
+            data = self._decompressor().decompress(packed, max_output_size=length)
+        except zstandard.ZstdError as exc:
+            raise ChunkDamaged(f"its chunk file cannot be decompressed ({exc})") from None
+        if len(data) != length:
+            raise ChunkDamaged(f"its chunk holds {len(data)} bytes instead of {length}")
+        if blake3.blake3(data).digest() != digest:
+            raise ChunkDamaged("its content does not match its hash")
+        return data
+
+    def chunk_ok(self, digest: bytes, length: int) -> bool:
+        try:
+            self.get_chunk(digest, length)
+        except ChunkDamaged:
+            return False
+        return True
+
+    def sync(self) -> None:
+        """Make every chunk written so far durable (one syncfs for the whole file system)."""
+        sync_filesystem(self.root)
+
+    # -- manifests --------------------------------------------------------------------------
+    def _manifest_path(self, backup_id: str) -> Path:
+        return self.root / "backups" / f"{backup_id}.json"
+
+    def _lock_path(self, backup_id: str) -> Path:
+        return self.root / "backups" / f"{backup_id}.lock"
+
+    def manifest_ids(self) -> list[str]:
+        return sorted(p.name[: -len(".json")] for p in (self.root / "backups").glob("*.json")
+                      if not p.name.startswith("."))
+
+    def load(self, backup_id: str) -> Manifest:
+        path = self._manifest_path(backup_id)
+        try:
+            raw = path.read_bytes()
+        except FileNotFoundError:
+            raise NotFound(f"the repository has no backup '{backup_id}'") from None
+        return Manifest.loads(raw, f"the manifest of backup {backup_id}")
+
+    def manifests(self) -> tuple[list[Manifest], list[tuple[str, str]]]:
+        """Every readable manifest, and (id, reason) of those that cannot be read."""
+        good: list[Manifest] = []
+        bad: list[tuple[str, str]] = []
+        for backup_id in self.manifest_ids():
+            try:
+                good.append(self.load(backup_id))
+            except (DamagedManifest, NotFound) as exc:
+                bad.append((backup_id, str(exc)))
+        return good, bad
+
+    def save(self, manifest: Manifest) -> None:
+        """Write a manifest atomically and durably (after the chunks it names are synced)."""
+        write_atomically(self._manifest_path(manifest.id), manifest.dumps())
+
+    def resolve(self, ref: str) -> Manifest:
+        """A backup by id, by unique id prefix, or by image name (its newest complete backup)."""
+        ids = self.manifest_ids()
+        if ref in ids:
+            return self.load(ref)
+        if "@" in ref and "-" not in ref.rpartition("@")[2]:
+            of_image = [m for m in self.manifests()[0] if m.image == ref and m.complete]
+            if of_image:
+                return max(of_image, key=lambda m: (m.completed_at or "", m.id))
+        matches = [i for i in ids if i.startswith(ref)]
+        if len(matches) == 1:
+            return self.load(matches[0])
+        if matches:
+            raise InvalidRequest(f"'{ref}' names {len(matches)} backups; give more of the id")
+        raise NotFound(f"the repository {self.root} has no backup '{ref}'")
+
+    # -- running backups --------------------------------------------------------------------
+    def new_id(self, image: str) -> tuple[str, int]:
+        """Claim a fresh backup id for ``image``; returns it with its held lock's descriptor."""
+        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+        for n in range(1, 1000):
+            backup_id = f"{image}-{stamp}" if n == 1 else f"{image}-{stamp}-{n}"
+            if not re.fullmatch(r"[A-Za-z0-9._@-]+", backup_id):
+                raise InvalidRequest(f"'{image}' cannot name a backup")
+            try:
+                fd = os.open(self._lock_path(backup_id),
+                             os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+            except FileExistsError:
+                continue
+            if self._manifest_path(backup_id).exists():
+                os.close(fd)
+                continue
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            return backup_id, fd
+        raise AlreadyExists(f"too many backups of {image} started in the same second")
+
+    def claim(self, backup_id: str) -> int | None:
+        """Take the running-lock of an existing backup (to resume it); None if it is running."""
+        fd = os.open(self._lock_path(backup_id), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return None
+        return fd
+
+    def running(self, backup_id: str) -> bool:
+        """Whether some process is writing backup ``backup_id`` right now."""
+        path = self._lock_path(backup_id)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        finally:
+            os.close(fd)
+        return False
+
+    def finish(self, backup_id: str, fd: int) -> None:
+        """Let go of a backup's running-lock once it is complete (the lock file goes too)."""
+        with contextlib.suppress(FileNotFoundError):
+            if self._manifest_path(backup_id).exists():
+                self._lock_path(backup_id).unlink()
+        os.close(fd)
+
+    # -- deleting ---------------------------------------------------------------------------
+    def delete(self, ref: str) -> DeleteResult:
+        """Remove one backup and every chunk that no other backup (complete or not) uses."""
+        with self.locked(exclusive=True, wait=5.0):
+            manifest = self.resolve(ref)
+            if self.running(manifest.id):
+                raise WrongState(f"backup {manifest.id} is still being written")
+            self._manifest_path(manifest.id).unlink()
+            with contextlib.suppress(FileNotFoundError):
+                self._lock_path(manifest.id).unlink()
+            fsync_dir(self.root / "backups")
+            removed, freed = self.collect_garbage()
+        log.info("deleted backup %s: %d chunks removed", manifest.id, removed)
+        return DeleteResult(manifest.id, removed, freed)
+
+    def collect_garbage(self) -> tuple[int, int]:
+        """Remove chunks no manifest names, and leftovers of killed writers (hold the lock)."""
+        manifests, bad = self.manifests()
+        if bad:
+            backup_id, reason = bad[0]
+            raise WrongState(f"no chunk was removed because a manifest is damaged: {reason}; "
+                             f"delete backup {backup_id} first")
+        live: set[str] = set()
+        for manifest in manifests:
+            live.update(d.hex() for d in manifest.chunk_map.digests())
+        removed = freed = 0
+        for sub in sorted((self.root / "chunks").iterdir()):
+            if not sub.is_dir():
+                continue
+            for path in sub.iterdir():
+                name = path.name
+                if name.endswith(_TMP) or (len(name) == 2 * DIGEST_SIZE and name not in live):
+                    try:
+                        size = path.stat().st_size
+                        path.unlink()
+                    except FileNotFoundError:
+                        continue
+                    if not name.endswith(_TMP):
+                        removed += 1
+                        freed += size
+        for path in (self.root / "backups").glob(f".*{_TMP}"):
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+        self.sync()
+        return removed, freed
+
+    def stored_bytes(self) -> int:
+        total = 0
+        for sub in (self.root / "chunks").iterdir():
+            with contextlib.suppress(OSError):
+                total += sum(p.stat().st_size for p in sub.iterdir())
+        return total
+
+
+def is_repository(path: Path) -> bool:
+    return (path / MARKER).is_file()
+
+
+def complete_backups_of(repo: Repository, volume: str) -> list[Manifest]:
+    manifests, _ = repo.manifests()
+    return [m for m in manifests if m.volume == volume and m.state == COMPLETE]
+

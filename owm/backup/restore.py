@@ -1,0 +1,227 @@
+"""``owm restore``: a backup from an owm repository back into a raw file or a new volume.
+
+Every chunk is checked against its hash as it is read, so a restore never writes damaged data
+silently: it stops with a sentence naming the offset.  Chunks of zeroes are not written at all
+(the file stays sparse; a new volume reads zeroes there already).
+
+* a file: written as ``PATH.partial``, synced, renamed to ``PATH`` (never over an existing file);
+* a volume: created through the daemon with the backup's size and chunk size, written over NBD,
+  flushed; if the restore fails the half-written volume is deleted again.
+
+``--to`` takes ``file:PATH`` or ``volume:NAME`` explicitly; a bare value is a file when it has a
+``/`` or ends in .raw, .img or .bin, and a volume name otherwise.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import re
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from owm.backup.manifest import Manifest
+from owm.backup.raw import partial_path
+from owm.backup.repo import ChunkDamaged, Repository, fsync_dir
+from owm.control.client import ControlClient
+from owm.errors import AlreadyExists, InvalidRequest, OwmError
+
+JSON = dict[str, Any]
+Progress = Callable[[int, int], None]
+GROUP_BYTES = 2 << 20
+_VOLUME_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+class RestoreFailed(OwmError):
+    """A chunk needed for the restore is missing or damaged."""
+
+
+@dataclass
+class RestoreResult:
+    backup_id: str
+    image: str
+    kind: str  # file | volume
+    target: str
+    size: int
+    bytes_written: int
+    chunks_written: int
+    seconds: float
+
+    def to_json(self) -> JSON:
+        return {"id": self.backup_id, "image": self.image, "to": self.kind,
+                "target": self.target, "size": self.size, "bytes_written": self.bytes_written,
+                "chunks_written": self.chunks_written, "seconds": round(self.seconds, 3)}
+
+
+def parse_target(to: str) -> tuple[str, str]:
+    """('file', PATH) or ('volume', NAME) for the value of ``--to``."""
+    kind, sep, rest = to.partition(":")
+    if sep and kind in ("file", "volume"):
+        if not rest:
+            raise InvalidRequest(f"'--to {to}' names no {kind}")
+        return kind, rest
+    if "/" in to or to.lower().endswith((".raw", ".img", ".bin")):
+        return "file", to
+    if not _VOLUME_NAME.match(to):
+        raise InvalidRequest(f"'{to}' is neither a file path nor a volume name; use "
+                             "file:PATH or volume:NAME")
+    return "volume", to
+
+
+def _groups(manifest: Manifest) -> Iterator[list[tuple[int, bytes]]]:
+    """Stored chunks in runs of consecutive chunks, about GROUP_BYTES each."""
+    per_group = max(1, GROUP_BYTES // manifest.chunk_size)
+    group: list[tuple[int, bytes]] = []
+    for index, digest in manifest.chunk_map.entries():
+        if group and (index != group[-1][0] + 1 or len(group) >= per_group):
+            yield group
+            group = []
+        group.append((index, digest))
+    if group:
+        yield group
+
+
+def _read_group(repo: Repository, manifest: Manifest, group: list[tuple[int, bytes]]) -> bytes:
+    parts = []
+    for index, digest in group:
+        try:
+            parts.append(repo.get_chunk(digest, manifest.chunk_length(index)))
+        except ChunkDamaged as exc:
+            raise RestoreFailed(
+                f"backup {manifest.id} cannot be restored: the chunk at offset "
+                f"{index * manifest.chunk_size} fails its check ({exc})") from None
+    return b"".join(parts)
+
+
+def _restore_file(repo: Repository, manifest: Manifest, path: Path,
+                  progress: Progress | None) -> tuple[int, int]:
+    if path.exists():
+        raise AlreadyExists(f"{path} already exists; restore into a new file")
+    if not path.parent.is_dir():
+        raise InvalidRequest(f"the directory {path.parent} does not exist")
+    partial = partial_path(path)
+    fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+    written = chunks = 0
+    try:
+        os.ftruncate(fd, manifest.size)
+
+        def one(group: list[tuple[int, bytes]]) -> int:
+            data = _read_group(repo, manifest, group)
+            offset = group[0][0] * manifest.chunk_size
+            view = memoryview(data)
+            while view:
+                n = os.pwrite(fd, view, offset)
+                view, offset = view[n:], offset + n
+            return len(data)
+
+        with ThreadPoolExecutor(2, thread_name_prefix="owm-restore") as pool:
+            groups = list(_groups(manifest))
+            for group, n in zip(groups, pool.map(one, groups), strict=True):
+                written += n
+                chunks += len(group)
+                if progress is not None:
+                    progress(group[-1][0] * manifest.chunk_size + manifest.chunk_length(
+                        group[-1][0]), manifest.size)
+        os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        with contextlib.suppress(FileNotFoundError):
+            partial.unlink()
+        raise
+    os.close(fd)
+    os.rename(partial, path)
+    fsync_dir(path.parent)
+    if progress is not None:
+        progress(manifest.size, manifest.size)
+    return written, chunks
+
+
+async def _restore_volume(repo: Repository, manifest: Manifest, name: str,
+                          control: ControlClient, method: str,
+                          progress: Progress | None) -> tuple[int, int]:
+    from owm.backup.run import connect_export, nbd_endpoint
+
+    await control.create_volume(name, manifest.size, method=method,
+                                chunk_size=manifest.chunk_size)
+    loop = asyncio.get_running_loop()
+    written = chunks = 0
+    try:
+        unix, tcp = await nbd_endpoint(control)
+        client = await connect_export(unix, tcp, name)
+        try:
+            window = asyncio.Semaphore(4)
+            tasks: set[asyncio.Task[None]] = set()
+
+            async def one(group: list[tuple[int, bytes]]) -> None:
+                nonlocal written, chunks
+                try:
+                    data = await loop.run_in_executor(None, _read_group, repo, manifest, group)
+                    await client.write(group[0][0] * manifest.chunk_size, data)
+                    written += len(data)
+                    chunks += len(group)
+                    if progress is not None:
+                        progress(written, manifest.size)
+                finally:
+                    window.release()
+
+            try:
+                for group in _groups(manifest):
+                    await window.acquire()
+                    done = [t for t in tasks if t.done()]
+                    for t in done:
+                        tasks.discard(t)
+                        t.result()
+                    tasks.add(asyncio.ensure_future(one(group)))
+                for t in list(tasks):
+                    await t
+            finally:
+                for t in tasks:
+                    t.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+            await client.flush()
+        finally:
+            await client.disconnect()
+    except BaseException:
+        with contextlib.suppress(Exception):
+            await control.delete_volume(name)
+        raise
+    if progress is not None:
+        progress(manifest.size, manifest.size)
+    return written, chunks
+
+
+async def restore_backup(
+    repo_path: Path | str,
+    ref: str,
+    to: str,
+    *,
+    control: ControlClient | None = None,
+    method: str = "cow",
+    progress: Progress | None = None,
+) -> RestoreResult:
+    """Restore backup ``ref`` of the repository into ``to`` (see ``parse_target``)."""
+    kind, target = parse_target(to)
+    repo = Repository.open(repo_path)
+    started = time.monotonic()
+    loop = asyncio.get_running_loop()
+    with repo.locked(exclusive=False):
+        manifest = await loop.run_in_executor(None, repo.resolve, ref)
+        if not manifest.complete:
+            raise InvalidRequest(f"backup {manifest.id} is incomplete and cannot be restored; "
+                                 "run the backup again to finish it")
+        if kind == "file":
+            written, chunks = await loop.run_in_executor(
+                None, _restore_file, repo, manifest, Path(target), progress)
+            target = str(Path(target).absolute())
+        else:
+            if control is None:
+                raise InvalidRequest("restoring into a volume needs the daemon")
+            written, chunks = await _restore_volume(repo, manifest, target, control, method,
+                                                    progress)
+    return RestoreResult(manifest.id, manifest.image, kind, target, manifest.size, written,
+                         chunks, time.monotonic() - started)

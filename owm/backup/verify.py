@@ -1,0 +1,119 @@
+"""``owm backup verify``: read every chunk a backup names and check it against its hash.
+
+Each distinct chunk is read, decompressed and hashed once however many backups share it (on a
+few threads); a failure is then reported for every backup and every offset that uses the chunk,
+so the message names the offset in the image, not a file name.  Incomplete backups are listed
+but not verified (they are not backups yet); damaged manifests are failures.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+from owm.backup.manifest import Manifest
+from owm.backup.repo import ChunkDamaged, Repository
+
+JSON = dict[str, Any]
+Progress = Callable[[int, int], None]
+
+
+@dataclass
+class ChunkFailure:
+    chunk: int
+    offset: int
+    length: int
+    reason: str
+
+    def to_json(self) -> JSON:
+        return {"chunk": self.chunk, "offset": self.offset, "length": self.length,
+                "reason": self.reason}
+
+
+@dataclass
+class VerifyReport:
+    """The verdict on one backup."""
+
+    backup_id: str
+    state: str  # complete | incomplete | damaged
+    image: str | None = None
+    chunks_checked: int = 0
+    failures: list[ChunkFailure] = field(default_factory=list)
+    damaged: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.state == "incomplete" or (self.damaged is None and not self.failures)
+
+    def sentence(self) -> str:
+        if self.damaged is not None:
+            return f"backup {self.backup_id} is damaged: {self.damaged}"
+        if self.state == "incomplete":
+            return f"backup {self.backup_id} is incomplete and was not verified"
+        if not self.failures:
+            return f"backup {self.backup_id} is intact ({self.chunks_checked} chunks checked)"
+        first = self.failures[0]
+        more = len(self.failures) - 1
+        return (f"backup {self.backup_id} is damaged: the chunk at offset {first.offset} "
+                f"(chunk {first.chunk}, {first.length} bytes) fails its check: {first.reason}"
+                + (f"; {more} more chunk{'' if more == 1 else 's'} fail too" if more else ""))
+
+    def to_json(self) -> JSON:
+        return {"id": self.backup_id, "image": self.image, "state": self.state, "ok": self.ok,
+                "chunks_checked": self.chunks_checked, "damaged": self.damaged,
+                "failures": [f.to_json() for f in self.failures]}
+
+
+def _check(repo: Repository, digest: bytes, length: int) -> str | None:
+    try:
+        repo.get_chunk(digest, length)
+    except ChunkDamaged as exc:
+        return str(exc)
+    except OSError as exc:
+        return f"its chunk file cannot be read ({exc.strerror})"
+    return None
+
+
+def verify_backups(repo: Repository, ref: str | None = None, *, progress: Progress | None = None,
+                   workers: int = 2) -> list[VerifyReport]:
+    """Verify backup ``ref`` (id, prefix or image name), or every backup of the repository."""
+    with repo.locked(exclusive=False):
+        reports: list[VerifyReport] = []
+        manifests: list[Manifest] = []
+        if ref is not None:
+            manifests = [repo.resolve(ref)]
+        else:
+            good, bad = repo.manifests()
+            manifests = good
+            reports.extend(VerifyReport(i, "damaged", damaged=reason) for i, reason in bad)
+        todo: dict[tuple[bytes, int], list[tuple[VerifyReport, int]]] = {}
+        for m in manifests:
+            report = VerifyReport(m.id, m.state, image=m.image)
+            reports.append(report)
+            if not m.complete:
+                continue
+            for index, digest in m.chunk_map.entries():
+                todo.setdefault((digest, m.chunk_length(index)), []).append((report, index))
+                report.chunks_checked += 1
+        total = sum(length for _, length in todo)
+        done = 0
+        keys = list(todo)
+        with ThreadPoolExecutor(workers, thread_name_prefix="owm-verify") as pool:
+            verdicts = pool.map(lambda key: _check(repo, *key), keys)
+            for key, reason in zip(keys, verdicts, strict=True):
+                done += key[1]
+                if progress is not None:
+                    progress(done, total)
+                if reason is None:
+                    continue
+                for report, index in todo[key]:
+                    size = key[1]
+                    chunk_size = next(m.chunk_size for m in manifests if m.id == report.backup_id)
+                    report.failures.append(
+                        ChunkFailure(index, index * chunk_size, size, reason))
+        for report in reports:
+            report.failures.sort(key=lambda f: f.chunk)
+        reports.sort(key=lambda r: r.backup_id)
+        return reports
