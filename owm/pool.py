@@ -188,6 +188,11 @@ class Pool:
         volume, gen = self._image(image)
         await volume.release(gen, progress)
 
+    def changed_chunks(self, image: str, since: int) -> list[int] | None:
+        """Chunks of ``image`` (NAME@N) that may differ from image NAME@since (None: unknown)."""
+        name, gen = parse_image_name(image)
+        return self.volume(name).changed_chunks(since, gen)
+
     # -- exports (what the NBD server serves) -----------------------------------------------
     def _export(self, volume: Volume, gen: int | None) -> ExportInfo:
         chunk = volume.row.chunk_size

@@ -211,6 +211,11 @@ class Volume:
         views = [g for g, i in self.images.items() if i.state != "releasing"]
         releasing = [g for g, i in self.images.items() if i.state == "releasing"]
         await self.engine.open([*sorted(views), self.row.live_generation], releasing, clean)
+        # After a crash, the changed-chunk maps of generations still being written may have
+        # lost bits: incremental backups spanning them read everything instead.
+        untrusted = [] if clean else [self.row.live_generation] + [
+            g for g, i in self.images.items() if i.state == "draining"]
+        await self.engine.load_changed(untrusted)
         for image in self.images.values():
             self._drained[image.generation] = asyncio.Event()
             if image.state != "draining":
@@ -303,6 +308,9 @@ class Volume:
             try:
                 preserved = await self.engine.preserve()
                 holders = self.holders(preserved)
+                if not holders:
+                    # Drained from birth: like any drained image it must be durable first.
+                    await self.engine.flush()
                 image = ImageRow(self.name, preserved, "draining" if holders else "drained",
                                  "transaction-consistent", now(),
                                  None if holders else now(), 0, None)
@@ -313,6 +321,7 @@ class Volume:
                     log.error("could not record the preserve of %s; restart to recover", self.name)
                     raise
                 self.images[preserved] = image
+                await self.engine.prune_changed()
                 self._drained[preserved] = asyncio.Event()
                 if not holders:
                     self._drained[preserved].set()
@@ -399,6 +408,15 @@ class Volume:
         finally:
             self._releases.pop(gen, None)
             self.release_progress.pop(gen, None)
+
+    def changed_chunks(self, since: int, image: int) -> list[int] | None:
+        """Chunks that may differ between image ``since`` (possibly released) and ``image``
+        (an image or the live generation); None when that is not known."""
+        if image != self.live:
+            self.image(image)
+        if since < 0:
+            raise InvalidRequest(f"there is no generation {since}")
+        return self.engine.changed_chunks(since, image)
 
     # -- reporting --------------------------------------------------------------------------
     def status(self) -> dict[str, Any]:

@@ -248,6 +248,20 @@ class PoolMachine(RuleBasedStateMachine):
                 assert (state != "draining") == self.model.drained(gen), (gen, state)
 
     @invariant()
+    def changed_maps_cover_differences(self) -> None:
+        gens = sorted(self.model.views)
+        for i, since in enumerate(gens):
+            for upto in gens[i + 1 :]:
+                changed = self.volume.changed_chunks(since, upto)
+                if changed is None:
+                    continue
+                a, b = self.model.views[since], self.model.views[upto]
+                for chunk in range((SIZE + CHUNK - 1) // CHUNK):
+                    piece = slice(chunk * CHUNK, (chunk + 1) * CHUNK)
+                    if a[piece] != b[piece]:
+                        assert chunk in changed, (since, upto, chunk, changed)
+
+    @invariant()
     def block_status_covers_views(self) -> None:
         for gen in self.model.views:
             extents = self.run(self.volume.engine.extents(gen, 0, SIZE))

@@ -15,6 +15,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any, ClassVar
 
+from owm.chunktable import ChunkTable
 from owm.errors import InvalidRequest, OutOfRange
 from owm.groupsync import GroupSync
 from owm.locks import EXCLUSIVE, SHARED, RangeLockManager
@@ -25,6 +26,7 @@ Progress = Callable[[int, int], None]
 BrokenCallback = Callable[[int, str], Awaitable[None]]
 
 MIN_CHUNK, MAX_CHUNK = 4096, 1 << 20
+KEEP_CHANGED_MAPS = 64  # generations whose changed-chunk maps are kept
 ENOSPC_POLICIES = ("fail-write", "break-image")
 
 
@@ -67,6 +69,9 @@ class Engine(ABC):
         self.broken: set[int] = set()  # preserved views that lost data (full disk)
         self._syncs: dict[str, GroupSync] = {}
         self.zero_chunk = bytes(chunk_size)
+        # Chunks written by each generation >= 1, for incremental backups.  Committed with every
+        # flush; after a crash the maps of generations still being written are untrusted.
+        self.changed: dict[int, ChunkTable] = {}
 
     # -- lifecycle (engine-specific) ----------------------------------------------------------
     @abstractmethod
@@ -85,6 +90,8 @@ class Engine(ABC):
 
     async def close(self) -> None:
         await self.flush()
+        for table in self.changed.values():
+            await table.checkpoint()
 
     async def destroy(self) -> None:
         for name in self.storage.names():
@@ -96,6 +103,57 @@ class Engine(ABC):
     @abstractmethod
     def objects_of(self, view: int) -> list[str]:
         """Storage objects that belong to ``view`` alone (for size reporting)."""
+
+    # -- changed-chunk maps -------------------------------------------------------------------
+    def _changed_table(self, gen: int) -> ChunkTable:
+        return ChunkTable(self.storage, f"changed-{gen}", self.chunks)
+
+    async def load_changed(self, untrusted: list[int]) -> None:
+        """Load the maps found in storage; remember which generations cannot be trusted."""
+        gens = sorted({int(n.split("-")[1].split(".")[0]) for n in self.storage.names()
+                       if n.startswith("changed-")})
+        self.changed = {}
+        for gen in gens:
+            table = self._changed_table(gen)
+            await table.load()
+            self.changed[gen] = table
+        known = set(self.state.get("changed_untrusted", []))
+        self.state["changed_untrusted"] = sorted(known | set(untrusted))
+
+    def _mark_changed(self, gen: int, first: int, last: int) -> None:
+        if gen == 0:
+            return  # an incremental backup always starts from an image, never before gen 1
+        table = self.changed.get(gen)
+        if table is None:
+            table = self.changed[gen] = self._changed_table(gen)
+        for chunk in range(first, last + 1):
+            table.set(chunk)
+
+    async def prune_changed(self) -> None:
+        for gen in sorted(self.changed)[:-KEEP_CHANGED_MAPS]:
+            await self.changed.pop(gen).destroy()
+
+    def changed_chunks(self, since: int, upto: int) -> list[int] | None:
+        """Chunks that may differ between view ``since`` and view ``upto`` (None: unknown)."""
+        if since >= upto:
+            raise InvalidRequest(f"generation {since} is not older than generation {upto}")
+        untrusted = set(self.state.get("changed_untrusted", []))
+        oldest_kept = min(self.changed, default=since + 1)
+        gens = range(since + 1, upto + 1)
+        if any(g in untrusted for g in gens) or (since + 1 < oldest_kept and
+                                                   len(self.changed) >= KEEP_CHANGED_MAPS):
+            return None
+        bits = 0
+        for gen in gens:
+            table = self.changed.get(gen)
+            if table is not None:
+                bits |= int.from_bytes(table.bits, "little")
+        out = []
+        while bits:
+            low = bits & -bits
+            out.append(low.bit_length() - 1)
+            bits ^= low
+        return out
 
     # -- data path ----------------------------------------------------------------------------
     def _check(self, offset: int, length: int) -> None:
@@ -144,6 +202,7 @@ class Engine(ABC):
         if fut is not None:
             await fut
         try:
+            self._mark_changed(gen, first, last)
             touched = await self._write(gen, offset, data)
         finally:
             self.locks.release(first, last)
@@ -157,6 +216,7 @@ class Engine(ABC):
         self._check_view(gen)
         first, last = self.chunk_range(offset, length)
         async with self.locks.locked(first, last, EXCLUSIVE):
+            self._mark_changed(gen, first, last)
             touched = await self._zero(gen, offset, length, punch)
         if fua:
             await self.sync_objects(touched)
@@ -200,9 +260,14 @@ class Engine(ABC):
         if names:
             await asyncio.gather(*(self.group_sync(n)() for n in names))
 
-    @abstractmethod
     async def flush(self) -> None:
         """Make every write completed so far durable in every view."""
+        await self._flush()
+        await asyncio.gather(*(t.commit() for t in self.changed.values()))
+
+    @abstractmethod
+    async def _flush(self) -> None:
+        """The engine's own part of flush: its data objects and tables."""
 
     # -- helpers for engines ------------------------------------------------------------------
     async def put(self, name: str, offset: int, data: Buffer, punch: bool = True) -> None:

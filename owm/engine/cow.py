@@ -50,7 +50,7 @@ class CowEngine(Engine):
         # Drop leftovers of images the catalog does not know (a preserve that never committed).
         keep = {LIVE} | {n for v in wanted for n in self.objects_of(v)}
         for name in self.storage.names():
-            if name not in keep:
+            if name not in keep and not name.startswith("changed-"):
                 await self.storage.delete(name)
 
     def objects_of(self, view: int) -> list[str]:
@@ -167,13 +167,13 @@ class CowEngine(Engine):
         await self.put_zero(LIVE, offset, length, punch)
         return touched
 
-    async def flush(self) -> None:
+    async def _flush(self) -> None:
         names = [LIVE] + [_data(v) for v in self.tables if self.storage.exists(_data(v))]
         await self.sync_objects(names)
         await asyncio.gather(*(t.commit() for t in self.tables.values()))
 
     async def close(self) -> None:
-        await self.flush()
+        await super().close()
         for table in self.tables.values():
             await table.checkpoint()
 

@@ -69,7 +69,7 @@ class LogEngine(Engine):
             self.layers.append(layer)
         keep = {BASE} | {n for layer in self.layers[1:] for n in self._layer_objects(layer)}
         for name in self.storage.names():
-            if name not in keep:
+            if name not in keep and not name.startswith("changed-"):
                 await self.storage.delete(name)
 
     def _layer_objects(self, layer: Layer) -> list[str]:
@@ -189,13 +189,13 @@ class LogEngine(Engine):
         await asyncio.gather(*(layer.table.commit() for layer in self.layers
                                if layer.table is not None and layer.data in names))
 
-    async def flush(self) -> None:
+    async def _flush(self) -> None:
         await Engine.sync_objects(self, [layer.data for layer in self.layers
                                          if self.storage.exists(layer.data)])
         await asyncio.gather(*(layer.table.commit() for layer in self.layers if layer.table))
 
     async def close(self) -> None:
-        await self.flush()
+        await super().close()
         for layer in self.layers:
             if layer.table is not None:
                 await layer.table.checkpoint()

@@ -137,13 +137,13 @@ class MirrorEngine(Engine):
         await asyncio.gather(*(self.put_zero(n, offset, length, punch) for n in names))
         return set(names)
 
-    async def flush(self) -> None:
+    async def _flush(self) -> None:
         await self.sync_objects([_leg(i) for i in range(self.legs)
                                  if self.storage.exists(_leg(i))])
         await asyncio.gather(*(t.commit() for t in self.dirty.values()))
 
     async def close(self) -> None:
-        await self.flush()
+        await super().close()
         for table in self.dirty.values():
             await table.checkpoint()
 
