@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 from owm.catalog import Catalog, VolumeRow, now
 from owm.engine import ENGINES, make_engine
 from owm.engine.base import ENOSPC_POLICIES, Progress, check_chunk_size
-from owm.errors import AlreadyExists, InvalidRequest, NotFound, WrongState
+from owm.errors import AlreadyExists, InvalidRequest, NotFound, OwmError, WrongState
 from owm.storage import Storage
 from owm.storage.local import LocalStorage
 from owm.view import ExportInfo, View
@@ -82,12 +82,21 @@ class Pool:
         return volume
 
     async def close(self) -> None:
+        clean = True
         for volume in list(self.volumes.values()):
-            await volume.close()
+            try:
+                await volume.close()
+            except OwmError as exc:
+                # E.g. a full disk: what was acknowledged is durable already; the next open
+                # recovers the rest as after a crash.
+                log.error("volume %s did not close cleanly: %s", volume.name, exc)
+                clean = False
+                await volume.engine.storage.close()
         self.volumes.clear()
         if self.catalog is not None:
             await self.db(lambda c: c.prune_sessions())
-            await self.db(lambda c: c.set_meta("clean", "1"))
+            if clean:
+                await self.db(lambda c: c.set_meta("clean", "1"))
             await self.db(lambda c: c.close())
             self.catalog = None
         self._executor.shutdown(wait=True)

@@ -1,8 +1,11 @@
 """Local-file storage: each named object is a sparse file in one directory.
 
-Small reads and writes are tried inline with RWF_NOWAIT, which the kernel refuses (EAGAIN) when
-it would have to wait for a disk; only then does the request go to a thread pool.  So the event
-loop never blocks on a disk, and page-cache hits cost no thread hop.  Syncs always go to the pool.
+The event loop must never wait for a disk, and a thread hop costs more than a 4 KiB copy, so:
+on a memory-backed filesystem (tmpfs, ramfs) small reads and writes run inline, since there is no
+disk to wait for; elsewhere small reads and writes are tried inline with RWF_NOWAIT, which the
+kernel refuses (EAGAIN) when it would have to wait, and only then go to a thread pool (where the
+kernel does not support RWF_NOWAIT for an operation, that operation always goes to the pool).
+Syncs always go to the pool.
 """
 
 from __future__ import annotations
@@ -26,6 +29,26 @@ _NOWAIT = getattr(os, "RWF_NOWAIT", 0)
 _SEEK_DATA = getattr(os, "SEEK_DATA", 3)
 _SEEK_HOLE = getattr(os, "SEEK_HOLE", 4)
 _INLINE_LIMIT = 256 * 1024  # larger requests go to the pool without trying inline
+_MEMORY_FILESYSTEMS = {"tmpfs", "ramfs"}
+
+
+def _filesystem_type(path: Path) -> str:
+    """The type of the filesystem holding ``path``, from the longest matching mount point."""
+    best, kind = "", ""
+    target = str(path.resolve())
+    try:
+        with open("/proc/self/mounts") as mounts:
+            for line in mounts:
+                fields = line.split()
+                if len(fields) < 3:
+                    continue
+                point = fields[1].replace("\\040", " ")
+                inside = target == point or target.startswith(point.rstrip("/") + "/")
+                if inside and len(point) >= len(best):
+                    best, kind = point, fields[2]
+    except OSError:
+        return ""
+    return kind
 
 
 def _punch_hole(fd: int, offset: int, length: int) -> None:
@@ -65,7 +88,10 @@ class LocalStorage:
         self._fds: dict[str, int] = {}
         self._fd_lock = threading.Lock()
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="owm-io")
-        self._inline = bool(_NOWAIT)
+        self.memory_backed = _filesystem_type(self.root) in _MEMORY_FILESYSTEMS
+        # Per operation: 0 = inline without asking, a flag = inline with RWF_NOWAIT, None = pool.
+        self._read_mode: int | None = 0 if self.memory_backed else (_NOWAIT or None)
+        self._write_mode: int | None = 0 if self.memory_backed else (_NOWAIT or None)
 
     def _path(self, name: str) -> Path:
         if "/" in name or name.startswith("."):
@@ -98,16 +124,17 @@ class LocalStorage:
         fd = self._fd(name, create=False)
         if fd is None:
             return bytes(length)
-        if self._inline and length <= _INLINE_LIMIT:
+        mode = self._read_mode
+        if mode is not None and length <= _INLINE_LIMIT:
             buf = bytearray(length)
             try:
-                n = os.preadv(fd, [buf], offset, _NOWAIT)
+                n = os.preadv(fd, [buf], offset, mode) if mode else os.preadv(fd, [buf], offset)
             except BlockingIOError:
                 pass
             except OSError as exc:
-                if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL) or not mode:
                     raise _translate(exc, f"reading {name}") from exc
-                self._inline = False
+                self._read_mode = None
             else:
                 if n == length:
                     return bytes(buf)
@@ -131,15 +158,16 @@ class LocalStorage:
         fd = self._fd(name, create=True)
         assert fd is not None
         length = len(data)
-        if self._inline and length <= _INLINE_LIMIT:
+        mode = self._write_mode
+        if mode is not None and length <= _INLINE_LIMIT:
             try:
-                n = os.pwritev(fd, [data], offset, _NOWAIT)
+                n = os.pwritev(fd, [data], offset, mode) if mode else os.pwrite(fd, data, offset)
             except BlockingIOError:
                 pass
             except OSError as exc:
-                if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL) or not mode:
                     raise _translate(exc, f"writing {name}") from exc
-                self._inline = False
+                self._write_mode = None
             else:
                 if n == length:
                     return
