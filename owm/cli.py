@@ -507,16 +507,18 @@ _add_backup_commands()
 
 @cli.command()
 @click.option("--writers", type=click.IntRange(1, 16), default=4, show_default=True,
-              help="Sessions open at the preserve (they finish on the preserved image).")
+              help="Worker sessions before the preserve (their running transfers finish on "
+                   "the preserved image).")
 @click.option("--new-writers", type=click.IntRange(1, 16), default=3, show_default=True,
-              help="Sessions opened after the preserve (they use the live volume).")
+              help="Worker sessions opened at the preserve (they use the live volume).")
 @json_option
 def demo(writers: int, new_writers: int, as_json: bool) -> None:
     """Run the end-to-end story on a throw-away pool.
 
-    Writers are busy on a volume; it is preserved mid-work; old sessions drain onto the
-    preserved image while new ones carry on on the live volume; the image is checked and
-    released.
+    A bank workload runs transfers on worker sessions; the volume is preserved mid-work; the
+    running transfers finish on the preserved image while new ones start at once on new
+    sessions; the drained image is backed up, the checker finds it consistent, the live
+    volume is checked against the ledger, and the image is released.
     """
     from owm.demo import run_demo
 
