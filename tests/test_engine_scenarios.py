@@ -149,7 +149,7 @@ async def test_full_disk_real_filesystem_cow(tmp_path: Path, policy: str) -> Non
         finally:
             await pool.close()
     finally:
-        subprocess.run(["umount", str(small)], check=False)
+        subprocess.run(["umount", "-l", str(small)], check=False)
 
 
 @pytest.mark.parametrize("method", METHODS)

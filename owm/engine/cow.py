@@ -98,8 +98,12 @@ class CowEngine(Engine):
     # -- writes -----------------------------------------------------------------------------
     def _previous(self, gen: int) -> int | None:
         """The newest preserved image older than generation ``gen``, or None."""
-        older = [v for v in self.views if v < gen]
-        return older[-1] if older else None
+        views = self.views
+        if views[0] >= gen:
+            return None
+        if gen == views[-1]:
+            return views[-2]
+        return max(v for v in views if v < gen)
 
     async def _preserve_chunks(self, gen: int, first: int, last: int) -> None:
         """Make the newest image older than ``gen`` own chunks first..last before they change."""
@@ -107,9 +111,14 @@ class CowEngine(Engine):
         if prev is None or prev in self.broken:
             return
         table = self.tables[prev]
-        missing = [c for c in range(first, last + 1) if not table.has(c)]
-        if not missing:
-            return
+        if first == last:
+            if table.has(first):
+                return
+            missing = [first]
+        else:
+            missing = [c for c in range(first, last + 1) if not table.has(c)]
+            if not missing:
+                return
         target = _data(prev)
         try:
             for chunk in missing:
@@ -146,7 +155,7 @@ class CowEngine(Engine):
         first, last = self.chunk_range(offset, len(data))
         await self._preserve_chunks(gen, first, last)
         touched = {LIVE}
-        if any(t.count for j, t in self.tables.items() if j >= gen):
+        if gen != self.views[-1] and any(t.count for j, t in self.tables.items() if j >= gen):
             view = memoryview(data)
             for chunk, _within, n, done in self.pieces(offset, len(data)):
                 for name in self._copies(gen, chunk):

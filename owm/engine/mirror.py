@@ -111,6 +111,8 @@ class MirrorEngine(Engine):
 
     async def _mark_older(self, gen: int, first: int, last: int) -> None:
         """Durably mark chunks dirty on the legs of images older than gen, before the write."""
+        if not self.dirty:
+            return
         tables = [self.dirty[i] for i, r in enumerate(self.roles)
                   if r["role"] == "image" and r["view"] < gen]
         pending = []
@@ -128,7 +130,10 @@ class MirrorEngine(Engine):
     async def _write(self, gen: int, offset: int, data: Buffer) -> set[str]:
         await self._mark_older(gen, *self.chunk_range(offset, len(data)))
         names = [_leg(i) for i in self._targets(gen)]
-        await asyncio.gather(*(self.storage.write(n, offset, data) for n in names))
+        # One leg after another: small writes complete inline, where a Task per leg would cost
+        # more than the write; large ones run in the storage's threads either way.
+        for name in names:
+            await self.storage.write(name, offset, data)
         return set(names)
 
     async def _zero(self, gen: int, offset: int, length: int, punch: bool) -> set[str]:
