@@ -16,10 +16,30 @@ Modules: ``source`` reads an image, ``pipeline`` moves batches to a writer on th
 ``verify`` and ``restore`` read it back, ``run`` ties a backup together, ``commands`` is the CLI.
 """
 
-from owm.backup.repo import Repository
-from owm.backup.restore import RestoreResult, restore_backup
-from owm.backup.run import BackupResult, run_backup
-from owm.backup.verify import VerifyReport, verify_backups
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from owm.backup.repo import Repository
+    from owm.backup.restore import RestoreResult, restore_backup
+    from owm.backup.run import BackupResult, run_backup
+    from owm.backup.verify import VerifyReport, verify_backups
+
+# Loaded on first use, so that `owm status` does not pay for the backup machinery.
+_HOME = {
+    "Repository": "repo", "RestoreResult": "restore", "restore_backup": "restore",
+    "BackupResult": "run", "run_backup": "run", "VerifyReport": "verify",
+    "verify_backups": "verify",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _HOME:
+        raise AttributeError(f"module 'owm.backup' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"owm.backup.{_HOME[name]}"), name)
+
 
 __all__ = [
     "BackupResult",

@@ -23,7 +23,6 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from owm.backup.run import FORMATS
 from owm.control.client import ControlClient, DaemonNotRunning
 from owm.control.context import split_image
 from owm.errors import InvalidRequest, OwmError
@@ -35,6 +34,7 @@ JSON = dict[str, Any]
 Progress = Callable[[int, int], None]
 
 TAKE = "create"
+FORMATS = ("raw", "qcow2", "owm")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -208,7 +208,7 @@ def create(image: str, to: Path, fmt: str | None, verify: bool, release: bool,
     err = _err()
 
     def notify(message: str) -> None:
-        err.print(message[0].upper() + message[1:] + ".", markup=False)
+        click.echo(message + ".", err=True)
 
     async def call(control: ControlClient) -> BackupResult:
         with progress_bar(f"backing up {image}", not as_json) as bar:

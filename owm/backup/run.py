@@ -114,25 +114,29 @@ async def image_facts(control: ControlClient, image: str, *, timeout: float | No
     if info.get("state") == "draining":
         holding = info.get("holding") or []
         if notify is not None:
-            notify(f"{image} is still draining; waiting for {len(holding)} session"
-                   f"{'' if len(holding) == 1 else 's'} to end: {describe_sessions(holding)}")
+            notify(f"Waiting for {image} to drain: {len(holding)} session"
+                   f"{'' if len(holding) == 1 else 's'} still "
+                   f"{'holds' if len(holding) == 1 else 'hold'} it "
+                   f"({describe_sessions(holding)})")
         started = time.monotonic()
         answer = await control.wait(image, timeout)
         waited = time.monotonic() - started
         if not answer.get("drained"):
             holding = answer.get("holding") or []
-            raise Timeout(f"{image} is still draining after {timeout:g}s; still held by "
-                          f"{describe_sessions(holding)}")
+            raise Timeout(f"gave up waiting after {timeout:g}s: {image} is still draining, "
+                          f"held by {describe_sessions(holding)}")
         info = await control.image(image)
     state = info.get("state")
     if state == "releasing":
-        raise WrongState(f"{image} is being released and cannot be backed up")
+        raise WrongState(f"the image {image} is being released and cannot be backed up")
     if state == "broken" and not force:
-        raise ImageBroken(f"{image} is broken ({info.get('broken_reason') or 'no reason given'})"
-                          "; pass --force to try to back it up anyway")
+        raise ImageBroken(f"the image {image} is broken ("
+                          f"{info.get('broken_reason') or 'no reason given'}); pass --force to "
+                          "try to back it up anyway")
     if state == "drained-unclean" and not force:
         n = int(info.get("unclean_sessions") or 0)
-        raise WrongState(f"{image} is drained-unclean ({n} session{'' if n == 1 else 's'} "
+        raise WrongState(f"the image {image} is drained-unclean ({n} session"
+                         f"{'' if n == 1 else 's'} "
                          "ended without a clean disconnect), so it may hold half a "
                          "transaction; pass --force to back it up as not transaction-consistent")
     name, _ = split_image(image)

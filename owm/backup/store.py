@@ -40,6 +40,14 @@ log = logging.getLogger("owm.backup")
 ChangedSince = Callable[[int], Awaitable["list[int] | None"]]
 
 
+def checkpoint_interval() -> float:
+    """Seconds between resume points ($OWM_BACKUP_CHECKPOINT_SECONDS, default 5)."""
+    try:
+        return max(0.0, float(os.environ.get("OWM_BACKUP_CHECKPOINT_SECONDS", "5")))
+    except ValueError:
+        return 5.0
+
+
 class RepoWriter:
     """The pipeline's writer for a repository (see the module docstring)."""
 
@@ -130,7 +138,7 @@ async def backup_to_repo(
     *,
     changed_since: ChangedSince,
     progress: Progress | None = None,
-    checkpoint_every: float = 5.0,
+    checkpoint_every: float | None = None,
 ) -> RepoBackup:
     """Back the image behind ``client`` up into the repository at ``path`` (created if new)."""
     loop = asyncio.get_running_loop()
@@ -194,8 +202,9 @@ async def backup_to_repo(
                 manifest.stats = {**stats.to_json(), "seconds": time.monotonic() - started}
                 repo.save(manifest)
 
+            every = checkpoint_interval() if checkpoint_every is None else checkpoint_every
             pipeline = Pipeline(writer, total=total, progress=progress, checkpoint=checkpoint,
-                                checkpoint_every=checkpoint_every)
+                                checkpoint_every=every)
             await pipeline.run(source.batches(work, start))
             await loop.run_in_executor(None, repo.sync)
             manifest.state = COMPLETE

@@ -1,0 +1,101 @@
+"""Helpers for the backup tests: write known data through NBD, read images back, run the CLI."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import uvloop
+from conftest import Daemon
+
+from owm.nbd.client import NbdClient
+
+Writes = list[tuple[int, bytes]]
+
+
+def ok(result: subprocess.CompletedProcess[str]) -> str:
+    assert result.returncode == 0, (result.returncode, result.stdout, result.stderr)
+    return result.stdout
+
+
+def ok_json(result: subprocess.CompletedProcess[str]) -> Any:
+    return json.loads(ok(result))
+
+
+def refused(result: subprocess.CompletedProcess[str], code: int = 1) -> str:
+    """The expected non-zero exit and one plain sentence on stderr, never a traceback."""
+    assert result.returncode == code, (result.returncode, result.stdout, result.stderr)
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].endswith("."), lines[0]
+    return lines[0]
+
+
+def create(daemon: Daemon, name: str = "vol", size: str = "8M", *extra: str) -> None:
+    ok(daemon.owm("volume", "create", name, "--size", size, *extra))
+
+
+def preserve(daemon: Daemon, name: str = "vol") -> str:
+    return ok(daemon.owm("preserve", name)).strip()
+
+
+async def _write(daemon: Daemon, export: str, writes: Writes, zero: list[tuple[int, int]]) -> None:
+    client = await NbdClient.connect(export=export, unix_path=str(daemon.nbd_socket))
+    try:
+        await asyncio.gather(*(client.write(o, d) for o, d in writes))
+        for offset, length in zero:
+            await client.write_zeroes(offset, length)
+        await client.flush()
+    finally:
+        await client.disconnect()
+
+
+def write(daemon: Daemon, writes: Writes, export: str = "vol",
+          zero: list[tuple[int, int]] | None = None) -> None:
+    """Write through NBD in one session that ends cleanly."""
+    asyncio.run(_write(daemon, export, writes, zero or []))
+
+
+async def _read(daemon: Daemon, export: str, into: list[bytes]) -> None:
+    client = await NbdClient.connect(export=export, unix_path=str(daemon.nbd_socket))
+    step = 1 << 20
+    window = asyncio.Semaphore(8)
+
+    async def piece(offset: int) -> bytes:
+        async with window:
+            return await client.read(offset, min(step, client.size - offset))
+
+    try:
+        parts = await asyncio.gather(*(piece(o) for o in range(0, client.size, step)))
+        into.append(b"".join(parts))
+    finally:
+        await client.disconnect()
+
+
+def read_image(daemon: Daemon, export: str) -> bytes:
+    # Not returned from the coroutine: the runner repr()s its main task, result and all,
+    # which takes seconds for a 100 MiB bytes object.
+    into: list[bytes] = []
+    uvloop.run(_read(daemon, export, into))
+    return into[0]
+
+
+def random_writes(rng: random.Random, size: int, count: int, max_len: int = 200_000) -> Writes:
+    """Writes of random bytes at random, unaligned places (some overlap chunk boundaries)."""
+    out: Writes = []
+    for _ in range(count):
+        length = rng.randint(1, max_len)
+        offset = rng.randrange(0, size - length)
+        out.append((offset, rng.randbytes(length)))
+    return out
+
+
+def repo_list(daemon: Daemon, repo: Path) -> list[dict[str, Any]]:
+    listed = ok_json(daemon.owm("backup", "list", repo, "--json"))
+    assert isinstance(listed, list)
+    return listed
