@@ -118,8 +118,9 @@ async def wait_ready(control: ControlClient) -> JSON:
 
 
 def measure(run: Run, records: list[TxnRecord], t0: float, window: float) -> None:
-    arrived = [r for r in records if t0 <= r.arrived < t0 + window and r.started is not None]
+    arrived = [r for r in records if t0 <= r.arrived < t0 + window]
     waits = [r.system_wait for r in arrived if r.system_wait is not None]
+    run.extra["never_started"] = sum(1 for r in arrived if r.started is None)
     run.arrived_in_window = len(arrived)
     run.longest_wait_ms = max(waits, default=0.0) * 1000
     run.p99_wait_ms = p99(waits) * 1000
@@ -185,8 +186,15 @@ async def one_run(control: ControlClient, sock: str, method: str, index: int,
         await asyncio.sleep(rest)
     stop = True
     tasks = await driver
-    # The transfers still running (long ones started late) do not matter to the image: cut
-    # them short so that a run does not wait for them.
+    # Every transfer that arrived in the window must have started before it is measured (a
+    # quiesce leaves a backlog); the ones still running then (long ones started late) do not
+    # matter to the image: cut them short so that a run does not wait for them.
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and any(
+        r.started is None and r.ok is None for r in coordinator.records
+        if r.arrived < t0 + args.window
+    ):
+        await asyncio.sleep(0.01)
     grace = asyncio.gather(*tasks, return_exceptions=True)
     with contextlib.suppress(TimeoutError):
         await asyncio.wait_for(asyncio.shield(grace), 0.2)

@@ -257,8 +257,10 @@ class Coordinator:
         for w in list(self._workers):
             if not w.busy:
                 self._retire(w)
-        if self._background:
-            await asyncio.wait(list(self._background), timeout=30)
+        # Closing sessions can start more of it (a late new session closes as it opens).
+        deadline = time.monotonic() + 30
+        while self._background and time.monotonic() < deadline:
+            await asyncio.wait(list(self._background), timeout=deadline - time.monotonic())
 
     async def __aenter__(self) -> Coordinator:
         await self.start()
@@ -420,10 +422,11 @@ class Coordinator:
 
         self._spawn(close())
 
-    def _spawn(self, coro: Awaitable[Any]) -> None:
+    def _spawn(self, coro: Awaitable[T]) -> asyncio.Future[T]:
         task = asyncio.ensure_future(coro)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
+        return task
 
     def _check_handovers(self) -> None:
         for h in self.handovers:
@@ -448,7 +451,7 @@ class Coordinator:
         the old one with ``handover.wait_old_closed()`` (and for the image with the daemon).
         """
         if self._switching:
-            raise WrongState("a preserve is already being handed over")
+            raise WrongState("a preserve or a quiesce is already under way")
         if mode not in ("overlap", "gate"):
             raise ValueError(f"unknown handover mode {mode!r}")
         self._switching = True
@@ -477,9 +480,7 @@ class Coordinator:
         self.handovers.append(handover)
         self._switch(handover, ready)
         for _ in range(count - first):
-            asyncio.ensure_future(self._connect_one(new_generation)).add_done_callback(
-                self._join_late
-            )
+            self._spawn(self._connect_one(new_generation)).add_done_callback(self._join_late)
         self._switching = False
         return handover
 
@@ -546,7 +547,8 @@ class Coordinator:
         """The prior art (Figure 3B): stop starting transactions, wait until none runs, run
         ``copy`` (a point-in-time copy), resume."""
         if self._switching:
-            raise WrongState("a preserve is being handed over")
+            raise WrongState("a preserve or a quiesce is already under way")
+        self._switching = True
         requested = self.clock()
         running = self._busy
         self._paused = True
@@ -556,6 +558,7 @@ class Coordinator:
             result = await copy()
         finally:
             self._paused = False
+            self._switching = False
             self._dispatch()
         return Quiesce(requested, idle, self.clock(), running, result)
 
