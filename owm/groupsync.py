@@ -1,8 +1,8 @@
 """Group commit: many callers that each need "a sync that started after my write" share one.
 
-A caller awaits ``GroupSync()``; if no sync is running one starts now; if one is running, the
-caller waits for the *next* one, which starts when the running one ends and serves everyone who
-arrived meanwhile.  Syncs are never reordered and never skipped, only shared.
+A caller awaits ``GroupSync()``.  If no sync is running, the caller runs one itself, inline.  If
+one is running, the caller waits for the *next* one, which starts when the running one ends and
+serves everyone who arrived meanwhile.  Syncs are never reordered and never skipped, only shared.
 """
 
 from __future__ import annotations
@@ -14,30 +14,39 @@ from collections.abc import Awaitable, Callable
 class GroupSync:
     def __init__(self, sync: Callable[[], Awaitable[None]]) -> None:
         self._sync = sync
-        self._task: asyncio.Task[None] | None = None
+        self._running = False
         self._next: asyncio.Future[None] | None = None
+        self._task: asyncio.Task[None] | None = None  # drives syncs for waiting followers
         self.count = 0  # syncs actually performed
 
     async def __call__(self) -> None:
-        loop = asyncio.get_running_loop()
-        if self._task is None:
-            fut: asyncio.Future[None] = loop.create_future()
-            self._task = loop.create_task(self._drive(fut))
-        else:
-            if self._next is None:
-                self._next = loop.create_future()
-            fut = self._next
-        await asyncio.shield(fut)
-
-    async def _drive(self, fut: asyncio.Future[None]) -> None:
-        current: asyncio.Future[None] | None = fut
-        while current is not None:
+        if not self._running:
+            self._running = True
             try:
                 self.count += 1
                 await self._sync()
-            except Exception as exc:
-                current.set_exception(exc)
-            else:
-                current.set_result(None)
-            current, self._next = self._next, None
-        self._task = None
+            finally:
+                self._hand_off()
+            return
+        if self._next is None:
+            self._next = asyncio.get_running_loop().create_future()
+        await asyncio.shield(self._next)
+
+    def _hand_off(self) -> None:
+        following, self._next = self._next, None
+        if following is None:
+            self._running = False
+            self._task = None
+        else:
+            self._task = asyncio.get_running_loop().create_task(self._drive(following))
+
+    async def _drive(self, fut: asyncio.Future[None]) -> None:
+        try:
+            self.count += 1
+            await self._sync()
+        except Exception as exc:
+            fut.set_exception(exc)
+        else:
+            fut.set_result(None)
+        finally:
+            self._hand_off()

@@ -183,6 +183,9 @@ class LocalStorage:
 
     async def sync(self, name: str) -> None:
         fd = self._fd(name, create=False)
+        if fd is not None and self.memory_backed:
+            os.fdatasync(fd)  # a no-op on tmpfs: not worth a thread hop
+            return
         if fd is not None:
             await self._run(lambda: os.fdatasync(fd), f"syncing {name}")
 
