@@ -1,11 +1,12 @@
 """One backup's manifest in an owm repository: what was backed up and which chunk is where.
 
-A manifest is one JSON file, ``backups/ID.json``.  Besides the facts a person wants (volume,
-image, size, chunk size, state, consistency, times, statistics) it holds the *chunk map*: for
-every chunk of the image, the BLAKE3 digest of its content, or 32 zero bytes for a chunk that
-reads as zeroes (stored nowhere).  The map is kept as packed 32-byte digests, zstd-compressed
-and base64-encoded inside the JSON, with the BLAKE3 of the packed map beside it so that a
-damaged manifest is detected rather than restored from.
+A manifest is a small JSON file, ``backups/ID.json``, with the facts a person wants (volume,
+image, size, chunk size, state, consistency, times, statistics) and a reference to the backup's
+*chunk map*: for every chunk of the image, the BLAKE3 digest of its content, or 32 zero bytes for
+a chunk that reads as zeroes (stored nowhere).  The map lives beside it, zstd-compressed packed
+digests in ``backups/ID.HASH.map`` (named after its own BLAKE3, which the manifest records, so
+a damaged or mismatched map is detected rather than restored from).  Listing a repository reads
+only the small JSON files; the map is loaded when it is needed.
 
 Every manifest is complete in itself: an incremental backup copies its parent's map and
 replaces the entries of the chunks that changed, so restoring any backup never needs another.
@@ -13,9 +14,8 @@ replaces the entries of the chunks that changed, so restoring any backup never n
 
 from __future__ import annotations
 
-import base64
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -79,28 +79,21 @@ class ChunkMap:
     def digests(self) -> set[bytes]:
         return {digest for _, digest in self.entries()}
 
-    def encode(self) -> JSON:
+    def pack(self) -> tuple[bytes, str]:
+        """The compressed map file's content and the BLAKE3 (hex) of the packed digests."""
         packed = bytes(self.raw)
-        return {
-            "encoding": "zstd+base64 of packed 32-byte BLAKE3 digests, zero digest = zeroes",
-            "entries": self.count,
-            "blake3": blake3.blake3(packed).hexdigest(),
-            "data": base64.b64encode(zstandard.ZstdCompressor(level=3).compress(packed)).decode(),
-        }
+        return (zstandard.ZstdCompressor(level=3).compress(packed),
+                blake3.blake3(packed).hexdigest())
 
     @classmethod
-    def decode(cls, doc: Any, count: int) -> ChunkMap:
-        if not isinstance(doc, dict) or not isinstance(doc.get("data"), str):
-            raise DamagedManifest("the manifest has no chunk map")
+    def unpack(cls, data: bytes, count: int, expected: str, where: str) -> ChunkMap:
         try:
             packed = zstandard.ZstdDecompressor().decompress(
-                base64.b64decode(doc["data"], validate=True),
-                max_output_size=count * DIGEST_SIZE,
-            )
-        except (ValueError, zstandard.ZstdError) as exc:
-            raise DamagedManifest(f"the chunk map cannot be decoded ({exc})") from None
-        if blake3.blake3(packed).hexdigest() != doc.get("blake3"):
-            raise DamagedManifest("the chunk map does not match its checksum")
+                data, max_output_size=count * DIGEST_SIZE)
+        except zstandard.ZstdError as exc:
+            raise DamagedManifest(f"the chunk map of {where} cannot be decoded ({exc})") from None
+        if blake3.blake3(packed).hexdigest() != expected:
+            raise DamagedManifest(f"the chunk map of {where} does not match its checksum")
         return cls(count, bytearray(packed))
 
 
@@ -117,7 +110,6 @@ class Manifest:
     state: str  # COMPLETE or INCOMPLETE
     consistency: str  # transaction-consistent | crash-consistent
     started_at: str
-    chunk_map: ChunkMap
     image_state: str = "drained"
     forced: bool = False
     preserved_at: str | None = None
@@ -129,6 +121,19 @@ class Manifest:
     stats: JSON = field(default_factory=dict)
     next_chunk: int = 0  # incomplete backups: every chunk to back up below this is stored
     work: str = "all"  # incomplete backups: "all" chunks, or "changed" since the parent
+    map_file: str | None = None  # name of the map file in backups/, once saved
+    map_blake3: str | None = None
+    map_data: ChunkMap | None = field(default=None, repr=False)
+    map_loader: Callable[[Manifest], ChunkMap] | None = field(default=None, repr=False)
+
+    @property
+    def chunk_map(self) -> ChunkMap:
+        """The chunk map, loaded from its file on first use."""
+        if self.map_data is None:
+            if self.map_loader is None:
+                raise DamagedManifest(f"backup {self.id} has no chunk map")
+            self.map_data = self.map_loader(self)
+        return self.map_data
 
     @property
     def chunks(self) -> int:
@@ -171,14 +176,18 @@ class Manifest:
         }
         if not self.complete:
             doc["resume"] = {"next_chunk": self.next_chunk, "work": self.work}
-        doc["chunk_map"] = self.chunk_map.encode()
+        doc["chunk_map"] = {
+            "file": self.map_file, "blake3": self.map_blake3, "entries": self.chunks,
+            "encoding": "zstd of packed 32-byte BLAKE3 digests, all-zero digest = zeroes",
+        }
         return doc
 
     def dumps(self) -> bytes:
         return json.dumps(self.to_json(), indent=1).encode()
 
     @classmethod
-    def loads(cls, raw: bytes, where: str) -> Manifest:
+    def loads(cls, raw: bytes, where: str,
+              loader: Callable[[Manifest], ChunkMap] | None = None) -> Manifest:
         try:
             doc = json.loads(raw)
         except (UnicodeDecodeError, json.JSONDecodeError):
@@ -193,12 +202,14 @@ class Manifest:
             if size <= 0 or chunk_size <= 0:
                 raise ValueError("size")
             resume = doc.get("resume") or {}
+            ref = doc.get("chunk_map") or {}
+            if not isinstance(ref.get("file"), str) or not isinstance(ref.get("blake3"), str):
+                raise DamagedManifest(f"{where} names no chunk map")
             return cls(
                 id=str(doc["id"]), volume=str(doc["volume"]), image=str(doc["image"]),
                 generation=int(doc["generation"]), size=size, chunk_size=chunk_size,
                 state=str(doc["state"]), consistency=str(doc["consistency"]),
                 started_at=str(doc["started_at"]),
-                chunk_map=ChunkMap.decode(doc.get("chunk_map"), chunk_count(size, chunk_size)),
                 image_state=str(doc.get("image_state", "drained")),
                 forced=bool(doc.get("forced", False)), preserved_at=doc.get("preserved_at"),
                 drained_at=doc.get("drained_at"), completed_at=doc.get("completed_at"),
@@ -206,8 +217,7 @@ class Manifest:
                 volume_created=doc.get("volume_created"), stats=dict(doc.get("stats") or {}),
                 next_chunk=int(resume.get("next_chunk", 0)),
                 work=str(resume.get("work", "all")),
+                map_file=ref["file"], map_blake3=ref["blake3"], map_loader=loader,
             )
-        except DamagedManifest as exc:
-            raise DamagedManifest(f"{where}: {exc}") from None
         except (KeyError, TypeError, ValueError) as exc:
             raise DamagedManifest(f"{where} lacks a valid field ({exc})") from None

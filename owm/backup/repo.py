@@ -7,6 +7,7 @@ Layout::
     REPO/chunks/ab/ab12…ef      one zstd frame per distinct chunk, named by the BLAKE3 of its
                                 content (so chunks are shared between backups and volumes)
     REPO/backups/ID.json        the manifest of backup ID (see manifest.py)
+    REPO/backups/ID.HASH.map    its chunk map (HASH: the start of the map's own BLAKE3)
     REPO/backups/ID.lock        flock held while backup ID is being written
 
 Durability: a chunk file appears under its name only by an atomic rename of a finished file,
@@ -38,7 +39,7 @@ from typing import Any
 import blake3
 import zstandard
 
-from owm.backup.manifest import COMPLETE, DIGEST_SIZE, DamagedManifest, Manifest
+from owm.backup.manifest import COMPLETE, DIGEST_SIZE, ChunkMap, DamagedManifest, Manifest
 from owm.errors import AlreadyExists, InvalidRequest, NotFound, WrongState
 
 log = logging.getLogger("owm.backup")
@@ -125,6 +126,8 @@ class Repository:
         self.config = config
         self.level = int(config.get("compression_level", DEFAULT_LEVEL))
         self._local = threading.local()
+        self._dirs: dict[str, int] = {}
+        self._dirs_lock = threading.Lock()
 
     # -- opening ----------------------------------------------------------------------------
     @classmethod
@@ -196,8 +199,36 @@ class Repository:
         name = digest.hex()
         return self.root / "chunks" / name[:2] / name
 
+    def _dir(self, name: str) -> int:
+        """A descriptor of the chunk's directory: spares a path walk per chunk operation."""
+        fds = self._dirs
+        fd = fds.get(name[:2])
+        if fd is None:
+            with self._dirs_lock:
+                fd = fds.get(name[:2])
+                if fd is None:
+                    fd = os.open(self.root / "chunks" / name[:2],
+                                 os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+                    fds[name[:2]] = fd
+        return fd
+
+    def close(self) -> None:
+        with self._dirs_lock:
+            fds, self._dirs = self._dirs, {}
+        for fd in fds.values():
+            os.close(fd)
+
+    def __del__(self) -> None:
+        with contextlib.suppress(Exception):
+            self.close()
+
     def has_chunk(self, digest: bytes) -> bool:
-        return self.chunk_path(digest).exists()
+        name = digest.hex()
+        try:
+            os.stat(name, dir_fd=self._dir(name))
+        except FileNotFoundError:
+            return False
+        return True
 
     def _compressor(self) -> zstandard.ZstdCompressor:
         comp = getattr(self._local, "comp", None)
@@ -211,27 +242,35 @@ class Repository:
             dec = self._local.dec = zstandard.ZstdDecompressor()
         return dec
 
-    def put_chunk(self, digest: bytes, data: bytes | memoryview) -> int:
+    def put_chunk(self, digest: bytes, data: bytes | bytearray | memoryview) -> int:
         """Store one chunk (compressed) under its digest; returns the bytes written."""
-        path = self.chunk_path(digest)
+        name = digest.hex()
+        where = self._dir(name)
         packed = self._compressor().compress(data)
-        tmp = path.with_name(f".{path.name[:16]}.{os.getpid()}.{threading.get_ident()}{_TMP}")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+        tmp = f".{name[:16]}.{os.getpid()}.{threading.get_ident()}{_TMP}"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644,
+                     dir_fd=where)
         try:
             view = memoryview(packed)
             while view:
                 view = view[os.write(fd, view):]
         finally:
             os.close(fd)
-        os.replace(tmp, path)
+        os.rename(tmp, name, src_dir_fd=where, dst_dir_fd=where)
         return len(packed)
 
     def get_chunk(self, digest: bytes, length: int) -> bytes:
         """The content of a chunk, checked against its digest and length (ChunkDamaged if not)."""
+        name = digest.hex()
         try:
-            packed = self.chunk_path(digest).read_bytes()
+            fd = os.open(name, os.O_RDONLY | os.O_CLOEXEC, dir_fd=self._dir(name))
         except FileNotFoundError:
             raise ChunkDamaged("its chunk file is missing") from None
+        try:
+            with os.fdopen(fd, "rb", buffering=0) as f:
+                packed = f.read()
+        except OSError as exc:
+            raise ChunkDamaged(f"its chunk file cannot be read ({exc.strerror})") from None
         try:
             data = self._decompressor().decompress(packed, max_output_size=length)
         except zstandard.ZstdError as exc:
@@ -270,7 +309,19 @@ class Repository:
             raw = path.read_bytes()
         except FileNotFoundError:
             raise NotFound(f"the repository has no backup '{backup_id}'") from None
-        return Manifest.loads(raw, f"the manifest of backup {backup_id}")
+        return Manifest.loads(raw, f"the manifest of backup {backup_id}", self._load_map)
+
+    def _load_map(self, manifest: Manifest) -> ChunkMap:
+        assert manifest.map_file is not None and manifest.map_blake3 is not None
+        where = f"backup {manifest.id}"
+        try:
+            data = (self.root / "backups" / manifest.map_file).read_bytes()
+        except FileNotFoundError:
+            raise DamagedManifest(f"the chunk map file of {where} is missing") from None
+        return ChunkMap.unpack(data, manifest.chunks, manifest.map_blake3, where)
+
+    def _map_files(self, backup_id: str) -> list[Path]:
+        return list((self.root / "backups").glob(f"{backup_id}.*.map"))
 
     def manifests(self) -> tuple[list[Manifest], list[tuple[str, str]]]:
         """Every readable manifest, and (id, reason) of those that cannot be read."""
@@ -284,8 +335,21 @@ class Repository:
         return good, bad
 
     def save(self, manifest: Manifest) -> None:
-        """Write a manifest atomically and durably (after the chunks it names are synced)."""
+        """Write a manifest and its map atomically and durably (the manifest's rename commits).
+
+        Call it only after the chunks the map names are synced.
+        """
+        packed, digest = manifest.chunk_map.pack()
+        map_name = f"{manifest.id}.{digest[:16]}.map"
+        map_path = self.root / "backups" / map_name
+        if not map_path.exists():
+            write_atomically(map_path, packed)
+        manifest.map_file, manifest.map_blake3 = map_name, digest
         write_atomically(self._manifest_path(manifest.id), manifest.dumps())
+        for old in self._map_files(manifest.id):
+            if old.name != map_name:
+                with contextlib.suppress(FileNotFoundError):
+                    old.unlink()
 
     def resolve(self, ref: str) -> Manifest:
         """A backup by id, by unique id prefix, or by image name (its newest complete backup)."""
@@ -363,9 +427,10 @@ class Repository:
             if self.running(manifest.id):
                 raise WrongState(f"backup {manifest.id} is still being written")
             self._manifest_path(manifest.id).unlink()
-            with contextlib.suppress(FileNotFoundError):
-                self._lock_path(manifest.id).unlink()
             fsync_dir(self.root / "backups")
+            for path in [*self._map_files(manifest.id), self._lock_path(manifest.id)]:
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
             removed, freed = self.collect_garbage()
         log.info("deleted backup %s: %d chunks removed", manifest.id, removed)
         return DeleteResult(manifest.id, removed, freed)
@@ -378,8 +443,14 @@ class Repository:
             raise WrongState(f"no chunk was removed because a manifest is damaged: {reason}; "
                              f"delete backup {backup_id} first")
         live: set[str] = set()
+        maps: set[str | None] = set()
         for manifest in manifests:
-            live.update(d.hex() for d in manifest.chunk_map.digests())
+            try:
+                live.update(d.hex() for d in manifest.chunk_map.digests())
+            except DamagedManifest as exc:
+                raise WrongState(f"no chunk was removed because {exc}; delete backup "
+                                 f"{manifest.id} first") from None
+            maps.add(manifest.map_file)
         removed = freed = 0
         for sub in sorted((self.root / "chunks").iterdir()):
             if not sub.is_dir():
@@ -395,9 +466,10 @@ class Repository:
                     if not name.endswith(_TMP):
                         removed += 1
                         freed += size
-        for path in (self.root / "backups").glob(f".*{_TMP}"):
-            with contextlib.suppress(FileNotFoundError):
-                path.unlink()
+        for path in (self.root / "backups").iterdir():
+            if path.name.endswith(_TMP) or (path.name.endswith(".map") and path.name not in maps):
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
         self.sync()
         return removed, freed
 

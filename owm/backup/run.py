@@ -21,12 +21,13 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
+from owm.backup.bulkread import ReaderPool
 from owm.backup.image import ImageFacts
-from owm.backup.pipeline import Pipeline, Progress, Stats
+from owm.backup.pipeline import Fetch, Pipeline, Progress, Stats
 from owm.backup.qcow2 import backup_to_qcow2, compare_qcow2, nbd_uri
 from owm.backup.raw import RawWriter, check_raw_file
 from owm.backup.repo import Repository, is_repository
-from owm.backup.source import ImageSource
+from owm.backup.source import Batch, ImageSource
 from owm.backup.store import backup_to_repo
 from owm.backup.verify import verify_backups
 from owm.control.client import ControlClient, ControlError
@@ -171,21 +172,34 @@ async def nbd_endpoint(control: ControlClient) -> tuple[str | None, str | None]:
     return unix, tcp
 
 
+def _tcp(tcp: str) -> tuple[str, int]:
+    host, _, port = tcp.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
 async def connect_export(unix: str | None, tcp: str | None, export: str) -> NbdClient:
     if unix:
         return await NbdClient.connect(export=export, unix_path=unix)
     if tcp:
-        host, _, port = tcp.rpartition(":")
-        return await NbdClient.connect(export=export, host=host.strip("[]"), port=int(port))
+        host, port = _tcp(tcp)
+        return await NbdClient.connect(export=export, host=host, port=port)
     raise InvalidRequest("the daemon serves NBD neither on a Unix socket nor on TCP")
 
 
-async def _raw(client: NbdClient, facts: ImageFacts, path: Path, stats: Stats, verify: bool,
-               progress: Progress | None) -> bool:
+def reader_pool(unix: str | None, tcp: str | None, export: str) -> ReaderPool:
+    """Blocking connections for the worker threads that read the image's data."""
+    if unix:
+        return ReaderPool(export, unix_path=unix, host=None, port=0)
+    host, port = _tcp(tcp or "")
+    return ReaderPool(export, unix_path=None, host=host, port=port)
+
+
+async def _raw(client: NbdClient, fetch: Fetch, facts: ImageFacts, path: Path, stats: Stats,
+               verify: bool, progress: Progress | None) -> bool:
     writer = RawWriter(path, facts.size, facts.chunk_size, stats, keep_digests=verify)
     try:
         source = ImageSource(client, facts.chunk_size)
-        await Pipeline(writer, total=facts.size, progress=progress).run(source.batches())
+        await Pipeline(writer, fetch, total=facts.size, progress=progress).run(source.plan())
         await asyncio.get_running_loop().run_in_executor(None, writer.commit)
     except BaseException:
         writer.abandon()
@@ -248,9 +262,14 @@ async def run_backup(
         forced=facts.forced, size=facts.size, stats=stats, seconds=0.0, waited_seconds=waited)
     started = time.monotonic()
     client = await connect_export(unix, tcp, facts.image)
+    readers = reader_pool(unix, tcp, facts.image)
+
+    def fetch(batch: Batch) -> bytearray:
+        return readers.read(batch.offset, batch.length)
+
     try:
         if fmt == "raw":
-            result.verified = await _raw(client, facts, path, stats, verify, progress)
+            result.verified = await _raw(client, fetch, facts, path, stats, verify, progress)
         elif fmt == "qcow2":
             uri = nbd_uri(facts.image, unix, tcp)
             allocated = await _allocated_bytes(client)
@@ -262,7 +281,7 @@ async def run_backup(
                 result.verified = True
         else:
             done = await backup_to_repo(
-                client, facts, path, progress=progress,
+                client, facts, path, fetch=fetch, progress=progress,
                 changed_since=lambda since: changed_chunks(control, facts.image, since))
             result.stats = stats = done.stats
             result.backup_id = done.manifest.id
@@ -280,6 +299,7 @@ async def run_backup(
                 result.verified = True
         result.seconds = time.monotonic() - started
     finally:
+        await asyncio.get_running_loop().run_in_executor(None, readers.close)
         await client.disconnect()
     if release:
         await control.release(facts.image)

@@ -1,37 +1,37 @@
-"""Reading a preserved image over NBD for a backup: block status first, then only what holds data.
+"""Planning the reads of a backup: which chunks of the image hold data, in chunk-aligned batches.
 
-The image is read in chunk-aligned *batches* (runs of whole chunks, about a MiB each) with a
-window of reads in flight, and handed out in order.  Block status (base:allocation) tells
-which chunks read as zeroes; those are never read and come out as batches without data, so a
-half-empty volume costs half the reading.  An incremental backup passes the chunk numbers that
-changed and nothing else is looked at, not even by block status.
+Block status (base:allocation, asked over the asyncio NBD client) tells which chunks read as
+zeroes; those are never read and come out as *zero batches*.  The rest come out as *read
+batches*, runs of whole chunks of about a MiB, which the backup's worker threads read (see
+bulkread.py) and write.  An incremental backup passes the chunk numbers that changed and nothing
+else is looked at, not even by block status.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-from collections import deque
-from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Iterator
+from collections.abc import AsyncIterator, Iterable, Iterator
 from dataclasses import dataclass
 
 from owm.nbd.client import NbdClient
 
 NBD_STATE_ZERO = 2
 BATCH_BYTES = 2 << 20
-WINDOW = 8
 STATUS_SPAN = 1 << 30  # bytes asked about per BLOCK_STATUS request
 
 
 @dataclass(frozen=True, slots=True)
 class Batch:
-    """``count`` consecutive chunks from chunk ``first``; ``data`` None means all zeroes."""
+    """``count`` consecutive chunks from chunk ``first``: all zeroes, or ``data`` once read."""
 
     first: int
     count: int
     offset: int
     length: int
-    data: bytes | None = None
+    zero: bool = False
+    data: bytes | bytearray | None = None
+
+    def with_data(self, data: bytes | bytearray) -> Batch:
+        return Batch(self.first, self.count, self.offset, self.length, False, data)
 
 
 def chunk_runs(chunks: Iterable[int]) -> Iterator[tuple[int, int]]:
@@ -49,17 +49,15 @@ def chunk_runs(chunks: Iterable[int]) -> Iterator[tuple[int, int]]:
 
 
 class ImageSource:
-    """Chunk batches of one NBD export (normally a read-only ``NAME@N``)."""
+    """The batches of one NBD export (normally a read-only ``NAME@N``)."""
 
-    def __init__(self, client: NbdClient, chunk_size: int, *, batch_bytes: int = BATCH_BYTES,
-                 window: int = WINDOW) -> None:
+    def __init__(self, client: NbdClient, chunk_size: int, *,
+                 batch_bytes: int = BATCH_BYTES) -> None:
         self.client = client
         self.size = client.size
         self.chunk_size = chunk_size
         self.chunks = (self.size + chunk_size - 1) // chunk_size
         self.per_batch = max(1, batch_bytes // chunk_size)
-        self.window = window
-        self.bytes_read = 0
         self.has_status = client.meta_context_id is not None
 
     def _span(self, first: int, count: int) -> tuple[int, int]:
@@ -82,8 +80,20 @@ class ImageSource:
             pos += ext_len
         return flags
 
-    async def _plan(self, runs: Iterable[tuple[int, int]]) -> AsyncGenerator[Batch, None]:
-        """Batches without data yet, in order: zero batches final, data batches to be read."""
+    async def plan(self, chunks: list[int] | None = None,
+                   start: int = 0) -> AsyncIterator[Batch]:
+        """Every chunk from ``start`` (or just ``chunks``, sorted), in order, as batches."""
+        if chunks is not None:
+            # Changed chunks are read without asking block status first: they were written,
+            # so they almost always hold data (the writer spots the rare chunk of zeroes), and
+            # a status request per scattered run would cost more than it saves.
+            for first, count in chunk_runs(c for c in chunks if c >= start):
+                for sub in range(first, first + count, self.per_batch):
+                    n = min(self.per_batch, first + count - sub)
+                    offset, length = self._span(sub, n)
+                    yield Batch(sub, n, offset, length)
+            return
+        runs = [(start, self.chunks - start)] if start < self.chunks else []
         span_chunks = max(1, STATUS_SPAN // self.chunk_size)
         for run_first, run_count in runs:
             for sub in range(run_first, run_first + run_count, span_chunks):
@@ -96,43 +106,5 @@ class ImageSource:
                     while j < limit and zero[j] == zero[i]:
                         j += 1
                     offset, length = self._span(sub + i, j - i)
-                    yield Batch(sub + i, j - i, offset, length, None if zero[i] else b"")
+                    yield Batch(sub + i, j - i, offset, length, zero=zero[i])
                     i = j
-
-    async def batches(self, chunks: list[int] | None = None,
-                      start: int = 0) -> AsyncIterator[Batch]:
-        """Every chunk from ``start`` (or just ``chunks``, sorted) in order, data read ahead."""
-        if chunks is None:
-            runs: Iterable[tuple[int, int]] = [(start, self.chunks - start)] if (
-                start < self.chunks) else []
-        else:
-            runs = chunk_runs(c for c in chunks if c >= start)
-        pending: deque[tuple[Batch, asyncio.Task[bytes] | None]] = deque()
-        plan = self._plan(runs)
-        try:
-            async for batch in plan:
-                task = None
-                if batch.data is not None:
-                    task = asyncio.ensure_future(self.client.read(batch.offset, batch.length))
-                pending.append((batch, task))
-                while len(pending) > self.window or (pending and pending[0][1] is None):
-                    yield await self._next(pending)
-            while pending:
-                yield await self._next(pending)
-        finally:
-            for _, task in pending:
-                if task is not None:
-                    task.cancel()
-            for _, task in pending:
-                if task is not None:
-                    with contextlib.suppress(BaseException):
-                        await task
-            await plan.aclose()
-
-    async def _next(self, pending: deque[tuple[Batch, asyncio.Task[bytes] | None]]) -> Batch:
-        batch, task = pending.popleft()
-        if task is None:
-            return batch
-        data = await task
-        self.bytes_read += len(data)
-        return Batch(batch.first, batch.count, batch.offset, batch.length, data)

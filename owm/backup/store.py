@@ -30,7 +30,7 @@ import blake3
 
 from owm.backup.image import ImageFacts
 from owm.backup.manifest import COMPLETE, INCOMPLETE, ChunkMap, Manifest, chunk_count
-from owm.backup.pipeline import Pipeline, Progress, Stats
+from owm.backup.pipeline import Fetch, Pipeline, Progress, Stats
 from owm.backup.repo import Repository, utc_now
 from owm.backup.source import Batch, ImageSource
 from owm.nbd.client import NbdClient
@@ -136,11 +136,15 @@ async def backup_to_repo(
     facts: ImageFacts,
     path: Path,
     *,
+    fetch: Fetch,
     changed_since: ChangedSince,
     progress: Progress | None = None,
     checkpoint_every: float | None = None,
 ) -> RepoBackup:
-    """Back the image behind ``client`` up into the repository at ``path`` (created if new)."""
+    """Back the image behind ``client`` up into the repository at ``path`` (created if new).
+
+    ``client`` answers block status; ``fetch`` reads a batch (on a worker thread).
+    """
     loop = asyncio.get_running_loop()
     repo = await loop.run_in_executor(None, lambda: Repository.open(path, create=True))
     with repo.locked(exclusive=False):
@@ -175,7 +179,7 @@ async def backup_to_repo(
                 id=backup_id, volume=facts.volume, image=facts.image,
                 generation=facts.generation, size=facts.size, chunk_size=facts.chunk_size,
                 state=INCOMPLETE, consistency=facts.consistency, started_at=utc_now(),
-                chunk_map=chunk_map, image_state=facts.state, forced=facts.forced,
+                map_data=chunk_map, image_state=facts.state, forced=facts.forced,
                 preserved_at=facts.preserved_at, drained_at=facts.drained_at,
                 parent=parent.id if parent is not None else None,
                 incremental=work is not None, volume_created=facts.volume_created,
@@ -203,9 +207,9 @@ async def backup_to_repo(
                 repo.save(manifest)
 
             every = checkpoint_interval() if checkpoint_every is None else checkpoint_every
-            pipeline = Pipeline(writer, total=total, progress=progress, checkpoint=checkpoint,
-                                checkpoint_every=every)
-            await pipeline.run(source.batches(work, start))
+            pipeline = Pipeline(writer, fetch, total=total, progress=progress,
+                                checkpoint=checkpoint, checkpoint_every=every)
+            await pipeline.run(source.plan(work, start))
             await loop.run_in_executor(None, repo.sync)
             manifest.state = COMPLETE
             manifest.completed_at = utc_now()

@@ -13,7 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-from owm.backup.manifest import Manifest
+from owm.backup.manifest import DamagedManifest, Manifest
 from owm.backup.repo import ChunkDamaged, Repository
 
 JSON = dict[str, Any]
@@ -94,7 +94,12 @@ def verify_backups(repo: Repository, ref: str | None = None, *, progress: Progre
             reports.append(report)
             if not m.complete:
                 continue
-            for index, digest in m.chunk_map.entries():
+            try:
+                entries = list(m.chunk_map.entries())
+            except DamagedManifest as exc:
+                report.state, report.damaged = "damaged", str(exc)
+                continue
+            for index, digest in entries:
                 todo.setdefault((digest, m.chunk_length(index)), []).append((report, index))
                 report.chunks_checked += 1
         total = sum(length for _, length in todo)

@@ -1,0 +1,243 @@
+#!/usr/bin/env python3
+"""Backup speed in one run: owm backup to raw and to an owm repository beside nbdcopy, and an
+incremental backup after 1% of the chunks changed.
+
+A real ``owm serve`` keeps its pool on tmpfs (so disk speed is not what is measured).  A 4 GiB
+volume (64 KiB chunks) gets half of it written, 1 MiB pieces of random data with a hole after
+each, and is preserved.  Then, one at a time, each reading the same read-only export
+``vol@0`` over the Unix socket and writing to tmpfs:
+
+* ``nbdcopy`` (libnbd; four connections, many requests in flight) to a raw file;
+* ``owm backup vol@0 --to F.raw`` (sparse raw file; block status, skips holes);
+* ``owm backup vol@0 --to REPO`` (owm repository: BLAKE3, zstd, one file per chunk, synced);
+* 1% of the volume's chunks are overwritten, the volume preserved again, and
+  ``owm backup vol@1 --to REPO`` runs incrementally (only the changed chunks are read).
+
+Rates are MB/s (10^6 bytes per second) of volume, i.e. volume size / wall time of the command
+as a user runs it (process start included, for owm and nbdcopy alike); the owm rows also show
+the time the backup itself reported.  The whole run is bounded by ``--time-limit``.
+
+    .venv/bin/python bench/backup_bench.py [--size 4G] [--changed 0.01] [--tmpfs /dev/shm]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from owm.nbd.client import NbdClient  # noqa: E402
+from owm.sizes import format_size, parse_size  # noqa: E402
+
+OWM = [sys.executable, "-m", "owm"]
+CHUNK = 64 * 1024
+PIECE = 1 << 20
+
+
+@dataclass
+class Row:
+    what: str
+    seconds: float
+    inner: float | None
+    bytes_read: int | None
+    note: str = ""
+
+
+class Deadline:
+    def __init__(self, seconds: float) -> None:
+        self.end = time.monotonic() + seconds
+
+    def left(self) -> float:
+        left = self.end - time.monotonic()
+        if left <= 0:
+            raise SystemExit("backup_bench: the time limit ran out")
+        return left
+
+
+def env() -> dict[str, str]:
+    out = {k: v for k, v in os.environ.items() if k != "OWM_POOL"}
+    out["PYTHONPATH"] = str(REPO) + os.pathsep + out.get("PYTHONPATH", "")
+    return out
+
+
+def owm(pool: Path, *args: str | Path, deadline: Deadline) -> str:
+    done = subprocess.run([*OWM, "--pool", str(pool), *map(str, args)], capture_output=True,
+                          text=True, env=env(), cwd=REPO, timeout=deadline.left())
+    if done.returncode != 0:
+        raise SystemExit(f"owm {' '.join(map(str, args))} failed: {done.stderr.strip()}")
+    return done.stdout
+
+
+def start_daemon(pool: Path, log: Path, deadline: Deadline) -> subprocess.Popen[bytes]:
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([*OWM, "--pool", str(pool), "serve", "--listen", "none"],
+                                stdout=out, stderr=subprocess.STDOUT, env=env(), cwd=REPO)
+    while not (pool / "control.sock").exists() or not (pool / "nbd.sock").exists():
+        if proc.poll() is not None:
+            raise SystemExit(f"owm serve failed:\n{log.read_text()}")
+        deadline.left()
+        time.sleep(0.05)
+    time.sleep(0.2)
+    return proc
+
+
+async def write_pieces(sock: Path, export: str, pieces: list[tuple[int, int]],
+                       seed: int) -> None:
+    """Random data at each (offset, length), 16 writes in flight, then a flush."""
+    rng = random.Random(seed)
+    client = await NbdClient.connect(export=export, unix_path=str(sock))
+    window = asyncio.Semaphore(16)
+
+    async def one(offset: int, length: int) -> None:
+        try:
+            await client.write(offset, rng.randbytes(length))
+        finally:
+            window.release()
+
+    tasks = []
+    for offset, length in pieces:
+        await window.acquire()
+        tasks.append(asyncio.ensure_future(one(offset, length)))
+    await asyncio.gather(*tasks)
+    await client.flush()
+    await client.disconnect()
+
+
+def timed(argv: list[str], deadline: Deadline) -> tuple[float, str]:
+    started = time.monotonic()
+    done = subprocess.run(argv, capture_output=True, text=True, env=env(), cwd=REPO,
+                          timeout=deadline.left())
+    seconds = time.monotonic() - started
+    if done.returncode != 0:
+        raise SystemExit(f"{' '.join(argv[:4])} ... failed: {done.stderr.strip()}")
+    return seconds, done.stdout
+
+
+def backup(pool: Path, image: str, to: Path, fmt: str, what: str,
+           deadline: Deadline) -> tuple[Row, dict[str, object]]:
+    seconds, out = timed([*OWM, "--pool", str(pool), "backup", image, "--to", str(to),
+                          "--format", fmt, "--json"], deadline)
+    summary = json.loads(out)
+    return Row(what, seconds, float(summary["seconds"]), int(summary["bytes_read"])), summary
+
+
+def print_table(rows: list[Row], size: int) -> None:
+    nbdcopy = rows[0].seconds
+    head = (f"{'':34} {'read':>9} {'wall s':>7} {'MB/s vol':>9} {'x nbdcopy':>9} "
+            f"{'inner s':>8} {'MB/s inner':>10}  note")
+    print(head)
+    print("-" * len(head))
+    for r in rows:
+        rate = size / r.seconds / 1e6
+        inner = f"{r.inner:8.2f} {size / r.inner / 1e6:10.0f}" if r.inner else f"{'-':>8} {'-':>10}"
+        read = format_size(r.bytes_read) if r.bytes_read is not None else "-"
+        print(f"{r.what:34} {read:>9} {r.seconds:7.2f} {rate:9.0f} {nbdcopy / r.seconds:9.2f} "
+              f"{inner}  {r.note}")
+
+
+def run(args: argparse.Namespace) -> None:
+    deadline = Deadline(args.time_limit)
+    size = parse_size(args.size)
+    for tool in ("nbdcopy",):
+        if shutil.which(tool) is None:
+            raise SystemExit(f"backup_bench needs {tool} (Debian package libnbd-bin)")
+    free = shutil.disk_usage(args.tmpfs).free
+    need = int(size * 1.2) + (256 << 20)  # pool (half) + repository (half) + one output
+    if free < need:
+        raise SystemExit(f"backup_bench needs {format_size(need)} free in {args.tmpfs}; "
+                         f"it has {format_size(free)}")
+    work = Path(tempfile.mkdtemp(prefix="owm-bb-", dir=args.tmpfs))
+    pool = work / "pool"
+    daemon = start_daemon(pool, work / "daemon.log", deadline)
+    try:
+        sock = pool / "nbd.sock"
+        owm(pool, "volume", "create", "vol", "--size", str(size), "--chunk-size", "64K",
+            deadline=deadline)
+        pieces = [(o, PIECE) for o in range(0, size, 2 * PIECE)]
+        print(f"filling {format_size(size)} volume: {len(pieces)} x 1M of random data, a 1M "
+              "hole after each ...", file=sys.stderr)
+        asyncio.run(asyncio.wait_for(write_pieces(sock, "vol", pieces, 1), deadline.left()))
+        image = owm(pool, "preserve", "vol", deadline=deadline).strip()
+        rows: list[Row] = []
+
+        target = work / "nbdcopy.raw"
+        seconds, _ = timed(["nbdcopy", f"nbd+unix:///{image}?socket={sock}", str(target)],
+                           deadline)
+        rows.append(Row("nbdcopy -> raw file", seconds, None, None, "libnbd, 4 connections"))
+        target.unlink()
+
+        row, _ = backup(pool, image, work / "b.raw", "raw", "owm backup --format raw", deadline)
+        row.note = "sparse file, synced"
+        rows.append(row)
+        (work / "b.raw").unlink()
+
+        repo = work / "repo"
+        full, summary = backup(pool, image, repo, "owm", "owm backup --format owm (full)",
+                               deadline)
+        full.note = (f"{summary['chunks_new']} chunks stored, "
+                     f"{format_size(int(str(summary['bytes_written'])))} written")
+        rows.append(full)
+
+        chunks = size // CHUNK
+        rng = random.Random(2)
+        changed = sorted(rng.sample(range(chunks), max(1, int(chunks * args.changed))))
+        print(f"changing {len(changed)} of {chunks} chunks ({args.changed:.0%}) ...",
+              file=sys.stderr)
+        asyncio.run(asyncio.wait_for(
+            write_pieces(sock, "vol", [(c * CHUNK, CHUNK) for c in changed], 3),
+            deadline.left()))
+        owm(pool, "release", image, deadline=deadline)
+        second = owm(pool, "preserve", "vol", deadline=deadline).strip()
+        incr, summary = backup(pool, second, repo, "owm", "owm backup --format owm (incr.)",
+                               deadline)
+        if not summary.get("incremental"):
+            incr.note = "NOT incremental (the daemon gave no changed-chunk map)"
+        else:
+            incr.note = (f"{summary['changed_chunks']} changed chunks; "
+                         f"{full.seconds / incr.seconds:.0f}x faster than full (wall), "
+                         f"{(full.inner or 0) / (incr.inner or 1):.0f}x (inner)")
+        rows.append(incr)
+
+        print(f"\nowm backup speed: {format_size(size)} volume, half written, 64K chunks, "
+              f"tmpfs, {os.cpu_count()} CPUs\n")
+        print_table(rows, size)
+        raw_ratio = rows[0].seconds / rows[1].seconds
+        speedup = full.seconds / incr.seconds
+        print(f"\naims: raw >= nbdcopy: {'met' if raw_ratio >= 1 else 'NOT met'} "
+              f"({raw_ratio:.2f}x); incremental >= 20x faster than full: "
+              f"{'met' if speedup >= 20 else 'NOT met'} ({speedup:.0f}x wall)")
+    finally:
+        daemon.send_signal(signal.SIGTERM)
+        try:
+            daemon.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            daemon.kill()
+            daemon.wait()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--size", default="4G", help="volume size (half of it is written)")
+    parser.add_argument("--changed", type=float, default=0.01,
+                        help="fraction of chunks changed before the incremental backup")
+    parser.add_argument("--tmpfs", default="/dev/shm", help="where pool and backups live")
+    parser.add_argument("--time-limit", type=float, default=900, help="seconds for the run")
+    run(parser.parse_args())
+
+
+if __name__ == "__main__":
+    main()
