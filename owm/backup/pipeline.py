@@ -22,7 +22,7 @@ from owm.backup.source import Batch
 
 Progress = Callable[[int, int], None]
 Fetch = Callable[[Batch], "bytes | bytearray"]
-WORKERS = 3
+WORKERS = 2
 GROUP_BYTES = 2 << 20
 
 

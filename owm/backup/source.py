@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from owm.nbd.client import NbdClient
 
 NBD_STATE_ZERO = 2
-BATCH_BYTES = 2 << 20
+BATCH_BYTES = 4 << 20
 STATUS_SPAN = 1 << 30  # bytes asked about per BLOCK_STATUS request
 
 
