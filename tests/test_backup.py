@@ -198,14 +198,15 @@ def test_delete_removes_only_chunks_no_other_backup_uses(daemon: Daemon,
     only_a = repository.load(a).chunk_map.digests() - repository.load(b).chunk_map.digests()
     assert len(only_a) == 1
     deleted = ok_json(daemon.owm("backup", "delete", repo, a, "--json"))
-    assert deleted == {"deleted": a, "chunks_removed": 1, "bytes_freed": deleted["bytes_freed"]}
+    assert deleted == {"deleted": a, "chunks_removed": 1, "bytes_freed": deleted["bytes_freed"],
+                       "chunks_kept_because": None}
     assert not any(repository.has_chunk(d) for d in only_a)
     assert [x["id"] for x in repo_list(daemon, repo)] == [b]
     ok(daemon.owm("backup", "verify", repo))
     target = short_tmp / "b.raw"
     ok(daemon.owm("restore", repo, b, "--to", target))
     assert target.read_bytes() == read_image(daemon, second)
-    refused(daemon.owm("backup", "delete", repo, a))
+    refused(daemon.owm("backup", "delete", repo, a))  # gone already
 
 
 def test_backup_waits_for_a_draining_image(daemon: Daemon, short_tmp: Path,
@@ -379,3 +380,70 @@ def test_repository_survives_leftovers(short_tmp: Path) -> None:
     assert removed == 1 and not stray.exists() and not unreferenced.exists()
     shutil.rmtree(repo.root / "chunks" / "00")
     os.mkdir(repo.root / "chunks" / "00")
+
+
+def test_after_a_daemon_crash_the_next_backup_reads_everything_and_dedups(
+        short_tmp: Path) -> None:
+    """Change maps cannot be trusted after a crash: the backup reads all, stores only news."""
+    import signal
+
+    from conftest import start_daemon
+
+    pool = short_tmp / "pool"
+    repo = short_tmp / "repo"
+    first = start_daemon(pool)
+    try:
+        create(first, "vol", "8M")
+        write(first, random_writes(random.Random("crash"), SIZE, 10))
+        ok(first.owm("backup", preserve(first), "--to", repo))
+        write(first, [(5 * CHUNK, b"\x42" * CHUNK)])
+    finally:
+        first.stop(signal.SIGKILL)
+    second = start_daemon(pool)
+    try:
+        write(second, [(7 * CHUNK + 5, b"after the crash")])
+        image = preserve(second)
+        summary = ok_json(second.owm("backup", image, "--to", repo, "--json"))
+        assert summary["incremental"] is False  # the daemon could not say what changed
+        assert summary["chunks_new"] <= 2 and summary["chunks_reused"] > 0
+        target = short_tmp / "r.raw"
+        ok(second.owm("restore", repo, summary["id"], "--to", target))
+        assert target.read_bytes() == read_image(second, image)
+    finally:
+        assert second.stop() == 0
+
+
+def test_damaged_manifests_are_reported_not_trusted(daemon: Daemon, short_tmp: Path) -> None:
+    create(daemon, "vol", "4M")
+    write(daemon, [(0, b"a" * CHUNK)])
+    first = preserve(daemon)
+    write(daemon, [(CHUNK, b"b" * CHUNK)])
+    second = preserve(daemon)
+    repo = short_tmp / "repo"
+    a = ok_json(daemon.owm("backup", first, "--to", repo, "--json"))["id"]
+    b = ok_json(daemon.owm("backup", second, "--to", repo, "--json"))["id"]
+    manifest = repo / "backups" / f"{a}.json"
+    manifest.write_bytes(manifest.read_bytes()[:100])  # a torn manifest
+    listed = {x["id"]: x for x in repo_list(daemon, repo)}
+    assert listed[a]["state"] == "damaged" and listed[b]["state"] == "complete"
+    result = daemon.owm("backup", "verify", repo)
+    assert result.returncode == 1 and f"Backup {a} is damaged" in result.stderr
+    # While one backup is damaged, deleting another removes no chunk it may still need.
+    c = ok_json(daemon.owm("backup", second, "--to", repo, "--json"))["id"]
+    deleted = ok_json(daemon.owm("backup", "delete", repo, c, "--json"))
+    assert deleted["chunks_removed"] == 0 and "damaged" in deleted["chunks_kept_because"]
+    assert len([p for p in (repo / "chunks").rglob("*") if p.is_file()]) == 2
+    ok(daemon.owm("backup", "verify", repo, b))
+    # A map that does not match its manifest is caught too.
+    map_file = next((repo / "backups").glob(f"{b}.*.map"))
+    map_file.write_bytes(zstandard.ZstdCompressor().compress(bytes(64 * 32)))
+    result = daemon.owm("backup", "verify", repo, b)
+    assert result.returncode == 1 and "does not match its checksum" in result.stderr
+    line = refused(daemon.owm("restore", repo, b, "--to", short_tmp / "x.raw"))
+    assert "checksum" in line
+    # Damaged backups can be deleted by their id; then the repository is clean again.
+    ok(daemon.owm("backup", "delete", repo, a))
+    ok(daemon.owm("backup", "delete", repo, b))
+    assert repo_list(daemon, repo) == []
+    assert not [p for p in (repo / "chunks").rglob("*") if p.is_file()]
+    assert list((repo / "backups").iterdir()) == []

@@ -337,6 +337,10 @@ def backup_delete(repo: Path, backup_id: str, as_json: bool) -> None:
     result = _guarded(lambda: r.delete(backup_id))
     if as_json:
         _echo_json(result.to_json())
+    elif result.chunks_kept_because:
+        _out().print(f"Deleted backup {result.id}, but no chunk was removed because "
+                     f"{result.chunks_kept_because}; delete that backup too to reclaim space.",
+                     markup=False)
     else:
         _out().print(f"Deleted backup {result.id}: {result.chunks_removed} chunks no other "
                      f"backup used were removed ({format_size(result.bytes_freed)} freed).",

@@ -112,10 +112,11 @@ class DeleteResult:
     id: str
     chunks_removed: int
     bytes_freed: int
+    chunks_kept_because: str | None = None  # why no chunk could be removed
 
     def to_json(self) -> dict[str, Any]:
         return {"deleted": self.id, "chunks_removed": self.chunks_removed,
-                "bytes_freed": self.bytes_freed}
+                "bytes_freed": self.bytes_freed, "chunks_kept_because": self.chunks_kept_because}
 
 
 class Repository:
@@ -421,36 +422,55 @@ class Repository:
 
     # -- deleting ---------------------------------------------------------------------------
     def delete(self, ref: str) -> DeleteResult:
-        """Remove one backup and every chunk that no other backup (complete or not) uses."""
+        """Remove one backup and every chunk that no other backup (complete or not) uses.
+
+        A damaged backup can be deleted by its exact id.  While another backup is damaged no
+        chunk is removed (which chunks it needs cannot be known); the backup itself still goes.
+        """
         with self.locked(exclusive=True, wait=5.0):
-            manifest = self.resolve(ref)
-            if self.running(manifest.id):
-                raise WrongState(f"backup {manifest.id} is still being written")
-            self._manifest_path(manifest.id).unlink()
+            try:
+                target = self.resolve(ref).id
+            except DamagedManifest:
+                if ref not in self.manifest_ids():
+                    raise
+                target = ref
+            if self.running(target):
+                raise WrongState(f"backup {target} is still being written")
+            try:
+                references: tuple[set[str], set[str]] | None = self._references(exclude=target)
+                why = None
+            except WrongState as exc:
+                references, why = None, str(exc)
+            self._manifest_path(target).unlink()
             fsync_dir(self.root / "backups")
-            for path in [*self._map_files(manifest.id), self._lock_path(manifest.id)]:
+            for path in [*self._map_files(target), self._lock_path(target)]:
                 with contextlib.suppress(FileNotFoundError):
                     path.unlink()
-            removed, freed = self.collect_garbage()
-        log.info("deleted backup %s: %d chunks removed", manifest.id, removed)
-        return DeleteResult(manifest.id, removed, freed)
+            removed, freed = self._sweep(*references) if references is not None else (0, 0)
+        log.info("deleted backup %s: %d chunks removed", target, removed)
+        return DeleteResult(target, removed, freed, why)
 
     def collect_garbage(self) -> tuple[int, int]:
         """Remove chunks no manifest names, and leftovers of killed writers (hold the lock)."""
-        manifests, bad = self.manifests()
-        if bad:
-            backup_id, reason = bad[0]
-            raise WrongState(f"no chunk was removed because a manifest is damaged: {reason}; "
-                             f"delete backup {backup_id} first")
+        return self._sweep(*self._references())
+
+    def _references(self, exclude: str | None = None) -> tuple[set[str], set[str]]:
+        """Chunk names and map files every backup but ``exclude`` uses (WrongState if unsure)."""
         live: set[str] = set()
-        maps: set[str | None] = set()
-        for manifest in manifests:
+        maps: set[str] = set()
+        for backup_id in self.manifest_ids():
+            if backup_id == exclude:
+                continue
             try:
+                manifest = self.load(backup_id)
                 live.update(d.hex() for d in manifest.chunk_map.digests())
             except DamagedManifest as exc:
-                raise WrongState(f"no chunk was removed because {exc}; delete backup "
-                                 f"{manifest.id} first") from None
-            maps.add(manifest.map_file)
+                raise WrongState(f"backup {backup_id} is damaged ({exc})") from None
+            if manifest.map_file:
+                maps.add(manifest.map_file)
+        return live, maps
+
+    def _sweep(self, live: set[str], maps: set[str]) -> tuple[int, int]:
         removed = freed = 0
         for sub in sorted((self.root / "chunks").iterdir()):
             if not sub.is_dir():
