@@ -21,7 +21,9 @@ backup window (the ``--window`` seconds after the backup started; wait = arrival
 any time queued behind another transfer's account lock, which is the workload's own business);
 the throughput dip (1 - transfers completed in the second after the backup started / in the
 second before); torn transfers in the backup; and the time the coordinator could start nothing.
-Runs of the three methods are interleaved so that drift hits them alike.
+Runs of the three methods are interleaved so that drift hits them alike.  ``--methods
+owm-gate`` adds the coordinator's gate handover (nothing starts from the preserve until the
+first new session is open), whose no-start time is the preserve plus one connection.
 
     .venv/bin/python bench/disruption.py [--runs 20] [--workers 16] [--rate 300] [--json FILE]
 """
@@ -57,7 +59,8 @@ from owm.control.client import ControlClient  # noqa: E402
 from owm.coordinator import Coordinator, TxnRecord  # noqa: E402
 from owm.nbd.client import NbdClient  # noqa: E402
 
-METHODS = ("owm", "quiesce", "instant")
+METHODS = ("owm", "quiesce", "instant", "owm-gate")
+DEFAULT_METHODS = "owm,quiesce,instant"
 JSON = dict[str, Any]
 
 
@@ -154,8 +157,9 @@ async def one_run(control: ControlClient, sock: str, method: str, index: int,
     t0 = coordinator.clock()
     run.running_at_backup = coordinator.running
     expect: set[int] | None = None
-    if method == "owm":
-        handover = await coordinator.preserve(split)
+    if method.startswith("owm"):
+        handover = await coordinator.preserve(split, mode="gate" if method == "owm-gate"
+                                              else "overlap")
         image = handover.image
         run.no_start_ms = handover.no_start_s * 1000
         run.preserve_ms = handover.preserve_ms
@@ -204,7 +208,7 @@ async def one_run(control: ControlClient, sock: str, method: str, index: int,
     await coordinator.close(timeout=10)
     measure(run, coordinator.records, t0, args.window)
 
-    if method == "owm":
+    if method.startswith("owm"):
         expect = {t.id for t in bank.ledger.values() if t.generation == 0}
     raw = workdir / f"{volume}.raw"
     await run_backup(control, image, raw, fmt="raw", force=True)
@@ -317,7 +321,9 @@ def main() -> None:
     parser.add_argument("--window", type=float, default=2.0,
                         help="seconds after the backup starts whose arrivals are measured")
     parser.add_argument("--chunk-size", default="64K")
-    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--methods", default=DEFAULT_METHODS,
+                        help=f"any of {', '.join(METHODS)} (owm-gate: the handover that stops "
+                             "starting transactions until the first new session is open)")
     parser.add_argument("--dir", help="where the pool goes (default: the temp dir)")
     parser.add_argument("--json", type=Path, help="write every run and the summary here")
     args = parser.parse_args()
