@@ -121,10 +121,7 @@ class CowEngine(Engine):
                 return
         target = _data(prev)
         try:
-            for chunk in missing:
-                start = chunk << self.shift
-                n = min(self.chunk_size, self.size - start)
-                source = self._owner(prev, chunk)
+            for source, start, n in self._copy_runs(prev, missing):
                 content = await self.storage.read(source, start, n)
                 await self.put(target, start, content)
             await self.group_sync(target)()
@@ -139,6 +136,23 @@ class CowEngine(Engine):
         for chunk in missing:
             table.set(chunk)
         await table.commit()
+
+    def _copy_runs(self, prev: int, missing: list[int]) -> Iterator[tuple[str, int, int]]:
+        """Consecutive missing chunks with the same source, as (source, offset, length) runs:
+        a large write copies its chunks with one read and one write, not one per chunk."""
+        run: tuple[str, int, int] | None = None
+        for chunk in missing:
+            start = chunk << self.shift
+            n = min(self.chunk_size, self.size - start)
+            source = self._owner(prev, chunk)
+            if run is not None and run[0] == source and run[1] + run[2] == start:
+                run = (source, run[1], run[2] + n)
+                continue
+            if run is not None:
+                yield run
+            run = (source, start, n)
+        if run is not None:
+            yield run
 
     async def _break(self, view: int, reason: str) -> None:
         for v in self.views[:-1]:
