@@ -94,22 +94,23 @@ class BulkReader:
             raise NbdError("The server accepted GO without describing the export.")
         return size, tflags
 
-    def read_into(self, offset: int, view: memoryview, piece: int = PIECE) -> None:
-        """Fill ``view`` with the export's bytes from ``offset``.
+    def read_into(self, ranges: list[tuple[int, memoryview]], piece: int = PIECE) -> None:
+        """Fill each view with the export's bytes from its offset.
 
-        The range goes out as READs of ``piece`` bytes, all sent before the first reply is
-        read (the server works on them together and answers in any order).  Requests of a
-        few hundred KiB are cheaper for the server than MiB-sized ones: its buffers stay in
-        cache and need no fresh pages.
+        Every range goes out as READs of at most ``piece`` bytes, all sent before the first
+        reply is read (the server works on them together and answers in any order).
+        Requests of a few hundred KiB are cheaper for the server than MiB-sized ones: its
+        buffers stay in cache and need no fresh pages.
         """
         parts: dict[int, memoryview] = {}
         requests = []
-        for start in range(0, len(view), piece):
-            self._handles += 1
-            part = view[start:start + piece]
-            parts[self._handles] = part
-            requests.append(_REQUEST.pack(c.REQUEST_MAGIC, 0, c.CMD_READ, self._handles,
-                                          offset + start, len(part)))
+        for offset, view in ranges:
+            for start in range(0, len(view), piece):
+                self._handles += 1
+                part = view[start:start + piece]
+                parts[self._handles] = part
+                requests.append(_REQUEST.pack(c.REQUEST_MAGIC, 0, c.CMD_READ, self._handles,
+                                              offset + start, len(part)))
         self.sock.sendall(b"".join(requests))
         failed: NbdError | None = None
         while parts:
@@ -118,8 +119,8 @@ class BulkReader:
             if magic != c.SIMPLE_REPLY_MAGIC or found is None:
                 raise NbdError("The server sent a reply that matches no READ.")
             if error:
-                failed = failed or NbdError(f"A READ near offset {offset} failed with error "
-                                            f"{error}.", error)
+                failed = failed or NbdError(f"A READ of the image failed with error {error}.",
+                                            error)
                 continue
             _recv_exactly(self.sock, found)
         if failed is not None:
@@ -155,15 +156,23 @@ class ReaderPool:
                 self._all.append(found)
         return found
 
-    def read(self, offset: int, length: int) -> bytearray:
-        """The bytes at ``offset``, in this thread's buffer: valid until its next read.
+    def read(self, ranges: list[tuple[int, int]]) -> bytearray:
+        """The bytes of every (offset, length), one after the other, in this thread's buffer,
+        which stays valid until the thread's next read.
 
-        Reusing the buffer spares the page faults of a fresh multi-MiB allocation per batch.
+        Reusing the buffer spares the page faults of a fresh multi-MiB allocation each time.
         """
+        total = sum(length for _, length in ranges)
         buf: bytearray | None = getattr(self._local, "buf", None)
-        if buf is None or len(buf) != length:
-            buf = self._local.buf = bytearray(length)
-        self.reader().read_into(offset, memoryview(buf))
+        if buf is None or len(buf) != total:
+            buf = self._local.buf = bytearray(total)
+        view = memoryview(buf)
+        targets = []
+        at = 0
+        for offset, length in ranges:
+            targets.append((offset, view[at:at + length]))
+            at += length
+        self.reader().read_into(targets)
         return buf
 
     def close(self) -> None:

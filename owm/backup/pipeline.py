@@ -21,7 +21,7 @@ from typing import Any, Protocol
 from owm.backup.source import Batch
 
 Progress = Callable[[int, int], None]
-Fetch = Callable[[Batch], "bytes | bytearray"]
+Fetch = Callable[[list[Batch]], "bytes | bytearray"]
 WORKERS = 2
 GROUP_BYTES = 2 << 20
 
@@ -84,8 +84,11 @@ class Pipeline:
             self.progress(self.done, self.total)
 
     def _work(self, group: list[Batch]) -> None:
+        data = self.fetch(group)  # the group's batches one after the other
+        base = 0
         for batch in group:
-            self.writer.write(batch.with_data(self.fetch(batch)))
+            self.writer.write(batch.with_data(data, base))
+            base += batch.length
 
     def _advance(self) -> None:
         self.watermark = min(self._busy) if self._busy else self._last_end

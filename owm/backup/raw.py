@@ -49,9 +49,9 @@ class RawWriter:
         self.stats.add(zero=batch.count)
 
     def write(self, batch: Batch) -> None:
-        data = batch.data
+        data, base = batch.data, batch.base
         assert data is not None
-        view = memoryview(data)
+        view = memoryview(data)[base:base + batch.length]
         cs = self.chunk_size
         new = zero = 0
         run_start = -1  # start (in batch) of the run of non-zero chunks being collected
@@ -59,13 +59,12 @@ class RawWriter:
             start = k * cs
             is_zero = True
             if k < batch.count:
-                n = min(cs, len(data) - start)
-                is_zero = data.startswith(self.zero if n == cs else bytes(n), start)
+                n = min(cs, batch.length - start)
+                is_zero = data.startswith(self.zero if n == cs else bytes(n), base + start)
                 if not is_zero and self.digests is not None:
                     self.digests[batch.first + k] = blake3.blake3(view[start:start + n]).digest()
             if is_zero and run_start >= 0:
-                piece = view[run_start:start] if k < batch.count else view[run_start:]
-                self._pwrite(piece, batch.offset + run_start)
+                self._pwrite(view[run_start:start], batch.offset + run_start)
                 run_start = -1
             if k == batch.count:
                 break
@@ -75,7 +74,7 @@ class RawWriter:
                 new += 1
                 if run_start < 0:
                     run_start = start
-        self.stats.add(read=len(data), new=new, zero=zero)
+        self.stats.add(read=batch.length, new=new, zero=zero)
 
     def _pwrite(self, piece: memoryview, offset: int) -> None:
         while piece:

@@ -352,6 +352,13 @@ class Repository:
                 with contextlib.suppress(FileNotFoundError):
                     old.unlink()
 
+    def manifest_bytes(self, manifest: Manifest) -> int:
+        """Bytes the manifest and its map take on disk."""
+        total = self._manifest_path(manifest.id).stat().st_size
+        if manifest.map_file:
+            total += (self.root / "backups" / manifest.map_file).stat().st_size
+        return total
+
     def resolve(self, ref: str) -> Manifest:
         """A backup by id, by unique id prefix, or by image name (its newest complete backup)."""
         ids = self.manifest_ids()

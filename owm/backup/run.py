@@ -264,8 +264,8 @@ async def run_backup(
     client = await connect_export(unix, tcp, facts.image)
     readers = reader_pool(unix, tcp, facts.image)
 
-    def fetch(batch: Batch) -> bytearray:
-        return readers.read(batch.offset, batch.length)
+    def fetch(group: list[Batch]) -> bytearray:
+        return readers.read([(b.offset, b.length) for b in group])
 
     try:
         if fmt == "raw":

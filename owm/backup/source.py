@@ -21,7 +21,8 @@ STATUS_SPAN = 1 << 30  # bytes asked about per BLOCK_STATUS request
 
 @dataclass(frozen=True, slots=True)
 class Batch:
-    """``count`` consecutive chunks from chunk ``first``: all zeroes, or ``data`` once read."""
+    """``count`` consecutive chunks from chunk ``first``: all zeroes, or, once read, held in
+    ``data[base:base + length]`` (several batches read together share one buffer)."""
 
     first: int
     count: int
@@ -29,9 +30,10 @@ class Batch:
     length: int
     zero: bool = False
     data: bytes | bytearray | None = None
+    base: int = 0
 
-    def with_data(self, data: bytes | bytearray) -> Batch:
-        return Batch(self.first, self.count, self.offset, self.length, False, data)
+    def with_data(self, data: bytes | bytearray, base: int = 0) -> Batch:
+        return Batch(self.first, self.count, self.offset, self.length, False, data, base)
 
 
 def chunk_runs(chunks: Iterable[int]) -> Iterator[tuple[int, int]]:

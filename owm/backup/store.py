@@ -66,15 +66,15 @@ class RepoWriter:
         self.stats.add(zero=batch.count)
 
     def write(self, batch: Batch) -> None:
-        data = batch.data
+        data, base = batch.data, batch.base
         assert data is not None
         view = memoryview(data)
         cs = self.chunk_size
         new = reused = zero = written = 0
         for k in range(batch.count):
             index = batch.first + k
-            start = k * cs
-            n = min(cs, len(data) - start)
+            start = base + k * cs
+            n = min(cs, batch.length - k * cs)
             if data.startswith(self.zero if n == cs else bytes(n), start):
                 self.map.put(index, None)
                 zero += 1
@@ -89,7 +89,7 @@ class RepoWriter:
                 written += self.repo.put_chunk(digest, piece)
                 new += 1
             self.known.add(digest)
-        self.stats.add(read=len(data), written=written, new=new, reused=reused, zero=zero)
+        self.stats.add(read=batch.length, written=written, new=new, reused=reused, zero=zero)
 
 
 @dataclass
@@ -218,7 +218,7 @@ async def backup_to_repo(
                               "resumed": resumed,
                               "changed_chunks": len(work) if work is not None else None}
             await loop.run_in_executor(None, repo.save, manifest)
-            stats.add(written=os.stat(repo._manifest_path(manifest.id)).st_size)
+            stats.add(written=repo.manifest_bytes(manifest))
         finally:
             repo.finish(manifest.id, lock_fd)
     log.info("backup %s of %s complete: %d new chunks, %d reused", manifest.id, facts.image,
