@@ -257,6 +257,7 @@ def _open_repo(path: Path) -> Any:
 
 
 @backup.command("list")
+@pool_option
 @click.argument("repo", metavar="REPO", type=click.Path(path_type=Path))
 @json_option
 def backup_list(repo: Path, as_json: bool) -> None:
@@ -296,6 +297,7 @@ def backup_list(repo: Path, as_json: bool) -> None:
 
 
 @backup.command("verify")
+@pool_option
 @click.argument("repo", metavar="REPO", type=click.Path(path_type=Path))
 @click.argument("backup_id", metavar="[ID]", required=False)
 @json_option
@@ -328,6 +330,7 @@ def backup_verify(repo: Path, backup_id: str | None, as_json: bool) -> None:
 
 
 @backup.command("delete")
+@pool_option
 @click.argument("repo", metavar="REPO", type=click.Path(path_type=Path))
 @click.argument("backup_id", metavar="ID")
 @json_option
