@@ -39,7 +39,7 @@ from typing import Any
 import blake3
 import zstandard
 
-from owm.backup.manifest import COMPLETE, DIGEST_SIZE, ChunkMap, DamagedManifest, Manifest
+from owm.backup.manifest import DIGEST_SIZE, ChunkMap, DamagedManifest, Manifest
 from owm.errors import AlreadyExists, InvalidRequest, NotFound, WrongState
 
 log = logging.getLogger("owm.backup")
@@ -500,19 +500,7 @@ class Repository:
         self.sync()
         return removed, freed
 
-    def stored_bytes(self) -> int:
-        total = 0
-        for sub in (self.root / "chunks").iterdir():
-            with contextlib.suppress(OSError):
-                total += sum(p.stat().st_size for p in sub.iterdir())
-        return total
-
 
 def is_repository(path: Path) -> bool:
     return (path / MARKER).is_file()
-
-
-def complete_backups_of(repo: Repository, volume: str) -> list[Manifest]:
-    manifests, _ = repo.manifests()
-    return [m for m in manifests if m.volume == volume and m.state == COMPLETE]
 
