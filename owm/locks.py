@@ -24,6 +24,7 @@ class _Waiter:
     last: int
     exclusive: bool
     future: asyncio.Future[None]
+    barrier: bool = False  # waits for every holder to leave; is granted nothing
 
 
 class RangeLockManager:
@@ -88,6 +89,13 @@ class RangeLockManager:
                 w.first <= b.last and b.first <= w.last and (w.exclusive or b.exclusive)
                 for b in blocked
             )
+            if w.barrier:
+                if not behind and not self._held:
+                    w.future.set_result(None)
+                else:
+                    blocked.append(w)
+                    remaining.append(w)
+                continue
             if not behind and not self._conflicts_held(w.first, w.last, w.exclusive):
                 self._grant(w.first, w.last, w.exclusive)
                 w.future.set_result(None)
@@ -108,6 +116,19 @@ class RangeLockManager:
             else:
                 self._wake()
             raise
+
+    async def barrier(self) -> None:
+        """Wait until every request that holds or awaits a lock now has finished.
+
+        Requests that arrive meanwhile queue behind the barrier (FIFO) and proceed once it
+        passes; nothing is held afterwards, so it costs no per-chunk state on any volume size.
+        """
+        if not self._waiters and not self._held:
+            return
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append(_Waiter(0, 1 << 62, True, fut, barrier=True))
+        await fut
+        self._wake()  # let the requests queued behind it go
 
     @asynccontextmanager
     async def locked(self, first: int, last: int, exclusive: bool) -> AsyncIterator[None]:

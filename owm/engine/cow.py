@@ -204,6 +204,8 @@ class CowEngine(Engine):
     async def release(self, view: int, progress: Progress | None = None) -> None:
         if view in self.views:
             self.views.remove(view)
+        # A write that chose its copy target before the view list changed must finish first.
+        await self.locks.barrier()
         table = self.tables.get(view)
         if table is None:
             return

@@ -21,6 +21,7 @@ import asyncio
 import re
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 from owm.chunktable import ChunkTable
 from owm.engine.base import Engine, Progress
@@ -150,17 +151,26 @@ class LogEngine(Engine):
         newer = self.layers[hi + 1 :]
         fresh: list[tuple[Layer, int]] = []
         touched: set[str] = set()
+        # Consecutive pieces bound for the same layer go out as one request.
+        run: list[Any] | None = None  # [name, pos, done, n]
         for chunk, within, n, done in self.pieces(offset, length):
             layer = await self._target(gen, chunk, within, n)
             if not layer.has(chunk):
                 fresh.append((layer, chunk))
             pos = offset + done
-            await writer(layer.data, pos, done, n)
+            if run is not None and run[0] == layer.data:
+                run[3] += n
+            else:
+                if run is not None:
+                    await writer(*run)
+                run = [layer.data, pos, done, n]
             touched.add(layer.data)
             for up in newer:
                 if up.has(chunk):
                     await writer(up.data, pos, done, n)
                     touched.add(up.data)
+        if run is not None:
+            await writer(*run)
         if fresh:
             # The new delta chunks must be durable before any entry points at them.
             await self.sync_objects({layer.data for layer, _ in fresh})
@@ -204,6 +214,7 @@ class LogEngine(Engine):
     async def release(self, view: int, progress: Progress | None = None) -> None:
         if view in self.views:
             self.views.remove(view)
+        await self.locks.barrier()  # writes routed by the old ownership finish first
         async with self._fold_lock:
             await self._fold_all(progress)
         if progress is not None:

@@ -184,6 +184,8 @@ class MirrorEngine(Engine):
         full = bool(self.roles[leg].get("full"))
         # From now on the leg receives every live write; only its dirty chunks need copying.
         self.roles[leg] = {"role": "resync", "view": view, "full": full}
+        # Writes that chose their legs (and dirty marks) before the role changed finish first.
+        await self.locks.barrier()
         source = self._primary()
         table = self.dirty.pop(leg)
         chunks = await self._data_chunks([source, leg]) if full else list(table)
