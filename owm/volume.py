@@ -441,6 +441,7 @@ class Volume:
             "name": self.name, "size": self.size, "method": self.row.method,
             "chunk_size": self.row.chunk_size, "legs": self.row.legs,
             "enospc_policy": self.row.enospc_policy, "live_generation": self.live,
+            "created_at": self.row.created_at,
             "bytes_on_disk": self.engine.bytes_on_disk(self.live),
             "generations": [{"generation": g, "sessions": by_gen[g]} for g in sorted(by_gen)],
             "images": images,
