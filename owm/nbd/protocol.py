@@ -395,13 +395,21 @@ class ServerConnection:
         self.state = State.OPTIONS
         return self._next_option()
 
+    def _finish_drain(self) -> Event | _Sentinel | None:
+        """While a refused payload is still being discarded, wait for more bytes; once it is
+        gone, the event that reports the refusal.  None when nothing is being discarded."""
+        if self._after_drain is None:
+            return None
+        if self._drain:
+            return self._need()
+        done = self._after_drain
+        self._after_drain = None
+        return done
+
     def _next_option(self) -> Event | _Sentinel:
-        if self._after_drain is not None:
-            if self._drain:
-                return self._need()
-            done = self._after_drain
-            self._after_drain = None
-            return done
+        pending = self._finish_drain()
+        if pending is not None:
+            return pending
         if self._body is not None:
             if self._body_filled < len(self._body):
                 return self._need()
@@ -694,12 +702,9 @@ class ServerConnection:
         return None
 
     def _next_request(self) -> Event | _Sentinel:
-        if self._after_drain is not None:
-            if self._drain:
-                return self._need()
-            done = self._after_drain
-            self._after_drain = None
-            return done
+        pending = self._finish_drain()
+        if pending is not None:
+            return pending
         if self._body is not None:
             if self._body_filled < len(self._body):
                 return self._need()
