@@ -16,7 +16,7 @@ import sys
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 from rich.console import Console
@@ -29,10 +29,12 @@ from owm.cli_output import (
     volume_detail,
     volumes_table,
 )
-from owm.control.client import ControlClient, DaemonNotRunning
-from owm.control.context import split_image
-from owm.errors import InvalidRequest, OwmError
+from owm.errors import DaemonNotRunning, InvalidRequest, OwmError
+from owm.names import parse_image_name as split_image
 from owm.sizes import format_size, parse_size
+
+if TYPE_CHECKING:
+    from owm.control.client import ControlClient
 
 T = TypeVar("T")
 JSON = dict[str, Any]
@@ -135,6 +137,10 @@ def print_json(doc: Any) -> None:
 
 def talk(call: Callable[[ControlClient], Awaitable[T]]) -> T:
     """Run one exchange with the pool's daemon; map its failures to exit codes."""
+    # Imported here, not at the top: aiohttp costs a quarter of a second of start-up
+    # that commands which never reach the daemon (backup list/verify, --help) should not pay.
+    from owm.control.client import ControlClient
+
     pool = state().pool
 
     async def go() -> T:

@@ -69,3 +69,7 @@ class Timeout(OwmError):
     """A wait that ran out of time."""
 
     errno = _errno.ETIMEDOUT
+
+
+class DaemonNotRunning(OwmError):
+    """Nothing is serving the pool's control socket."""

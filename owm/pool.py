@@ -21,10 +21,11 @@ from owm.catalog import Catalog, VolumeRow, now
 from owm.engine import ENGINES, make_engine
 from owm.engine.base import ENOSPC_POLICIES, Progress, check_chunk_size
 from owm.errors import AlreadyExists, InvalidRequest, NotFound, OwmError, WrongState
+from owm.names import parse_image_name
 from owm.storage import Storage
 from owm.storage.local import LocalStorage
 from owm.view import ExportInfo, View
-from owm.volume import Volume, parse_image_name
+from owm.volume import Volume
 
 T = TypeVar("T")
 log = logging.getLogger("owm.pool")

@@ -462,10 +462,3 @@ class Volume:
             await session.close(clean=False)
         await self.engine.close()
         await self.engine.storage.close()
-
-
-def parse_image_name(text: str) -> tuple[str, int]:
-    name, sep, gen = text.rpartition("@")
-    if not sep or not name or not gen.isdigit():
-        raise InvalidRequest(f"'{text}' is not an image name; images are named VOLUME@N")
-    return name, int(gen)

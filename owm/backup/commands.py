@@ -15,7 +15,7 @@ import contextlib
 import json
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 from rich import box
@@ -23,10 +23,12 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from owm.control.client import ControlClient, DaemonNotRunning
-from owm.control.context import split_image
-from owm.errors import InvalidRequest, OwmError
+from owm.errors import DaemonNotRunning, InvalidRequest, OwmError
+from owm.names import parse_image_name as split_image
 from owm.sizes import format_size
+
+if TYPE_CHECKING:
+    from owm.control.client import ControlClient
 
 T = TypeVar("T")
 F = TypeVar("F", bound=Callable[..., Any])
@@ -111,6 +113,7 @@ def _guarded(call: Callable[[], T]) -> T:
 def with_daemon(call: Callable[[ControlClient], Awaitable[T]]) -> T:
     """Run ``call`` with a control client of the pool's daemon."""
     from owm.cli import state
+    from owm.control.client import ControlClient  # aiohttp: only for commands that need it
 
     pool = state().pool
 

@@ -31,8 +31,8 @@ from owm.backup.source import Batch, ImageSource
 from owm.backup.store import backup_to_repo
 from owm.backup.verify import verify_backups
 from owm.control.client import ControlClient, ControlError
-from owm.control.context import split_image
 from owm.errors import ImageBroken, InvalidRequest, OwmError, Timeout, WrongState
+from owm.names import parse_image_name as split_image
 from owm.nbd.client import NbdClient
 
 JSON = dict[str, Any]

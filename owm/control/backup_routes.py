@@ -14,9 +14,10 @@ from typing import Any
 
 from aiohttp import web
 
-from owm.control.context import CONTEXT, split_image
+from owm.control.context import CONTEXT
 from owm.control.routes import name_arg, ok
 from owm.errors import InvalidRequest
+from owm.names import parse_image_name as split_image
 
 JSON = dict[str, Any]
 routes = web.RouteTableDef()

@@ -17,13 +17,10 @@ from urllib.parse import quote
 import aiohttp
 
 from owm.control.server import check_unix_path
-from owm.errors import OwmError
+from owm.errors import DaemonNotRunning, OwmError
 
 JSON = dict[str, Any]
-
-
-class DaemonNotRunning(OwmError):
-    """Nothing is serving the pool's control socket."""
+__all__ = ["ControlClient", "ControlError", "DaemonNotRunning"]
 
 
 class ControlError(OwmError):

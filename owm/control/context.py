@@ -14,7 +14,8 @@ from typing import Any, Protocol
 from aiohttp import web
 
 from owm.applocks import LockService
-from owm.errors import InvalidRequest, NotFound
+from owm.errors import NotFound
+from owm.names import parse_image_name
 
 JSON = dict[str, Any]
 
@@ -68,7 +69,7 @@ class ControlContext:
 
     def image(self, image: str) -> tuple[JSON, JSON]:
         """The (volume, image) status dicts of ``NAME@N``."""
-        name, _ = split_image(image)
+        name, _ = parse_image_name(image)
         volume = self.volume(name)
         for entry in volume.get("images", []):
             if entry.get("name") == image:
@@ -78,14 +79,6 @@ class ControlContext:
                     entry = {**entry, "release_progress": {"done": done, "total": total}}
                 return volume, entry
         raise NotFound(f"volume '{name}' has no preserved image {image}")
-
-
-def split_image(image: str) -> tuple[str, int]:
-    """'vol@3' -> ('vol', 3); anything else is an InvalidRequest."""
-    name, sep, number = image.rpartition("@")
-    if not sep or not name or not number.isdigit():
-        raise InvalidRequest(f"'{image}' is not an image name; preserved images are named NAME@N")
-    return name, int(number)
 
 
 def holding_sessions(volume: JSON, generation: int) -> list[JSON]:

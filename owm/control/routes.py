@@ -16,9 +16,10 @@ from typing import Any, TypeVar
 from aiohttp import web
 
 from owm.control.body import Body
-from owm.control.context import CONTEXT, ControlContext, holding_sessions, split_image
+from owm.control.context import CONTEXT, ControlContext, holding_sessions
 from owm.control.openapi import openapi_document
 from owm.errors import InvalidRequest, OwmError
+from owm.names import parse_image_name as split_image
 
 log = logging.getLogger("owm.control")
 routes = web.RouteTableDef()
