@@ -41,8 +41,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from owm.common.sizes import format_size, parse_size  # noqa: E402
 from owm.nbd.client import NbdClient  # noqa: E402
-from owm.sizes import format_size, parse_size  # noqa: E402
 
 OWM = [sys.executable, "-m", "owm"]
 CHUNK = 64 * 1024

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """The disruption benchmark: a backup of a busy bank taken three ways, side by side.
 
-The same bank workload (``owm.bank``: transfers as two separate block writes under both
+The same bank workload (``owm.txn.bank``: transfers as two separate block writes under both
 accounts' locks; by default 16 workers, Poisson arrivals, 1% of transfers lasting 2 s) runs
 through the transaction coordinator against a real ``owm serve``, and in the middle of it a
 backup is taken:
@@ -15,7 +15,7 @@ backup is taken:
   carry on; every session is cut over at that instant and the image is whatever was on disk.
 
 After each run the image is backed up to a raw file (``owm.backup.run_backup``) and the
-consistency checker (``owm.checker``) reads the backup.  Per method the table gives: how many
+consistency checker (``owm.txn.checker``) reads the backup.  Per method the table gives: how many
 backups passed the checker; the longest and the p99 wait of the transfers that arrived in the
 backup window (the ``--window`` seconds after the backup started; wait = arrival to start, less
 any time queued behind another transfer's account lock, which is the workload's own business);
@@ -51,13 +51,13 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from owm.applocks import LockSpace  # noqa: E402
 from owm.backup import run_backup  # noqa: E402
-from owm.bank import Bank, Durations, arrivals  # noqa: E402
-from owm.checker import check_image, read_file  # noqa: E402
 from owm.control.client import ControlClient  # noqa: E402
-from owm.coordinator import Coordinator, TxnRecord  # noqa: E402
+from owm.locks.app import LockSpace  # noqa: E402
 from owm.nbd.client import NbdClient  # noqa: E402
+from owm.txn.bank import Bank, Durations, arrivals  # noqa: E402
+from owm.txn.checker import check_image, read_file  # noqa: E402
+from owm.txn.coordinator import Coordinator, TxnRecord  # noqa: E402
 
 METHODS = ("owm", "quiesce", "instant", "owm-gate")
 DEFAULT_METHODS = "owm,quiesce,instant"

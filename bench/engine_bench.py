@@ -30,7 +30,7 @@ import uvloop
 from rich.console import Console
 from rich.table import Table
 
-from owm.pool import Pool
+from owm.pool.pool import Pool
 
 CHUNK = 64 * 1024
 BLOCK = 4096

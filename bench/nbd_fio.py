@@ -92,7 +92,7 @@ def owm_server_main(root: str, sock: str) -> None:
     logging.basicConfig(level=logging.ERROR)
     sys.path.insert(0, str(REPO))
     from owm.nbd.server import NbdServer
-    from owm.pool import Pool
+    from owm.pool.pool import Pool
 
     async def main() -> None:
         pool = await Pool.open(root)
@@ -445,7 +445,7 @@ def main() -> None:
     parser.add_argument("--only", help="comma-separated substrings of the targets to run")
     args = parser.parse_args()
     sys.path.insert(0, str(REPO))
-    from owm.sizes import parse_size
+    from owm.common.sizes import parse_size
 
     args.size = parse_size(args.size)
     for tool in ("fio", "nbdkit", "qemu-nbd", "qemu-img"):

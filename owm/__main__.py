@@ -1,5 +1,5 @@
 """``python -m owm`` runs the command line, like the ``owm`` console script."""
 
-from owm.cli import main
+from owm.cli.main import main
 
 main()

@@ -1,6 +1,6 @@
 """Shared helpers of the NBD tests: an in-memory Exports, servers on temporary sockets, tools.
 
-``MemoryExports`` is a fake of ``owm.view.Exports`` with a bytearray per export and a 4 KiB
+``MemoryExports`` is a fake of ``owm.common.view.Exports`` with a bytearray per export and a 4 KiB
 allocation map (so block status has holes and data to report); it records every open and close
 so tests can check which sessions ended cleanly.  The NBD tests use it where the server alone
 is under test; tests that are about owm's storage use a real ``owm.pool.Pool``.
@@ -18,9 +18,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from owm.errors import NotFound, OutOfRange, ReadOnly
+from owm.common.errors import NotFound, OutOfRange, ReadOnly
+from owm.common.view import ExportInfo, Extent
 from owm.nbd.server import NbdServer
-from owm.view import ExportInfo, Extent
 
 BLOCK = 4096
 
@@ -131,7 +131,7 @@ class MemoryView:
 
 
 class MemoryExports:
-    """A fake owm.view.Exports: ``vol`` (read-write) and ``vol@0`` (read-only) by default."""
+    """A fake owm.common.view.Exports: ``vol`` (read-write) and ``vol@0`` (read-only) by default."""
 
     def __init__(self, size: int = 64 * 1024 * 1024, *, delay: float = 0.0) -> None:
         self.disks: dict[str, MemoryDisk] = {}

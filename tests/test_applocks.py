@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from owm.applocks import LockService, LockSpace, lock_names
+from owm.common.errors import InvalidRequest, NotFound, Timeout, WrongState
 from owm.control.client import ControlClient
 from owm.control.lock_client import RemoteLocks
-from owm.errors import InvalidRequest, NotFound, Timeout, WrongState
+from owm.locks.app import LockService, LockSpace, lock_names
 from owm.nbd.client import NbdClient
 from tests.conftest import REPO, Daemon, cli_env
 

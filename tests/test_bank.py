@@ -11,8 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from owm.applocks import LockSpace
-from owm.bank import (
+from owm.control.client import ControlClient
+from owm.locks.app import LockSpace
+from owm.nbd.client import NbdClient
+from owm.txn.bank import (
     OPENING,
     SECTOR,
     Account,
@@ -25,10 +27,8 @@ from owm.bank import (
     encode_account,
     load_ledger,
 )
-from owm.checker import check_image, main, read_export
-from owm.control.client import ControlClient
-from owm.coordinator import Coordinator
-from owm.nbd.client import NbdClient
+from owm.txn.checker import check_image, main, read_export
+from owm.txn.coordinator import Coordinator
 from tests.conftest import Daemon
 
 # ---------------------------------------------------------------------------- records

@@ -28,12 +28,12 @@ from conftest import (
     start_daemon,
 )
 
+from owm.common.errors import NotFound, WrongState
 from owm.control.app import ROUTE_TABLES
 from owm.control.client import ControlClient, ControlError, DaemonNotRunning
 from owm.control.context import ControlContext
 from owm.control.openapi import openapi_document
 from owm.control.server import ControlServer
-from owm.errors import NotFound, WrongState
 
 JSON = dict[str, Any]
 

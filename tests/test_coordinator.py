@@ -10,11 +10,11 @@ from typing import Any
 
 import pytest
 
-from owm.applocks import LockSpace
+from owm.common.errors import WrongState
 from owm.control.client import ControlClient
-from owm.coordinator import Coordinator, Transaction, TxnContext
-from owm.errors import WrongState
+from owm.locks.app import LockSpace
 from owm.nbd.client import NbdClient
+from owm.txn.coordinator import Coordinator, Transaction, TxnContext
 from tests.conftest import Daemon
 
 

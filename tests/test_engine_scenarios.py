@@ -19,12 +19,12 @@ from pathlib import Path
 
 import pytest
 
-from owm.errors import InvalidRequest, NoSpace, NotFound, OutOfRange, ReadOnly, WrongState
-from owm.model import Model
-from owm.pool import Pool
+from owm.common.errors import InvalidRequest, NoSpace, NotFound, OutOfRange, ReadOnly, WrongState
+from owm.pool.model import Model
+from owm.pool.pool import Pool
+from owm.pool.volume import ImageReader, Session
 from owm.storage.local import LocalStorage
 from owm.storage.simulated import SimulatedStorage
-from owm.volume import ImageReader, Session
 
 METHODS = ["cow", "log", "mirror"]
 CHUNK = 4096

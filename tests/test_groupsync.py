@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from owm.groupsync import GroupSync
+from owm.engine.groupsync import GroupSync
 
 
 async def test_callers_share_syncs_but_each_gets_one_that_started_after_it() -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
-from owm.locks import EXCLUSIVE, SHARED, RangeLockManager
+from owm.locks.ranges import EXCLUSIVE, SHARED, RangeLockManager
 
 
 async def test_overlapping_exclusive_requests_are_serialised_in_arrival_order() -> None:

@@ -26,7 +26,7 @@ from nbd_fixtures import SYSTEM_PYTHON, have, have_libnbd_python, nbd_uri, run, 
 from owm.nbd import constants as c
 from owm.nbd.client import NbdClient, NbdError
 from owm.nbd.server import NbdServer
-from owm.pool import Pool
+from owm.pool.pool import Pool
 
 pytestmark = [
     pytest.mark.clients,

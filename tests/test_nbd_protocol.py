@@ -12,9 +12,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from owm.common.view import ExportInfo
 from owm.nbd import constants as c
 from owm.nbd import protocol as p
-from owm.view import ExportInfo
 
 INFO = ExportInfo("vol", "live volume", 1 << 20, False, max_block=64 * 1024)
 RO_INFO = ExportInfo("vol@0", "preserved image 0", 1 << 20, True, max_block=64 * 1024)

@@ -16,7 +16,7 @@ import pytest
 import uvloop
 from nbd_fixtures import MemoryExports, MemoryView, serve, wait_for
 
-from owm.errors import OutOfRange
+from owm.common.errors import OutOfRange
 from owm.nbd import constants as c
 from owm.nbd.client import NbdClient, NbdError
 from owm.nbd.server import NbdServer
@@ -250,7 +250,7 @@ async def test_read_only_image(server: NbdServer, exports: MemoryExports, tmp_pa
 async def test_storage_errors_become_nbd_errors(
     server: NbdServer, exports: MemoryExports, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from owm.errors import NoSpace, WrongState
+    from owm.common.errors import NoSpace, WrongState
 
     async def full(self: MemoryView, offset: int, data: object, fua: bool = False) -> None:
         raise NoSpace("The pool is full.")

@@ -19,10 +19,10 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from owm.model import Model
-from owm.pool import Pool
+from owm.pool.model import Model
+from owm.pool.pool import Pool
+from owm.pool.volume import Session
 from owm.storage.simulated import SimulatedStorage
-from owm.volume import Session
 
 CHUNK = 4096
 SIZE = 3 * CHUNK + 1000  # few chunks, so requests collide; the last is partial on purpose

@@ -13,7 +13,11 @@ The library entry points (used by the CLI, the demo and the coordinator)::
 
 Modules: ``source`` reads an image, ``pipeline`` moves batches to a writer on threads, ``raw``,
 ``qcow2`` and ``store`` write the three formats, ``repo`` and ``manifest`` are the repository,
-``verify`` and ``restore`` read it back, ``run`` ties a backup together, ``commands`` is the CLI.
+``verify`` and ``restore`` read it back, ``run`` ties a backup together; the CLI commands are in
+``owm.cli.backup``.
+
+A client of the daemon: may import ``owm.common``, ``owm.nbd`` and ``owm.control``, never the
+engines or the pool.
 """
 
 from __future__ import annotations

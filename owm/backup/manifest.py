@@ -22,7 +22,7 @@ from typing import Any
 import blake3
 import zstandard
 
-from owm.errors import InvalidRequest
+from owm.common.errors import InvalidRequest
 
 JSON = dict[str, Any]
 

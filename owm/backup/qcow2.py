@@ -19,7 +19,7 @@ from urllib.parse import quote
 from owm.backup.pipeline import Progress
 from owm.backup.raw import partial_path
 from owm.backup.repo import fsync_dir
-from owm.errors import AlreadyExists, InvalidRequest, OwmError
+from owm.common.errors import AlreadyExists, InvalidRequest, OwmError
 
 _PERCENT = re.compile(rb"\((\d+(?:\.\d+)?)/100%\)")
 

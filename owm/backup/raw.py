@@ -18,7 +18,7 @@ import blake3
 from owm.backup.pipeline import Stats
 from owm.backup.repo import fsync_dir
 from owm.backup.source import Batch
-from owm.errors import AlreadyExists, InvalidRequest
+from owm.common.errors import AlreadyExists, InvalidRequest
 
 
 def partial_path(path: Path) -> Path:

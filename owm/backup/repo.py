@@ -40,7 +40,7 @@ import blake3
 import zstandard
 
 from owm.backup.manifest import DIGEST_SIZE, ChunkMap, DamagedManifest, Manifest
-from owm.errors import AlreadyExists, InvalidRequest, NotFound, WrongState
+from owm.common.errors import AlreadyExists, InvalidRequest, NotFound, WrongState
 
 log = logging.getLogger("owm.backup")
 

@@ -28,8 +28,8 @@ from typing import Any
 from owm.backup.manifest import Manifest
 from owm.backup.raw import partial_path
 from owm.backup.repo import ChunkDamaged, Repository, fsync_dir
+from owm.common.errors import AlreadyExists, InvalidRequest, OwmError
 from owm.control.client import ControlClient
-from owm.errors import AlreadyExists, InvalidRequest, OwmError
 
 JSON = dict[str, Any]
 Progress = Callable[[int, int], None]

@@ -30,9 +30,9 @@ from owm.backup.repo import Repository, is_repository
 from owm.backup.source import Batch, ImageSource
 from owm.backup.store import backup_to_repo
 from owm.backup.verify import verify_backups
+from owm.common.errors import ImageBroken, InvalidRequest, OwmError, Timeout, WrongState
+from owm.common.names import parse_image_name as split_image
 from owm.control.client import ControlClient, ControlError
-from owm.errors import ImageBroken, InvalidRequest, OwmError, Timeout, WrongState
-from owm.names import parse_image_name as split_image
 from owm.nbd.client import NbdClient
 
 JSON = dict[str, Any]

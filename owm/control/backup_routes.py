@@ -14,10 +14,10 @@ from typing import Any
 
 from aiohttp import web
 
+from owm.common.errors import InvalidRequest
+from owm.common.names import parse_image_name as split_image
+from owm.control.common import json_content, name_arg, ok
 from owm.control.context import CONTEXT
-from owm.control.routes import name_arg, ok
-from owm.errors import InvalidRequest
-from owm.names import parse_image_name as split_image
 
 JSON = dict[str, Any]
 routes = web.RouteTableDef()
@@ -44,10 +44,7 @@ async def changed_chunks(request: web.Request) -> web.Response:
                "chunks": None if chunks is None else sorted(int(c) for c in chunks)})
 
 
-def _json(schema: JSON, description: str) -> JSON:
-    return {"description": description, "content": {"application/json": {"schema": schema}}}
-
-
+_json = json_content
 _ERROR = {"$ref": "#/components/schemas/Error"}
 
 OPENAPI_PATHS: JSON = {

@@ -11,8 +11,8 @@ from typing import Any
 
 from aiohttp import web
 
-from owm.errors import InvalidRequest
-from owm.sizes import parse_size
+from owm.common.errors import InvalidRequest
+from owm.common.sizes import parse_size
 
 
 class Body:

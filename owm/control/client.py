@@ -16,8 +16,8 @@ from urllib.parse import quote
 
 import aiohttp
 
+from owm.common.errors import DaemonNotRunning, OwmError
 from owm.control.server import check_unix_path
-from owm.errors import DaemonNotRunning, OwmError
 
 JSON = dict[str, Any]
 __all__ = ["ControlClient", "ControlError", "DaemonNotRunning"]

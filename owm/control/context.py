@@ -13,9 +13,9 @@ from typing import Any, Protocol
 
 from aiohttp import web
 
-from owm.applocks import LockService
-from owm.errors import NotFound
-from owm.names import parse_image_name
+from owm.common.errors import NotFound
+from owm.common.names import parse_image_name
+from owm.locks.app import LockService
 
 JSON = dict[str, Any]
 

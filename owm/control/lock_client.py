@@ -3,7 +3,7 @@
 One ``RemoteLocks`` is one lease: it is opened with a time to live and kept alive in the
 background every third of it, so the locks of a process that dies are released by the daemon
 within ``ttl`` seconds.  Transactions take and release their locks through it exactly as they
-would through a local ``owm.applocks.LockSpace``:
+would through a local ``owm.locks.app.LockSpace``:
 
     async with await RemoteLocks.open(pool_dir, label="bank worker 3") as locks:
         await locks.acquire("txn-17", ["account/4", "account/9"], timeout=30)
@@ -22,10 +22,10 @@ from types import TracebackType
 from typing import Any
 from urllib.parse import quote
 
+from owm.common.errors import InvalidRequest, NotFound, OwmError, Timeout, WrongState
 from owm.control.client import ControlClient, ControlError
-from owm.errors import InvalidRequest, NotFound, OwmError, Timeout, WrongState
 
-log = logging.getLogger("owm.locks")
+log = logging.getLogger("owm.locks.ranges")
 
 JSON = dict[str, Any]
 
@@ -43,7 +43,7 @@ def _as_owm_error(exc: ControlError) -> OwmError:
 
 
 class RemoteLocks:
-    """A lease on the daemon's lock space; ``acquire``/``release`` as in ``owm.applocks``."""
+    """A lease on the daemon's lock space; ``acquire``/``release`` as in ``owm.locks.app``."""
 
     def __init__(self, control: ControlClient, lease: str, ttl: float, own_client: bool) -> None:
         self._control = control

@@ -1,7 +1,7 @@
 """The control API's endpoints for application locks ([0053]), and their OpenAPI description.
 
 Workers in different processes share one lock space through the daemon: each opens a lease,
-keeps it alive, and takes and releases locks under it (``owm.applocks.LockService``).  Taking
+keeps it alive, and takes and releases locks under it (``owm.locks.app.LockService``).  Taking
 locks is a long poll that answers once every lock is held, or 408 when its timeout passes; a
 client that hangs up while waiting gives up its place in the queues.  The locks live in the
 daemon's memory, outside every volume; they are never backed up and do not survive a restart
@@ -16,8 +16,8 @@ from typing import Any
 from aiohttp import web
 
 from owm.control.body import Body
+from owm.control.common import ShuttingDown, error_response_spec, json_content, name_arg, ok
 from owm.control.context import CONTEXT
-from owm.control.routes import ShuttingDown, name_arg, ok
 
 JSON = dict[str, Any]
 routes = web.RouteTableDef()
@@ -96,14 +96,8 @@ async def release(request: web.Request) -> web.Response:
 # ---------------------------------------------------------------------------- OpenAPI
 
 
-def _json(schema: JSON, description: str) -> JSON:
-    return {"description": description, "content": {"application/json": {"schema": schema}}}
-
-
-def _error(description: str) -> JSON:
-    return _json({"$ref": "#/components/schemas/Error"}, description)
-
-
+_json = json_content
+_error = error_response_spec
 _LEASE_PARAM = {"name": "lease", "in": "path", "required": True, "schema": {"type": "string"},
                 "description": "Lease id from POST /v1/locks/leases."}
 _NO_LEASE = _error("No such lease (never opened, closed, or expired).")

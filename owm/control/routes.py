@@ -10,16 +10,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Coroutine
-from typing import Any, TypeVar
+from typing import TypeVar
 
 from aiohttp import web
 
+from owm.common.errors import InvalidRequest
+from owm.common.names import parse_image_name as split_image
 from owm.control.body import Body
-from owm.control.context import CONTEXT, ControlContext, holding_sessions
-from owm.control.openapi import openapi_document
-from owm.errors import InvalidRequest, OwmError
-from owm.names import parse_image_name as split_image
+from owm.control.common import ShuttingDown, completed, ctx_of, name_arg, no_body, ok
+from owm.control.context import holding_sessions
 
 log = logging.getLogger("owm.control")
 routes = web.RouteTableDef()
@@ -29,48 +28,10 @@ METHODS = ("cow", "log", "mirror")
 ENOSPC_POLICIES = ("fail-write", "break-image")
 
 
-class ShuttingDown(OwmError):
-    """The daemon stopped while the request was waiting."""
-
-
-async def completed(operation: Coroutine[Any, Any, T]) -> T:
-    """Run a pool operation to its end even if the client hangs up half-way.
-
-    Handlers are cancelled when their client disconnects (so that abandoned waits end);
-    a change to the pool must never be interrupted that way.
-    """
-    return await asyncio.shield(asyncio.ensure_future(operation))
-
-
-def ok(data: Any, status: int = 200) -> web.Response:
-    return web.json_response(data, status=status)
-
-
-def ctx_of(request: web.Request) -> ControlContext:
-    return request.app[CONTEXT]
-
-
-def name_arg(request: web.Request, key: str) -> str:
-    value = request.match_info[key]  # aiohttp has percent-decoded it
-    if not value:
-        raise InvalidRequest(f"the {key} in the URL is empty")
-    return value
-
-
-async def no_body(request: web.Request) -> None:
-    """Endpoints without parameters still refuse a body that is not JSON or has fields."""
-    (await Body.read(request)).done()
-
-
 @routes.get("/v1/health")
 async def health(request: web.Request) -> web.Response:
     ctx = ctx_of(request)
     return ok({"status": "closing" if ctx.closing.is_set() else "ok", **ctx.daemon})
-
-
-@routes.get("/v1/openapi.json")
-async def openapi(request: web.Request) -> web.Response:
-    return ok(openapi_document())
 
 
 @routes.get("/v1/volumes")

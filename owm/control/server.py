@@ -15,9 +15,9 @@ from pathlib import Path
 
 from aiohttp import web
 
+from owm.common.errors import InvalidRequest, WrongState
 from owm.control.app import create_app
 from owm.control.context import ControlContext
-from owm.errors import InvalidRequest, WrongState
 
 # sun_path is 108 bytes on Linux including the terminating NUL.
 MAX_UNIX_PATH = 107

@@ -1,14 +1,21 @@
-"""The three engines behind one interface, and the factory that picks one per volume."""
+"""The three engines behind one interface, and the factory that picks one per volume.
+
+``base`` is the interface and what the engines share, ``cow``, ``log`` and ``mirror`` the
+methods, ``chunktable`` the per-image lookup tables (bitmap, checkpoints, checksummed journal)
+and ``groupsync`` the group commit of syncs.
+
+May import ``owm.common``, ``owm.storage`` and ``owm.locks``; never the pool or anything above.
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
+from owm.common.errors import InvalidRequest
 from owm.engine.base import Engine, check_chunk_size
 from owm.engine.cow import CowEngine
 from owm.engine.log import LogEngine
 from owm.engine.mirror import MirrorEngine
-from owm.errors import InvalidRequest
 from owm.storage import Storage
 
 ENGINES: dict[str, type[Engine]] = {e.method: e for e in (CowEngine, LogEngine, MirrorEngine)}

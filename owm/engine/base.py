@@ -15,12 +15,12 @@ from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any, ClassVar
 
-from owm.chunktable import ChunkTable
-from owm.errors import InvalidRequest, OutOfRange
-from owm.groupsync import GroupSync
-from owm.locks import EXCLUSIVE, SHARED, RangeLockManager
+from owm.common.errors import InvalidRequest, OutOfRange
+from owm.common.view import Extent
+from owm.engine.chunktable import ChunkTable
+from owm.engine.groupsync import GroupSync
+from owm.locks.ranges import EXCLUSIVE, SHARED, RangeLockManager
 from owm.storage import Buffer, Storage
-from owm.view import Extent
 
 Progress = Callable[[int, int], None]
 BrokenCallback = Callable[[int, str], Awaitable[None]]

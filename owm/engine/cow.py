@@ -15,10 +15,10 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Iterator
 
-from owm.chunktable import ChunkTable
+from owm.common.errors import ImageBroken, NoSpace
 from owm.engine.base import Engine, Progress
-from owm.errors import ImageBroken, NoSpace
-from owm.locks import EXCLUSIVE
+from owm.engine.chunktable import ChunkTable
+from owm.locks.ranges import EXCLUSIVE
 from owm.storage import Buffer
 
 LIVE = "live.data"

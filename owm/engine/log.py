@@ -23,9 +23,9 @@ from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from owm.chunktable import ChunkTable
 from owm.engine.base import Engine, Progress
-from owm.locks import EXCLUSIVE
+from owm.engine.chunktable import ChunkTable
+from owm.locks.ranges import EXCLUSIVE
 from owm.storage import Buffer
 
 BASE = "base.data"

@@ -18,10 +18,10 @@ import asyncio
 from collections.abc import Iterator
 from typing import Any
 
-from owm.chunktable import ChunkTable
+from owm.common.errors import InvalidRequest, WrongState
 from owm.engine.base import Engine, Progress
-from owm.errors import InvalidRequest, WrongState
-from owm.locks import EXCLUSIVE
+from owm.engine.chunktable import ChunkTable
+from owm.locks.ranges import EXCLUSIVE
 from owm.storage import Buffer
 
 

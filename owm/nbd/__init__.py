@@ -2,8 +2,10 @@
 
 * :mod:`owm.nbd.constants` — the protocol's numbers;
 * :mod:`owm.nbd.protocol` — the server side as a state machine with no I/O in it;
-* :mod:`owm.nbd.server` — :class:`NbdServer`, which serves an ``owm.view.Exports``;
+* :mod:`owm.nbd.server` — :class:`NbdServer`, which serves an ``owm.common.view.Exports``;
 * :mod:`owm.nbd.client` — :class:`NbdClient`, an asyncio client for tests, demo and tools.
+
+May import ``owm.common`` only: the server knows views, not pools or engines.
 """
 
 from __future__ import annotations

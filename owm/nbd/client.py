@@ -20,7 +20,7 @@ import struct
 from dataclasses import dataclass, field
 from types import TracebackType
 
-from owm.errors import OwmError
+from owm.common.errors import OwmError
 from owm.nbd import constants as c
 
 _GREETING = struct.Struct(">QQH")

@@ -36,9 +36,9 @@ import struct
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from owm.errors import OwmError
+from owm.common.errors import OwmError
+from owm.common.view import ExportInfo
 from owm.nbd import constants as c
-from owm.view import ExportInfo
 
 _GREETING = struct.Struct(">QQH")
 _U16 = struct.Struct(">H")

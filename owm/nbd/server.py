@@ -2,7 +2,7 @@
 
 Each connection is an ``asyncio.Protocol`` (no StreamReader on the hot path) that feeds the
 received bytes to its :class:`~owm.nbd.protocol.ServerConnection` and turns its events into
-calls on an ``owm.view.Exports`` / ``View``.  Requests of one connection run concurrently as
+calls on an ``owm.common.view.Exports`` / ``View``.  Requests of one connection run concurrently as
 tasks and may complete out of order; each reply (header plus payload) is queued whole, and
 the replies finished in one event-loop turn go out in one ``writelines`` call.
 
@@ -26,10 +26,10 @@ import struct
 from collections.abc import Callable, Coroutine
 from typing import Any, cast
 
-from owm.errors import NotFound, OwmError
+from owm.common.errors import NotFound, OwmError
+from owm.common.view import ExportInfo, Exports, View
 from owm.nbd import constants as c
 from owm.nbd import protocol as p
-from owm.view import ExportInfo, Exports, View
 
 log = logging.getLogger("owm.nbd.server")
 
@@ -567,7 +567,7 @@ class _Connection(asyncio.BufferedProtocol):
 
 
 class NbdServer:
-    """Serves an ``owm.view.Exports`` over NBD on TCP and/or a Unix socket."""
+    """Serves an ``owm.common.view.Exports`` over NBD on TCP and/or a Unix socket."""
 
     def __init__(self, exports: Exports) -> None:
         self.exports = exports

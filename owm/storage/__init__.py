@@ -4,6 +4,8 @@ Engines never open files.  They read, write, sync, allocate and discard *named o
 ``Storage``; local files are the embedded default (``owm.storage.local``), the power-loss
 simulation is another implementation (``owm.storage.simulated``), and a RADOS backend would be a
 third.  Objects are sparse: reading a range never written returns zeroes.
+
+May import ``owm.common`` only.
 """
 
 from __future__ import annotations

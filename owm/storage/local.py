@@ -20,7 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TypeVar
 
-from owm.errors import NoSpace, OwmError
+from owm.common.errors import NoSpace, OwmError
 from owm.storage import Buffer
 
 T = TypeVar("T")

@@ -14,7 +14,7 @@ import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from owm.errors import NoSpace
+from owm.common.errors import NoSpace
 from owm.storage import Buffer
 
 PAGE = 4096

@@ -10,18 +10,28 @@ command that reports state takes ``--json`` and then prints exactly one JSON doc
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import sys
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
-from rich.console import Console
 
-from owm.cli_output import (
+from owm.cli.backup import backup, restore
+from owm.cli.common import (
+    DEFAULT_POOL,
+    IMAGE,
+    METHODS,
+    SIZE,
+    Fail,
+    State,
+    json_option,
+    pool_option,
+    print_json,
+    state,
+)
+from owm.cli.output import (
     holding_lines,
     plural,
     sentence,
@@ -29,111 +39,14 @@ from owm.cli_output import (
     volume_detail,
     volumes_table,
 )
-from owm.errors import DaemonNotRunning, InvalidRequest, OwmError
-from owm.names import parse_image_name as split_image
-from owm.sizes import format_size, parse_size
+from owm.common.errors import DaemonNotRunning, OwmError
+from owm.common.sizes import format_size
 
 if TYPE_CHECKING:
     from owm.control.client import ControlClient
 
 T = TypeVar("T")
 JSON = dict[str, Any]
-
-DEFAULT_POOL = "owm-pool"
-METHODS = ("cow", "log", "mirror")
-
-
-class Fail(Exception):
-    """End the command with ``code``, after printing ``message`` (if any) on stderr."""
-
-    def __init__(self, message: str, code: int = 1) -> None:
-        super().__init__(message)
-        self.message = message
-        self.code = code
-
-
-@dataclass
-class State:
-    """Per-invocation settings shared by the commands."""
-
-    pool: Path
-
-    @property
-    def out(self) -> Console:
-        # Piped output is read by scripts and people alike: don't wrap tables at rich's
-        # 80-column default for files (COLUMNS, when set, still wins).
-        wide = not sys.stdout.isatty() and "COLUMNS" not in os.environ
-        return Console(highlight=False, width=140 if wide else None)
-
-    @property
-    def err(self) -> Console:
-        return Console(stderr=True, highlight=False)
-
-
-# ----------------------------------------------------------------------------------------------
-# Parameter types and shared options
-
-
-class SizeType(click.ParamType[int]):
-    """A byte count: 4096, 64K, 1G, 1.5T."""
-
-    name = "size"
-
-    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
-        if isinstance(value, int):
-            return value
-        try:
-            size = parse_size(str(value))
-        except InvalidRequest as exc:
-            self.fail(str(exc), param, ctx)
-        if size <= 0:
-            self.fail(f"'{value}' is not a size greater than zero", param, ctx)
-        return size
-
-
-class ImageType(click.ParamType[str]):
-    """A preserved image name, NAME@N."""
-
-    name = "NAME@N"
-
-    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> str:
-        try:
-            split_image(str(value))
-        except InvalidRequest as exc:
-            self.fail(str(exc), param, ctx)
-        return str(value)
-
-
-SIZE = SizeType()
-IMAGE = ImageType()
-F = TypeVar("F", bound=Callable[..., Any])
-
-
-def _set_pool(ctx: click.Context, _: click.Parameter, value: str | None) -> None:
-    if value:
-        ctx.ensure_object(State).pool = Path(value)
-
-
-def pool_option(f: F) -> F:
-    """``--pool`` is global, and every subcommand accepts it too (``owm serve --pool DIR``)."""
-    option = click.option(
-        "--pool", metavar="DIR", expose_value=False, is_eager=True, callback=_set_pool,
-        help="Pool directory (overrides the global --pool).",
-    )
-    return option(f)
-
-
-def json_option(f: F) -> F:
-    return click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")(f)
-
-
-def state() -> State:
-    return click.get_current_context().ensure_object(State)
-
-
-def print_json(doc: Any) -> None:
-    click.echo(json.dumps(doc, indent=2))
-
 
 def talk(call: Callable[[ControlClient], Awaitable[T]]) -> T:
     """Run one exchange with the pool's daemon; map its failures to exit codes."""
@@ -222,7 +135,7 @@ def serve(listen: str, nbd_socket: Path | None, control_listen: str | None,
     NBD is served on HOST:PORT and POOL/nbd.sock, the control API on POOL/control.sock.
     SIGTERM or Ctrl-C stops it cleanly.
     """
-    from owm.daemon import DaemonConfig, run
+    from owm.daemon.serve import DaemonConfig, run
 
     control_tcp = parse_endpoint(control_listen, "--control-listen") if control_listen else None
     if control_tcp is not None and control_token_file is None:
@@ -494,17 +407,10 @@ def release(image: str, as_json: bool) -> None:
 
 # ----------------------------------------------------------------------------------------------
 # Backups: `owm backup NAME@N --to PATH ...`, `owm backup list|verify|delete` and
-# `owm restore REPO ID --to PATH|NAME` live in owm/backup/commands.py.
+# `owm restore REPO ID --to PATH|NAME` live in owm/cli/backup.py.
 
-
-def _add_backup_commands() -> None:
-    from owm.backup.commands import backup, restore
-
-    cli.add_command(backup)
-    cli.add_command(restore)
-
-
-_add_backup_commands()
+cli.add_command(backup)
+cli.add_command(restore)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -526,7 +432,7 @@ def demo(writers: int, new_writers: int, as_json: bool) -> None:
     sessions; the drained image is backed up, the checker finds it consistent, the live
     volume is checked against the ledger, and the image is released.
     """
-    from owm.demo import run_demo
+    from owm.cli.demo import run_demo
 
     try:
         summary = run_demo(old_sessions=writers, new_sessions=new_writers, quiet=as_json)

@@ -10,7 +10,7 @@ A transfer holds the locks of both accounts (``account/N``, taken before it star
 sectors, writes the debited source, keeps working for its duration, then writes the credited
 destination: two separate block writes, so a snapshot taken between them shows a torn transfer.
 Every transfer is written into the ledger when it has read its accounts, with the position it
-takes in each account's history (the ``seq`` it read); ``owm.checker`` compares images with it.
+takes in each account's history (the ``seq`` it read); ``owm.txn.checker`` compares images with it.
 Durations come from ``Durations``: mostly short, a few long (by default 1% last 2 s).
 """
 
@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from owm.coordinator import Coordinator, Transaction, TxnContext
+from owm.txn.coordinator import Coordinator, Transaction, TxnContext
 
 JSON = dict[str, Any]
 
@@ -180,7 +180,7 @@ class Bank:
         return [t for t in self.ledger.values() if t.committed]
 
     def save_ledger(self, path: Path) -> None:
-        """The ledger as JSON lines (``owm.checker`` reads it back)."""
+        """The ledger as JSON lines (``owm.txn.checker`` reads it back)."""
         with open(path, "w") as out:
             out.write(json.dumps({"accounts": self.accounts, "opening": self.opening}) + "\n")
             for entry in self.ledger.values():

@@ -17,18 +17,18 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
-from owm.catalog import Catalog, VolumeRow, now
+from owm.catalog import Catalog, SqliteCatalog, VolumeRow, now
+from owm.common.errors import AlreadyExists, InvalidRequest, NotFound, OwmError, WrongState
+from owm.common.names import parse_image_name
+from owm.common.view import ExportInfo, View
 from owm.engine import ENGINES, make_engine
 from owm.engine.base import ENOSPC_POLICIES, Progress, check_chunk_size
-from owm.errors import AlreadyExists, InvalidRequest, NotFound, OwmError, WrongState
-from owm.names import parse_image_name
+from owm.pool.volume import Volume
 from owm.storage import Storage
 from owm.storage.local import LocalStorage
-from owm.view import ExportInfo, View
-from owm.volume import Volume
 
 T = TypeVar("T")
-log = logging.getLogger("owm.pool")
+log = logging.getLogger("owm.pool.pool")
 
 StorageFactory = Callable[[str], Storage]
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
@@ -63,7 +63,7 @@ class Pool:
         self.root.mkdir(parents=True, exist_ok=True)
         (self.root / "volumes").mkdir(exist_ok=True)
         self.catalog = await asyncio.get_running_loop().run_in_executor(
-            self._executor, lambda: Catalog(self.root / "catalog.sqlite"))
+            self._executor, lambda: SqliteCatalog(self.root / "catalog.sqlite"))
         self.was_clean = await self.db(lambda c: c.get_meta("clean", "1")) == "1"
         if not self.was_clean:
             log.warning("pool %s was not shut down cleanly: recovering", self.root)

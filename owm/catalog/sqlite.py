@@ -1,4 +1,4 @@
-"""The pool's catalog: volumes, generations, preserved images and sessions in one SQLite file.
+"""The local catalog: volumes, generations, preserved images and sessions in one SQLite file.
 
 Every change is one transaction, durable when the call returns (WAL, synchronous=FULL).  The
 catalog is the truth about what exists and in what state; engines keep their chunk tables in
@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import json
 import sqlite3
-import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from owm.catalog.base import ImageRow, VolumeRow, now
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -53,36 +53,7 @@ CREATE TABLE IF NOT EXISTS sessions (
 """
 
 
-def now() -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-
-
-@dataclass
-class VolumeRow:
-    name: str
-    size: int
-    chunk_size: int
-    method: str
-    legs: int
-    enospc_policy: str
-    live_generation: int
-    engine_state: dict[str, Any]
-    created_at: str
-
-
-@dataclass
-class ImageRow:
-    volume: str
-    generation: int
-    state: str  # draining | drained | drained-unclean | broken | releasing
-    consistency: str
-    preserved_at: str
-    drained_at: str | None
-    unclean_sessions: int
-    broken_reason: str | None
-
-
-class Catalog:
+class SqliteCatalog:
     """Blocking SQLite access; the pool calls it from one dedicated thread."""
 
     def __init__(self, path: Path) -> None:

@@ -5,7 +5,7 @@ file, any raw file) and checks:
 
 * every account sector is an untouched account or a valid record (magic, number, CRC);
 * the total money is what the bank opened with (a torn transfer breaks it);
-* with the ledger (``owm.bank``): each transfer is applied on both of its accounts or on
+* with the ledger (``owm.txn.bank``): each transfer is applied on both of its accounts or on
   neither (torn otherwise), each account's balance is its opening balance plus exactly the
   transfers its ``seq`` says were applied, no account shows a change the ledger does not know,
   and no two transfers took the same place in an account's history (a lost update);
@@ -13,7 +13,7 @@ file, any raw file) and checks:
   run that is every committed transfer (the volume equals the ledger); for a preserved image
   it is the transfers of the generations it holds.
 
-Command line: ``python -m owm.checker IMAGE --accounts N [--ledger FILE] [--expect-committed]``
+Command line: ``python -m owm.txn.checker IMAGE --accounts N [--ledger FILE] [--expect-committed]``
 where IMAGE is a file path or ``nbd+unix:///EXPORT?socket=PATH`` / ``nbd://HOST:PORT/EXPORT``.
 """
 
@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlparse
 
-from owm.bank import OPENING, SECTOR, Account, BadSector, Transfer, decode_account, load_ledger
+from owm.txn.bank import OPENING, SECTOR, Account, BadSector, Transfer, decode_account, load_ledger
 
 JSON = dict[str, Any]
 
@@ -237,7 +237,7 @@ async def read_any(where: str, length: int) -> bytes:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m owm.checker", description=__doc__.split(
+    parser = argparse.ArgumentParser(prog="python -m owm.txn.checker", description=__doc__.split(
         "\n\n")[0])
     parser.add_argument("image", help="a file, nbd+unix:///EXPORT?socket=PATH or nbd://H:P/EXPORT")
     parser.add_argument("--accounts", type=int, help="accounts in the bank (default: ledger's)")

@@ -19,11 +19,11 @@ from pathlib import Path
 from typing import Any
 
 import owm
+from owm.common.errors import WrongState
 from owm.control.context import ControlContext
 from owm.control.server import ControlServer, check_unix_path, read_token_file, socket_in_use
-from owm.errors import WrongState
 
-log = logging.getLogger("owm.daemon")
+log = logging.getLogger("owm.daemon.serve")
 
 DEFAULT_NBD_LISTEN = ("127.0.0.1", 10809)
 
@@ -88,7 +88,7 @@ async def serve(config: DaemonConfig, stop: asyncio.Event | None = None) -> None
     """Run the daemon until ``stop`` is set or SIGTERM/SIGINT arrives, then shut down cleanly."""
     # Imported here so that the control client and the CLI do not pull in the storage stack.
     from owm.nbd.server import NbdServer
-    from owm.pool import Pool
+    from owm.pool.pool import Pool
 
     pool_dir = config.pool.absolute()
     check_unix_path(config.control_socket.absolute())

@@ -18,17 +18,17 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from owm.catalog import ImageRow, VolumeRow, now
+from owm.common.errors import ImageBroken, InvalidRequest, NotFound, ReadOnly, WrongState
+from owm.common.view import Extent
 from owm.engine import Engine
 from owm.engine.base import Progress
-from owm.errors import ImageBroken, InvalidRequest, NotFound, ReadOnly, WrongState
 from owm.storage import Buffer
-from owm.view import Extent
 
 if TYPE_CHECKING:
     from owm.catalog import Catalog
 
 T = TypeVar("T")
-log = logging.getLogger("owm.volume")
+log = logging.getLogger("owm.pool.volume")
 
 DbCall = Callable[[Callable[["Catalog"], T]], Awaitable[T]]
 

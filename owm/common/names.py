@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from owm.errors import InvalidRequest
+from owm.common.errors import InvalidRequest
 
 
 def parse_image_name(image: str) -> tuple[str, int]:

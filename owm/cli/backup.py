@@ -4,9 +4,7 @@
 not one of its subcommands as an image, so ``owm backup create NAME@N`` is the same command);
 ``list``, ``verify`` and ``delete`` work on an owm repository and need no daemon; ``restore``
 needs the daemon only to restore into a new volume.  Progress bars (bytes, rate, ETA) appear on
-a terminal only; ``--json`` prints one JSON document.  owm/cli.py adds these commands.
-
-This module imports owm.cli only inside functions: owm.cli imports it while being loaded.
+a terminal only; ``--json`` prints one JSON document.  ``owm.cli.main`` adds these commands.
 """
 
 from __future__ import annotations
@@ -23,9 +21,10 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from owm.errors import DaemonNotRunning, InvalidRequest, OwmError
-from owm.names import parse_image_name as split_image
-from owm.sizes import format_size
+from owm.cli.common import Fail, json_option, pool_option, state
+from owm.common.errors import DaemonNotRunning, InvalidRequest, OwmError
+from owm.common.names import parse_image_name as split_image
+from owm.common.sizes import format_size
 
 if TYPE_CHECKING:
     from owm.control.client import ControlClient
@@ -40,12 +39,10 @@ FORMATS = ("raw", "qcow2", "owm")
 
 
 # ----------------------------------------------------------------------------------------------
-# Helpers shared with owm/cli.py (imported late, see the module docstring)
+# Helpers
 
 
 def _fail(message: str, code: int = 1) -> Exception:
-    from owm.cli import Fail
-
     return Fail(message, code)
 
 
@@ -54,30 +51,11 @@ def _err() -> Console:
 
 
 def _out() -> Console:
-    from owm.cli import state
-
     return state().out
 
 
 def _echo_json(doc: Any) -> None:
     click.echo(json.dumps(doc, indent=2))
-
-
-def _set_pool(ctx: click.Context, param: click.Parameter, value: str | None) -> None:
-    from owm.cli import _set_pool as set_pool
-
-    set_pool(ctx, param, value)
-
-
-def pool_option(f: F) -> F:
-    option = click.option(
-        "--pool", metavar="DIR", expose_value=False, is_eager=True, callback=_set_pool,
-        help="Pool directory (overrides the global --pool).")
-    return option(f)
-
-
-def json_option(f: F) -> F:
-    return click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")(f)
 
 
 def _image_arg(ctx: click.Context, param: click.Parameter, value: str) -> str:
@@ -112,7 +90,6 @@ def _guarded(call: Callable[[], T]) -> T:
 
 def with_daemon(call: Callable[[ControlClient], Awaitable[T]]) -> T:
     """Run ``call`` with a control client of the pool's daemon."""
-    from owm.cli import state
     from owm.control.client import ControlClient  # aiohttp: only for commands that need it
 
     pool = state().pool

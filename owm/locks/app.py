@@ -40,7 +40,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from owm.errors import InvalidRequest, NotFound, Timeout, WrongState
+from owm.common.errors import InvalidRequest, NotFound, Timeout, WrongState
 
 JSON = dict[str, Any]
 
@@ -115,7 +115,7 @@ class LockSpace:
     ) -> float:
         """Take every lock in ``names`` for ``owner``, in sorted order, waiting FIFO.
 
-        All or nothing: on a timeout (``owm.errors.Timeout``), a cancellation or a release of
+        All or nothing: on a timeout (``owm.common.errors.Timeout``), a cancellation or a release of
         the owner by someone else, whatever was taken so far is given back.
         """
         wanted = lock_names(names)

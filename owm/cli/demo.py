@@ -1,14 +1,14 @@
 """``owm demo``: the whole one-way-mirror story, live, on a throw-away pool.
 
-A daemon is started on a temporary pool and a bank is opened on a volume (``owm.bank``): every
+A daemon is started on a temporary pool and a bank is opened on a volume (``owm.txn.bank``): every
 account a sector, every transfer two separate block writes under both accounts' locks, which
-the daemon serves (``owm.applocks``).  A transaction coordinator (``owm.coordinator``) runs the
+the daemon serves (``owm.locks.app``).  A transaction coordinator (``owm.txn.coordinator``) runs the
 transfers on a few worker sessions; some of them are long.  In the middle of the work the
 volume is preserved: the transfers running at that instant finish on their old sessions (on the
 preserved image, mirrored onto the live volume), every transfer after it starts at once on new
 sessions (live volume only), and nobody waits.  As the old sessions close, the image drains; it
 is backed up to a raw file while the bank keeps going, and the consistency checker
-(``owm.checker``) reads the backup: the money adds up, no transfer is torn, and it holds exactly
+(``owm.txn.checker``) reads the backup: the money adds up, no transfer is torn, and it holds exactly
 the transfers of the old sessions.  At the end the live volume is checked against the ledger
 (every committed transfer, nothing lost), the image is released and a summary printed.
 """
@@ -35,10 +35,10 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
-from owm.cli_output import image_state
+from owm.cli.output import image_state
+from owm.common.errors import OwmError
+from owm.common.sizes import format_size
 from owm.control.client import ControlClient
-from owm.errors import OwmError
-from owm.sizes import format_size
 
 JSON = dict[str, Any]
 
@@ -158,11 +158,11 @@ class DemoView:
 
 async def _demo(old_count: int, new_count: int, console: Console | None) -> JSON:
     from owm.backup import run_backup
-    from owm.bank import SECTOR, Bank, Durations, arrivals
-    from owm.checker import check_image, read_export, read_file
     from owm.control.lock_client import RemoteLocks
-    from owm.coordinator import Coordinator
     from owm.nbd.client import NbdClient
+    from owm.txn.bank import SECTOR, Bank, Durations, arrivals
+    from owm.txn.checker import check_image, read_export, read_file
+    from owm.txn.coordinator import Coordinator
 
     rng = random.Random(20261122)
     workdir = _short_tempdir()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from owm.errors import InvalidRequest
+from owm.common.errors import InvalidRequest
 
 _UNITS = {"": 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40, "P": 1 << 50}
 _PATTERN = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGTP]?)(?:I?B)?\s*$", re.IGNORECASE)

@@ -14,7 +14,7 @@ from rich.console import Group, RenderableType
 from rich.table import Table
 from rich.text import Text
 
-from owm.sizes import format_size
+from owm.common.sizes import format_size
 
 JSON = dict[str, Any]
 

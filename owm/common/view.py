@@ -44,7 +44,7 @@ class ExportInfo:
 class View(Protocol):
     """One open view of a volume; every method is a coroutine safe to call concurrently.
 
-    Offsets and lengths are in bytes.  Errors are ``owm.errors.OwmError`` subclasses carrying
+    Offsets and lengths are in bytes.  Errors are ``owm.common.errors.OwmError`` subclasses carrying
     the errno an NBD client is told: OutOfRange / InvalidRequest -> EINVAL, ReadOnly -> EPERM,
     NoSpace -> ENOSPC, anything else -> EIO.
     """
@@ -82,13 +82,13 @@ class Exports(Protocol):
     def list_exports(self) -> list[ExportInfo]: ...
 
     def export_info(self, name: str) -> ExportInfo:
-        """Raise owm.errors.NotFound for an unknown export."""
+        """Raise owm.common.errors.NotFound for an unknown export."""
         ...
 
     async def open_export(self, name: str, peer: str) -> View:
         """Open ``NAME`` (a session of the newest generation) or ``NAME@N`` (read-only).
 
-        Raise owm.errors.NotFound for an unknown export, WrongState for one that cannot be
+        Raise owm.common.errors.NotFound for an unknown export, WrongState for one that cannot be
         opened now (a released image).
         """
         ...

@@ -2,7 +2,7 @@
 
 Transactions are submitted to a queue and dispatched to *workers*; each worker holds one NBD
 session to the live export and runs one transaction at a time on it.  A transaction declares
-its application locks (``owm.applocks``) and takes all of them before it starts; it is *started*
+its application locks (``owm.locks.app``) and takes all of them before it starts; it is *started*
 the moment it is given a worker, and its generation is that worker's.
 
 At a preserve (``Coordinator.preserve``) the coordinator asks the daemon to split the volume,
@@ -25,7 +25,7 @@ Two ways to switch, both consistent:
 
 Why transactions take their locks *before* being given a worker: a transaction that was
 waiting for a lock at the switch must not run on an old worker, where it would read A and might
-undo a new transaction's change on B (see ``owm.applocks``).  Taking the locks first and the
+undo a new transaction's change on B (see ``owm.locks.app``).  Taking the locks first and the
 worker second makes "running on an old worker" imply "held every lock before the switch".
 
 ``quiesce`` is the prior art of Figure 3B, kept for comparison: stop starting transactions,
@@ -44,11 +44,11 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Generic, Literal, TypeVar
 
-from owm.applocks import Locks
-from owm.errors import OwmError, Timeout, WrongState
+from owm.common.errors import OwmError, Timeout, WrongState
+from owm.locks.app import Locks
 from owm.nbd.client import NbdClient, NbdError
 
-log = logging.getLogger("owm.coordinator")
+log = logging.getLogger("owm.txn.coordinator")
 
 T = TypeVar("T")
 R = TypeVar("R")

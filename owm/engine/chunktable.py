@@ -18,7 +18,7 @@ import struct
 import zlib
 from collections.abc import Iterator
 
-from owm.groupsync import GroupSync
+from owm.engine.groupsync import GroupSync
 from owm.storage import Storage
 
 _RECORD = struct.Struct("<IIBxxxQI")  # magic, epoch, op, chunk, crc32 of the preceding fields

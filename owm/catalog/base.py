@@ -1,0 +1,96 @@
+"""What a catalog is: the rows it holds and the calls the pool makes on it.
+
+The catalog is the truth about what exists and in what state (volumes, generations, preserved
+images, sessions). ``owm.catalog.sqlite`` is the local implementation; a shared one (etcd)
+implements the same ``Catalog`` protocol. Every call is one atomic change, durable when it
+returns.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+
+def now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+@dataclass
+class VolumeRow:
+    name: str
+    size: int
+    chunk_size: int
+    method: str
+    legs: int
+    enospc_policy: str
+    live_generation: int
+    engine_state: dict[str, Any]
+    created_at: str
+
+
+@dataclass
+class ImageRow:
+    volume: str
+    generation: int
+    state: str  # draining | drained | drained-unclean | broken | releasing
+    consistency: str
+    preserved_at: str
+    drained_at: str | None
+    unclean_sessions: int
+    broken_reason: str | None
+
+
+class Catalog(Protocol):
+    """The calls the pool makes; each is one atomic, durable change (or a read)."""
+
+    def close(self) -> None:
+        ...
+
+    def get_meta(self, key: str, default: str | None = None) -> str | None:
+        ...
+
+    def set_meta(self, key: str, value: str) -> None:
+        ...
+
+    def volumes(self) -> list[VolumeRow]:
+        ...
+
+    def add_volume(self, v: VolumeRow) -> None:
+        ...
+
+    def delete_volume(self, name: str) -> None:
+        ...
+
+    def save_engine_state(self, name: str, state: dict[str, Any]) -> None:
+        ...
+
+    def images(self, volume: str) -> list[ImageRow]:
+        ...
+
+    def record_preserve(self, image: ImageRow, live: int, state: dict[str, Any]) -> None:
+        ...
+
+    def update_image(self, image: ImageRow) -> None:
+        ...
+
+    def finish_release(self, volume: str, generation: int, state: dict[str, Any]) -> None:
+        ...
+
+    def open_session(self, volume: str, generation: int, peer: str) -> int:
+        ...
+
+    def close_session(
+        self, session: int, clean: bool, bytes_read: int, bytes_written: int, generation: int
+    ) -> None:
+        ...
+
+    def open_sessions(self, volume: str) -> list[tuple[int, int]]:
+        ...
+
+    def end_sessions_unclean(self, volume: str) -> None:
+        ...
+
+    def prune_sessions(self, keep: int = 10000) -> None:
+        ...
