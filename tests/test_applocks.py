@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from owm.common.errors import InvalidRequest, NotFound, Timeout, WrongState
+from owm.common.errors import InvalidRequest, Timeout, WrongState
 from owm.control.client import ControlClient
 from owm.control.lock_client import RemoteLocks
-from owm.locks.app import LockService, LockSpace, lock_names
+from owm.locks.app import LeaseGone, LockService, LockSpace, lock_names
 from owm.nbd.client import NbdClient
 from tests.conftest import REPO, Daemon, cli_env
 
@@ -166,7 +166,7 @@ async def test_an_expired_lease_releases_its_locks() -> None:
     await asyncio.wait_for(service.acquire(other, "t2", ["x"]), 5)
     assert 0.1 < time.monotonic() - started < 3
     assert service.expired == 1
-    with pytest.raises(NotFound):
+    with pytest.raises(LeaseGone, match=lease):
         service.keepalive(lease)
     status = service.status()
     assert [entry["holder"] for entry in status["locks"]] == [f"{other}/t2"]
@@ -323,7 +323,7 @@ async def test_a_killed_process_loses_its_locks_when_its_lease_expires(daemon: D
 def test_lock_requests_are_checked(daemon: Daemon) -> None:
     status, body = daemon.api("POST", "/v1/locks/leases/nope/acquire",
                               {"owner": "t", "names": ["a"]})
-    assert status == 404 and "nope" in body["error"]
+    assert status == 410 and "nope" in body["error"]
     status, lease = daemon.api("POST", "/v1/locks/leases", {"ttl": 30, "label": "x"})
     assert status == 201
     path = f"/v1/locks/leases/{lease['lease']}"
@@ -335,4 +335,4 @@ def test_lock_requests_are_checked(daemon: Daemon) -> None:
     assert status == 200 and body["names"] == ["a", "b"]
     status, body = daemon.api("DELETE", path)
     assert status == 200 and body["released"] == ["a", "b"]
-    assert daemon.api("POST", path + "/keepalive")[0] == 404
+    assert daemon.api("POST", path + "/keepalive")[0] == 410
