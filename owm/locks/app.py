@@ -377,6 +377,23 @@ class LockSpace:
         self._abandon(me)
         return held
 
+    def release_together(
+        self, owners: Iterable[str], reason: Callable[[str], OwmError]
+    ) -> list[str]:
+        """Release several owners at once (those of a lease that ends), ``reason(owner)`` for
+        each wait in progress.  Their waits fail before anything is given back, so no lock is
+        handed from one of them to another on its way to the next live owner in line."""
+        ending = [me for me in map(self._owners.get, owners) if me is not None]
+        for me in ending:
+            me.ended = reason(me.name)
+            if me.waiting is not None and not me.waiting[1].future.done():
+                me.waiting[1].future.set_exception(me.ended)
+        released: set[str] = set()
+        for me in ending:
+            released.update(me.held)
+            self._abandon(me)
+        return sorted(released)
+
     def holder(self, name: str) -> str | None:
         lock = self._locks.get(name)
         return lock.holder.name if lock is not None and lock.holder is not None else None
@@ -661,16 +678,15 @@ class LockService:
         self._ended[lease.id] = why
         while len(self._ended) > self.REMEMBERED:
             self._ended.popitem(last=False)
-        released: list[str] = []
-        for key in sorted(lease.owners):
-            released += self.space.release_now(key, self._gone(lease.id))
+        released = self.space.release_together(sorted(lease.owners),
+                                               lambda _: self._gone(lease.id))
         lease.owners.clear()
         if len(self._expiry) > 2 * len(self._leases) + 64:
             # Closed leases leave their entries behind; rebuild in place now and then.
             self._expiry[:] = [(lz.expires, next(self._seq), lz.id)
                                for lz in self._leases.values()]
             heapq.heapify(self._expiry)
-        return sorted(released)
+        return released
 
     def _describe(self, lease: _Lease) -> JSON:
         return {"lease": lease.id, "label": lease.label, "ttl": lease.ttl}
