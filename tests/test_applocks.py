@@ -6,20 +6,33 @@ from __future__ import annotations
 
 import asyncio
 import random
+import signal
 import struct
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from owm.common.errors import InvalidRequest, NotFound, Timeout, WrongState
+from owm.common.errors import InvalidRequest, Timeout, WrongState
 from owm.control.client import ControlClient
 from owm.control.lock_client import RemoteLocks
-from owm.locks.app import LockService, LockSpace, lock_names
+from owm.locks.app import (
+    MAX_LEASES,
+    MAX_LOCKS_PER_OWNER,
+    MAX_NAME,
+    FenceFile,
+    LeaseGone,
+    LockLimit,
+    LockService,
+    LockSpace,
+    lock_names,
+)
 from owm.nbd.client import NbdClient
-from tests.conftest import REPO, Daemon, cli_env
+from owm.txn.coordinator import Transaction, TxnContext
+from tests.conftest import REPO, Daemon, cli_env, start_daemon
 
 # ---------------------------------------------------------------------------- one process
 
@@ -166,7 +179,7 @@ async def test_an_expired_lease_releases_its_locks() -> None:
     await asyncio.wait_for(service.acquire(other, "t2", ["x"]), 5)
     assert 0.1 < time.monotonic() - started < 3
     assert service.expired == 1
-    with pytest.raises(NotFound):
+    with pytest.raises(LeaseGone, match=lease):
         service.keepalive(lease)
     status = service.status()
     assert [entry["holder"] for entry in status["locks"]] == [f"{other}/t2"]
@@ -323,7 +336,7 @@ async def test_a_killed_process_loses_its_locks_when_its_lease_expires(daemon: D
 def test_lock_requests_are_checked(daemon: Daemon) -> None:
     status, body = daemon.api("POST", "/v1/locks/leases/nope/acquire",
                               {"owner": "t", "names": ["a"]})
-    assert status == 404 and "nope" in body["error"]
+    assert status == 410 and "nope" in body["error"]
     status, lease = daemon.api("POST", "/v1/locks/leases", {"ttl": 30, "label": "x"})
     assert status == 201
     path = f"/v1/locks/leases/{lease['lease']}"
@@ -335,4 +348,303 @@ def test_lock_requests_are_checked(daemon: Daemon) -> None:
     assert status == 200 and body["names"] == ["a", "b"]
     status, body = daemon.api("DELETE", path)
     assert status == 200 and body["released"] == ["a", "b"]
-    assert daemon.api("POST", path + "/keepalive")[0] == 404
+    assert daemon.api("POST", path + "/keepalive")[0] == 410
+
+
+# ---------------------------------------------------------------------------- issue 18, item 2
+
+
+def _lock_holders(daemon: Daemon) -> dict[str, str | None]:
+    status, body = daemon.api("GET", "/v1/locks")
+    assert status == 200
+    return {entry["name"]: entry["holder"] for entry in body["locks"]}
+
+
+async def _until(predicate: Any, what: str, limit: float = 10.0) -> None:
+    """Poll ``predicate`` (bounded in time and count) until it holds."""
+    deadline = time.monotonic() + limit
+    for _ in range(int(limit / 0.02) + 1):
+        if await asyncio.to_thread(predicate):
+            return
+        if time.monotonic() > deadline:
+            break
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+@pytest.mark.parametrize("how", ["close", "expire"])
+async def test_a_waiter_whose_lease_ends_is_refused_and_holds_nothing(
+    daemon: Daemon, how: str
+) -> None:
+    """Owner o1 holds 'm'; owner o2 of the same lease wants a, m, z and waits for m.  Ending
+    the lease must fail o2's acquire (410 naming the lease) and leave none of a, m, z held."""
+    ttl = 1.5 if how == "expire" else 60
+    status, opened = daemon.api("POST", "/v1/locks/leases", {"ttl": ttl, "label": "doomed"})
+    assert status == 201
+    lease = opened["lease"]
+    path = f"/v1/locks/leases/{lease}"
+    assert daemon.api("POST", path + "/acquire", {"owner": "o1", "names": ["m"]})[0] == 200
+    waiting = asyncio.create_task(asyncio.to_thread(
+        daemon.api, "POST", path + "/acquire",
+        {"owner": "o2", "names": ["a", "m", "z"], "timeout": 20}))
+
+    def queued() -> bool:
+        if how == "expire":  # alive until o2 is in line, then left to expire
+            assert daemon.api("POST", path + "/keepalive")[0] == 200
+        return _lock_holders(daemon).get("a") == f"{lease}/o2"
+
+    await _until(queued, "o2 to queue for m")
+    if how == "close":
+        assert daemon.api("DELETE", path)[0] == 200
+    status, body = await asyncio.wait_for(waiting, 30)
+    assert status == 410, body
+    assert lease in body["error"]
+    assert _lock_holders(daemon) == {}
+    # Another lease takes all three at once, and the dead lease's owners cannot release.
+    status, other = daemon.api("POST", "/v1/locks/leases", {"ttl": 60})
+    status, taken = daemon.api("POST", f"/v1/locks/leases/{other['lease']}/acquire",
+                               {"owner": "t", "names": ["a", "m", "z"], "timeout": 5})
+    assert status == 200 and taken["waited_ms"] < 5000
+    for owner in ("o1", "o2"):
+        status, body = daemon.api("POST", path + "/release", {"owner": owner})
+        assert status == 410 and lease in body["error"]
+    daemon.api("DELETE", f"/v1/locks/leases/{other['lease']}")
+
+
+# ---------------------------------------------------------------------------- issue 18, item 3
+
+
+async def test_lease_ids_and_fencing_tokens_across_a_daemon_restart(short_tmp: Path) -> None:
+    pool = short_tmp / "pool"
+    seen_leases: set[str] = set()
+    tokens: list[int] = []
+    daemon = start_daemon(pool)
+    try:
+        for round_ in range(3):
+            status, opened = daemon.api("POST", "/v1/locks/leases", {"ttl": 60})
+            assert status == 201 and opened["lease"] not in seen_leases
+            lease = opened["lease"]
+            seen_leases.add(lease)
+            for i in range(2):
+                status, body = daemon.api("POST", f"/v1/locks/leases/{lease}/acquire",
+                                          {"owner": f"t{i}", "names": [f"acct/{i}"]})
+                assert status == 200, body
+                tokens.append(body["fencing_token"])
+            daemon.stop(signal.SIGKILL if round_ % 2 == 0 else signal.SIGTERM)
+            daemon = start_daemon(pool)
+            # The old lease is gone, and says so by name, on every endpoint.
+            for method, suffix, body in (("POST", "/keepalive", None),
+                                         ("POST", "/release", {"owner": "t0"}),
+                                         ("POST", "/acquire", {"owner": "t9", "names": ["x"]}),
+                                         ("DELETE", "", None)):
+                status, answer = daemon.api(method, f"/v1/locks/leases/{lease}{suffix}", body)
+                assert status == 410 and lease in answer["error"], (suffix, answer)
+            assert _lock_holders(daemon) == {}
+    finally:
+        daemon.stop()
+    assert tokens == sorted(tokens) and len(set(tokens)) == len(tokens), tokens
+    assert len(seen_leases) == 3
+
+
+async def test_remote_locks_expose_the_token_and_learn_of_a_lost_lease(daemon: Daemon) -> None:
+    async with await RemoteLocks.open(daemon.pool, ttl=30) as first:
+        await first.acquire("t", ["acct/1"])
+        token = first.fencing_token("t")
+        assert token is not None and token >= 1
+        status, _ = daemon.api("DELETE", f"/v1/locks/leases/{first.lease}")  # "lost"
+        assert status == 200
+        async with await RemoteLocks.open(daemon.pool, ttl=30) as second:
+            await second.acquire("t", ["acct/1"], timeout=5)
+            newer = second.fencing_token("t")
+            assert newer is not None and newer > token
+            with pytest.raises(LeaseGone, match=first.lease):
+                await first.keepalive()
+            with pytest.raises(LeaseGone, match=first.lease):
+                await first.release("t")
+            with pytest.raises(LeaseGone, match=first.lease):
+                await first.acquire("u", ["acct/2"])
+            assert first.fencing_token("t") is None
+            assert await second.release("t") == ["acct/1"]
+            assert second.fencing_token("t") is None
+
+
+async def test_the_transaction_context_carries_the_fencing_token() -> None:
+    from tests.test_coordinator import Fixture
+
+    f = Fixture(workers=2)
+    seen: list[int | None] = []
+
+    async def body(ctx: TxnContext) -> None:
+        seen.append(ctx.fencing_token)
+        await asyncio.sleep(0.001)
+
+    async with f.coordinator as c:
+        for _ in range(5):
+            await asyncio.wait_for(c.run(Transaction(["acct/1", "acct/2"], body)), 10)
+    assert all(t is not None for t in seen)
+    assert seen == sorted(seen) and len(set(seen)) == 5  # type: ignore[type-var]
+
+
+def test_the_fencing_token_is_documented(daemon: Daemon) -> None:
+    status, spec = daemon.api("GET", "/v1/openapi.json")
+    assert status == 200
+    answer = spec["paths"]["/v1/locks/leases/{lease}/acquire"]["post"]["responses"]
+    assert "fencing_token" in answer["200"]["content"]["application/json"]["schema"][
+        "properties"]
+    assert "410" in answer
+    readme = (REPO / "README.md").read_text()
+    assert "fencing token" in readme and "410" in readme
+
+
+def test_the_fence_file_never_goes_back(tmp_path: Path) -> None:
+    path = tmp_path / "applocks.fence"
+    fence = FenceFile(path, block=4)
+    first = [fence.next() for _ in range(6)]
+    assert first == [1, 2, 3, 4, 5, 6]
+    # A restart (even after a crash that lost the unsynced rest) starts above the block.
+    again = FenceFile(path, block=4)
+    assert again.next() > max(first)
+    later = [again.next() for _ in range(10)]
+    assert FenceFile(path).next() > max(later)
+    # A damaged file cannot prove its mark: continue from the wall clock, far above any count.
+    path.write_bytes(b"owm-applock-fence 1 99 deadbeef\n")
+    assert FenceFile(path).next() > 10**15
+
+
+# ---------------------------------------------------------------------------- issue 18, item 4
+
+
+async def test_a_short_lease_opened_after_a_long_one_is_reaped(daemon: Daemon) -> None:
+    """Nobody calls in while the long lease waits: only the reaper can free the lock."""
+    status, long_lease = daemon.api("POST", "/v1/locks/leases", {"ttl": 600})
+    status, short = daemon.api("POST", "/v1/locks/leases", {"ttl": 0.3})
+    assert status == 201
+    status, _ = daemon.api("POST", f"/v1/locks/leases/{short['lease']}/acquire",
+                           {"owner": "dead", "names": ["acct/3"]})
+    assert status == 200
+    status, body = await asyncio.to_thread(
+        daemon.api, "POST", f"/v1/locks/leases/{long_lease['lease']}/acquire",
+        {"owner": "t", "names": ["acct/3"], "timeout": 8})
+    assert status == 200, body
+    status, locks = daemon.api("GET", "/v1/locks")
+    assert locks["expired_leases"] == 1
+
+
+async def test_expiry_follows_keepalives_and_no_call_scans_every_lease() -> None:
+    now = [0.0]
+    service = LockService(clock=lambda: now[0])
+
+    class Counting(dict[str, Any]):
+        scans = 0
+
+        def values(self) -> Any:
+            Counting.scans += 1
+            return super().values()
+
+        def items(self) -> Any:
+            Counting.scans += 1
+            return super().items()
+
+        def __iter__(self) -> Any:
+            Counting.scans += 1
+            return super().__iter__()
+
+    leases = [service.open_lease(ttl=10)["lease"] for _ in range(200)]
+    service._leases = Counting(service._leases)
+    for step in range(50):  # every lease but the first is kept alive, 50 times in 50 s
+        now[0] += 1.0
+        for lease in leases[1:]:
+            service.keepalive(lease)
+        if step == 5:
+            await service.acquire(leases[7], "t", ["x"])
+            assert service.release(leases[7], "t") == ["x"]
+    assert Counting.scans == 0
+    assert service.expired == 1  # the first one only
+    with pytest.raises(LeaseGone, match="expired"):
+        service.keepalive(leases[0])
+    assert len(service._expiry) <= 2 * len(leases) + 64
+    service.close()
+
+
+# ---------------------------------------------------------------------------- issue 18, smaller
+
+
+def test_durations_beyond_their_limits_are_one_sentence(daemon: Daemon) -> None:
+    huge = int("9" * 401)
+    status, body = daemon.api("POST", "/v1/locks/leases", {"ttl": huge})
+    assert status == 400 and "ttl" in body["error"]
+    status, lease = daemon.api("POST", "/v1/locks/leases", {"ttl": 30})
+    path = f"/v1/locks/leases/{lease['lease']}/acquire"
+    for timeout in (huge, -huge, 1e308, 86401):
+        status, body = daemon.api("POST", path, {"owner": "t", "names": ["a"],
+                                                 "timeout": timeout})
+        assert status == 400 and "timeout" in body["error"], (timeout, body)
+    assert daemon.api("POST", path, {"owner": "t", "names": ["a"], "timeout": 86400})[0] == 200
+
+
+def test_owner_and_label_lengths_are_bounded(daemon: Daemon) -> None:
+    status, body = daemon.api("POST", "/v1/locks/leases", {"label": "x" * 100_000})
+    assert status == 400 and "label" in body["error"]
+    status, lease = daemon.api("POST", "/v1/locks/leases", {"ttl": 30, "label": "l" * 256})
+    assert status == 201
+    path = f"/v1/locks/leases/{lease['lease']}/acquire"
+    status, body = daemon.api("POST", path, {"owner": "o" * 100_000, "names": ["a"]})
+    assert status == 400 and "owner" in body["error"]
+    assert daemon.api("POST", path, {"owner": "o" * 256, "names": ["a"]})[0] == 200
+
+
+def test_the_number_of_leases_is_capped(daemon: Daemon) -> None:
+    opened = []
+    for _ in range(MAX_LEASES):
+        status, body = daemon.api("POST", "/v1/locks/leases", {"ttl": 60})
+        assert status == 201, body
+        opened.append(body["lease"])
+    status, body = daemon.api("POST", "/v1/locks/leases", {"ttl": 60})
+    assert status == 429 and "close leases" in body["error"]
+    assert daemon.api("DELETE", f"/v1/locks/leases/{opened[0]}")[0] == 200
+    assert daemon.api("POST", "/v1/locks/leases", {"ttl": 60})[0] == 201
+
+
+async def test_owners_and_locks_are_capped() -> None:
+    service = LockService(max_owners_per_lease=3, max_owners=5, max_locks=8)
+    one = service.open_lease(ttl=30)["lease"]
+    two = service.open_lease(ttl=30)["lease"]
+    for i in range(3):
+        await service.acquire(one, f"t{i}", [f"a{i}"])
+    with pytest.raises(LockLimit, match="one lease"):
+        await service.acquire(one, "t3", ["b"])
+    await service.acquire(two, "u0", ["b0"])
+    with pytest.raises(LockLimit, match="at most 8"):
+        await service.acquire(two, "u1", [f"c{i}" for i in range(5)])
+    await service.acquire(two, "u1", ["b1"])
+    with pytest.raises(LockLimit, match="transactions already hold"):
+        await service.acquire(two, "u2", ["b2"])
+    # A refusal leaves nothing behind, and giving back makes room again.
+    assert service.space.owners() == [f"{one}/t{i}" for i in range(3)] + [
+        f"{two}/u0", f"{two}/u1"]
+    service.release(one, "t0")
+    await service.acquire(one, "t3", ["b"])
+    service.close()
+
+
+def test_the_largest_documented_acquire_fits_the_body_limit(daemon: Daemon) -> None:
+    status, lease = daemon.api("POST", "/v1/locks/leases", {"ttl": 60})
+    path = f"/v1/locks/leases/{lease['lease']}"
+    # 1024 names of 256 characters, each escaped by JSON as up to 12 bytes: about 3 MB.
+    names = [f"{i:04d}" + ("é𝔄" * 126) for i in range(MAX_LOCKS_PER_OWNER)]
+    assert all(len(n) == MAX_NAME for n in names)
+    status, body = daemon.api("POST", path + "/acquire", {"owner": "big", "names": names})
+    assert status == 200, body
+    assert len(body["names"]) == MAX_LOCKS_PER_OWNER
+    status, body = daemon.api("POST", path + "/release", {"owner": "big"})
+    assert status == 200 and len(body["released"]) == MAX_LOCKS_PER_OWNER
+    # Beyond the limits: a sentence each, and a body no valid request needs is 413.
+    status, body = daemon.api("POST", path + "/acquire",
+                              {"owner": "big", "names": [*names, "one more"]})
+    assert status == 400 and str(MAX_LOCKS_PER_OWNER) in body["error"]
+    status, body = daemon.api("POST", path + "/acquire",
+                              {"owner": "big", "names": ["é" * (MAX_NAME + 1)]})
+    assert status == 400 and str(MAX_NAME) in body["error"]
+    status, body = daemon.api("POST", path + "/acquire",
+                              {"owner": "big", "names": ["x"], "pad": "p" * (4 << 20)})
+    assert status == 413 and "too large" in body["error"]

@@ -21,6 +21,7 @@ from owm.control.context import CONTEXT, ControlContext
 from owm.control.lock_routes import routes as lock_routes
 from owm.control.openapi import routes as openapi_routes
 from owm.control.routes import routes as volume_routes
+from owm.locks.app import LeaseGone, LockLimit
 
 log = logging.getLogger("owm.control")
 
@@ -33,6 +34,8 @@ ROUTE_TABLES: tuple[web.RouteTableDef, ...] = (
 # Most specific first: OutOfRange is an InvalidRequest, so order matters.
 STATUS_FOR_ERROR: tuple[tuple[type[errors.OwmError], int], ...] = (
     (errors.NotFound, 404),
+    (LeaseGone, 410),  # both are WrongState: before it
+    (LockLimit, 429),
     (errors.AlreadyExists, 409),
     (errors.WrongState, 409),
     (errors.ReadOnly, 409),

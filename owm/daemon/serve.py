@@ -22,6 +22,7 @@ import owm
 from owm.common.errors import WrongState
 from owm.control.context import ControlContext
 from owm.control.server import ControlServer, check_unix_path, read_token_file, socket_in_use
+from owm.locks.app import LockService
 
 log = logging.getLogger("owm.daemon.serve")
 
@@ -117,7 +118,7 @@ async def serve(config: DaemonConfig, stop: asyncio.Event | None = None) -> None
     ready = False
     pool = await Pool.open(pool_dir)
     nbd: Any = None
-    ctx = ControlContext(pool=pool)
+    ctx = ControlContext(pool=pool, app_locks=LockService.for_pool(pool_dir))
     control = ControlServer(ctx)
     try:
         nbd = NbdServer(pool)

@@ -101,12 +101,18 @@ class TxnRecord:
 
 @dataclass(slots=True)
 class TxnContext:
-    """What a transaction's body gets: its worker's NBD session and who it is."""
+    """What a transaction's body gets: its worker's NBD session and who it is.
+
+    ``fencing_token`` is the token its locks were granted with (``owm.locks.app``): stamp the
+    work with it, so that whatever receives that work can refuse it once it has seen a larger
+    token for the same data (the locks were lost, e.g. a lease that expired, and taken since).
+    """
 
     nbd: NbdClient
     generation: int
     worker: str
     record: TxnRecord
+    fencing_token: int | None = None
 
 
 @dataclass(frozen=True)
@@ -300,6 +306,7 @@ class Coordinator:
             record.ok, record.error = False, _describe(exc)
             raise
         record.locked = self.clock()
+        token = self.locks.fencing_token(owner)
         try:
             worker = await self._take_worker()
             record.started = self.clock()
@@ -308,7 +315,7 @@ class Coordinator:
             worker.state = f"running {txn.name}"
             try:
                 result = await txn.body(TxnContext(worker.client, worker.generation,
-                                                   worker.name, record))
+                                                   worker.name, record, token))
             except BaseException as exc:
                 record.ok, record.error = False, _describe(exc)
                 self._give_back(worker, broken=isinstance(exc, NbdError))
