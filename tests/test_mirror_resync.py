@@ -11,13 +11,21 @@ item 1): the leg must rejoin holding every write, and every acknowledged write m
 from __future__ import annotations
 
 import asyncio
+import json
 import random
+import re
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import REPO, Daemon, cli_env, start_daemon
 
 from owm.engine.mirror import MirrorEngine
+from owm.nbd.client import NbdClient
 from owm.pool.model import Model
 from owm.pool.pool import Pool
 from owm.pool.volume import ImageReader, Session
@@ -318,3 +326,133 @@ async def test_release_resync_keeps_writes_made_at_every_step(tmp_path: Path, cr
         legs = scene.legs(pool)
         assert legs[0] == legs[1] == legs[2] == bytes(model.views[2]), label
         await pool.close()
+
+
+WRITER = r"""
+import asyncio, sys
+from owm.nbd.client import NbdClient
+
+CHUNK = 4096
+
+async def main():
+    client = await NbdClient.connect(export="v", unix_path=sys.argv[1])
+    for i in range(100000):
+        v = bytes([20 + i % 200]) * CHUNK
+        print("round", i, flush=True)
+        await asyncio.gather(client.write(i % 64 * CHUNK, v, fua=True),
+                             client.write((64 + i % 32) * CHUNK, v),
+                             client.write((96 + i % 16) * CHUNK, v))
+        print("acked", i, flush=True)
+
+asyncio.run(main())
+"""
+
+
+def _round_chunks(i: int) -> list[int]:
+    return [i % 64, 64 + i % 32, 96 + i % 16]
+
+
+def _volume_status(daemon: Daemon) -> dict[str, Any]:
+    status, body = daemon.api("GET", "/v1/volumes/v")
+    assert status == 200, body
+    assert isinstance(body, dict)
+    return body
+
+
+async def test_sigkill_with_writes_in_flight_resyncs_only_the_intent_map(short_tmp: Path) -> None:
+    """A real daemon killed with SIGKILL while a client pipelines FUA and plain writes: the
+    restarted daemon serves at once, resyncs only the chunks of the write-intent map (counted
+    in its log), and afterwards every leg equals the data acknowledged; the split leg (v@0) is
+    untouched and still drained, transaction-consistent."""
+    size = 16 << 20
+    pool = short_tmp / "pool"
+    daemon = start_daemon(pool)
+    writer: subprocess.Popen[str] | None = None
+    try:
+        created = daemon.owm("volume", "create", "v", "--size", "16M", "--method", "mirror",
+                             "--chunk-size", "4K", "--legs", "3")
+        assert created.returncode == 0, created.stderr
+        client = await NbdClient.connect(export="v", unix_path=str(daemon.nbd_socket))
+        for offset in range(0, size, 1 << 20):
+            await client.write(offset, bytes([FILL]) * (1 << 20))
+        await client.flush()
+        await client.flush()  # the fill's intent bits are cleared lazily, one flush later
+        await client.disconnect()
+        preserved = daemon.owm("preserve", "v")
+        assert preserved.stdout.strip() == "v@0", preserved.stderr
+        writer = subprocess.Popen([sys.executable, "-c", WRITER, str(daemon.nbd_socket)],
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                  env=cli_env(), cwd=REPO)
+        assert writer.stdout is not None
+        acked, sent = -1, -1
+        deadline = time.monotonic() + 60
+        while acked < 300:  # enough rounds that every chunk of the writer's was written
+            assert time.monotonic() < deadline, "the writer made no progress"
+            word, n = writer.stdout.readline().split()
+            if word == "round":
+                sent = int(n)
+            else:
+                acked = int(n)
+        daemon.proc.send_signal(signal.SIGKILL)  # requests of round `sent` are in flight
+        daemon.proc.wait(timeout=30)
+        writer.kill()
+        rest, _ = writer.communicate(timeout=30)
+        for line in rest.splitlines():
+            word, n = line.split()
+            if word == "acked":
+                acked = int(n)
+            else:
+                sent = int(n)
+    finally:
+        if writer is not None and writer.poll() is None:
+            writer.kill()
+            writer.communicate(timeout=30)
+        if daemon.proc.poll() is None:
+            daemon.stop(signal.SIGKILL)
+
+    want: dict[int, set[int]] = {}
+    for i in range(acked + 1):
+        for c in _round_chunks(i):
+            want[c] = {20 + i % 200}
+    for i in range(acked + 1, sent + 1):  # in flight when the daemon died: either
+        for c in _round_chunks(i):
+            want[c].add(20 + i % 200)
+
+    daemon = start_daemon(pool)
+    try:
+        client = await NbdClient.connect(export="v", unix_path=str(daemon.nbd_socket))
+        live = await client.read(0, size)  # served at once, whether or not the resync is done
+        await client.disconnect()
+        deadline = time.monotonic() + 60
+        while _volume_status(daemon)["resync_progress"] is not None:
+            assert time.monotonic() < deadline, "the resync did not end"
+            time.sleep(0.05)
+        text = daemon.log_text()
+        started = re.search(r"resyncing the (\d+) chunks of the write-intent map", text)
+        ended = re.search(r"resync after an unclean stop done, (\d+) chunks copied", text)
+        assert started and ended, text
+        assert 0 < int(started.group(1)) == int(ended.group(1)) <= 112  # not the 4096 allocated
+        for c in range(size // CHUNK):
+            piece = live[c * CHUNK : (c + 1) * CHUNK]
+            allowed = {bytes([v]) * CHUNK for v in want.get(c, {FILL})}
+            assert piece in allowed, (c, piece[:1], want.get(c))
+        image = await NbdClient.connect(export="v@0", unix_path=str(daemon.nbd_socket))
+        assert await image.read(0, size) == bytes([FILL]) * size
+        await image.disconnect()
+        status, row = daemon.api("GET", "/v1/images/v@0")
+        assert status == 200 and (row["state"], row["consistency"]) == (
+            "drained", "transaction-consistent"), row
+        shown = json.loads(daemon.owm("status", "v", "--json").stdout)
+        assert shown[0]["resync_progress"] is None
+        # Leg files beside the image leg: the in-sync legs are equal now, the split one intact.
+        daemon.stop()
+        legs = [(pool / "volumes" / "v" / f"leg-{i}.data").read_bytes()[:size] for i in range(3)]
+        assert legs[0] == legs[1] == live
+        assert legs[2] == bytes([FILL]) * size
+        daemon = start_daemon(pool)
+        released = daemon.owm("release", "v@0")
+        assert released.returncode == 0, released.stderr
+    finally:
+        assert daemon.stop() == 0
+    legs = [(pool / "volumes" / "v" / f"leg-{i}.data").read_bytes()[:size] for i in range(3)]
+    assert legs[0] == legs[1] == legs[2] == live
