@@ -11,9 +11,11 @@ item 1): the leg must rejoin holding every write, and every acknowledged write m
 from __future__ import annotations
 
 import asyncio
+import copy
 import json
 import random
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -456,3 +458,107 @@ async def test_sigkill_with_writes_in_flight_resyncs_only_the_intent_map(short_t
         assert daemon.stop() == 0
     legs = [(pool / "volumes" / "v" / f"leg-{i}.data").read_bytes()[:size] for i in range(3)]
     assert legs[0] == legs[1] == legs[2] == live
+
+
+async def _crashed_mirror(root: Path) -> dict[str, SimulatedStorage]:
+    """A 3-leg mirror whose power failed with chunks 2..9 written and never flushed, pages
+    written back at random so that the legs differ there; the pool directory is ``root``."""
+    storages: dict[str, SimulatedStorage] = {}
+    pool = await Pool.open(root, storage_factory=lambda n: storages.setdefault(
+        n, SimulatedStorage()))
+    await pool.create_volume("v", 32 * CHUNK, "mirror", CHUNK, legs=3)
+    s = await session(pool)
+    await s.write(0, bytes([FILL]) * 32 * CHUNK)
+    await s.flush()
+    await s.flush()
+    for c in range(2, 10):
+        await s.write(c * CHUNK, bytes([c]) * CHUNK)
+    after = {n: st.power_loss(random.Random(3)) for n, st in storages.items()}
+    await pool.kill()
+    legs = [bytes(after["v"]._objects[f"leg-{i}.data"].current) for i in range(3)]
+    assert legs[0] != legs[1] or legs[0] != legs[2], "the test needs legs that differ"
+    return after
+
+
+def _legs(storages: dict[str, SimulatedStorage], size: int) -> list[bytes]:
+    out = []
+    for i in range(3):
+        data = bytes(storages["v"]._objects[f"leg-{i}.data"].current[:size])
+        out.append(data + bytes(size - len(data)))
+    return out
+
+
+@pytest.mark.parametrize("action", ["write", "preserve", "power-loss", "close"])
+async def test_background_resync_interleavings(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, action: str
+) -> None:
+    """Hold the background resync before each of its chunks and write there (FUA, flushed),
+    preserve (the split leg must equal the live view), lose power again or stop cleanly; the
+    in-sync legs end equal to the live view and nothing acknowledged is lost."""
+    size = 32 * CHUNK
+    crashed = await _crashed_mirror(tmp_path / "crashed")
+    probe = Pause(None, "resync")
+    monkeypatch.setattr(MirrorEngine, "step_hook", probe)
+    storages = copy.deepcopy(crashed)
+    shutil.copytree(tmp_path / "crashed", tmp_path / "probe")
+    pool = await Pool.open(tmp_path / "probe", storage_factory=lambda n: storages[n])
+    await engine_of(pool).wait_resynced()
+    await pool.close()
+    steps = [c for _, c in probe.seen]
+    assert steps and set(steps) <= set(range(2, 10)), steps
+
+    for at, chunk in enumerate(steps):
+        label = f"{action} before resyncing chunk {chunk}"
+        root = tmp_path / f"{action}-{at}"
+        shutil.copytree(tmp_path / "crashed", root)
+        storages = copy.deepcopy(crashed)
+        pause = Pause(at, "resync")
+        monkeypatch.setattr(MirrorEngine, "step_hook", pause)
+        pool = await Pool.open(root, storage_factory=lambda n, s=storages: s[n])  # type: ignore[misc]
+        await asyncio.wait_for(pause.reached.wait(), 10)
+        live = await session(pool)
+        want = bytearray(await live.read(0, size))  # the primary's answer is the truth now
+        done = steps[:at][-1:]
+        later = steps[at + 1 :][:1]
+        for n, c in enumerate([chunk, *done, *later, 20]):
+            data = bytes([0x80 + n]) * CHUNK
+            await live.write(c * CHUNK, data, fua=n % 2 == 0)
+            want[c * CHUNK : (c + 1) * CHUNK] = data
+        await live.flush()
+        image = None
+        if action == "preserve":
+            await live.close()
+            assert await pool.preserve("v") == "v@0"
+            image = bytes(want)
+            live = await session(pool)
+            for c in steps:  # the new generation overwrites every chunk the resync has left
+                await live.write(c * CHUNK, bytes([0xEE]) * CHUNK)
+                want[c * CHUNK : (c + 1) * CHUNK] = bytes([0xEE]) * CHUNK
+            await live.flush()
+        if action == "power-loss":
+            storages = {n: st.power_loss(random.Random(at)) for n, st in storages.items()}
+            await pool.kill()
+            pause.go.set()
+        elif action == "close":  # stopped cleanly while held: the resync is cancelled there
+            await live.close()
+            await pool.close()
+        if action in ("power-loss", "close"):
+            monkeypatch.setattr(MirrorEngine, "step_hook", None)
+            pool = await Pool.open(root, storage_factory=lambda n, s=storages: s[n])  # type: ignore[misc]
+            live = await session(pool)
+        pause.go.set()
+        engine = engine_of(pool)
+        await asyncio.wait_for(engine.wait_resynced(), 10)
+        if action == "close":  # it resumed at the restart, with what it had left
+            assert len(steps) - at <= engine.resynced_chunks <= len(steps), label
+        assert await live.read(0, size) == bytes(want), label
+        legs = _legs(storages, size)
+        if image is None:
+            assert legs[0] == legs[1] == legs[2] == bytes(want), label
+        else:
+            assert legs[0] == legs[1] == bytes(want), label
+            assert legs[2] == image == await read_image(pool, "v@0", size), label
+            await live.close()
+            await pool.release("v@0")
+            assert _legs(storages, size)[2] == bytes(want), label
+        await pool.close()

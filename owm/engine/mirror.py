@@ -50,6 +50,9 @@ def _leg(i: int) -> str:
 
 class MirrorEngine(Engine):
     method = "mirror"
+    # Awaited between the steps of the resyncs (tests pause them there, on an engine or on the
+    # class before a restart); None in service.
+    step_hook: StepHook | None = None
 
     def __init__(self, *args: object, **kwargs: object) -> None:
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
@@ -73,8 +76,6 @@ class MirrorEngine(Engine):
         self._resync_task: asyncio.Task[None] | None = None
         self.resync_progress: tuple[int, int] | None = None  # (done, total) while it runs
         self.resynced_chunks = 0  # chunks copied by the last background resync
-        # Awaited between the steps of the resyncs (tests pause them there); None in service.
-        self.step_hook: StepHook | None = None
 
     @property
     def roles(self) -> list[dict[str, Any]]:
