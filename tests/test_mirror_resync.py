@@ -480,9 +480,9 @@ async def _crashed_mirror(root: Path) -> dict[str, SimulatedStorage]:
     return after
 
 
-def _legs(storages: dict[str, SimulatedStorage], size: int) -> list[bytes]:
+def _legs(storages: dict[str, SimulatedStorage], size: int, n: int = 3) -> list[bytes]:
     out = []
-    for i in range(3):
+    for i in range(n):
         data = bytes(storages["v"]._objects[f"leg-{i}.data"].current[:size])
         out.append(data + bytes(size - len(data)))
     return out
@@ -561,4 +561,45 @@ async def test_background_resync_interleavings(
             await live.close()
             await pool.release("v@0")
             assert _legs(storages, size)[2] == bytes(want), label
+        await pool.close()
+
+
+async def test_a_mirror_from_before_the_intent_map_resyncs_all_its_data_in_the_background(
+    tmp_path: Path,
+) -> None:
+    """A volume an older owm left after a crash has no write-intent map: every allocated chunk
+    may differ, so all of them are resynced (in the background now), and the map starts."""
+    import sqlite3
+
+    size = 8 * CHUNK
+    storages: dict[str, SimulatedStorage] = {}
+    pool = await Pool.open(tmp_path, storage_factory=lambda n: storages.setdefault(
+        n, SimulatedStorage()))
+    await pool.create_volume("v", size, "mirror", CHUNK, legs=2)
+    s = await session(pool)
+    await s.write(0, bytes([FILL]) * (size - CHUNK))  # the last chunk stays a hole
+    await s.flush()
+    await s.flush()
+    await s.write(3 * CHUNK, b"\x33" * CHUNK)
+    after = {n: st.power_loss(random.Random(1)) for n, st in storages.items()}
+    await pool.kill()
+    for suffix in (".ckpt0", ".ckpt1", ".journal"):
+        await after["v"].delete("intent" + suffix)
+    with sqlite3.connect(tmp_path / "catalog.sqlite") as db:
+        (raw,) = db.execute("SELECT engine_state FROM volumes WHERE name='v'").fetchone()
+        state = json.loads(raw)
+        assert state.pop("write_intent") is True
+        db.execute("UPDATE volumes SET engine_state=? WHERE name='v'", (json.dumps(state),))
+    db.close()
+    pool = await Pool.open(tmp_path, storage_factory=lambda n: after[n])
+    try:
+        engine = engine_of(pool)
+        await asyncio.wait_for(engine.wait_resynced(), 10)
+        assert engine.resynced_chunks == 7  # every allocated chunk
+        assert engine.state["write_intent"] is True
+        legs = _legs(after, size, 2)
+        live = await session(pool)
+        assert legs[0] == legs[1] == await live.read(0, size)
+        await live.close()
+    finally:
         await pool.close()
