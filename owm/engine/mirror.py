@@ -282,16 +282,17 @@ class MirrorEngine(Engine):
 
     async def _background_resync(self) -> None:
         chunks = self._resync_list
-        copied = 0
+        copied = 0  # chunks copied to at least one leg (none when a single leg is in sync)
         try:
             while self._resync_done < len(chunks):
                 batch = chunks[self._resync_done : self._resync_done + RESYNC_BATCH]
                 written: set[int] = set()
-                for chunk in batch:
+                for k, chunk in enumerate(batch):
                     await self._step("resync", chunk)
-                    written.update(await self._copy_chunk(chunk, lambda: self._sync_legs()[1:]))
-                    copied += 1
-                    self.resync_progress = (copied, len(chunks))
+                    legs = await self._copy_chunk(chunk, lambda: self._sync_legs()[1:])
+                    written.update(legs)
+                    copied += bool(legs)
+                    self.resync_progress = (self._resync_done + k + 1, len(chunks))
                 await self.sync_objects([_leg(i) for i in written])
                 self._resync_done += len(batch)
                 for chunk in batch:
