@@ -41,7 +41,7 @@ log = logging.getLogger("owm.engine.mirror")
 
 StepHook = Callable[[str, int], Awaitable[None]]
 RESYNC_BATCH = 256  # chunks the background resync copies between two syncs of the legs
-TRACK_LIMIT = 1 << 20  # chunks remembered per flush interval; beyond it no bit is cleared
+TRACK_LIMIT = 1 << 18  # chunks remembered per flush interval; beyond it no bit is cleared
 
 
 def _leg(i: int) -> str:
