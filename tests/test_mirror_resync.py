@@ -603,3 +603,41 @@ async def test_a_mirror_from_before_the_intent_map_resyncs_all_its_data_in_the_b
         await live.close()
     finally:
         await pool.close()
+
+
+async def test_intent_bits_clear_lazily_never_under_a_write(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A chunk's bit is set before its write reaches the legs, survives the next flush, is
+    cleared at the one after (both legs synced it), stays while a write is under way, and stays
+    when too many chunks were written to remember them."""
+    storage = CountingStorage()
+    pool = await Pool.open(tmp_path, storage_factory=lambda n: storage)
+    try:
+        await pool.create_volume("v", 64 * CHUNK, "mirror", CHUNK, legs=2)
+        engine = engine_of(pool)
+        s = await session(pool)
+        await s.write(0, b"a" * 2 * CHUNK)
+        assert list(engine.intent) == [0, 1]
+        await s.flush()
+        assert list(engine.intent) == [0, 1]
+        storage.hold = "leg-1.data"  # the next write stops between its two legs
+        pending = asyncio.create_task(s.write(CHUNK, b"b" * CHUNK))
+        for _ in range(5):
+            await asyncio.sleep(0)
+        assert list(engine.intent) == [0, 1]
+        await s.flush()
+        assert list(engine.intent) == [1], "chunk 1 has a write under way"
+        storage.gate.set()
+        await pending
+        await s.flush()
+        await s.flush()
+        assert list(engine.intent) == []
+        monkeypatch.setattr("owm.engine.mirror.TRACK_LIMIT", 4)
+        await s.write(0, b"c" * 8 * CHUNK)
+        for _ in range(3):
+            await s.flush()
+        assert list(engine.intent) == list(range(8)), "too many to remember: none cleared"
+        await s.close()
+    finally:
+        await pool.close()
