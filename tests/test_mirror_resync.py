@@ -641,3 +641,23 @@ async def test_intent_bits_clear_lazily_never_under_a_write(
         await s.close()
     finally:
         await pool.close()
+
+
+def test_status_shows_the_resync_progress() -> None:
+    """``owm status`` and ``owm volume list`` show a running resync as release progress is."""
+    from rich.console import Console
+
+    from owm.cli.output import status_view, volumes_table
+
+    volume = {"name": "v", "size": 1 << 20, "method": "mirror", "chunk_size": 4096, "legs": 2,
+              "live_generation": 0, "generations": [], "images": [],
+              "resync_progress": {"done": 3, "total": 12}}
+    console = Console(width=160, record=True)
+    console.print(status_view([volume]))
+    console.print(volumes_table([volume]))
+    text = console.export_text()
+    assert "resyncing its in-sync legs after an unclean stop: 25%" in text
+    assert "2 (resyncing 25%)" in text
+    console = Console(width=160, record=True)
+    console.print(status_view([{**volume, "resync_progress": None}]))
+    assert "resyncing" not in console.export_text()
