@@ -91,6 +91,20 @@ def image_state(image: JSON) -> Text:
     return Text(state)
 
 
+def resync_percent(volume: JSON) -> int | None:
+    """How far a mirror's background resync after an unclean stop is (None: not running)."""
+    progress = volume.get("resync_progress") or {}
+    total = int(progress.get("total") or 0)
+    return 100 * int(progress.get("done") or 0) // total if total else None
+
+
+def legs_cell(volume: JSON) -> Text:
+    percent = resync_percent(volume)
+    if percent is None:
+        return Text(str(volume.get("legs")))
+    return Text(f"{volume.get('legs')} (resyncing {percent}%)", style="cyan")
+
+
 def volumes_table(volumes: list[JSON]) -> Table:
     table = Table(box=box.SIMPLE_HEAD, pad_edge=False)
     for column, justify in (("NAME", "left"), ("SIZE", "right"), ("METHOD", "left"),
@@ -104,7 +118,7 @@ def volumes_table(volumes: list[JSON]) -> Table:
             states[str(image.get("state"))] = states.get(str(image.get("state")), 0) + 1
         table.add_row(
             Text(str(v.get("name"))), format_size(int(v.get("size", 0))), str(v.get("method")),
-            format_size(int(v.get("chunk_size", 0))), str(v.get("legs")),
+            format_size(int(v.get("chunk_size", 0))), legs_cell(v),
             str(v.get("live_generation")), str(len(sessions_of(v))),
             ", ".join(f"{n} {s}" for s, n in states.items()) or "-",
         )
@@ -154,6 +168,10 @@ def volume_detail(v: JSON) -> RenderableType:
         f"on full disk: {v.get('enospc_policy', '-')}, live generation {v.get('live_generation')}",
     )
     parts: list[RenderableType] = [head]
+    percent = resync_percent(v)
+    if percent is not None:
+        parts.append(Text(f"  resyncing its in-sync legs after an unclean stop: {percent}%",
+                          style="cyan"))
     sessions = sessions_of(v)
     if sessions:
         parts.append(sessions_table(sessions))

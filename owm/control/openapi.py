@@ -94,6 +94,11 @@ _SCHEMAS: JSON = {
             "live_generation": {"type": "integer"},
             "generations": {"type": "array", "items": _ref("Generation")},
             "images": {"type": "array", "items": _ref("Image")},
+            "resync_progress": {
+                "type": ["object", "null"],
+                "description": "A mirror's background resync of its in-sync legs after an "
+                               "unclean stop (chunks of its write-intent map), while it runs.",
+                "properties": {"done": {"type": "integer"}, "total": {"type": "integer"}}},
         },
     },
     "CreateVolume": {

@@ -437,6 +437,7 @@ class Volume:
                 "release_progress": None if progress is None
                 else {"done": progress[0], "total": progress[1]},
             })
+        resync = getattr(self.engine, "resync_progress", None)  # mirror, after an unclean stop
         return {
             "name": self.name, "size": self.size, "method": self.row.method,
             "chunk_size": self.row.chunk_size, "legs": self.row.legs,
@@ -445,6 +446,8 @@ class Volume:
             "bytes_on_disk": self.engine.bytes_on_disk(self.live),
             "generations": [{"generation": g, "sessions": by_gen[g]} for g in sorted(by_gen)],
             "images": images,
+            "resync_progress": None if resync is None
+            else {"done": resync[0], "total": resync[1]},
         }
 
     def abandon(self) -> None:
