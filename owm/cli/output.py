@@ -154,6 +154,11 @@ def volume_detail(v: JSON) -> RenderableType:
         f"on full disk: {v.get('enospc_policy', '-')}, live generation {v.get('live_generation')}",
     )
     parts: list[RenderableType] = [head]
+    restore = v.get("restore")
+    if isinstance(restore, dict):
+        parts.append(Text(f"  RESTORE INCOMPLETE from {restore.get('from')} (since "
+                          f"{restore.get('since')}): not a copy of the backup until that "
+                          "restore is run again to its end", style="bold red"))
     sessions = sessions_of(v)
     if sessions:
         parts.append(sessions_table(sessions))
