@@ -55,8 +55,8 @@ _HEX64 = re.compile(r"[0-9a-f]{64}")
 
 
 def valid_id(backup_id: str) -> bool:
-    """Whether ``backup_id`` can name a backup (and so a file inside the repository)."""
-    return BACKUP_ID.fullmatch(backup_id) is not None and ".." not in backup_id
+    """Whether ``backup_id`` can name a backup: one plain file name, no '/', no glob pattern."""
+    return BACKUP_ID.fullmatch(backup_id) is not None
 
 
 def map_name(backup_id: str, map_blake3: str) -> str:
