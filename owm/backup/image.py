@@ -23,6 +23,7 @@ class ImageFacts:
     drained_at: str | None
     volume_created: str | None
     forced: bool = False
+    volume_uid: str | None = None  # the volume incarnation: what tells a re-created volume apart
 
     @classmethod
     def from_status(cls, volume: JSON, image: JSON, forced: bool) -> ImageFacts:
@@ -38,6 +39,7 @@ class ImageFacts:
             chunk_size=int(volume["chunk_size"]), state=state, consistency=consistency,
             preserved_at=image.get("preserved_at"), drained_at=image.get("drained_at"),
             volume_created=volume.get("created_at"), forced=forced,
+            volume_uid=str(volume["uid"]) if volume.get("uid") else None,
         )
 
     @property

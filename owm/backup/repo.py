@@ -17,6 +17,11 @@ renamed and its directory synced.  A killed backup therefore leaves at most an "
 manifest (which a rerun resumes) and some unreferenced chunks; it never leaves a false
 "complete".  Deleting a backup removes its manifest, then every chunk no remaining manifest
 names (complete or not).
+
+Paths: every path of a backup is derived from the name of its manifest file (``ID.json``) and
+checked to stay inside ``REPO/backups``; nothing inside a manifest (its ``id``, ``parent`` or
+map file name) is ever used to build a path.  A manifest whose ``id`` differs from its file
+name is damaged.
 """
 
 from __future__ import annotations
@@ -27,7 +32,6 @@ import fcntl
 import json
 import logging
 import os
-import re
 import threading
 import time
 from collections.abc import Iterator
@@ -39,7 +43,14 @@ from typing import Any
 import blake3
 import zstandard
 
-from owm.backup.manifest import DIGEST_SIZE, ChunkMap, DamagedManifest, Manifest
+from owm.backup.manifest import (
+    DIGEST_SIZE,
+    ChunkMap,
+    DamagedManifest,
+    Manifest,
+    map_name,
+    valid_id,
+)
 from owm.common.errors import AlreadyExists, InvalidRequest, NotFound, WrongState
 
 log = logging.getLogger("owm.backup")
@@ -294,35 +305,60 @@ class Repository:
         sync_filesystem(self.root)
 
     # -- manifests --------------------------------------------------------------------------
+    def _backup_file(self, name: str) -> Path:
+        """``REPO/backups/NAME``, refused unless it is a plain name inside that directory."""
+        backups = self.root / "backups"
+        path = backups / name
+        if "/" in name or name in ("", ".", "..") or \
+                path.parent.resolve() != backups.resolve():
+            raise InvalidRequest(f"'{name}' is not a file of the repository's backups")
+        return path
+
+    def _checked_id(self, backup_id: str) -> str:
+        if not valid_id(backup_id):
+            raise InvalidRequest(f"'{backup_id}' cannot be a backup id (letters, digits, '.', "
+                                 "'_', '@' and '-' only)")
+        return backup_id
+
     def _manifest_path(self, backup_id: str) -> Path:
-        return self.root / "backups" / f"{backup_id}.json"
+        return self._backup_file(f"{self._checked_id(backup_id)}.json")
 
     def _lock_path(self, backup_id: str) -> Path:
-        return self.root / "backups" / f"{backup_id}.lock"
+        return self._backup_file(f"{self._checked_id(backup_id)}.lock")
 
     def manifest_ids(self) -> list[str]:
+        """The id of every manifest file: its name, which is where every path comes from."""
         return sorted(p.name[: -len(".json")] for p in (self.root / "backups").glob("*.json")
                       if not p.name.startswith("."))
 
     def load(self, backup_id: str) -> Manifest:
+        where = f"the manifest of backup {backup_id}"
+        if not valid_id(backup_id):
+            raise DamagedManifest(f"{where} has a file name that cannot be a backup id")
         path = self._manifest_path(backup_id)
         try:
             raw = path.read_bytes()
         except FileNotFoundError:
             raise NotFound(f"the repository has no backup '{backup_id}'") from None
-        return Manifest.loads(raw, f"the manifest of backup {backup_id}", self._load_map)
+        manifest = Manifest.loads(raw, where, self._load_map)
+        if manifest.id != backup_id:
+            raise DamagedManifest(f"{where} names itself '{manifest.id}', not its file name")
+        return manifest
 
     def _load_map(self, manifest: Manifest) -> ChunkMap:
-        assert manifest.map_file is not None and manifest.map_blake3 is not None
+        assert manifest.map_blake3 is not None
         where = f"backup {manifest.id}"
         try:
-            data = (self.root / "backups" / manifest.map_file).read_bytes()
+            data = self._backup_file(map_name(manifest.id, manifest.map_blake3)).read_bytes()
         except FileNotFoundError:
             raise DamagedManifest(f"the chunk map file of {where} is missing") from None
-        return ChunkMap.unpack(data, manifest.chunks, manifest.map_blake3, where)
+        return ChunkMap.unpack(data, manifest.chunks, manifest.map_blake3, where,
+                               manifest.map_file_blake3)
 
     def _map_files(self, backup_id: str) -> list[Path]:
-        return list((self.root / "backups").glob(f"{backup_id}.*.map"))
+        self._checked_id(backup_id)
+        return [p for p in (self.root / "backups").glob(f"{backup_id}.*.map")
+                if p.name[len(backup_id) + 1:-len(".map")].isalnum()]
 
     def manifests(self) -> tuple[list[Manifest], list[tuple[str, str]]]:
         """Every readable manifest, and (id, reason) of those that cannot be read."""
@@ -341,14 +377,15 @@ class Repository:
         Call it only after the chunks the map names are synced.
         """
         packed, digest = manifest.chunk_map.pack()
-        map_name = f"{manifest.id}.{digest[:16]}.map"
-        map_path = self.root / "backups" / map_name
-        if not map_path.exists():
-            write_atomically(map_path, packed)
-        manifest.map_file, manifest.map_blake3 = map_name, digest
+        name = map_name(manifest.id, digest)
+        map_path = self._backup_file(name)
+        write_atomically(map_path, packed)
+        manifest.map_file, manifest.map_blake3 = name, digest
+        manifest.map_file_blake3 = blake3.blake3(packed).hexdigest()
+        manifest.verified = True
         write_atomically(self._manifest_path(manifest.id), manifest.dumps())
         for old in self._map_files(manifest.id):
-            if old.name != map_name:
+            if old.name != name:
                 with contextlib.suppress(FileNotFoundError):
                     old.unlink()
 
@@ -358,6 +395,14 @@ class Repository:
         if manifest.map_file:
             total += (self.root / "backups" / manifest.map_file).stat().st_size
         return total
+
+    def resolve_id(self, ref: str) -> str | None:
+        """The file id ``ref`` names exactly or as a unique prefix, without reading it."""
+        ids = self.manifest_ids()
+        if ref in ids:
+            return ref
+        matches = [i for i in ids if i.startswith(ref)]
+        return matches[0] if len(matches) == 1 else None
 
     def resolve(self, ref: str) -> Manifest:
         """A backup by id, by unique id prefix, or by image name (its newest complete backup)."""
@@ -381,7 +426,7 @@ class Repository:
         stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
         for n in range(1, 1000):
             backup_id = f"{image}-{stamp}" if n == 1 else f"{image}-{stamp}-{n}"
-            if not re.fullmatch(r"[A-Za-z0-9._@-]+", backup_id):
+            if not valid_id(backup_id):
                 raise InvalidRequest(f"'{image}' cannot name a backup")
             try:
                 fd = os.open(self._lock_path(backup_id),
@@ -435,12 +480,15 @@ class Repository:
         chunk is removed (which chunks it needs cannot be known); the backup itself still goes.
         """
         with self.locked(exclusive=True, wait=5.0):
-            try:
-                target = self.resolve(ref).id
-            except DamagedManifest:
-                if ref not in self.manifest_ids():
-                    raise
-                target = ref
+            if ref in self.manifest_ids():
+                # The exact id of a manifest file: that file's backup, damaged or not.  Every
+                # path below comes from this name, never from what the manifest says.
+                target = self._checked_id(ref)
+            else:
+                try:
+                    target = self.resolve(ref).id  # load() checked: the file's own name
+                except DamagedManifest as exc:
+                    raise InvalidRequest(f"{exc}; delete it by its exact id") from None
             if self.running(target):
                 raise WrongState(f"backup {target} is still being written")
             try:
@@ -448,9 +496,11 @@ class Repository:
                 why = None
             except WrongState as exc:
                 references, why = None, str(exc)
-            self._manifest_path(target).unlink()
+            manifest_path = self._manifest_path(target)
+            doomed = [*self._map_files(target), self._lock_path(target)]
+            manifest_path.unlink()
             fsync_dir(self.root / "backups")
-            for path in [*self._map_files(target), self._lock_path(target)]:
+            for path in doomed:
                 with contextlib.suppress(FileNotFoundError):
                     path.unlink()
             removed, freed = self._sweep(*references) if references is not None else (0, 0)

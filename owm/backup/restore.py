@@ -6,7 +6,14 @@ silently: it stops with a sentence naming the offset.  Chunks of zeroes are not 
 
 * a file: written as ``PATH.partial``, synced, renamed to ``PATH`` (never over an existing file);
 * a volume: created through the daemon with the backup's size and chunk size, written over NBD,
-  flushed; if the restore fails the half-written volume is deleted again.
+  flushed; if the restore fails the half-written volume is deleted again.  The volume is born
+  marked as an incomplete restore (``"restore": {"state": "incomplete", "from": "REPO ID"}``
+  in ``volume show``/``status``, kept in the daemon's catalog) and the mark is cleared only
+  after the last byte is written and flushed, so a restore killed half-way (SIGTERM, SIGKILL,
+  a crash) leaves a volume that says so and that refuses preserves and backups.  Running the
+  same restore again starts over: the marked volume is deleted and restored afresh (the daemon
+  cannot tell which of the half-written bytes reached the disk).  A marked volume of another
+  restore, or an unmarked volume, is never touched.
 
 ``--to`` takes ``file:PATH`` or ``volume:NAME`` explicitly; a bare value is a file when it has a
 ``/`` or ends in .raw, .img or .bin, and a volume name otherwise.
@@ -24,12 +31,13 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 from owm.backup.manifest import Manifest
 from owm.backup.raw import partial_path
 from owm.backup.repo import ChunkDamaged, Repository, fsync_dir
-from owm.common.errors import AlreadyExists, InvalidRequest, OwmError
-from owm.control.client import ControlClient
+from owm.common.errors import AlreadyExists, InvalidRequest, OwmError, WrongState
+from owm.control.client import ControlClient, ControlError
 
 JSON = dict[str, Any]
 Progress = Callable[[int, int], None]
@@ -141,13 +149,47 @@ def _restore_file(repo: Repository, manifest: Manifest, path: Path,
     return written, chunks
 
 
+def restore_source(repo: Repository, manifest: Manifest) -> str:
+    """What a restore mark names: the repository's absolute path and the backup id."""
+    return f"{repo.root.resolve()} {manifest.id}"
+
+
+async def _start_over(control: ControlClient, name: str, source: str) -> None:
+    """Delete what an interrupted run of this same restore left in ``name``, if anything."""
+    try:
+        current = await control.volume(name)
+    except ControlError as exc:
+        if exc.status == 404:
+            return
+        raise
+    mark = current.get("restore")
+    if not isinstance(mark, dict):
+        raise AlreadyExists(f"a volume named '{name}' already exists; restore into a new volume")
+    if mark.get("from") != source:
+        raise WrongState(f"volume {name} is an incomplete restore of {mark.get('from')}; run "
+                         "that restore again, or delete the volume")
+    # The killed run's NBD session ends when the daemon notices its socket closed.
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            await control.delete_volume(name)
+            return
+        except ControlError as exc:
+            if exc.status != 409 or time.monotonic() > deadline:
+                raise
+        await asyncio.sleep(0.1)
+
+
 async def _restore_volume(repo: Repository, manifest: Manifest, name: str,
                           control: ControlClient, method: str,
                           progress: Progress | None) -> tuple[int, int]:
     from owm.backup.run import connect_export, nbd_endpoint
 
-    await control.create_volume(name, manifest.size, method=method,
-                                chunk_size=manifest.chunk_size)
+    source = restore_source(repo, manifest)
+    await _start_over(control, name, source)
+    where = f"/v1/volumes/{quote(name, safe='')}/restore"
+    await control.request("POST", where, {"size": manifest.size, "method": method,
+                                          "chunk_size": manifest.chunk_size, "from": source})
     loop = asyncio.get_running_loop()
     written = chunks = 0
     try:
@@ -186,6 +228,8 @@ async def _restore_volume(repo: Repository, manifest: Manifest, name: str,
             await client.flush()
         finally:
             await client.disconnect()
+        # Every byte is written and flushed: only now is the volume a restore of the backup.
+        await control.request("DELETE", where, {"from": source})
     except BaseException:
         with contextlib.suppress(Exception):
             await control.delete_volume(name)

@@ -106,10 +106,21 @@ def describe_sessions(holding: list[JSON]) -> str:
     return ", ".join(parts) if parts else "no session listed"
 
 
+def refuse_restoring(volume: JSON) -> None:
+    """A volume a restore has not finished writing holds no backup-worthy state: refuse it."""
+    mark = volume.get("restore")
+    if mark:
+        source = mark.get("from") if isinstance(mark, dict) else None
+        raise WrongState(f"volume {volume.get('name')} is an incomplete restore"
+                         f"{f' of {source}' if source else ''}; run that restore again to "
+                         "finish it before backing it up")
+
+
 async def image_facts(control: ControlClient, image: str, *, timeout: float | None,
                       force: bool, notify: Notify | None = None) -> tuple[ImageFacts, float]:
     """Look the image up, wait for it to drain, apply the refusal rules; (facts, seconds waited)."""
-    split_image(image)
+    name, _ = split_image(image)
+    refuse_restoring(await control.volume(name))
     info = await control.image(image)
     waited = 0.0
     if info.get("state") == "draining":
@@ -140,8 +151,8 @@ async def image_facts(control: ControlClient, image: str, *, timeout: float | No
                          f"{'' if n == 1 else 's'} "
                          "ended without a clean disconnect), so it may hold half a "
                          "transaction; pass --force to back it up as not transaction-consistent")
-    name, _ = split_image(image)
     volume = await control.volume(name)
+    refuse_restoring(volume)
     forced = state != "drained"
     return ImageFacts.from_status(volume, info, forced), waited
 

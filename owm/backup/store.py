@@ -9,7 +9,15 @@ another volume shares).
 Incremental: when the repository holds a complete backup of an older image of the same volume,
 the daemon is asked which chunks changed since that image; only those are read, and the map
 starts as a copy of the parent's.  When the daemon cannot tell (None), everything is read and
-deduplication still keeps the repository from growing by unchanged data.
+deduplication still keeps the repository from growing by unchanged data.  "The same volume" is
+the same incarnation: the volume's uid (a random id given when it was created) must match, so
+a volume deleted and created again under the same name is never taken for the old one; a
+parent must also have a checksummed manifest.
+
+A damaged chain is re-read, never inherited: before a backup keeps a chunk of its parent's map
+without reading it, the chunk file is read and checked against its hash; every chunk that is
+missing or wrong is read again from the image (which also repairs the chunk file for the parent,
+since chunks are named by their content).
 
 Resumable: the manifest is saved as "incomplete" at the start and, every few seconds, after a
 sync, with the chunk number below which everything is stored.  Running the same backup again
@@ -23,6 +31,7 @@ import logging
 import os
 import time
 from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -103,10 +112,34 @@ class RepoBackup:
 
 
 def _same_volume(m: Manifest, facts: ImageFacts) -> bool:
+    """Whether ``m`` is a backup of this very volume incarnation (uids, not creation times)."""
     if m.volume != facts.volume or m.size != facts.size or m.chunk_size != facts.chunk_size:
         return False
-    return m.volume_created is None or facts.volume_created is None or (
-        m.volume_created == facts.volume_created)
+    return m.verified and m.volume_uid is not None and m.volume_uid == facts.volume_uid
+
+
+def _check_kept(repo: Repository, manifest: Manifest,
+                reread: Callable[[int], bool]) -> tuple[set[bytes], list[int]]:
+    """Check every stored chunk the map keeps without reading it again from the image.
+
+    Returns the digests found intact and the chunk numbers whose chunk is missing or wrong.
+    """
+    where: dict[bytes, list[int]] = {}
+    for index, digest in manifest.chunk_map.entries():
+        if not reread(index):
+            where.setdefault(digest, []).append(index)
+
+    def intact(digest: bytes) -> bool:
+        try:
+            return repo.chunk_ok(digest, manifest.chunk_length(where[digest][0]))
+        except OSError:
+            return False
+
+    with ThreadPoolExecutor(2, thread_name_prefix="owm-parent-check") as pool:
+        verdicts = list(pool.map(intact, where))
+    good = {d for d, ok in zip(where, verdicts, strict=True) if ok}
+    bad = sorted(i for d, ok in zip(where, verdicts, strict=True) if not ok for i in where[d])
+    return good, bad
 
 
 def _find_resumable(repo: Repository, facts: ImageFacts) -> tuple[Manifest, int] | None:
@@ -183,16 +216,27 @@ async def backup_to_repo(
                 preserved_at=facts.preserved_at, drained_at=facts.drained_at,
                 parent=parent.id if parent is not None else None,
                 incremental=work is not None, volume_created=facts.volume_created,
-                work="changed" if work is not None else "all",
+                volume_uid=facts.volume_uid, work="changed" if work is not None else "all",
             )
         try:
+            start = manifest.next_chunk
+            wanted = set(work) if work is not None else None
+
+            def reread(index: int) -> bool:
+                return index >= start and (wanted is None or index in wanted)
+
+            trusted, damaged = await loop.run_in_executor(None, _check_kept, repo, manifest,
+                                                          reread)
+            if damaged:
+                log.warning("backup %s: %d chunks its map would keep are missing or damaged in "
+                            "the repository; reading them again", manifest.id, len(damaged))
+                start = manifest.next_chunk = min(start, damaged[0])
+                if work is not None:
+                    work = sorted(set(work) | set(damaged))
             await loop.run_in_executor(None, repo.save, manifest)
             stats = Stats()
-            trusted = (await loop.run_in_executor(None, parent.chunk_map.digests)
-                       if parent is not None else set())
             writer = RepoWriter(repo, manifest.chunk_map, facts.chunk_size, stats, trusted)
             source = ImageSource(client, facts.chunk_size)
-            start = manifest.next_chunk
             if work is None:
                 total = max(0, facts.size - start * facts.chunk_size)
             else:
@@ -215,7 +259,7 @@ async def backup_to_repo(
             manifest.completed_at = utc_now()
             manifest.next_chunk = 0
             manifest.stats = {**stats.to_json(), "seconds": round(time.monotonic() - started, 3),
-                              "resumed": resumed,
+                              "resumed": resumed, "reread_damaged": len(damaged),
                               "changed_chunks": len(work) if work is not None else None}
             await loop.run_in_executor(None, repo.save, manifest)
             stats.add(written=repo.manifest_bytes(manifest))

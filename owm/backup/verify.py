@@ -3,7 +3,9 @@
 Each distinct chunk is read, decompressed and hashed once however many backups share it (on a
 few threads); a failure is then reported for every backup and every offset that uses the chunk,
 so the message names the offset in the image, not a file name.  Incomplete backups are listed
-but not verified (they are not backups yet); damaged manifests are failures.
+but not verified (they are not backups yet); damaged manifests (unreadable, failing their
+checksum, or naming a map that fails its own) are failures that name the backup.  A manifest
+written before checksums is verified as far as it can be and said to be unverified.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ class VerifyReport:
     chunks_checked: int = 0
     failures: list[ChunkFailure] = field(default_factory=list)
     damaged: str | None = None
+    unverified: bool = False  # a version 1 manifest: no checksum to check it against
 
     @property
     def ok(self) -> bool:
@@ -53,7 +56,10 @@ class VerifyReport:
         if self.state == "incomplete":
             return f"backup {self.backup_id} is incomplete and was not verified"
         if not self.failures:
-            return f"backup {self.backup_id} is intact ({self.chunks_checked} chunks checked)"
+            note = ("; its manifest has no checksum (written by an older owm), so only its "
+                    "chunks and map could be checked" if self.unverified else "")
+            return (f"backup {self.backup_id} is intact ({self.chunks_checked} chunks "
+                    f"checked{note})")
         first = self.failures[0]
         more = len(self.failures) - 1
         return (f"backup {self.backup_id} is damaged: the chunk at offset {first.offset} "
@@ -63,6 +69,7 @@ class VerifyReport:
     def to_json(self) -> JSON:
         return {"id": self.backup_id, "image": self.image, "state": self.state, "ok": self.ok,
                 "chunks_checked": self.chunks_checked, "damaged": self.damaged,
+                "manifest": "unverified" if self.unverified else "checksummed",
                 "failures": [f.to_json() for f in self.failures]}
 
 
@@ -83,14 +90,20 @@ def verify_backups(repo: Repository, ref: str | None = None, *, progress: Progre
         reports: list[VerifyReport] = []
         manifests: list[Manifest] = []
         if ref is not None:
-            manifests = [repo.resolve(ref)]
+            try:
+                manifests = [repo.resolve(ref)]
+            except DamagedManifest as exc:
+                backup_id = repo.resolve_id(ref)
+                if backup_id is None:
+                    raise
+                reports.append(VerifyReport(backup_id, "damaged", damaged=str(exc)))
         else:
             good, bad = repo.manifests()
             manifests = good
             reports.extend(VerifyReport(i, "damaged", damaged=reason) for i, reason in bad)
         todo: dict[tuple[bytes, int], list[tuple[VerifyReport, int]]] = {}
         for m in manifests:
-            report = VerifyReport(m.id, m.state, image=m.image)
+            report = VerifyReport(m.id, m.state, image=m.image, unverified=not m.verified)
             reports.append(report)
             if not m.complete:
                 continue

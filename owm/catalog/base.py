@@ -28,6 +28,8 @@ class VolumeRow:
     live_generation: int
     engine_state: dict[str, Any]
     created_at: str
+    uid: str = ""  # a random id per volume incarnation: a re-created volume gets a new one
+    restore: dict[str, Any] | None = None  # set while a restore into the volume is unfinished
 
 
 @dataclass
@@ -64,6 +66,9 @@ class Catalog(Protocol):
         ...
 
     def save_engine_state(self, name: str, state: dict[str, Any]) -> None:
+        ...
+
+    def set_restore(self, name: str, mark: dict[str, Any] | None) -> None:
         ...
 
     def images(self, volume: str) -> list[ImageRow]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,9 @@ CREATE TABLE IF NOT EXISTS volumes (
     enospc_policy TEXT NOT NULL,
     live_generation INTEGER NOT NULL DEFAULT 0,
     engine_state TEXT NOT NULL DEFAULT '{}',
-    created_at TEXT NOT NULL
+    created_at TEXT NOT NULL,
+    uid TEXT NOT NULL DEFAULT '',
+    restore TEXT
 );
 CREATE TABLE IF NOT EXISTS images (
     volume TEXT NOT NULL REFERENCES volumes(name) ON DELETE CASCADE,
@@ -62,6 +65,21 @@ class SqliteCatalog:
         self.db.execute("PRAGMA synchronous=FULL")
         self.db.execute("PRAGMA foreign_keys=ON")
         self.db.executescript(SCHEMA)
+        self._migrate()
+
+    def _migrate(self) -> None:
+        """Bring a catalog written by an older owm up to the schema (each step idempotent)."""
+        columns = {row[1] for row in self.db.execute("PRAGMA table_info(volumes)")}
+        with self.db:
+            self.db.execute("BEGIN IMMEDIATE")
+            if "uid" not in columns:
+                self.db.execute("ALTER TABLE volumes ADD COLUMN uid TEXT NOT NULL DEFAULT ''")
+            if "restore" not in columns:
+                self.db.execute("ALTER TABLE volumes ADD COLUMN restore TEXT")
+            # Volumes from before uids get one now: from here on they are told apart from any
+            # later volume of the same name.
+            for (name,) in self.db.execute("SELECT name FROM volumes WHERE uid=''").fetchall():
+                self.db.execute("UPDATE volumes SET uid=? WHERE name=?", (uuid.uuid4().hex, name))
 
     def close(self) -> None:
         self.db.close()
@@ -78,19 +96,28 @@ class SqliteCatalog:
     def volumes(self) -> list[VolumeRow]:
         rows = self.db.execute(
             "SELECT name, size, chunk_size, method, legs, enospc_policy, live_generation, "
-            "engine_state, created_at FROM volumes ORDER BY name"
+            "engine_state, created_at, uid, restore FROM volumes ORDER BY name"
         ).fetchall()
         return [
-            VolumeRow(r[0], r[1], r[2], r[3], r[4], r[5], r[6], json.loads(r[7]), r[8])
+            VolumeRow(r[0], r[1], r[2], r[3], r[4], r[5], r[6], json.loads(r[7]), r[8], r[9],
+                      json.loads(r[10]) if r[10] else None)
             for r in rows
         ]
 
     def add_volume(self, v: VolumeRow) -> None:
         self.db.execute(
-            "INSERT INTO volumes VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "INSERT INTO volumes (name, size, chunk_size, method, legs, enospc_policy, "
+            "live_generation, engine_state, created_at, uid, restore) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (v.name, v.size, v.chunk_size, v.method, v.legs, v.enospc_policy,
-             v.live_generation, json.dumps(v.engine_state), v.created_at),
+             v.live_generation, json.dumps(v.engine_state), v.created_at,
+             v.uid or uuid.uuid4().hex, json.dumps(v.restore) if v.restore else None),
         )
+
+    def set_restore(self, name: str, mark: dict[str, Any] | None) -> None:
+        """Mark a volume as being restored into (``mark``), or clear the mark (None)."""
+        self.db.execute("UPDATE volumes SET restore=? WHERE name=?",
+                        (json.dumps(mark) if mark else None, name))
 
     def delete_volume(self, name: str) -> None:
         with self.db:

@@ -269,9 +269,10 @@ def backup_list(repo: Path, as_json: bool) -> None:
             table.add_row(Text(row["id"]), "-", "-", "-", "damaged", Text(row["error"]), "-")
             continue
         consistency = str(row["consistency"]) + (" (forced)" if row["forced"] else "")
+        shown = row["state"] + (" (unverified)" if row.get("manifest") == "unverified" else "")
         table.add_row(Text(row["id"]), Text(row["image"]),
                       str(row["time"]).replace("T", " ").rstrip("Z"),
-                      format_size(int(row["size"])), row["state"], consistency,
+                      format_size(int(row["size"])), shown, consistency,
                       "incremental" if row["incremental"] else "full")
     _out().print(table)
 

@@ -172,6 +172,11 @@ def volume_detail(v: JSON) -> RenderableType:
     if percent is not None:
         parts.append(Text(f"  resyncing its in-sync legs after an unclean stop: {percent}%",
                           style="cyan"))
+    restore = v.get("restore")
+    if isinstance(restore, dict):
+        parts.append(Text(f"  RESTORE INCOMPLETE from {restore.get('from')} (since "
+                          f"{restore.get('since')}): not a copy of the backup until that "
+                          "restore is run again to its end", style="bold red"))
     sessions = sessions_of(v)
     if sessions:
         parts.append(sessions_table(sessions))

@@ -1,26 +1,82 @@
-"""The control API's endpoint for incremental backups, and its OpenAPI description.
+"""The control API's endpoints for backups and restores, and their OpenAPI description.
 
 ``GET /v1/images/{image}/changed-chunks?since=N`` answers the chunk numbers of ``image`` that
 may differ from image ``NAME@N`` (the one an owm repository already holds), so that a backup
 reads only those.  ``chunks`` is null when the daemon cannot tell (its change maps were lost in
 a crash, or it keeps none): the backup then reads everything.  The backup itself runs in the
 client (``owm.backup``), reading the image over NBD like any pull-mode backup tool.
+
+A restore into a volume marks it from birth to end: ``POST /v1/volumes/{name}/restore``
+creates the volume already marked ``"restore": {"state": "incomplete", "from": ...}`` (in the
+catalog, so a crash keeps the mark), and ``DELETE /v1/volumes/{name}/restore`` clears the mark
+once the restore has written and flushed its last byte.  While marked, the volume is flagged in
+``volume show``/``status`` and refuses preserves (and so backups).
 """
 
 from __future__ import annotations
 
 import inspect
-from typing import Any
+from typing import Any, Protocol, cast
 
 from aiohttp import web
 
 from owm.common.errors import InvalidRequest
 from owm.common.names import parse_image_name as split_image
-from owm.control.common import json_content, name_arg, ok
+from owm.control.body import Body
+from owm.control.common import completed, json_content, name_arg, ok
 from owm.control.context import CONTEXT
 
 JSON = dict[str, Any]
 routes = web.RouteTableDef()
+METHODS = ("cow", "log", "mirror")
+
+
+class RestoringPool(Protocol):
+    """The pool calls behind the restore endpoints (``owm.pool.Pool`` has them)."""
+
+    async def create_volume(self, name: str, size: int, method: str = "cow",
+                            chunk_size: int = 65536, legs: int = 2,
+                            enospc_policy: str = "fail-write",
+                            restore_from: str | None = None) -> JSON: ...
+
+    async def finish_restore(self, name: str, restore_from: str) -> JSON: ...
+
+
+def _source(body: Body) -> str:
+    source = body.text("from", required=True)
+    assert source is not None
+    if not source.strip() or len(source) > 4096:
+        raise InvalidRequest("the field 'from' must name the restore's source (REPO ID)")
+    return source
+
+
+@routes.post("/v1/volumes/{name}/restore")
+async def start_restore(request: web.Request) -> web.Response:
+    ctx = request.app[CONTEXT]
+    name = name_arg(request, "name")
+    body = await Body.read(request)
+    size = body.size("size", required=True)
+    method = body.choice("method", METHODS, "cow")
+    chunk_size = body.size("chunk_size", 65536)
+    source = _source(body)
+    body.done()
+    assert size is not None and chunk_size is not None
+    pool = cast(RestoringPool, ctx.pool)
+    status = await completed(pool.create_volume(name, size, method=method,
+                                                chunk_size=chunk_size, restore_from=source))
+    return ok(status, 201)
+
+
+@routes.delete("/v1/volumes/{name}/restore")
+async def finish_restore(request: web.Request) -> web.Response:
+    ctx = request.app[CONTEXT]
+    name = name_arg(request, "name")
+    body = await Body.read(request)
+    source = _source(body)
+    body.done()
+    ctx.volume(name)  # a clear NotFound first
+    pool = cast(RestoringPool, ctx.pool)
+    return ok(await completed(pool.finish_restore(name, source)))
 
 
 @routes.get("/v1/images/{image}/changed-chunks")
@@ -67,6 +123,44 @@ OPENAPI_PATHS: JSON = {
                 "400": _json(_ERROR, "A bad image name or since."),
                 "404": _json(_ERROR, "No such volume or image."),
             },
+        },
+    },
+}
+
+_RESTORE_BODY = {
+    "type": "object", "required": ["from"],
+    "properties": {"from": {"type": "string", "description": "The source: REPO ID."}},
+}
+OPENAPI_PATHS["/v1/volumes/{name}/restore"] = {
+    "parameters": [{"name": "name", "in": "path", "required": True,
+                    "schema": {"type": "string"}}],
+    "post": {
+        "summary": "Create volume NAME as the target of a restore: it is marked as an "
+                   "incomplete restore from its first byte until the restore finishes.",
+        "operationId": "startRestore",
+        "requestBody": {"required": True, "content": {"application/json": {"schema": {
+            "type": "object", "required": ["size", "from"],
+            "properties": {
+                "size": {"type": ["integer", "string"]},
+                "chunk_size": {"type": ["integer", "string"]},
+                "method": {"type": "string", "enum": list(METHODS)},
+                "from": {"type": "string", "description": "The source: REPO ID."},
+            }}}}},
+        "responses": {
+            "201": _json({"$ref": "#/components/schemas/Volume"}, "The marked volume."),
+            "400": _json(_ERROR, "A bad field."),
+            "409": _json(_ERROR, "A volume of that name exists."),
+        },
+    },
+    "delete": {
+        "summary": "The restore into NAME has written and flushed every byte: clear its mark.",
+        "operationId": "finishRestore",
+        "requestBody": {"required": True,
+                        "content": {"application/json": {"schema": _RESTORE_BODY}}},
+        "responses": {
+            "200": _json({"$ref": "#/components/schemas/Volume"}, "The volume, unmarked."),
+            "404": _json(_ERROR, "No such volume."),
+            "409": _json(_ERROR, "The volume is being restored from another source."),
         },
     },
 }

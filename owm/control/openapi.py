@@ -92,6 +92,9 @@ _SCHEMAS: JSON = {
             "method": {"enum": ["cow", "log", "mirror"]}, "chunk_size": {"type": "integer"},
             "legs": {"type": "integer"}, "enospc_policy": {"type": "string"},
             "live_generation": {"type": "integer"},
+            "uid": {"type": "string", "description": "Random id of this volume incarnation."},
+            "restore": {"type": ["object", "null"], "description": "Set while a restore into "
+                        "the volume is unfinished: {state: incomplete, from: REPO ID, since}."},
             "generations": {"type": "array", "items": _ref("Generation")},
             "images": {"type": "array", "items": _ref("Image")},
             "resync_progress": {

@@ -12,6 +12,7 @@ import asyncio
 import logging
 import re
 import shutil
+import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -132,7 +133,9 @@ class Pool:
         chunk_size: int = 65536,
         legs: int = 2,
         enospc_policy: str = "fail-write",
+        restore_from: str | None = None,
     ) -> dict[str, Any]:
+        """Create a volume; with ``restore_from`` it is born marked as an unfinished restore."""
         if not _NAME.match(name):
             raise InvalidRequest(
                 f"'{name}' is not a valid volume name; use letters, digits, '.', '_' and '-' "
@@ -155,7 +158,10 @@ class Pool:
             raise InvalidRequest(
                 f"unknown full-disk policy '{enospc_policy}'; choose fail-write or break-image"
             )
-        row = VolumeRow(name, size, chunk_size, method, legs, enospc_policy, 0, {}, now())
+        mark = None if restore_from is None else {"state": "incomplete", "from": restore_from,
+                                                  "since": now()}
+        row = VolumeRow(name, size, chunk_size, method, legs, enospc_policy, 0, {}, now(),
+                        uuid.uuid4().hex, mark)
         await self.db(lambda c: c.add_volume(row))
         volume = await self._start_volume(row, clean=True)
         log.info("created volume %s (%d bytes, %s)", name, size, method)
@@ -174,6 +180,20 @@ class Pool:
         await self.db(lambda c: c.delete_volume(name))
         shutil.rmtree(self.root / "volumes" / name, ignore_errors=True)
         log.info("deleted volume %s", name)
+
+    async def finish_restore(self, name: str, restore_from: str) -> dict[str, Any]:
+        """Clear the restore mark of ``name`` once that restore has written and flushed it all."""
+        volume = self.volume(name)
+        mark = volume.row.restore
+        if mark is None:
+            return volume.status()
+        if mark.get("from") != restore_from:
+            raise WrongState(f"volume '{name}' is being restored from {mark.get('from')}, "
+                             f"not from {restore_from}")
+        await self.db(lambda c: c.set_restore(name, None))
+        volume.row.restore = None
+        log.info("restore into volume %s is complete", name)
+        return volume.status()
 
     # -- images -----------------------------------------------------------------------------
     def _image(self, image: str) -> tuple[Volume, int]:
@@ -208,7 +228,9 @@ class Pool:
         chunk = volume.row.chunk_size
         if gen is None:
             n = len(volume.sessions)
-            return ExportInfo(volume.name, f"live volume, {volume.row.method}, {n} sessions",
+            flag = ", RESTORE INCOMPLETE" if volume.row.restore else ""
+            return ExportInfo(volume.name,
+                              f"live volume, {volume.row.method}, {n} sessions{flag}",
                               volume.size, False, preferred_block=min(chunk, 65536),
                               max_block=MAX_PAYLOAD)
         image = volume.image(gen)

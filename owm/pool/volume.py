@@ -303,6 +303,9 @@ class Volume:
         return reader
 
     async def preserve(self, instant: bool = False) -> int:
+        if self.row.restore:
+            raise WrongState(f"volume {self.name} is an incomplete restore of "
+                             f"{self.row.restore.get('from')}; finish that restore first")
         async with self._control:
             self._preserving = asyncio.Event()
             try:
@@ -442,7 +445,8 @@ class Volume:
             "name": self.name, "size": self.size, "method": self.row.method,
             "chunk_size": self.row.chunk_size, "legs": self.row.legs,
             "enospc_policy": self.row.enospc_policy, "live_generation": self.live,
-            "created_at": self.row.created_at,
+            "created_at": self.row.created_at, "uid": self.row.uid,
+            "restore": dict(self.row.restore) if self.row.restore else None,
             "bytes_on_disk": self.engine.bytes_on_disk(self.live),
             "generations": [{"generation": g, "sessions": by_gen[g]} for g in sorted(by_gen)],
             "images": images,

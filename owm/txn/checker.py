@@ -11,10 +11,15 @@ file, any raw file) and checks:
   and no two transfers took the same place in an account's history (a lost update);
 * with an expected set of transfers: exactly those are applied.  For the live volume after a
   run that is every committed transfer (the volume equals the ledger); for a preserved image
-  it is the transfers of the generations it holds.
+  ``NAME@N`` it is the committed transfers of generations <= N (``committed_through``), so an
+  image that misses one of them (all zeroes, or stale: older than it claims) is inconsistent;
+* with a ledger but no expected set, an image that holds none of the ledger's committed
+  transfers is never called consistent: all zeroes or a stale copy look exactly like that, and
+  only an expected set (e.g. generations <= N with none committed) can say it is right.
 
-Command line: ``python -m owm.txn.checker IMAGE --accounts N [--ledger FILE] [--expect-committed]``
-where IMAGE is a file path or ``nbd+unix:///EXPORT?socket=PATH`` / ``nbd://HOST:PORT/EXPORT``.
+Command line: ``python -m owm.txn.checker IMAGE --accounts N [--ledger FILE]
+[--expect-committed | --generation N]`` where IMAGE is a file path or
+``nbd+unix:///EXPORT?socket=PATH`` / ``nbd://HOST:PORT/EXPORT``.
 """
 
 from __future__ import annotations
@@ -98,6 +103,13 @@ def parse_accounts(
             report.touched_accounts += 1
         out.append(account)
     return out
+
+
+def committed_through(ledger: Mapping[int, Transfer] | Iterable[Transfer],
+                      generation: int) -> set[int]:
+    """Ids of the committed transfers of generations <= ``generation``: what image N holds."""
+    entries = ledger.values() if isinstance(ledger, Mapping) else ledger
+    return {t.id for t in entries if t.committed and t.generation <= generation}
 
 
 def check_image(
@@ -189,6 +201,12 @@ def check_image(
         if report.unexpected:
             report.problem(f"{len(report.unexpected)} transfer(s) that should not be in the image "
                            f"are (first: {report.unexpected[0]})")
+    else:
+        committed = sum(1 for e in entries if e.committed)
+        if committed and not report.applied:
+            report.problem(f"the image holds none of the ledger's {committed} committed "
+                           "transfer(s): it is all zeroes or stale; say which transfers it "
+                           "should hold (--generation N or --expect-committed)")
     return report
 
 
@@ -243,9 +261,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--accounts", type=int, help="accounts in the bank (default: ledger's)")
     parser.add_argument("--opening", type=int, default=None)
     parser.add_argument("--ledger", type=Path, help="JSON lines from Bank.save_ledger")
-    parser.add_argument("--expect-committed", action="store_true",
-                        help="exactly the committed transfers must be applied (a final image)")
+    which = parser.add_mutually_exclusive_group()
+    which.add_argument("--expect-committed", action="store_true",
+                       help="exactly the committed transfers must be applied (a final image)")
+    which.add_argument("--generation", type=int, metavar="N",
+                       help="exactly the committed transfers of generations <= N must be "
+                            "applied (a preserved image NAME@N or its backup)")
     args = parser.parse_args(argv)
+    if args.generation is not None and (args.generation < 0 or not args.ledger):
+        parser.error("--generation needs --ledger and a generation of 0 or more")
     header: JSON = {}
     ledger = None
     if args.ledger:
@@ -255,8 +279,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("give --accounts or --ledger")
     opening = args.opening if args.opening is not None else int(header.get("opening", OPENING))
     data = asyncio.run(read_any(args.image, accounts * SECTOR))
-    expect = ({t.id for t in ledger.values() if t.committed}
-              if args.expect_committed and ledger else None)
+    expect: set[int] | None = None
+    if ledger is not None and args.expect_committed:
+        expect = {t.id for t in ledger.values() if t.committed}
+    elif ledger is not None and args.generation is not None:
+        expect = committed_through(ledger, args.generation)
     report = check_image(data, accounts, opening, ledger, expect)
     print(report.summary())
     return 0 if report.ok else 1
