@@ -43,6 +43,7 @@ class Pool:
         self.catalog: Catalog | None = None
         self.volumes: dict[str, Volume] = {}
         self.was_clean = True
+        self.closed_cleanly: bool | None = None  # set by close(): whether it marked the pool clean
 
     @classmethod
     async def open(
@@ -95,12 +96,22 @@ class Pool:
                 await volume.engine.storage.close()
         self.volumes.clear()
         if self.catalog is not None:
-            await self.db(lambda c: c.prune_sessions())
-            if clean:
-                await self.db(lambda c: c.set_meta("clean", "1"))
+            try:
+                await self.db(lambda c: c.prune_sessions())
+                if clean:
+                    await self.db(lambda c: c.set_meta("clean", "1"))
+            except OwmError as exc:
+                log.error("the pool's catalog could not be marked clean: %s", exc)
+                clean = False
             await self.db(lambda c: c.close())
             self.catalog = None
         self._executor.shutdown(wait=True)
+        self.closed_cleanly = clean
+        if clean:
+            log.info("pool %s closed cleanly", self.root)
+        else:
+            log.warning("pool %s did not close cleanly; the next start recovers it as after a "
+                        "crash", self.root)
 
     async def kill(self) -> None:
         """Stop the way a crashed process stops: nothing is synced, closed or marked clean."""
@@ -161,19 +172,38 @@ class Pool:
         log.info("created volume %s (%d bytes, %s)", name, size, method)
         return volume.status()
 
-    async def delete_volume(self, name: str) -> None:
+    async def delete_volume(self, name: str, force: bool = False) -> None:
+        """Delete a volume; refused while it has preserved images (they would be lost, never
+        backed up perhaps) unless ``force``."""
         volume = self.volume(name)
         if volume.sessions or any(volume.readers.values()):
             raise WrongState(
                 f"volume '{name}' still has {len(volume.sessions)} sessions and "
                 f"{sum(volume.readers.values())} readers open"
             )
+        if volume.images and not force:
+            images = ", ".join(f"{name}@{g}" for g in sorted(volume.images))
+            raise WrongState(
+                f"volume '{name}' still has {len(volume.images)} preserved images ({images}) "
+                "that would be lost; back them up and release them, or delete with --force"
+            )
+        # Out of the pool first, so that nothing opens it meanwhile; the catalog next, so that a
+        # failure there (a full disk) leaves the volume as it was.
         del self.volumes[name]
-        await volume.close()
-        await volume.engine.destroy()
-        await self.db(lambda c: c.delete_volume(name))
+        try:
+            await self.db(lambda c: c.delete_volume(name))
+        except BaseException:
+            self.volumes[name] = volume
+            raise
+        try:
+            await volume.close()
+            await volume.engine.destroy()
+        except OwmError as exc:
+            log.warning("volume %s: its storage was not closed cleanly (%s); removing it", name,
+                        exc)
+            await volume.engine.storage.close()
         shutil.rmtree(self.root / "volumes" / name, ignore_errors=True)
-        log.info("deleted volume %s", name)
+        log.info("deleted volume %s%s", name, " and its preserved images" if force else "")
 
     # -- images -----------------------------------------------------------------------------
     def _image(self, image: str) -> tuple[Volume, int]:
