@@ -9,10 +9,12 @@ A full disk.  The catalog shares its filesystem with the volumes' data, and it m
 to record state changes (an image broken by a full disk, a session that ended, a release) when
 data writes fail, or a label would lie after a restart.  So the catalog keeps a *headroom file*,
 ``catalog.sqlite.reserve`` (1 MiB of allocated blocks, nothing else on the disk may use them):
-when a change fails with SQLITE_FULL, the reserve is deleted, which frees its blocks at once, and
-the change is tried again; the catalog then works on that space while the data path keeps
-failing.  After a change succeeds without a reserve, the catalog tries (at most once a second)
-to allocate it again, so it is back as soon as space returns.  Two settings keep the catalog's
+when a change fails with SQLITE_FULL, the reserve is shortened by one step (128 KiB), which
+frees those blocks at once, and the change is tried again.  Only one step is freed at a time, so
+that data writes racing for the freed blocks can take little of what the catalog needs; eight
+full-disk failures in a row are covered before the catalog fails too.  After a change succeeds
+with the reserve short, the catalog grows it back step by step (at most once a second), so it
+is whole again as soon as space returns.  Two settings keep the catalog's
 own need for new blocks small: exclusive locking mode (the only user is the daemon that holds the
 pool), which keeps the WAL index in memory instead of a ``-shm`` file that a restart on a full
 disk would have to create, and a small auto-checkpoint, after which the WAL is rewritten in
@@ -42,8 +44,10 @@ T = TypeVar("T")
 log = logging.getLogger("owm.catalog")
 
 RESERVE_BYTES = 1 << 20
+RESERVE_STEP = 128 << 10  # freed per full-disk failure: a few changes' worth of WAL frames
 REFILL_INTERVAL = 1.0  # seconds between attempts to re-create a missing reserve
 AUTOCHECKPOINT_PAGES = 64
+HEADROOM_CHECK = "check for headroom"
 _SQLITE_FULL = 13
 _SQLITE_IOERR = 10
 
@@ -108,7 +112,8 @@ class SqliteCatalog:
         self.reserve_path = self.path.with_name(self.path.name + ".reserve")
         self.reserve_bytes = reserve_bytes
         # Tests inject a full disk here: called with the change's name before each attempt,
-        # True makes that attempt fail as SQLITE_FULL would.
+        # True makes that attempt fail as SQLITE_FULL would; called with HEADROOM_CHECK, True
+        # means the next change would fail even after the reserve is freed.
         self.fail_change: Callable[[str], bool] | None = None
         self._next_refill = 0.0
         try:
@@ -116,11 +121,11 @@ class SqliteCatalog:
         except sqlite3.Error as exc:
             # A restart on a full disk: the WAL must be created before the first change.
             if not (_is_full(exc, self.path.parent) and self._release_reserve()):
-                raise self._translate(exc, "open the catalog") from exc
+                raise self._translate(exc, "open its file") from exc
             try:
                 self.db = self._connect()
             except sqlite3.Error as again:
-                raise self._translate(again, "open the catalog") from again
+                raise self._translate(again, "open its file") from again
         self._refill(force=True)
 
     def _connect(self) -> sqlite3.Connection:
@@ -143,48 +148,67 @@ class SqliteCatalog:
 
     # -- the headroom reserve ------------------------------------------------------------------
     @property
+    def reserve_size(self) -> int:
+        try:
+            return self.reserve_path.stat().st_size
+        except FileNotFoundError:
+            return 0
+
+    @property
     def has_reserve(self) -> bool:
-        return self.reserve_path.exists()
+        return self.reserve_size > 0
 
     def _release_reserve(self) -> bool:
-        """Free the reserve's blocks for the catalog; False when there was none to free."""
-        try:
-            self.reserve_path.unlink()
-        except FileNotFoundError:
+        """Free one step of the reserve for the catalog; False when nothing was left."""
+        size = self.reserve_size
+        if size <= 0:
             return False
-        log.warning("the pool's disk is full: the catalog is using its reserved headroom")
+        left = max(0, size - RESERVE_STEP)
+        try:
+            os.truncate(self.reserve_path, left)
+        except OSError as exc:
+            log.warning("could not free the catalog's reserved headroom: %s", exc)
+            return False
+        log.warning("the pool's disk is full: the catalog is using its reserved headroom "
+                    "(%d KiB left)", left >> 10)
         self._next_refill = time.monotonic() + REFILL_INTERVAL
         return True
 
     def _refill(self, force: bool = False) -> None:
-        """Allocate the reserve again if it is missing and there is room (rate-limited)."""
-        if self.reserve_bytes <= 0 or self.reserve_path.exists():
-            return
-        if not force and time.monotonic() < self._next_refill:
+        """Grow the reserve back, step by step, as far as there is room (rate-limited)."""
+        size = self.reserve_size
+        if size >= self.reserve_bytes or (not force and time.monotonic() < self._next_refill):
             return
         self._next_refill = time.monotonic() + REFILL_INTERVAL
-        partial = self.reserve_path.with_name(self.reserve_path.name + ".new")
         try:
-            fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-            try:
-                os.posix_fallocate(fd, 0, self.reserve_bytes)
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.rename(partial, self.reserve_path)
+            fd = os.open(self.reserve_path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
         except OSError as exc:
-            with contextlib.suppress(OSError):
-                partial.unlink()
-            if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
-                log.warning("could not reserve headroom for the catalog: %s", exc)
+            log.warning("could not reserve headroom for the catalog: %s", exc)
             return
-        log.info("the catalog's reserved headroom is back (%d bytes)", self.reserve_bytes)
+        try:
+            while size < self.reserve_bytes:
+                step = min(RESERVE_STEP, self.reserve_bytes - size)
+                try:
+                    os.posix_fallocate(fd, size, step)
+                except OSError as exc:
+                    if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                        log.warning("could not reserve headroom for the catalog: %s", exc)
+                    break
+                size += step
+            with contextlib.suppress(OSError):
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+        if size >= self.reserve_bytes and not force:
+            log.info("the catalog's reserved headroom is back (%d KiB)", size >> 10)
 
     def headroom(self) -> bool:
         """Whether the next change can be recorded even on a full disk: a reserve exists, or
         the disk has plenty of room anyway."""
+        if self.fail_change is not None:
+            return not self.fail_change(HEADROOM_CHECK)
         self._refill()
-        if self.reserve_bytes <= 0 or self.reserve_path.exists():
+        if self.reserve_bytes <= 0 or self.has_reserve:
             return True
         try:
             st = os.statvfs(self.path.parent)
@@ -195,7 +219,7 @@ class SqliteCatalog:
     def _translate(self, exc: sqlite3.Error, what: str) -> OwmError:
         if _is_full(exc, self.path.parent):
             return NoSpace(f"the pool's disk is full: the catalog could not {what}")
-        return OwmError(f"the catalog could not {what}: {exc}")
+        return OwmError(f"the pool's catalog could not {what}: {exc}")
 
     def _change(self, what: str, fn: Callable[[], T]) -> T:
         """Run one change; on a full disk free the reserve and try once more."""

@@ -466,6 +466,8 @@ class Volume:
     async def release(self, gen: int, progress: Progress | None = None) -> None:
         async with self._control:
             image = self.image(gen)
+            if image.state == "draining" and not self.holders(gen):
+                await self._settle_drains()  # drained, but not recorded yet (a full disk)
             if image.state == "draining":
                 raise WrongState(
                     f"image {self.name}@{gen} is still draining ({len(self.holders(gen))} "
