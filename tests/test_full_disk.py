@@ -196,6 +196,7 @@ class Run:
                 await self.release(gen)
         await self.write("late", 0, 0xF6, CHUNK)
         await self.close("late")
+        await self.preserve()  # no session open: drained from birth, after a flush
 
     # -- checks -------------------------------------------------------------------------------
     async def read_view(self, gen: int) -> bytes | None:

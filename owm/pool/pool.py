@@ -168,7 +168,13 @@ class Pool:
             )
         row = VolumeRow(name, size, chunk_size, method, legs, enospc_policy, 0, {}, now())
         await self.db(lambda c: c.add_volume(row))
-        volume = await self._start_volume(row, clean=True)
+        try:
+            volume = await self._start_volume(row, clean=True)
+        except OwmError:
+            # E.g. a full disk: the volume must not appear at the next start half-made.
+            await self.db(lambda c: c.delete_volume(name))
+            shutil.rmtree(self.root / "volumes" / name, ignore_errors=True)
+            raise
         log.info("created volume %s (%d bytes, %s)", name, size, method)
         return volume.status()
 

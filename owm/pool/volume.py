@@ -382,10 +382,15 @@ class Volume:
                 )
             self._preserving = asyncio.Event()
             try:
+                # An image drained from birth must, like any drained image, be durable first.
+                # Flush before the split when no session is open (none can open meanwhile):
+                # a flush failing on a full disk then leaves nothing half-done.
+                flushed = not self.holders(self.live)
+                if flushed:
+                    await self.engine.flush()
                 preserved = await self.engine.preserve()
                 holders = self.holders(preserved)
-                if not holders:
-                    # Drained from birth: like any drained image it must be durable first.
+                if not holders and not flushed:
                     await self.engine.flush()
                 image = ImageRow(self.name, preserved, "draining" if holders else "drained",
                                  "transaction-consistent", now(),
