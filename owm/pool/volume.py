@@ -313,7 +313,7 @@ class Volume:
         """Open sessions that keep image ``gen`` from draining."""
         return [s for s in self.sessions.values() if s.generation <= gen]
 
-    async def _settle_drains(self, crash_consistent: bool = False) -> bool:
+    async def _settle_drains(self) -> bool:
         """Mark every image that no session holds any more as drained, catalog first; False
         when one could not be recorded (a retry is then scheduled)."""
         async with self._settling:
@@ -326,8 +326,8 @@ class Volume:
                     row = dataclasses.replace(
                         image, state="drained-unclean" if image.unclean_sessions else "drained",
                         drained_at=now())
-                    if crash_consistent or image.unclean_sessions:
-                        row.consistency = "crash-consistent"
+                    if image.unclean_sessions:
+                        row.consistency = "crash-consistent"  # (a cutover set it already)
                     await self._db(lambda c, r=row: c.update_image(r))  # type: ignore[misc]
                 except OwmError as exc:
                     # Not recorded, so not drained yet: say so, and try again shortly.
