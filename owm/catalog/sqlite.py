@@ -119,12 +119,17 @@ class SqliteCatalog:
         try:
             self.db = self._connect()
         except sqlite3.Error as exc:
-            # A restart on a full disk: the WAL must be created before the first change.
-            if not (_is_full(exc, self.path.parent) and self._release_reserve()):
+            # A restart on a full disk: the WAL must be created before the first change.  Any
+            # other error (a damaged file, say) is left as it is for the pool to report.
+            if not _is_full(exc, self.path.parent):
+                raise
+            if not self._release_reserve():
                 raise self._translate(exc, "open its file") from exc
             try:
                 self.db = self._connect()
             except sqlite3.Error as again:
+                if not _is_full(again, self.path.parent):
+                    raise
                 raise self._translate(again, "open its file") from again
         self._refill(force=True)
 
