@@ -150,17 +150,19 @@ async def cutover(request: web.Request) -> web.Response:
     await no_body(request)
     volume, before = ctx.image(image)
     _, generation = split_image(image)
-    if before.get("state") != "draining":
-        # Nothing holds it, so nothing is cut over and its label stays what it is.
-        message = (f"{image} is already {before.get('state')} ({before.get('consistency')}); "
+    rebound: list[dict[str, object]] = []
+    if before.get("state") == "draining":
+        rebound = holding_sessions(volume, generation)
+        await completed(ctx.pool.cutover(image))
+    _, entry = ctx.image(image)
+    if before.get("state") != "draining" or entry.get("consistency") != "crash-consistent":
+        # It had drained already (perhaps just now): nothing was cut over, the label stays.
+        message = (f"{image} is already {entry.get('state')} ({entry.get('consistency')}); "
                    "nothing was cut over and its label is unchanged")
         return ok({"image": image, "rebound": [], "cut_over": False, "message": message,
-                   "status": before})
-    rebound = holding_sessions(volume, generation)
-    await completed(ctx.pool.cutover(image))
+                   "status": entry})
     log.info("cut over image=%s rebound=%d sessions", image, len(rebound),
              extra={"volume": volume.get("name")})
-    _, entry = ctx.image(image)
     return ok({"image": image, "rebound": rebound, "cut_over": True, "status": entry})
 
 

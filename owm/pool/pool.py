@@ -189,9 +189,11 @@ class Pool:
             )
         if volume.images and not force:
             images = ", ".join(f"{name}@{g}" for g in sorted(volume.images))
+            n = len(volume.images)
             raise WrongState(
-                f"volume '{name}' still has {len(volume.images)} preserved images ({images}) "
-                "that would be lost; back them up and release them, or delete with --force"
+                f"volume '{name}' still has {n} preserved image{'s' if n != 1 else ''} "
+                f"({images}) that would be lost; back them up and release them, or delete "
+                "with --force"
             )
         # Out of the pool first, so that nothing opens it meanwhile; the catalog next, so that a
         # failure there (a full disk) leaves the volume as it was.
