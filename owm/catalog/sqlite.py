@@ -14,14 +14,15 @@ frees those blocks at once, and the change is tried again.  Only one step is fre
 that data writes racing for the freed blocks can take little of what the catalog needs; eight
 full-disk failures in a row are covered before the catalog fails too.  After a change succeeds
 with the reserve short, the catalog grows it back step by step (at most once a second), so it
-is whole again as soon as space returns.  Two settings keep the catalog's
-own need for new blocks small: exclusive locking mode (the only user is the daemon that holds the
-pool), which keeps the WAL index in memory instead of a ``-shm`` file that a restart on a full
-disk would have to create, and a small auto-checkpoint, after which the WAL is rewritten in
-place rather than grown.  A change that fails even so raises ``NoSpace`` ("the pool's disk is
-full"), never a bare ``sqlite3.OperationalError``, and changed nothing.  SQLite's own
-preallocation (``SQLITE_FCNTL_CHUNK_SIZE``) was not chosen: Python's ``sqlite3`` cannot set it,
-and it would not cover the WAL.
+is whole again as soon as space returns.  Two settings keep the catalog's own need for new
+blocks small: exclusive locking mode (the only user is the daemon that holds the pool), which
+keeps the WAL index in memory instead of a ``-shm`` file that a restart on a full disk would
+have to create, and a small auto-checkpoint, after which the WAL is rewritten in place rather
+than grown.  What the reserve cannot do: blocks it freed are open to data writes as well,
+until it is grown back.  A change that fails even so raises ``NoSpace``
+("the pool's disk is full"), never a bare ``sqlite3.OperationalError``, and changed nothing.
+SQLite's own preallocation (``SQLITE_FCNTL_CHUNK_SIZE``) was not chosen: Python's ``sqlite3``
+cannot set it, and it would not cover the WAL.
 """
 
 from __future__ import annotations
@@ -87,7 +88,6 @@ CREATE TABLE IF NOT EXISTS sessions (
     bytes_written INTEGER NOT NULL DEFAULT 0
 );
 """
-
 
 
 def _is_full(exc: sqlite3.Error, where: Path) -> bool:
