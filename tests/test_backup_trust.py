@@ -203,7 +203,7 @@ async def _incarnations(daemon: Daemon, repo: Path) -> tuple[JSON, JSON, str]:
         await _nbd_write(daemon, [(0, b"O" * CHUNK), (3 * CHUNK, b"o" * CHUNK)])
         image = (await control.preserve("vol"))["image"]
         await run_backup(control, image, repo)
-        await control.delete_volume("vol")
+        await control.delete_volume("vol", force=True)
         new = await control.create_volume("vol", SIZE)
         await _nbd_write(daemon, [(CHUNK, b"N" * CHUNK)])
         await control.preserve("vol")
@@ -225,7 +225,7 @@ def test_a_volume_created_again_in_the_same_second_is_a_new_volume(daemon: Daemo
         old, new, second = asyncio.run(_incarnations(daemon, repo))
         if old["created_at"] == new["created_at"]:
             break
-        ok(daemon.owm("volume", "delete", "vol"))
+        ok(daemon.owm("volume", "delete", "vol", "--force"))
     assert old["created_at"] == new["created_at"], "could not create twice in one second"
     summary = ok_json(daemon.owm("backup", second, "--to", repo, "--json"))
     target = short_tmp / "new.raw"

@@ -382,7 +382,7 @@ class ScriptedPool:
         }
         return self.volumes[name]
 
-    async def delete_volume(self, name: str) -> None:
+    async def delete_volume(self, name: str, force: bool = False) -> None:
         raise WrongState(f"volume '{name}' has open sessions")
 
     async def preserve(self, name: str, instant: bool = False) -> str:

@@ -3,12 +3,14 @@
 The catalog is the truth about what exists and in what state (volumes, generations, preserved
 images, sessions). ``owm.catalog.sqlite`` is the local implementation; a shared one (etcd)
 implements the same ``Catalog`` protocol. Every call is one atomic change, durable when it
-returns.
+returns; a change that cannot be recorded raises an ``OwmError`` (``NoSpace`` for a full disk)
+and changed nothing.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -87,15 +89,19 @@ class Catalog(Protocol):
         ...
 
     def close_session(
-        self, session: int, clean: bool, bytes_read: int, bytes_written: int, generation: int
+        self, session: int, clean: bool, bytes_read: int, bytes_written: int, generation: int,
+        images: Sequence[ImageRow] = (),
     ) -> None:
-        ...
+        """End a session and record ``images`` (their new unclean counts) atomically."""
 
     def open_sessions(self, volume: str) -> list[tuple[int, int]]:
         ...
 
-    def end_sessions_unclean(self, volume: str) -> None:
-        ...
+    def end_sessions_unclean(self, volume: str, images: Sequence[ImageRow] = ()) -> None:
+        """End the sessions a crash cut off and record ``images`` atomically."""
 
     def prune_sessions(self, keep: int = 10000) -> None:
         ...
+
+    def headroom(self) -> bool:
+        """Whether the next change can be recorded even if the data path finds the disk full."""

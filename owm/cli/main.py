@@ -228,13 +228,19 @@ def volume_show(name: str, as_json: bool) -> None:
 @volume.command("delete")
 @pool_option
 @click.argument("name")
+@click.option("--force", is_flag=True,
+              help="Delete it even though it still has preserved images (they are lost).")
 @json_option
-def volume_delete(name: str, as_json: bool) -> None:
-    """Delete volume NAME and its images.
+def volume_delete(name: str, force: bool, as_json: bool) -> None:
+    """Delete volume NAME.
 
-    Refused while sessions or readers are open.
+    Refused while sessions or readers are open, and while preserved images exist (they may
+    never have been backed up) unless --force.
     """
-    result = talk(lambda c: c.delete_volume(name))
+    async def call(c: ControlClient) -> JSON:
+        return await c.delete_volume(name, force=force)
+
+    result = talk(call)
     if as_json:
         print_json(result)
     else:
@@ -358,6 +364,10 @@ def cutover(image: str, as_json: bool) -> None:
     result = talk(lambda c: c.cutover(image))
     if as_json:
         print_json(result)
+        return
+    if result.get("cut_over") is False:
+        state().out.print(f"{result.get('message') or image + ' was not cut over'}.",
+                          markup=False)
         return
     rebound = result.get("rebound") or []
     state().out.print(

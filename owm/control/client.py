@@ -155,8 +155,9 @@ class ControlClient:
         result: JSON = await self.request("POST", "/v1/volumes", body)
         return result
 
-    async def delete_volume(self, name: str) -> JSON:
-        result: JSON = await self.request("DELETE", f"/v1/volumes/{_q(name)}")
+    async def delete_volume(self, name: str, force: bool = False) -> JSON:
+        """Delete a volume; with ``force`` even while preserved images exist."""
+        result: JSON = await self.request("DELETE", f"/v1/volumes/{_q(name)}", {"force": force})
         return result
 
     async def preserve(self, name: str, instant: bool = False) -> JSON:

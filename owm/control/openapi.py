@@ -176,8 +176,13 @@ def _paths() -> JSON:
             "get": {"summary": "Status of one volume: sessions per generation, images.",
                     "operationId": "showVolume",
                     "responses": {"200": _json(_ref("Volume"), "The volume."), **_errors(404)}},
-            "delete": {"summary": "Delete a volume with no open sessions or readers.",
+            "delete": {"summary": "Delete a volume with no open sessions or readers; refused "
+                                  "while it has preserved images unless force is true.",
                        "operationId": "deleteVolume",
+                       "requestBody": {"required": False, "content": {"application/json": {
+                           "schema": {"type": "object", "properties": {
+                               "force": {"type": "boolean", "default": False}},
+                               "additionalProperties": False}}}},
                        "responses": {"200": _json({"type": "object", "properties": {
                            "deleted": {"type": "string"}}}, "Deleted."),
                            **_errors(400, 404, 409)}},

@@ -18,7 +18,7 @@ from owm.common.errors import InvalidRequest
 from owm.common.names import parse_image_name as split_image
 from owm.control.body import Body
 from owm.control.common import ShuttingDown, completed, ctx_of, name_arg, no_body, ok
-from owm.control.context import holding_sessions
+from owm.control.context import ControlContext, holding_sessions
 
 log = logging.getLogger("owm.control")
 routes = web.RouteTableDef()
@@ -26,6 +26,13 @@ T = TypeVar("T")
 
 METHODS = ("cow", "log", "mirror")
 ENOSPC_POLICIES = ("fail-write", "break-image")
+
+
+def refuse_while_closing(ctx: ControlContext, what: str) -> None:
+    """Changes to the pool are refused once SIGTERM arrived: the pool is about to close."""
+    if ctx.closing.is_set():
+        raise ShuttingDown(f"the daemon is shutting down; {what} was refused, try again once "
+                           "it is back")
 
 
 @routes.get("/v1/health")
@@ -56,6 +63,7 @@ async def create_volume(request: web.Request) -> web.Response:
     policy = body.choice("enospc_policy", ENOSPC_POLICIES, "fail-write")
     body.done()
     assert size is not None and chunk_size is not None and legs is not None
+    refuse_while_closing(ctx, f"creating volume {name}")
     status = await completed(ctx.pool.create_volume(
         name, size, method=method, chunk_size=chunk_size, legs=legs, enospc_policy=policy
     ))
@@ -72,10 +80,13 @@ async def show_volume(request: web.Request) -> web.Response:
 async def delete_volume(request: web.Request) -> web.Response:
     ctx = ctx_of(request)
     name = name_arg(request, "name")
-    await no_body(request)
+    body = await Body.read(request)
+    force = body.flag("force")
+    body.done()
     ctx.volume(name)  # a clear NotFound before anything else
-    await completed(ctx.pool.delete_volume(name))
-    log.info("deleted volume", extra={"volume": name})
+    refuse_while_closing(ctx, f"deleting volume {name}")
+    await completed(ctx.pool.delete_volume(name, force=force))
+    log.info("deleted volume force=%s", force, extra={"volume": name})
     return ok({"deleted": name})
 
 
@@ -87,6 +98,7 @@ async def preserve(request: web.Request) -> web.Response:
     instant = body.flag("instant")
     body.done()
     ctx.volume(name)
+    refuse_while_closing(ctx, f"preserving {name}")
     started = time.perf_counter()
     image = await completed(ctx.pool.preserve(name, instant=instant))
     elapsed_ms = (time.perf_counter() - started) * 1000
@@ -136,14 +148,22 @@ async def cutover(request: web.Request) -> web.Response:
     ctx = ctx_of(request)
     image = name_arg(request, "image")
     await no_body(request)
-    volume, _ = ctx.image(image)
+    volume, before = ctx.image(image)
     _, generation = split_image(image)
-    rebound = holding_sessions(volume, generation)
-    await completed(ctx.pool.cutover(image))
+    rebound: list[dict[str, object]] = []
+    if before.get("state") == "draining":
+        rebound = holding_sessions(volume, generation)
+        await completed(ctx.pool.cutover(image))
+    _, entry = ctx.image(image)
+    if before.get("state") != "draining" or entry.get("consistency") != "crash-consistent":
+        # It had drained already (perhaps just now): nothing was cut over, the label stays.
+        message = (f"{image} is already {entry.get('state')} ({entry.get('consistency')}); "
+                   "nothing was cut over and its label is unchanged")
+        return ok({"image": image, "rebound": [], "cut_over": False, "message": message,
+                   "status": entry})
     log.info("cut over image=%s rebound=%d sessions", image, len(rebound),
              extra={"volume": volume.get("name")})
-    _, entry = ctx.image(image)
-    return ok({"image": image, "rebound": rebound, "status": entry})
+    return ok({"image": image, "rebound": rebound, "cut_over": True, "status": entry})
 
 
 @routes.post("/v1/images/{image}/release")
@@ -152,6 +172,7 @@ async def release(request: web.Request) -> web.Response:
     image = name_arg(request, "image")
     await no_body(request)
     volume, entry = ctx.image(image)
+    refuse_while_closing(ctx, f"the release of {image}")
 
     def progress(done: int, total: int) -> None:
         ctx.release_progress[image] = (done, total)

@@ -164,7 +164,8 @@ async def serve(config: DaemonConfig, stop: asyncio.Event | None = None) -> None
             finally:
                 await pool.close()
         if ready:
-            log.info("stopped; pool %s closed cleanly", pool_dir)
+            # Whether the pool closed cleanly is logged by the pool itself, once and truly.
+            log.info("stopped")
 
 
 def run(config: DaemonConfig, log_level: str = "INFO") -> None:

@@ -44,6 +44,7 @@ class Pool:
         self.catalog: Catalog | None = None
         self.volumes: dict[str, Volume] = {}
         self.was_clean = True
+        self.closed_cleanly: bool | None = None  # set by close(): whether it marked the pool clean
 
     @classmethod
     async def open(
@@ -96,12 +97,22 @@ class Pool:
                 await volume.engine.storage.close()
         self.volumes.clear()
         if self.catalog is not None:
-            await self.db(lambda c: c.prune_sessions())
-            if clean:
-                await self.db(lambda c: c.set_meta("clean", "1"))
+            try:
+                await self.db(lambda c: c.prune_sessions())
+                if clean:
+                    await self.db(lambda c: c.set_meta("clean", "1"))
+            except OwmError as exc:
+                log.error("the pool's catalog could not be marked clean: %s", exc)
+                clean = False
             await self.db(lambda c: c.close())
             self.catalog = None
         self._executor.shutdown(wait=True)
+        self.closed_cleanly = clean
+        if clean:
+            log.info("pool %s closed cleanly", self.root)
+        else:
+            log.warning("pool %s did not close cleanly; the next start recovers it as after a "
+                        "crash", self.root)
 
     async def kill(self) -> None:
         """Stop the way a crashed process stops: nothing is synced, closed or marked clean."""
@@ -163,23 +174,50 @@ class Pool:
         row = VolumeRow(name, size, chunk_size, method, legs, enospc_policy, 0, {}, now(),
                         uuid.uuid4().hex, mark)
         await self.db(lambda c: c.add_volume(row))
-        volume = await self._start_volume(row, clean=True)
+        try:
+            volume = await self._start_volume(row, clean=True)
+        except OwmError:
+            # E.g. a full disk: the volume must not appear at the next start half-made.
+            await self.db(lambda c: c.delete_volume(name))
+            shutil.rmtree(self.root / "volumes" / name, ignore_errors=True)
+            raise
         log.info("created volume %s (%d bytes, %s)", name, size, method)
         return volume.status()
 
-    async def delete_volume(self, name: str) -> None:
+    async def delete_volume(self, name: str, force: bool = False) -> None:
+        """Delete a volume; refused while it has preserved images (they would be lost, never
+        backed up perhaps) unless ``force``."""
         volume = self.volume(name)
         if volume.sessions or any(volume.readers.values()):
             raise WrongState(
                 f"volume '{name}' still has {len(volume.sessions)} sessions and "
                 f"{sum(volume.readers.values())} readers open"
             )
+        if volume.images and not force:
+            images = ", ".join(f"{name}@{g}" for g in sorted(volume.images))
+            n = len(volume.images)
+            raise WrongState(
+                f"volume '{name}' still has {n} preserved image{'s' if n != 1 else ''} "
+                f"({images}) that would be lost; back them up and release them, or delete "
+                "with --force"
+            )
+        # Out of the pool first, so that nothing opens it meanwhile; the catalog next, so that a
+        # failure there (a full disk) leaves the volume as it was.
         del self.volumes[name]
-        await volume.close()
-        await volume.engine.destroy()
-        await self.db(lambda c: c.delete_volume(name))
+        try:
+            await self.db(lambda c: c.delete_volume(name))
+        except BaseException:
+            self.volumes[name] = volume
+            raise
+        try:
+            await volume.close()
+            await volume.engine.destroy()
+        except OwmError as exc:
+            log.warning("volume %s: its storage was not closed cleanly (%s); removing it", name,
+                        exc)
+            await volume.engine.storage.close()
         shutil.rmtree(self.root / "volumes" / name, ignore_errors=True)
-        log.info("deleted volume %s", name)
+        log.info("deleted volume %s%s", name, " and its preserved images" if force else "")
 
     async def finish_restore(self, name: str, restore_from: str) -> dict[str, Any]:
         """Clear the restore mark of ``name`` once that restore has written and flushed it all."""

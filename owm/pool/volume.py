@@ -6,11 +6,20 @@ generation <= N is open; ``cutover`` rebinds such sessions forward so that it st
 (it is then only crash-consistent).  Sessions that end without a clean close still end, but
 the images they held are marked drained-unclean with a count.  ``release`` hands a drained image to
 the engine to reclaim, in the background, resuming after a restart.
+
+Labels stay true when the catalog cannot be written (a full disk).  An unclean end is counted in
+memory before the session leaves ``sessions`` (so no drain can complete without it) and in the
+catalog in the same transaction as the session's end.  Every other state change is made in
+memory only after the catalog has recorded it: a drain that could not be recorded stays
+*draining* and is tried again in the background; an image that could not be marked broken is not
+broken, because the write that would have broken it is refused; a release that failed part-way
+stays *releasing* and the next ``release`` resumes it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from collections import Counter
@@ -18,7 +27,15 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from owm.catalog import ImageRow, VolumeRow, now
-from owm.common.errors import ImageBroken, InvalidRequest, NotFound, ReadOnly, WrongState
+from owm.common.errors import (
+    ImageBroken,
+    InvalidRequest,
+    NoSpace,
+    NotFound,
+    OwmError,
+    ReadOnly,
+    WrongState,
+)
 from owm.common.view import Extent
 from owm.engine import Engine
 from owm.engine.base import Progress
@@ -29,6 +46,8 @@ if TYPE_CHECKING:
 
 T = TypeVar("T")
 log = logging.getLogger("owm.pool.volume")
+
+SETTLE_RETRY_FIRST, SETTLE_RETRY_MAX = 0.5, 5.0  # seconds between tries to record a drain
 
 DbCall = Callable[[Callable[["Catalog"], T]], Awaitable[T]]
 
@@ -182,6 +201,9 @@ class Volume:
         self._preserving: asyncio.Event | None = None
         self._releases: dict[int, asyncio.Task[None]] = {}
         self.release_progress: dict[int, tuple[int, int]] = {}
+        self._settling = asyncio.Lock()
+        self._settle_retry: asyncio.Task[None] | None = None
+        self.closing = False
         engine.on_broken = self._image_broken
 
     @property
@@ -202,12 +224,17 @@ class Volume:
         """Open the engine, end the sessions a crash cut off (``vanished``: id, generation),
         settle drains and resume unfinished releases."""
         self.images = {i.generation: i for i in images}
+        counted: dict[int, ImageRow] = {}
         for _sid, session_gen in vanished:
             for gen, image in self.images.items():
                 if image.state == "draining" and gen >= session_gen:
                     image.unclean_sessions += 1
+                    counted[gen] = image
         if vanished:
-            await self._db(lambda c: c.end_sessions_unclean(self.name))
+            # The sessions' ends and the counts they raise in one transaction: a crash between
+            # the two would otherwise let the next start drain these images as clean.
+            rows = [dataclasses.replace(i) for i in counted.values()]
+            await self._db(lambda c: c.end_sessions_unclean(self.name, rows))
         views = [g for g, i in self.images.items() if i.state != "releasing"]
         releasing = [g for g, i in self.images.items() if i.state == "releasing"]
         await self.engine.open([*sorted(views), self.row.live_generation], releasing, clean)
@@ -225,7 +252,7 @@ class Volume:
         await self._db(lambda c: c.save_engine_state(self.name, self.engine.state))
         await self._settle_drains()
         for gen in releasing:
-            self._releases[gen] = asyncio.get_running_loop().create_task(self._run_release(gen))
+            self._start_release(gen, None)
 
     # -- in-flight accounting (cutover waits for requests of the generations it rebinds) ------
     def _enter(self, gen: int) -> int:
@@ -259,33 +286,75 @@ class Volume:
         return session
 
     async def _session_closed(self, session: Session, clean: bool) -> None:
-        del self.sessions[session.id]
-        await self._db(lambda c: c.close_session(session.id, clean, session.bytes_read,
-                                                 session.bytes_written, session.generation))
+        # Count an unclean end before the session stops holding anything and before any await:
+        # whatever sees the image drained (another session's drain, a status call) sees it.
+        counted: list[ImageRow] = []
         if not clean:
             for gen, image in self.images.items():
                 if image.state == "draining" and gen >= session.generation:
                     image.unclean_sessions += 1
+                    counted.append(image)
+        del self.sessions[session.id]
+        if not clean:
             log.warning("session %d of %s ended without a clean close", session.id, self.name)
+        rows = [dataclasses.replace(i) for i in counted]
+        try:
+            await self._db(lambda c: c.close_session(session.id, clean, session.bytes_read,
+                                                     session.bytes_written, session.generation,
+                                                     rows))
+        except OwmError as exc:
+            # The catalog still has the session open: after a restart it counts as unclean,
+            # which is the weaker label, never a stronger one.
+            log.error("could not record the end of session %d of %s: %s", session.id,
+                      self.name, exc)
         await self._settle_drains()
 
     def holders(self, gen: int) -> list[Session]:
         """Open sessions that keep image ``gen`` from draining."""
         return [s for s in self.sessions.values() if s.generation <= gen]
 
-    async def _settle_drains(self, crash_consistent: bool = False) -> None:
-        for gen, image in sorted(self.images.items()):
-            if image.state != "draining" or self.holders(gen):
-                continue
-            # A drained image never changes again, crash or not: make it durable first.
-            await self.engine.flush()
-            image.state = "drained-unclean" if image.unclean_sessions else "drained"
-            image.drained_at = now()
-            if crash_consistent or image.unclean_sessions:
-                image.consistency = "crash-consistent"
-            await self._db(lambda c, i=image: c.update_image(i))  # type: ignore[misc]
-            self._drained[gen].set()
-            log.info("image %s@%d is %s", self.name, gen, image.state)
+    async def _settle_drains(self) -> bool:
+        """Mark every image that no session holds any more as drained, catalog first; False
+        when one could not be recorded (a retry is then scheduled)."""
+        async with self._settling:
+            for gen, image in sorted(self.images.items()):
+                if image.state != "draining" or self.holders(gen):
+                    continue
+                try:
+                    # A drained image never changes again, crash or not: make it durable first.
+                    await self.engine.flush()
+                    row = dataclasses.replace(
+                        image, state="drained-unclean" if image.unclean_sessions else "drained",
+                        drained_at=now())
+                    if image.unclean_sessions:
+                        row.consistency = "crash-consistent"  # (a cutover set it already)
+                    await self._db(lambda c, r=row: c.update_image(r))  # type: ignore[misc]
+                except OwmError as exc:
+                    # Not recorded, so not drained yet: say so, and try again shortly.
+                    log.error("image %s@%d has drained but that could not be recorded (%s); "
+                              "trying again", self.name, gen, exc)
+                    self._retry_settle()
+                    return False
+                image.state, image.drained_at = row.state, row.drained_at
+                image.consistency = row.consistency
+                self._drained[gen].set()
+                log.info("image %s@%d is %s", self.name, gen, image.state)
+        return True
+
+    def _retry_settle(self) -> None:
+        if self._settle_retry is None and not self.closing:
+            self._settle_retry = asyncio.get_running_loop().create_task(self._settle_later())
+
+    async def _settle_later(self) -> None:
+        delay = SETTLE_RETRY_FIRST
+        try:
+            while not self.closing:
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, SETTLE_RETRY_MAX)
+                if await self._settle_drains():
+                    return
+        finally:
+            self._settle_retry = None
 
     # -- preserved images -------------------------------------------------------------------
     def image(self, gen: int) -> ImageRow:
@@ -307,12 +376,24 @@ class Volume:
             raise WrongState(f"volume {self.name} is an incomplete restore of "
                              f"{self.row.restore.get('from')}; finish that restore first")
         async with self._control:
+            # The engine splits in memory first and the catalog records it after; a record that
+            # then failed could not be undone.  Refuse up front while the catalog has no room.
+            if not await self._db(lambda c: c.headroom()):
+                raise NoSpace(
+                    f"the pool's disk is full: {self.name} was not preserved, as the catalog "
+                    "could not record it; free some space and preserve again"
+                )
             self._preserving = asyncio.Event()
             try:
+                # An image drained from birth must, like any drained image, be durable first.
+                # Flush before the split when no session is open (none can open meanwhile):
+                # a flush failing on a full disk then leaves nothing half-done.
+                flushed = not self.holders(self.live)
+                if flushed:
+                    await self.engine.flush()
                 preserved = await self.engine.preserve()
                 holders = self.holders(preserved)
-                if not holders:
-                    # Drained from birth: like any drained image it must be durable first.
+                if not holders and not flushed:
                     await self.engine.flush()
                 image = ImageRow(self.name, preserved, "draining" if holders else "drained",
                                  "transaction-consistent", now(),
@@ -355,7 +436,7 @@ class Volume:
                 img.consistency = "crash-consistent"
         log.info("cut over %d sessions of %s@%d to generation %d", len(moved), self.name, gen,
                  successor)
-        await self._settle_drains(crash_consistent=True)
+        await self._settle_drains()
 
     async def wait_drained(self, gen: int, timeout: float | None) -> bool:
         self.image(gen)
@@ -366,19 +447,35 @@ class Volume:
         return True
 
     async def _image_broken(self, gen: int, reason: str) -> None:
+        """The engine gave up preserving image ``gen`` (a full disk under break-image): record
+        it before the write that overwrites the image's data may go on."""
         image = self.images.get(gen)
         if image is None:
             return
-        image.state = "broken"
-        image.broken_reason = reason
-        image.consistency = "broken"
-        await self._db(lambda c: c.update_image(image))
+        row = dataclasses.replace(image, state="broken", broken_reason=reason,
+                                  consistency="broken")
+        try:
+            await self._db(lambda c: c.update_image(row))
+        except OwmError as exc:
+            # Unrecorded, a restart would call the image good although the live volume went on
+            # past it.  So it must not break: the engine forgets it, and the write that would
+            # have broken it fails (the engine raises this before touching the shared chunk).
+            self.engine.broken.discard(gen)
+            log.error("image %s@%d could not be marked broken (%s); the write was refused",
+                      self.name, gen, exc)
+            raise NoSpace(
+                f"the pool's disk is full: the write was refused because image {self.name}@{gen} "
+                "could not be marked broken"
+            ) from exc
+        image.state, image.broken_reason, image.consistency = "broken", reason, "broken"
         self._drained[gen].set()
         log.error("image %s@%d is broken: %s", self.name, gen, reason)
 
     async def release(self, gen: int, progress: Progress | None = None) -> None:
         async with self._control:
             image = self.image(gen)
+            if image.state == "draining" and not self.holders(gen):
+                await self._settle_drains()  # drained, but not recorded yet (a full disk)
             if image.state == "draining":
                 raise WrongState(
                     f"image {self.name}@{gen} is still draining ({len(self.holders(gen))} "
@@ -388,13 +485,22 @@ class Volume:
                 raise WrongState(
                     f"image {self.name}@{gen} is being read by {self.readers[gen]} clients"
                 )
-            if image.state != "releasing":
-                image.state = "releasing"
-                await self._db(lambda c: c.update_image(image))
-                self._releases[gen] = asyncio.get_running_loop().create_task(
-                    self._run_release(gen, progress))
-            task = self._releases[gen]
+            task = self._releases.get(gen)
+            if task is None:
+                if image.state != "releasing":
+                    row = dataclasses.replace(image, state="releasing")
+                    await self._db(lambda c: c.update_image(row))  # on failure nothing changed
+                    image.state = "releasing"
+                # else: an earlier release stopped part-way (e.g. a full disk): resume it.
+                task = self._start_release(gen, progress)
         await asyncio.shield(task)
+
+    def _start_release(self, gen: int, progress: Progress | None) -> asyncio.Task[None]:
+        task = asyncio.get_running_loop().create_task(self._run_release(gen, progress))
+        # A resumed release may have nobody waiting for it; its failure is logged already.
+        task.add_done_callback(lambda t: None if t.cancelled() else t.exception())
+        self._releases[gen] = task
+        return task
 
     async def _run_release(self, gen: int, progress: Progress | None = None) -> None:
         def report(done: int, total: int) -> None:
@@ -408,6 +514,12 @@ class Volume:
             self.images.pop(gen, None)
             self._drained.pop(gen, None)
             log.info("released %s@%d", self.name, gen)
+        except OwmError as exc:
+            # The image stays "releasing" in memory and in the catalog; the engine's release is
+            # resumable, so the next release (or restart) picks it up where it stopped.
+            log.error("the release of %s@%d stopped: %s; run the release again", self.name,
+                      gen, exc)
+            raise
         finally:
             self._releases.pop(gen, None)
             self.release_progress.pop(gen, None)
@@ -456,12 +568,15 @@ class Volume:
 
     def abandon(self) -> None:
         """Drop everything in memory without syncing (crash simulation)."""
-        for task in list(self._releases.values()):
-            task.cancel()
+        self.closing = True
+        for task in [*self._releases.values(), self._settle_retry]:
+            if task is not None:
+                task.cancel()
         self.sessions.clear()
 
     async def close(self) -> None:
-        tasks = list(self._releases.values())
+        self.closing = True
+        tasks = [t for t in (*self._releases.values(), self._settle_retry) if t is not None]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
