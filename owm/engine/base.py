@@ -72,6 +72,9 @@ class Engine(ABC):
         # Chunks written by each generation >= 1, for incremental backups.  Committed with every
         # flush; after a crash the maps of generations still being written are untrusted.
         self.changed: dict[int, ChunkTable] = {}
+        # Awaited at the named steps of background work (a release's merge or move-down) so
+        # that a test can pause it there, act, and resume it.  Always None in the daemon.
+        self.step_hook: Callable[[str], Awaitable[None]] | None = None
 
     # -- lifecycle (engine-specific) ----------------------------------------------------------
     @abstractmethod
@@ -103,6 +106,10 @@ class Engine(ABC):
     @abstractmethod
     def objects_of(self, view: int) -> list[str]:
         """Storage objects that belong to ``view`` alone (for size reporting)."""
+
+    async def _step(self, where: str) -> None:
+        if self.step_hook is not None:
+            await self.step_hook(where)
 
     # -- changed-chunk maps -------------------------------------------------------------------
     def _changed_table(self, gen: int) -> ChunkTable:
