@@ -228,6 +228,43 @@ async def test_log_merge_keeps_a_draining_generations_writes(
     await check(sim, t, "after a clean restart")
 
 
+async def test_log_read_across_the_end_of_a_merge(sim: SimPool) -> None:
+    """A read of the live view that spans several layers is under way when the merge drops
+    its emptied layer: it must still return the live view (it resolved layers by index)."""
+    chunks = 16
+    size = chunks * CHUNK
+    t = Tracker(size)
+    await sim.p.create_volume("v", size, "log", CHUNK)
+    s = await sim.p.open_export("v", "t")
+    await s.write(0, b"\1" * size, fua=True)
+    t.wrote(0, 0, b"\1" * size, True)
+    await s.close()
+    for gen in (1, 2):
+        await sim.p.preserve("v")
+        t.preserved()
+        s = await sim.p.open_export("v", "t")
+        for c in range(gen - 1, chunks, 2):  # delta-1 even chunks, delta-2 odd ones
+            await s.write(c * CHUNK, bytes([gen + 1]) * CHUNK, fua=True)
+            t.wrote(gen, c * CHUNK, bytes([gen + 1]) * CHUNK, True)
+        await s.close()
+    live = await sim.p.open_export("v", "t")
+    pause = Pause("fold-drop")
+    hook(sim, pause)
+    t.doomed.add(0)
+    release = asyncio.ensure_future(sim.p.release("v@0"))
+    await pause.wait()
+    read = asyncio.ensure_future(live.read(0, size))
+    for _ in range(3):  # the read resolves its first runs and waits on storage
+        await asyncio.sleep(0)
+    pause.go.set()
+    await asyncio.wait_for(release, WAIT)
+    assert await asyncio.wait_for(read, WAIT) == bytes(t.model.views[2])
+    t.model.release(0)
+    del t.loose[0]
+    await live.close()
+    await check(sim, t, "after the merge")
+
+
 # -- cow: the move-down --------------------------------------------------------------------------
 
 async def _four_generations_cow(sim: SimPool, t: Tracker, size: int) -> None:

@@ -116,12 +116,16 @@ class LogEngine(Engine):
 
     def _placement(self, view: int, offset: int, length: int) -> Iterator[tuple[str, int, int]]:
         _, top = self._own_range(view)
-        if not any(layer.table.count for layer in self.layers[1 : top + 1] if layer.table):
+        # The caller reads between the runs yielded here, and a fold may drop a layer meanwhile
+        # (an empty one, once every chunk of it is in the layer below): resolve in a copy of the
+        # stack, not by index into the live list.
+        stack = self.layers[: top + 1]
+        if not any(layer.table.count for layer in stack[1:] if layer.table):
             yield BASE, offset, length
             return
         run: tuple[str, int, int] | None = None
         for chunk, _within, n, done in self.pieces(offset, length):
-            name = self._resolve(top, chunk).data
+            name = next(layer for layer in reversed(stack) if layer.has(chunk)).data
             if run is not None and run[0] == name:
                 run = (name, run[1], run[2] + n)
             else:
@@ -270,6 +274,7 @@ class LogEngine(Engine):
             await self.locks.barrier()
             if not upper.table.count:
                 break
+        await self._step("fold-drop")
         # Every chunk of upper now lives in lower; reads through upper find nothing.
         self.layers.remove(upper)
         await self._drop(upper)
