@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import random
 import shutil
 import tempfile
@@ -39,6 +40,8 @@ from owm.storage.simulated import PowerLost, SimulatedStorage
 
 SECTOR = 512
 VOLUME = "v"
+# The catalog is a real SQLite file: on tmpfs its commits cost no disk flush.
+FAST_DIR = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
 SETTLE = 10.0  # seconds the tasks of a crashed run get to notice the crash before cancellation
 
 
@@ -140,6 +143,22 @@ class Tracker:
                 cands.extend(set(piece) - set(cands))
                 loose.last[s] = self.seq
         self.model.write(gen, offset, data)
+
+    def attempted(self, gen: int, offset: int, data: bytes) -> None:
+        """A write that failed (or never returned) may still have landed, whole or in part."""
+        first, last = offset // SECTOR, (offset + len(data)) // SECTOR
+        for view, loose in self.loose.items():
+            if view < gen:
+                continue
+            old = self.model.views[view]
+            for s in range(first, last):
+                cands = loose.candidates.get(s)
+                if cands is None:
+                    cands = loose.candidates[s] = bytearray(
+                        set(old[s * SECTOR : (s + 1) * SECTOR]))
+                piece = data[(s - first) * SECTOR : (s - first + 1) * SECTOR]
+                cands.extend(set(piece) - set(cands))
+                loose.last[s] = 1 << 62  # no flush that completed can have covered it
 
     def flushed(self, upto: int) -> None:
         """A flush that started when ``seq`` was ``upto`` completed."""
@@ -251,6 +270,7 @@ class Run:
         self.t = tracker
         self.ids: dict[int, int] = {}  # id(Session) -> model session id
         self.tasks: list[asyncio.Task[Any]] = []
+        self.state: dict[str, Any] = {}  # whatever a scenario's setup hands to its operation
 
     @property
     def pool(self) -> Pool:
@@ -274,7 +294,11 @@ class Run:
                     fua: bool = False) -> None:
         gen = s.generation
         data = bytes([fill]) * length
-        await s.write(offset, data, fua=fua)
+        try:
+            await s.write(offset, data, fua=fua)
+        except BaseException:
+            self.t.attempted(gen, offset, data)
+            raise
         self.t.wrote(gen, offset, data, fua)
 
     async def flush(self, s: Session) -> None:
@@ -339,7 +363,7 @@ async def _finish_releases(run: Run) -> None:
 async def run_once(scenario: Scenario, crash_at: int | None, writeback: bool = False) -> int:
     """Run the scenario, crashing at storage call ``crash_at`` of the operation (None: at its
     end), and check everything after the restart; returns the operation's storage calls."""
-    root = Path(tempfile.mkdtemp(prefix="owm-fault-"))
+    root = Path(tempfile.mkdtemp(prefix="owm-fault-", dir=FAST_DIR))
     sim = SimPool(root)
     tracker = Tracker(scenario.size)
     run = Run(sim, tracker)

@@ -46,6 +46,7 @@ class ChunkTable:
         self._journal_len = 0  # records in the journal for this epoch
         self._pending: list[bytes] = []  # records not yet written to the journal
         self._force_checkpoint = False
+        self._writing = False  # a journal write and sync is under way
         self._commit = GroupSync(self._write_and_sync)
 
     # -- queries -----------------------------------------------------------------------------
@@ -93,7 +94,9 @@ class ChunkTable:
 
     async def commit(self) -> None:
         """Make every update made so far durable (group-committed with concurrent callers)."""
-        if self._pending:
+        # With nothing pending a commit under way may still hold this caller's records: wait
+        # for it (by joining the next one) rather than report them durable before they are.
+        if self._pending or self._writing:
             await self._commit()
 
     async def _write_and_sync(self) -> None:
@@ -106,8 +109,17 @@ class ChunkTable:
             return
         offset = self._journal_len * _RECORD.size
         self._journal_len += len(records)
-        await self.storage.write(self.name + ".journal", offset, b"".join(records))
-        await self.storage.sync(self.name + ".journal")
+        self._writing = True
+        try:
+            await self.storage.write(self.name + ".journal", offset, b"".join(records))
+            await self.storage.sync(self.name + ".journal")
+        except BaseException:
+            # Not durable: the next commit writes them again, at the same place.
+            self._pending[:0] = records
+            self._journal_len = offset // _RECORD.size
+            raise
+        finally:
+            self._writing = False
 
     async def _checkpoint(self) -> None:
         """Write the whole bitmap to the other slot under a new epoch; the journal restarts."""
