@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from owm.common.errors import NotFound
+from owm.engine import chunktable
 from owm.pool.model import Model
 from owm.pool.pool import Pool
 from owm.pool.volume import Session
@@ -107,6 +108,7 @@ class Tracker:
         self.doomed: set[int] = set()  # images whose release was asked for
         self.done: set[int] = set()  # model sessions that finished their work (then close)
         self.opened_gen: dict[int, int] = {}  # model session -> generation it was bound to
+        self.labels: dict[int, tuple[str, str]] = {}  # drained labels seen before a crash
         self._next_session = 0
 
     # -- what happened ------------------------------------------------------------------------
@@ -234,6 +236,9 @@ class Tracker:
                     seen[gen] = got
                     continue
                 assert image.state in ("drained", "drained-unclean"), (where, gen, image)
+                label = self.labels.get(gen)
+                assert label is None or label == (image.state, image.consistency), (
+                    f"{where}: image {gen} was {label} before the crash, {image} after")
                 if image.consistency == "transaction-consistent":
                     assert image.state == "drained" and not image.unclean_sessions, (where, image)
                     assert gen not in self.cut, f"{where}: image {gen} was cut over: {image}"
@@ -349,6 +354,7 @@ class Scenario:
     operation: Step
     chunk_size: int = 4096
     legs: int = 3
+    journal_limit: int | None = None  # checkpoint tables after this many journal records
 
 
 async def _finish_releases(run: Run) -> None:
@@ -368,6 +374,9 @@ async def run_once(scenario: Scenario, crash_at: int | None, writeback: bool = F
     tracker = Tracker(scenario.size)
     run = Run(sim, tracker)
     where = f"{scenario.name}, crash at call {crash_at}"
+    saved_limit = chunktable._CHECKPOINT_AFTER
+    if scenario.journal_limit is not None:
+        chunktable._CHECKPOINT_AFTER = scenario.journal_limit
     try:
         pool = await sim.open()
         await pool.create_volume(VOLUME, scenario.size, scenario.method, scenario.chunk_size,
@@ -396,6 +405,10 @@ async def run_once(scenario: Scenario, crash_at: int | None, writeback: bool = F
                     raise exc
         calls = storage.calls - start
         storage.crash_at = storage.calls + 1  # nothing more reaches this disk
+        # A drain is recorded after the session's close is: a label seen now must come back.
+        tracker.labels = {g: (i.state, i.consistency)
+                          for g, i in sim.p.volume(VOLUME).images.items()
+                          if i.state == "drained" and g not in tracker.doomed}
         tracker.vanish()
         rng = random.Random(crash_at) if writeback else None
         pool = await sim.crash(rng)
@@ -406,6 +419,7 @@ async def run_once(scenario: Scenario, crash_at: int | None, writeback: bool = F
         await tracker.check(pool, where + ", after a second power loss")
         return calls
     finally:
+        chunktable._CHECKPOINT_AFTER = saved_limit
         await sim.close()
         shutil.rmtree(root, ignore_errors=True)
 

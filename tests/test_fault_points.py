@@ -203,6 +203,11 @@ SCENARIOS = [
       for m in ("cow", "log", "mirror")),
     *(Scenario(f"cutover-{m}", m, SIZE, _cutover_setup, _cutover_operation)
       for m in ("cow", "log", "mirror")),
+    # Tables checkpoint every few records, so that checkpoints run beside the writes.
+    *(Scenario(f"release-draining-{m}-checkpoints", m, SIZE, _draining_setup,
+               _draining_operation, journal_limit=3) for m in ("cow", "log")),
+    Scenario("cutover-mirror-checkpoints", "mirror", SIZE, _cutover_setup, _cutover_operation,
+             journal_limit=3),
 ]
 
 

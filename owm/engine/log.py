@@ -35,7 +35,9 @@ from owm.storage import Buffer
 BASE = "base.data"
 Writer = Callable[[str, int, int, int], Awaitable[None]]
 _DELTA = re.compile(r"^delta-(\d+)\.")
-MERGE_BATCH = 64  # chunks a merge step moves with one data sync and one commit per table
+# A merge step moves up to this many chunks (and bytes) with one data sync and one commit per
+# table, holding their engine locks meanwhile.
+MERGE_BATCH, MERGE_BATCH_BYTES = 64, 4 << 20
 
 
 @dataclass
@@ -58,7 +60,7 @@ class LogEngine(Engine):
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
         self.layers: list[Layer] = [Layer(-1, None)]
         self._fold_lock = asyncio.Lock()
-        self.merge_batch = MERGE_BATCH
+        self.merge_batch = max(1, min(MERGE_BATCH, MERGE_BATCH_BYTES >> self.shift))
 
     def _delta(self, gen: int) -> Layer:
         return Layer(gen, ChunkTable(self.storage, f"delta-{gen}.table", self.chunks))
