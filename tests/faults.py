@@ -306,6 +306,17 @@ class Run:
             raise
         self.t.wrote(gen, offset, data, fua)
 
+    async def zero(self, s: Session, offset: int, length: int, fua: bool = False,
+                   punch: bool = True) -> None:
+        gen = s.generation
+        data = bytes(length)
+        try:
+            await s.write_zeroes(offset, length, fua=fua, may_trim=punch)
+        except BaseException:
+            self.t.attempted(gen, offset, data)
+            raise
+        self.t.wrote(gen, offset, data, fua)
+
     async def flush(self, s: Session) -> None:
         upto = self.t.seq
         await s.flush()

@@ -30,10 +30,14 @@ FILL = 1
 
 
 async def _live_writer(run: Run, s: Session, chunks: list[int], first_fill: int) -> None:
-    """Whole and partial chunk writes; every other one FUA, the others flushed in threes."""
+    """Whole and partial chunk writes and zeroes; every other one FUA, the others flushed in
+    threes."""
     for k, chunk in enumerate(chunks):
         fill = first_fill + k
-        if k % 4 == 3:  # a partial write: the rest of the chunk must keep its old bytes
+        if k % 5 == 4:  # zeroes, punched or written, over a chunk and a half
+            length = min(CHUNK + CHUNK // 2, SIZE - chunk * CHUNK)
+            await run.zero(s, chunk * CHUNK, length, fua=k % 2 == 0, punch=k % 10 == 4)
+        elif k % 4 == 3:  # a partial write: the rest of the chunk must keep its old bytes
             await run.write(s, chunk * CHUNK + 1024, fill, 2048, fua=k % 2 == 0)
         else:
             await run.write(s, chunk * CHUNK, fill, CHUNK, fua=k % 2 == 0)
