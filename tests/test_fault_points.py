@@ -29,18 +29,30 @@ LIMIT = 60
 FILL = 1
 
 
-async def _live_writer(run: Run, s: Session, chunks: list[int], first_fill: int) -> None:
-    """Whole and partial chunk writes and zeroes; every other one FUA, the others flushed in
-    threes."""
-    for k, chunk in enumerate(chunks):
-        fill = first_fill + k
-        if k % 5 == 4:  # zeroes, punched or written, over a chunk and a half
-            length = min(CHUNK + CHUNK // 2, SIZE - chunk * CHUNK)
-            await run.zero(s, chunk * CHUNK, length, fua=k % 2 == 0, punch=k % 10 == 4)
-        elif k % 4 == 3:  # a partial write: the rest of the chunk must keep its old bytes
-            await run.write(s, chunk * CHUNK + 1024, fill, 2048, fua=k % 2 == 0)
+def plan(whole: list[int], shared: tuple[list[int], int] | None = None) -> list[tuple[int, int]]:
+    """Byte ranges for one writer: whole chunks of its own, and optionally one half (0 or 1) of
+    chunks it shares with another writer, which takes the other half.  Concurrent writers
+    never write the same sector, so the model's order of their writes is the only one."""
+    ops = [(c * CHUNK, CHUNK) for c in whole]
+    if shared is not None:
+        chunks, half = shared
+        extra = [(c * CHUNK + half * (CHUNK // 2), CHUNK // 2) for c in chunks]
+        ops = [op for pair in zip(ops, extra, strict=False) for op in pair] + ops[len(extra):] \
+            + extra[len(ops):]
+    return ops
+
+
+async def _writer(run: Run, s: Session, ops: list[tuple[int, int]], first_fill: int) -> None:
+    """Writes and zeroes (punched or written) over ``ops``; every other one FUA, the others
+    covered by a flush every third request and at the end."""
+    for k, (offset, length) in enumerate(ops):
+        fua = k % 2 == 0
+        if k % 5 == 4:
+            await run.zero(s, offset, length, fua=fua, punch=k % 10 == 4)
+        elif k % 4 == 3 and length == CHUNK:  # a partial write: the rest keeps its old bytes
+            await run.write(s, offset + 1024, first_fill + k, 2048, fua=fua)
         else:
-            await run.write(s, chunk * CHUNK, fill, CHUNK, fua=k % 2 == 0)
+            await run.write(s, offset, first_fill + k, length, fua=fua)
         if k % 3 == 2:
             await run.flush(s)
         await asyncio.sleep(0)
@@ -77,7 +89,7 @@ async def _release_setup(run: Run, restart: bool) -> None:
 async def _release_operation(run: Run) -> None:
     release = run.spawn(run.release(0))
     live = run.state["live"]
-    await _live_writer(run, live, list(range(CHUNKS)), 0x10)
+    await _writer(run, live, plan(list(range(CHUNKS))), 0x10)
     await release
     await run.finish(live)
 
@@ -112,11 +124,43 @@ async def _draining_operation(run: Run) -> None:
     old, live = run.state["old"], run.state["live"]
 
     async def old_work() -> None:
-        await _live_writer(run, old, [3, 4, 6, 9, 12, 15], 0x30)
+        await _writer(run, old, plan([3, 9, 12, 15], ([4, 6], 0)), 0x30)
         await run.finish(old)
 
     task = run.spawn(old_work())
-    await _live_writer(run, live, [2, 5, 6, 11], 0x50)
+    await _writer(run, live, plan([2, 5, 11], ([4, 6], 1)), 0x50)
+    await task
+    await release
+    await run.finish(live)
+
+
+async def _oldest_draining_setup(run: Run) -> None:
+    """@0 drained, @1 held by an open session of generation 1, live generation 2."""
+    await _fill(run, FILL)
+    await run.preserve()
+    old = await run.session()
+    for chunk in range(0, CHUNKS, 3):
+        await run.write(old, chunk * CHUNK, FILL + 1, CHUNK, fua=True)
+    await run.preserve()
+    live = await run.session()
+    for chunk in range(1, CHUNKS, 3):
+        await run.write(live, chunk * CHUNK, FILL + 2, CHUNK, fua=True)
+    _fine_grained(run)
+    run.state["old"] = old
+    run.state["live"] = live
+
+
+async def _oldest_draining_operation(run: Run) -> None:
+    """Release @0 (log: the delta of @1 folds into the base) while @1's session writes."""
+    release = run.spawn(run.release(0))
+    old, live = run.state["old"], run.state["live"]
+
+    async def old_work() -> None:
+        await _writer(run, old, plan([0, 2, 13], ([1, 9], 0)), 0x30)
+        await run.finish(old)
+
+    task = run.spawn(old_work())
+    await _writer(run, live, plan([4, 7, 10], ([1, 9], 1)), 0x50)
     await task
     await release
     await run.finish(live)
@@ -136,7 +180,7 @@ async def _two_releases_operation(run: Run) -> None:
     first = run.spawn(run.release(2))
     second = run.spawn(run.release(1))
     live = run.state["live"]
-    await _live_writer(run, live, [4, 8, 9, 13], 0x60)
+    await _writer(run, live, plan([4, 8, 9, 13]), 0x60)
     await first
     await second
     await run.finish(live)
@@ -156,17 +200,17 @@ async def _preserve_operation(run: Run) -> None:
     old = run.state["old"]
 
     async def old_work() -> None:
-        await _live_writer(run, old, [1, 3, 5, 7, 9], 0x20)
+        await _writer(run, old, plan([1, 5, 7], ([3, 9], 0)), 0x20)
         await run.finish(old)
 
     task = run.spawn(old_work())
     await asyncio.sleep(0)
     await run.preserve()
     live = await run.session()
-    await _live_writer(run, live, [0, 3, 4, 8, 9], 0x40)
+    await _writer(run, live, plan([0, 4, 8], ([3, 9], 1)), 0x40)
     await task
     await run.preserve()  # drained from birth: made durable before it is recorded
-    await _live_writer(run, live, [2, 3], 0x70)
+    await _writer(run, live, plan([2, 3]), 0x70)
     await run.finish(live)
 
 
@@ -181,11 +225,11 @@ async def _cutover_operation(run: Run) -> None:
     old, live = run.state["old"], run.state["live"]
 
     async def old_work() -> None:
-        await _live_writer(run, old, [1, 3, 5, 7, 9, 11], 0x20)
+        await _writer(run, old, plan([1, 5, 7, 11], ([3, 9], 0)), 0x20)
         await run.finish(old)
 
     task = run.spawn(old_work())
-    live_task = run.spawn(_live_writer(run, live, [0, 3, 4, 9], 0x40))
+    live_task = run.spawn(_writer(run, live, plan([0, 4], ([3, 9], 1)), 0x40))
     for _ in range(3):
         await asyncio.sleep(0)
     await run.cutover(0)
@@ -201,6 +245,8 @@ SCENARIOS = [
     release_scenario("mirror", restart=False),
     Scenario("release-draining-log", "log", SIZE, _draining_setup, _draining_operation),
     Scenario("release-draining-cow", "cow", SIZE, _draining_setup, _draining_operation),
+    *(Scenario(f"release-oldest-draining-{m}", m, SIZE, _oldest_draining_setup,
+               _oldest_draining_operation) for m in ("cow", "log", "mirror")),
     Scenario("two-releases-cow", "cow", SIZE, _two_releases_setup, _two_releases_operation),
     Scenario("two-releases-log", "log", SIZE, _two_releases_setup, _two_releases_operation),
     *(Scenario(f"preserve-{m}", m, SIZE, _old_session_setup, _preserve_operation)
