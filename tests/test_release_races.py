@@ -38,7 +38,7 @@ class Pause:
         self.go = asyncio.Event()
         self.steps: list[str] = []
 
-    async def __call__(self, where: str) -> None:
+    async def __call__(self, where: str, chunk: int) -> None:
         self.steps.append(where)
         if where == self.where:
             self.seen += 1

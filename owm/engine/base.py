@@ -24,6 +24,7 @@ from owm.storage import Buffer, Storage
 
 Progress = Callable[[int, int], None]
 BrokenCallback = Callable[[int, str], Awaitable[None]]
+StepHook = Callable[[str, int], Awaitable[None]]
 
 MIN_CHUNK, MAX_CHUNK = 4096, 1 << 20
 KEEP_CHANGED_MAPS = 64  # generations whose changed-chunk maps are kept
@@ -39,6 +40,10 @@ def check_chunk_size(chunk_size: int) -> None:
 
 class Engine(ABC):
     method: ClassVar[str]
+    # Awaited at the named steps of background work (a release's merge, move-down or resync),
+    # with the chunk it is at (-1: none), so that a test can pause it there, act and resume it;
+    # set on an engine, or on its class before a restart.  None in service.
+    step_hook: StepHook | None = None
 
     def __init__(
         self,
@@ -72,9 +77,6 @@ class Engine(ABC):
         # Chunks written by each generation >= 1, for incremental backups.  Committed with every
         # flush; after a crash the maps of generations still being written are untrusted.
         self.changed: dict[int, ChunkTable] = {}
-        # Awaited at the named steps of background work (a release's merge or move-down) so
-        # that a test can pause it there, act, and resume it.  Always None in the daemon.
-        self.step_hook: Callable[[str], Awaitable[None]] | None = None
 
     # -- lifecycle (engine-specific) ----------------------------------------------------------
     @abstractmethod
@@ -107,9 +109,9 @@ class Engine(ABC):
     def objects_of(self, view: int) -> list[str]:
         """Storage objects that belong to ``view`` alone (for size reporting)."""
 
-    async def _step(self, where: str) -> None:
+    async def _step(self, what: str, chunk: int) -> None:
         if self.step_hook is not None:
-            await self.step_hook(where)
+            await self.step_hook(what, chunk)
 
     # -- changed-chunk maps -------------------------------------------------------------------
     def _changed_table(self, gen: int) -> ChunkTable:

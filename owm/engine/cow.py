@@ -233,7 +233,7 @@ class CowEngine(Engine):
     async def _move_down(self, view: int, older: int, progress: Progress | None) -> None:
         source, target = self.tables[view], self.tables[older]
         todo = [c for c in source if not target.has(c)]
-        await self._step("move-listed")
+        await self._step("move-listed", -1)
         for i, chunk in enumerate(todo):
             async with self.locks.locked(chunk, chunk, EXCLUSIVE):
                 if target.has(chunk) or not source.has(chunk):
@@ -246,4 +246,4 @@ class CowEngine(Engine):
                 await target.set_durable(chunk)
             if progress is not None:
                 progress(i + 1, len(todo) + 1)
-            await self._step("move-chunk")
+            await self._step("move-chunk", chunk)

@@ -263,20 +263,20 @@ class LogEngine(Engine):
         while True:
             todo = list(upper.table)
             total += len(todo)
-            await self._step("fold-listed")
+            await self._step("fold-listed", -1)
             for first, last in self._batches(todo):
                 async with self.locks.locked(first, last, EXCLUSIVE):
                     done += await self._merge(lower, upper, first, last)
                 if progress is not None:
                     progress(min(done, total), total + 1)
-                await self._step("fold-chunk")
-            await self._step("fold-merged")
+                await self._step("fold-chunk", first)
+            await self._step("fold-merged", -1)
             # A write that chose upper before the ownership changed has finished once this
             # passes; if one added an entry after the listing, merge again.
             await self.locks.barrier()
             if not upper.table.count:
                 break
-        await self._step("fold-drop")
+        await self._step("fold-drop", -1)
         # Every chunk of upper now lives in lower; reads through upper find nothing.
         self.layers.remove(upper)
         await self._drop(upper)
