@@ -24,6 +24,7 @@ from owm.storage import Buffer, Storage
 
 Progress = Callable[[int, int], None]
 BrokenCallback = Callable[[int, str], Awaitable[None]]
+StepHook = Callable[[str, int], Awaitable[None]]
 
 MIN_CHUNK, MAX_CHUNK = 4096, 1 << 20
 KEEP_CHANGED_MAPS = 64  # generations whose changed-chunk maps are kept
@@ -39,6 +40,10 @@ def check_chunk_size(chunk_size: int) -> None:
 
 class Engine(ABC):
     method: ClassVar[str]
+    # Awaited at the named steps of background work (a release's merge, move-down or resync),
+    # with the chunk it is at (-1: none), so that a test can pause it there, act and resume it;
+    # set on an engine, or on its class before a restart.  None in service.
+    step_hook: StepHook | None = None
 
     def __init__(
         self,
@@ -103,6 +108,10 @@ class Engine(ABC):
     @abstractmethod
     def objects_of(self, view: int) -> list[str]:
         """Storage objects that belong to ``view`` alone (for size reporting)."""
+
+    async def _step(self, what: str, chunk: int) -> None:
+        if self.step_hook is not None:
+            await self.step_hook(what, chunk)
 
     # -- changed-chunk maps -------------------------------------------------------------------
     def _changed_table(self, gen: int) -> ChunkTable:

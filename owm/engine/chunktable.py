@@ -46,6 +46,7 @@ class ChunkTable:
         self._journal_len = 0  # records in the journal for this epoch
         self._pending: list[bytes] = []  # records not yet written to the journal
         self._force_checkpoint = False
+        self._writing = False  # a journal write and sync is under way
         self._commit = GroupSync(self._write_and_sync)
 
     # -- queries -----------------------------------------------------------------------------
@@ -93,32 +94,55 @@ class ChunkTable:
 
     async def commit(self) -> None:
         """Make every update made so far durable (group-committed with concurrent callers)."""
-        if self._pending:
+        # With nothing pending a commit under way may still hold this caller's records: wait
+        # for it (by joining the next one) rather than report them durable before they are.
+        if self._pending or self._writing:
             await self._commit()
 
     async def _write_and_sync(self) -> None:
-        if self._force_checkpoint or self._journal_len >= _CHECKPOINT_AFTER:
-            self._force_checkpoint = False
-            await self._checkpoint()
-            return
+        self._writing = True
+        try:
+            if self._force_checkpoint or self._journal_len >= _CHECKPOINT_AFTER:
+                self._force_checkpoint = False
+                await self._checkpoint()
+            else:
+                await self._append()
+        finally:
+            self._writing = False
+
+    async def _append(self) -> None:
         records, self._pending = self._pending, []
         if not records:
             return
         offset = self._journal_len * _RECORD.size
         self._journal_len += len(records)
-        await self.storage.write(self.name + ".journal", offset, b"".join(records))
-        await self.storage.sync(self.name + ".journal")
+        try:
+            await self.storage.write(self.name + ".journal", offset, b"".join(records))
+            await self.storage.sync(self.name + ".journal")
+        except BaseException:
+            # Not durable: the next commit writes them again, at the same place.
+            self._pending[:0] = records
+            self._journal_len = offset // _RECORD.size
+            raise
 
     async def _checkpoint(self) -> None:
         """Write the whole bitmap to the other slot under a new epoch; the journal restarts."""
-        self._pending = []  # the bitmap already holds their effect
+        taken, self._pending = self._pending, []  # the bitmap already holds their effect
         epoch, slot = self._epoch + 1, 1 - self._slot
         bitmap = bytes(self.bits)
         header = _SLOT_HEADER.pack(_SLOT_MAGIC, epoch, self.chunks, zlib.crc32(bitmap))
         name = f"{self.name}.ckpt{slot}"
-        await self.storage.write(name, 0, header + bitmap)
-        await self.storage.sync(name)
+        try:
+            await self.storage.write(name, 0, header + bitmap)
+            await self.storage.sync(name)
+        except BaseException:
+            self._pending[:0] = taken  # not durable: the next commit journals them after all
+            raise
         self._epoch, self._slot, self._journal_len = epoch, slot, 0
+        # Updates made while the slot was written are not in it: they follow it in the journal,
+        # under its epoch (replay ignores records of any other).
+        self._pending = [_record(epoch, op, chunk)
+                         for _magic, _epoch, op, chunk, _crc in map(_RECORD.unpack, self._pending)]
 
     async def checkpoint(self) -> None:
         """Fold the journal into a checkpoint now (used at clean close)."""

@@ -7,7 +7,9 @@ newest image older than k must own c: if it does not, the chunk's current conten
 it, the copy is made durable, then its table entry, and only then is the shared chunk touched
 (dm-snapshot's order, with group commit).  Images at or after k that own a copy of c get the
 write too, so a partial write keeps both copies right.  Releasing an image drops its table and
-data; if an older image still resolves through it, those chunks move down first.
+data; if an older image still resolves through it, those chunks move down first, into the
+nearest older table (one release at a time, so that no move-down fills a table another one is
+emptying).
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ class CowEngine(Engine):
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
         # Tables of preserved images, oldest first; released-but-not-yet-merged ones included.
         self.tables: dict[int, ChunkTable] = {}
+        self._release_lock = asyncio.Lock()
 
     def _table(self, view: int) -> ChunkTable:
         return ChunkTable(self.storage, f"img-{view}.table", self.chunks)
@@ -206,23 +209,31 @@ class CowEngine(Engine):
             self.views.remove(view)
         # A write that chose its copy target before the view list changed must finish first.
         await self.locks.barrier()
-        table = self.tables.get(view)
-        if table is None:
-            return
-        older = [v for v in self.views if v < view]
-        if older:
-            # The next older image resolves through this one where it has no copy of its own.
-            await self._move_down(view, older[-1], progress)
-        del self.tables[view]
-        self.broken.discard(view)
-        await table.destroy()
-        await self.storage.delete(_data(view))
+        # One release at a time: a move-down lists its source's chunks once, and another
+        # move-down into that source meanwhile (two releases, or two resumed after a crash)
+        # would add chunks that are then deleted with it.
+        async with self._release_lock:
+            table = self.tables.get(view)
+            if table is None:
+                return
+            if any(v < view for v in self.views):
+                # Older images resolve through this table where they have no copy of their own.
+                # Its chunks go to the nearest older table, even one being released itself
+                # (whose own move-down, later, passes them on): an older image reads that one
+                # first, so skipping it would give that image this table's newer copy.
+                target = max(j for j in self.tables if j < view)
+                await self._move_down(view, target, progress)
+            del self.tables[view]
+            self.broken.discard(view)
+            await table.destroy()
+            await self.storage.delete(_data(view))
         if progress is not None:
             progress(1, 1)
 
     async def _move_down(self, view: int, older: int, progress: Progress | None) -> None:
         source, target = self.tables[view], self.tables[older]
         todo = [c for c in source if not target.has(c)]
+        await self._step("move-listed", -1)
         for i, chunk in enumerate(todo):
             async with self.locks.locked(chunk, chunk, EXCLUSIVE):
                 if target.has(chunk) or not source.has(chunk):
@@ -235,3 +246,4 @@ class CowEngine(Engine):
                 await target.set_durable(chunk)
             if progress is not None:
                 progress(i + 1, len(todo) + 1)
+            await self._step("move-chunk", chunk)

@@ -7,12 +7,16 @@ newer view.  View v reads chunk c from the topmost layer at or below its own top
 (the base holds everything).
 
 A write by generation k goes into the topmost of k's own layers that holds the chunk (the base
-counts), else creates an entry in k's top delta (reading the chunk from below first when the
+counts), else creates an entry in k's lowest delta (reading the chunk from below first when the
 write is partial; the data is durable before the entry is journaled).  Newer layers that hold a
 copy of the chunk get the write too.  No write ever touches a layer owned by an older view.
 
-Release folds: when a view owns two layers the upper one is merged into the lower, chunk by
-chunk under the engine lock, while I/O goes on; then the upper one is deleted.
+Release folds: when a view owns two layers the upper one is merged into the lower, a batch of
+chunks at a time under the engine lock, while I/O goes on.  Per batch the data is made durable
+in the lower layer, then its entries, then the upper layer's clears, and only then are the locks
+let go: a write that follows lands in the lower layer, and no crash can leave an upper entry
+hiding it.  New entries never go into the upper layer (see above), and the fold lists the upper
+table again until it is empty; then the upper layer is deleted, its table emptied durably first.
 """
 
 from __future__ import annotations
@@ -31,6 +35,9 @@ from owm.storage import Buffer
 BASE = "base.data"
 Writer = Callable[[str, int, int, int], Awaitable[None]]
 _DELTA = re.compile(r"^delta-(\d+)\.")
+# A merge step moves up to this many chunks (and bytes) with one data sync and one commit per
+# table, holding their engine locks meanwhile.
+MERGE_BATCH, MERGE_BATCH_BYTES = 64, 4 << 20
 
 
 @dataclass
@@ -53,6 +60,7 @@ class LogEngine(Engine):
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
         self.layers: list[Layer] = [Layer(-1, None)]
         self._fold_lock = asyncio.Lock()
+        self.merge_batch = max(1, min(MERGE_BATCH, MERGE_BATCH_BYTES >> self.shift))
 
     def _delta(self, gen: int) -> Layer:
         return Layer(gen, ChunkTable(self.storage, f"delta-{gen}.table", self.chunks))
@@ -110,12 +118,16 @@ class LogEngine(Engine):
 
     def _placement(self, view: int, offset: int, length: int) -> Iterator[tuple[str, int, int]]:
         _, top = self._own_range(view)
-        if not any(layer.table.count for layer in self.layers[1 : top + 1] if layer.table):
+        # The caller reads between the runs yielded here, and a fold may drop a layer meanwhile
+        # (an empty one, once every chunk of it is in the layer below): resolve in a copy of the
+        # stack, not by index into the live list.
+        stack = self.layers[: top + 1]
+        if not any(layer.table.count for layer in stack[1:] if layer.table):
             yield BASE, offset, length
             return
         run: tuple[str, int, int] | None = None
         for chunk, _within, n, done in self.pieces(offset, length):
-            name = self._resolve(top, chunk).data
+            name = next(layer for layer in reversed(stack) if layer.has(chunk)).data
             if run is not None and run[0] == name:
                 run = (name, run[1], run[2] + n)
             else:
@@ -132,12 +144,15 @@ class LogEngine(Engine):
         for i in range(hi, lo - 1, -1):
             if self.layers[i].has(chunk):
                 return self.layers[i]
-        layer = self.layers[hi]
+        # The entry goes into gen's lowest layer (a delta: the base holds every chunk).  While
+        # a view owns several layers a release is folding them into that lowest one, and an
+        # entry made in an upper layer after the fold listed its chunks would be deleted with it.
+        layer = self.layers[lo]
         assert layer.table is not None
         start = chunk << self.shift
         size = min(self.chunk_size, self.size - start)
         if n < size:  # partial write: the delta starts as a copy of the chunk seen from below
-            below = self._resolve(hi - 1, chunk)
+            below = self._resolve(lo - 1, chunk)
             content = await self.storage.read(below.data, start, size)
             await self.put(layer.data, start, content)
         return layer
@@ -232,25 +247,79 @@ class LogEngine(Engine):
                 return
             await self._fold(pair, progress)
 
+    def _batches(self, todo: list[int]) -> Iterator[tuple[int, int]]:
+        """Chunk ranges of at most ``merge_batch`` chunks covering ``todo`` (sorted)."""
+        k = 0
+        while k < len(todo):
+            first = todo[k]
+            while k < len(todo) and todo[k] - first < self.merge_batch:
+                k += 1
+            yield first, todo[k - 1]
+
     async def _fold(self, i: int, progress: Progress | None) -> None:
         lower, upper = self.layers[i], self.layers[i + 1]
         assert upper.table is not None
-        todo = list(upper.table)
-        for k, chunk in enumerate(todo):
-            async with self.locks.locked(chunk, chunk, EXCLUSIVE):
-                if not upper.table.has(chunk):
-                    continue
-                start = chunk << self.shift
-                n = min(self.chunk_size, self.size - start)
-                content = await self.storage.read(upper.data, start, n)
-                await self.put(lower.data, start, content)
-                await self.group_sync(lower.data)()
-                if lower.table is not None:
-                    await lower.table.set_durable(chunk)
-                upper.table.clear(chunk)
-            if progress is not None:
-                progress(k + 1, len(todo) + 1)
+        done, total = 0, 0
+        while True:
+            todo = list(upper.table)
+            total += len(todo)
+            await self._step("fold-listed", -1)
+            for first, last in self._batches(todo):
+                async with self.locks.locked(first, last, EXCLUSIVE):
+                    done += await self._merge(lower, upper, first, last)
+                if progress is not None:
+                    progress(min(done, total), total + 1)
+                await self._step("fold-chunk", first)
+            await self._step("fold-merged", -1)
+            # A write that chose upper before the ownership changed has finished once this
+            # passes; if one added an entry after the listing, merge again.
+            await self.locks.barrier()
+            if not upper.table.count:
+                break
+        await self._step("fold-drop", -1)
         # Every chunk of upper now lives in lower; reads through upper find nothing.
         self.layers.remove(upper)
-        for name in self._layer_objects(upper):
+        await self._drop(upper)
+
+    async def _merge(self, lower: Layer, upper: Layer, first: int, last: int) -> int:
+        """Move upper's chunks in first..last into lower (the caller holds their locks)."""
+        assert upper.table is not None
+        chunks = [c for c in range(first, last + 1) if upper.table.has(c)]
+        if not chunks:
+            return 0
+        k = 0
+        while k < len(chunks):  # consecutive chunks are copied with one read and one write
+            run = k
+            while k + 1 < len(chunks) and chunks[k + 1] == chunks[k] + 1:
+                k += 1
+            start = chunks[run] << self.shift
+            end = min((chunks[k] + 1) << self.shift, self.size)
+            content = await self.storage.read(upper.data, start, end - start)
+            await self.put(lower.data, start, content)
+            k += 1
+        await self.group_sync(lower.data)()
+        if lower.table is not None:
+            for chunk in chunks:
+                lower.table.set(chunk)
+            await lower.table.commit()
+        # The clears are durable before the locks go: the next write to these chunks lands in
+        # lower and syncs only lower, and an entry left in upper by a crash would hide it (and
+        # the resumed merge would copy the old data over it).
+        for chunk in chunks:
+            upper.table.clear(chunk)
+        await upper.table.commit()
+        return len(chunks)
+
+    async def _drop(self, layer: Layer) -> None:
+        """Delete a merged, empty layer so that no crash part-way can bring its entries back."""
+        table = layer.table
+        assert table is not None and not table.count
+        # Deleting the table's objects one by one could leave an older checkpoint slot as the
+        # newest survivor, with the entries it had.  Write the empty table to both slots first
+        # (a set and clear of one chunk forces each checkpoint).
+        for _ in range(2):
+            table.set(0)
+            table.clear(0)
+            await table.checkpoint()
+        for name in self._layer_objects(layer):
             await self.storage.delete(name)

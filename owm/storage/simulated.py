@@ -5,6 +5,11 @@ of its object makes it durable.  ``power_loss()`` returns what a disk would hold
 failed at this instant: the durable state plus, in the "writeback" mode, an arbitrary subset of the
 unsynced pages (the kernel may have written back any of them, in any order).  Faults such as a full
 disk are injected with ``fail_writes``.
+
+``crash_at`` is a countdown for crash-point tests: the storage call with that number (counting
+every read, write, sync, allocate, discard, extents and delete from 1 in ``calls``) loses power
+instead of running, and so does every call after it (``PowerLost``); the state at that instant
+is what ``power_loss()`` then returns.
 """
 
 from __future__ import annotations
@@ -18,6 +23,10 @@ from owm.common.errors import NoSpace
 from owm.storage import Buffer
 
 PAGE = 4096
+
+
+class PowerLost(Exception):
+    """The simulated power failed: the storage takes no more calls."""
 
 
 @dataclass
@@ -41,6 +50,18 @@ class SimulatedStorage:
         self.fail_writes: Callable[[str, int, int], bool] | None = None
         self.syncs = 0
         self._yield = yield_every_op  # let other tasks interleave, as real I/O would
+        self.calls = 0
+        self.crash_at: int | None = None
+        self.crashed = False
+
+    def _call(self) -> None:
+        """Count one storage call; lose power instead when the countdown says so."""
+        if not self.crashed:
+            self.calls += 1
+            if self.crash_at is None or self.calls < self.crash_at:
+                return
+            self.crashed = True
+        raise PowerLost(f"the power failed at storage call {self.crash_at}")
 
     async def _pause(self) -> None:
         if self._yield:
@@ -53,6 +74,7 @@ class SimulatedStorage:
         return obj
 
     async def read(self, name: str, offset: int, length: int) -> bytes:
+        self._call()
         await self._pause()
         obj = self._objects.get(name)
         if obj is None:
@@ -64,6 +86,7 @@ class SimulatedStorage:
         obj.dirty_pages.update(range(offset // PAGE, (offset + length + PAGE - 1) // PAGE))
 
     async def write(self, name: str, offset: int, data: Buffer) -> None:
+        self._call()
         if self.fail_writes is not None and self.fail_writes(name, offset, len(data)):
             raise NoSpace(f"the pool's disk is full while writing {name}")
         await self._pause()
@@ -73,6 +96,7 @@ class SimulatedStorage:
         self._mark(obj, offset, len(data))
 
     async def sync(self, name: str) -> None:
+        self._call()
         await self._pause()
         obj = self._objects.get(name)
         self.syncs += 1
@@ -83,12 +107,14 @@ class SimulatedStorage:
         self._durable_names.add(name)
 
     async def allocate(self, name: str, size: int) -> None:
+        self._call()
         obj = self._obj(name)
         _fit(obj.current, size)
         _fit(obj.durable, size)
         self._durable_names.add(name)
 
     async def discard(self, name: str, offset: int, length: int) -> None:
+        self._call()
         await self._pause()
         obj = self._objects.get(name)
         if obj is None:
@@ -115,6 +141,7 @@ class SimulatedStorage:
         return runs
 
     async def delete(self, name: str) -> None:
+        self._call()
         # Deleting is a metadata operation: durable at once, like an unlink followed by fsync.
         self._objects.pop(name, None)
         self._durable_names.discard(name)
