@@ -325,14 +325,7 @@ CASES = [("cow", "fail-write"), ("cow", "break-image"), ("log", "fail-write"),
          ("mirror", "fail-write")]
 
 
-MIRROR_RELEASE_NOT_RESUMABLE = pytest.mark.xfail(
-    reason="MirrorEngine.release pops the leg's dirty map before copying, so a retry after a "
-           "failed copy raises KeyError (owm/engine/mirror.py, the mirror worktree's file)",
-    raises=KeyError, strict=False)
-
-
-@pytest.mark.parametrize(("method", "policy"), [
-    *CASES[:-1], pytest.param("mirror", "fail-write", marks=MIRROR_RELEASE_NOT_RESUMABLE)])
+@pytest.mark.parametrize(("method", "policy"), CASES)
 async def test_enospc_at_every_storage_write(tmp_path: Path, method: str, policy: str,
                                              quick_retries: None) -> None:
     _, total, _ = await one_run(tmp_path / "dry", method, policy)

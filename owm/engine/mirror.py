@@ -357,7 +357,9 @@ class MirrorEngine(Engine):
         # Writes that chose their legs (and dirty marks) before the role changed finish first.
         await self.locks.barrier()
         await self._step("release-start", -1)
-        table = self.dirty.pop(leg)
+        # Kept in self.dirty until the leg rejoins: a copy that fails (a full disk) leaves the
+        # leg resyncing with its map, and a retried release starts again from it.
+        table = self.dirty[leg]
         chunks = await self._data_chunks([self._primary(), leg]) if full else list(table)
         for k, chunk in enumerate(chunks):
             await self._step("release-copy", chunk)
@@ -367,6 +369,7 @@ class MirrorEngine(Engine):
         await self.group_sync(_leg(leg))()
         await self._step("release-rejoin", -1)
         self.roles[leg] = {"role": "sync"}
+        self.dirty.pop(leg, None)
         await table.destroy()
         if progress is not None:
             progress(1, 1)
