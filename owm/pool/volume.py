@@ -286,6 +286,18 @@ class Volume:
         return session
 
     async def _session_closed(self, session: Session, clean: bool) -> None:
+        if clean and any(image.state == "draining" and gen >= session.generation
+                         for gen, image in self.images.items()):
+            # A clean close is recorded only once the session's writes are durable: recorded
+            # first, a power failure during the drain's flush would bring the image back as
+            # transaction-consistent without the session's last acknowledged writes.  The
+            # session still holds its images while this runs.
+            try:
+                await self.engine.flush()
+            except OwmError as exc:
+                log.warning("session %d of %s closed, but its writes could not be made "
+                            "durable (%s): counted as unclean", session.id, self.name, exc)
+                clean = False
         # Count an unclean end before the session stops holding anything and before any await:
         # whatever sees the image drained (another session's drain, a status call) sees it.
         counted: list[ImageRow] = []
