@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import re
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -29,12 +28,12 @@ from owm.backup.manifest import Manifest
 from owm.backup.raw import partial_path
 from owm.backup.repo import ChunkDamaged, Repository, fsync_dir
 from owm.common.errors import AlreadyExists, InvalidRequest, OwmError
+from owm.common.names import is_volume_name
 from owm.control.client import ControlClient
 
 JSON = dict[str, Any]
 Progress = Callable[[int, int], None]
 GROUP_BYTES = 2 << 20
-_VOLUME_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 
 class RestoreFailed(OwmError):
@@ -67,7 +66,7 @@ def parse_target(to: str) -> tuple[str, str]:
         return kind, rest
     if "/" in to or to.lower().endswith((".raw", ".img", ".bin")):
         return "file", to
-    if not _VOLUME_NAME.match(to):
+    if not is_volume_name(to):
         raise InvalidRequest(f"'{to}' is neither a file path nor a volume name; use "
                              "file:PATH or volume:NAME")
     return "volume", to

@@ -26,7 +26,8 @@ import struct
 from collections.abc import Callable, Coroutine
 from typing import Any, cast
 
-from owm.common.errors import NotFound, OwmError
+from owm.common.errors import InvalidRequest, NotFound, OwmError
+from owm.common.names import parse_export_name
 from owm.common.view import ExportInfo, Exports, View
 from owm.nbd import constants as c
 from owm.nbd import protocol as p
@@ -158,7 +159,10 @@ class _Connection(asyncio.BufferedProtocol):
         transport.write(self.machine.initiate())
 
     def _handshake_timed_out(self) -> None:
-        if self.machine.state is not p.State.TRANSMISSION and not self._option_busy:
+        # An export being opened is no exemption: an open that never finishes must not keep
+        # the socket forever (an open that does finish after this sees the loss and closes
+        # its view again).
+        if self.machine.state is not p.State.TRANSMISSION:
             log.info("%s did not finish negotiating in time", self.peer)
             self._close_transport(abort=True)
 
@@ -341,22 +345,34 @@ class _Connection(asyncio.BufferedProtocol):
         return live[0] if len(live) == 1 else name
 
     def _lookup(self, name: str) -> ExportInfo | None:
+        return self._find(name)[0]
+
+    def _find(self, name: str) -> tuple[ExportInfo | None, str]:
+        """The export a client names, or None and the one sentence to tell the client why not.
+
+        Never raises: whatever the name, the option gets an answer (a name that escaped here
+        once left the option unanswered and its socket open for good).
+        """
+        missing = f"There is no export named {name!r}."
         try:
-            return self.server.exports.export_info(self._resolve_name(name))
+            resolved = self._resolve_name(name)
+            parse_export_name(resolved)
+            return self.server.exports.export_info(resolved), ""
         except NotFound:
-            return None
+            return None, missing
+        except InvalidRequest as e:
+            return None, f"{e}."
         except OwmError as e:
             log.info("export %r: %s", name, e)
-            return None
+            return None, missing
+        except Exception:
+            log.exception("looking up export %r failed", name)
+            return None, missing
 
     def _answer_info(self, name: str) -> None:
-        info = self._lookup(name)
+        info, why = self._find(name)
         if info is None:
-            self._send(
-                self.machine.reply_option_error(
-                    c.REP_ERR_UNKNOWN, f"There is no export named {name!r}."
-                )
-            )
+            self._send(self.machine.reply_option_error(c.REP_ERR_UNKNOWN, why))
         else:
             self._send(self.machine.reply_info(info))
 
@@ -366,12 +382,24 @@ class _Connection(asyncio.BufferedProtocol):
         self._loop.create_task(self._open(name, go))
 
     async def _open(self, name: str, go: bool) -> None:
+        try:
+            await self._open_export(name, go)
+        except Exception:
+            # A bug, not a client mistake; still, the option must not stay unanswered with the
+            # socket open: drop the connection.
+            log.exception("%s: answering the option for export %r failed", self.peer, name)
+            self._option_busy = False
+            self._close_transport(abort=True)
+            if self._lost:
+                await self._finish(clean=False)
+
+    async def _open_export(self, name: str, go: bool) -> None:
         machine = self.machine
         view: View | None = None
         error: tuple[int, str] | None = None
-        info = self._lookup(name)
+        info, why = self._find(name)
         if info is None:
-            error = (c.REP_ERR_UNKNOWN, f"There is no export named {name!r}.")
+            error = (c.REP_ERR_UNKNOWN, why)
         else:
             try:
                 view = await self.server.exports.open_export(info.name, self.peer)
