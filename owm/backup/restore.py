@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from owm.backup.manifest import Manifest
-from owm.backup.raw import partial_path
+from owm.backup.raw import create_partial
 from owm.backup.repo import ChunkDamaged, Repository, fsync_dir
 from owm.common.errors import AlreadyExists, InvalidRequest, OwmError
 from owm.common.names import is_volume_name
@@ -103,8 +103,7 @@ def _restore_file(repo: Repository, manifest: Manifest, path: Path,
         raise AlreadyExists(f"{path} already exists; restore into a new file")
     if not path.parent.is_dir():
         raise InvalidRequest(f"the directory {path.parent} does not exist")
-    partial = partial_path(path)
-    fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+    partial, fd = create_partial(path)
     written = chunks = 0
     try:
         os.ftruncate(fd, manifest.size)
