@@ -10,6 +10,7 @@ also used by the other hostile-client tests.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import socket
 import struct
@@ -20,11 +21,12 @@ from urllib.parse import quote
 
 import pytest
 from conftest import Daemon, run_owm
-from nbd_fixtures import have
+from nbd_fixtures import MemoryExports, MemoryView, have, serve, wait_for
 
 from owm.backup.restore import parse_target
 from owm.common.errors import InvalidRequest
 from owm.common.names import parse_image_name
+from owm.common.view import ExportInfo
 from owm.nbd import constants as c
 
 pytestmark = pytest.mark.timeout(180)
@@ -231,3 +233,68 @@ def test_cli_image_arguments_use_the_same_parser(short_tmp: Path) -> None:
     assert result.returncode == 2, (result.stdout, result.stderr)
     assert "not an image name" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+# ----------------------------------------------------------- the server alone, any Exports
+
+
+class _BrokenLookup(MemoryExports):
+    """Exports whose lookup raises what a bug would (not an OwmError), and whose open of
+    ``slow`` never finishes."""
+
+    def __init__(self) -> None:
+        super().__init__(size=1 << 20)
+        self.add("slow", 1 << 20)
+        self.opening = asyncio.Event()
+
+    def export_info(self, name: str) -> ExportInfo:
+        if name == "vol@1":
+            raise ValueError("int() says no")
+        return super().export_info(name)
+
+    async def open_export(self, name: str, peer: str) -> MemoryView:
+        if name == "slow":
+            self.opening.set()
+            await asyncio.Event().wait()
+        return await super().open_export(name, peer)
+
+
+async def _raw(path: Path) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    reader, writer = await asyncio.open_unix_connection(str(path))
+    await reader.readexactly(18)
+    writer.write(struct.pack(">I", c.FLAG_C_FIXED_NEWSTYLE | c.FLAG_C_NO_ZEROES))
+    return reader, writer
+
+
+async def _final_reply(reader: asyncio.StreamReader) -> int:
+    while True:
+        _magic, _opt, reply, length = struct.unpack(">QIII", await reader.readexactly(20))
+        await reader.readexactly(length)
+        if reply != c.REP_INFO:
+            return reply
+
+
+async def test_a_lookup_that_raises_still_answers_the_option(tmp_path: Path) -> None:
+    exports = _BrokenLookup()
+    async with serve(exports, tmp_path) as server:
+        reader, writer = await _raw(tmp_path / "nbd.sock")
+        for opt in (c.OPT_INFO, c.OPT_GO, c.OPT_INFO):
+            writer.write(option(opt, info_payload("vol@1")))
+            reply = await asyncio.wait_for(_final_reply(reader), 5)
+            assert reply == c.REP_ERR_UNKNOWN
+        writer.write(option(c.OPT_GO, info_payload("vol")))
+        assert await asyncio.wait_for(_final_reply(reader), 5) == c.REP_ACK
+        writer.close()
+        await wait_for(lambda: server.connection_count == 0)
+
+
+async def test_the_handshake_timeout_applies_while_an_export_is_opening(tmp_path: Path) -> None:
+    exports = _BrokenLookup()
+    async with serve(exports, tmp_path) as server:
+        server.handshake_timeout = 0.3
+        reader, writer = await _raw(tmp_path / "nbd.sock")
+        writer.write(option(c.OPT_GO, info_payload("slow")))
+        await asyncio.wait_for(exports.opening.wait(), 5)
+        assert await asyncio.wait_for(reader.read(), 5) == b""  # dropped, not held forever
+        writer.close()
+        await wait_for(lambda: server.connection_count == 0)
