@@ -298,3 +298,15 @@ async def test_the_handshake_timeout_applies_while_an_export_is_opening(tmp_path
         assert await asyncio.wait_for(reader.read(), 5) == b""  # dropped, not held forever
         writer.close()
         await wait_for(lambda: server.connection_count == 0)
+
+
+def test_volume_names_in_urls_use_the_parser(daemon: Daemon) -> None:
+    make_volume(daemon, "ab")
+    assert daemon.api("GET", "/v1/volumes/ab")[0] == 200
+    for path in ("/v1/volumes/ab%0A", "/v1/volumes/%C2%B2"):
+        status, body = daemon.api("GET", path)
+        assert status == 400, (path, status, body)
+        assert "not a valid volume name" in body["error"] and "\n" not in body["error"]
+    status, body = daemon.api("POST", "/v1/volumes/ab%0A/preserve", {})
+    assert status == 400, body
+    assert daemon.api("GET", "/v1/volumes/nope")[0] == 404
