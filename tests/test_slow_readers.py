@@ -16,12 +16,15 @@ import socket
 import struct
 import threading
 import time
+from pathlib import Path
 
 import pytest
 from conftest import Daemon
+from nbd_fixtures import MemoryExports, serve, wait_for
 from test_hostile_names import info_payload, make_volume, nbd_connect, option, read_final_reply
 
 from owm.nbd import constants as c
+from owm.nbd import server as server_module
 from owm.nbd.client import NbdClient
 
 pytestmark = pytest.mark.timeout(240)
@@ -152,3 +155,36 @@ def test_clients_that_never_read_replies_are_capped(daemon: Daemon) -> None:
     assert asyncio.run(well_behaved(daemon, 10, seed=3)) == 10
     assert os.path.exists(f"/proc/{pid}")
     assert "Traceback" not in daemon.log_text()
+
+
+async def test_the_server_budget_is_shared_and_returns_to_zero(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """In-process, with small caps: clients that never read hold at most their share, a
+    reading client beside them is served, and every byte is given back once they are gone."""
+    monkeypatch.setattr(server_module, "MAX_CONNECTION_REPLY_BYTES", 4 * MIB)
+    monkeypatch.setattr(server_module, "MAX_BUFFERED_BYTES", 12 * MIB)
+    exports = MemoryExports(size=16 * MIB)
+    exports.disks["vol"].data[:] = random.Random(5).randbytes(16 * MIB)
+    async with serve(exports, tmp_path) as server:
+        peak = 0
+        hostile = []
+        for _ in range(6):
+            reader, writer = await asyncio.open_unix_connection(str(tmp_path / "nbd.sock"))
+            await reader.readexactly(18)
+            writer.write(struct.pack(">I", c.FLAG_C_FIXED_NEWSTYLE | c.FLAG_C_NO_ZEROES))
+            writer.write(option(c.OPT_GO, info_payload("vol")))
+            writer.write(b"".join(read_request(i, (i % 16) * MIB) for i in range(200)))
+            hostile.append((reader, writer))
+        client = await NbdClient.connect("vol", unix_path=str(tmp_path / "nbd.sock"))
+        for i in range(50):
+            got = await asyncio.wait_for(client.read((i % 16) * MIB, MIB), 30)
+            assert got == exports.disks["vol"].data[(i % 16) * MIB:(i % 16 + 1) * MIB]
+            peak = max(peak, server.buffered_bytes)
+        await client.disconnect()
+        # Per connection: its cap, the transport's high-water mark and one request at most.
+        assert peak <= 12 * MIB + 6 * (server_module.WRITE_HIGH_WATER + 2 * MIB), peak
+        for _, writer in hostile:
+            writer.close()
+        await wait_for(lambda: server.connection_count == 0, 10)
+        await wait_for(lambda: server.buffered_bytes == 0, 10)

@@ -133,7 +133,8 @@ class _Connection(asyncio.BufferedProtocol):
         self._inflight = 0
         self._inflight_bytes = 0
         self._inflight_read_bytes = 0  # data of READs in flight: replies to come
-        self._queued = 0  # reply bytes in the transport's buffer when last looked at
+        self._queued = 0  # reply bytes not sent yet (ours and the transport's), last looked at
+        self._out_bytes = 0  # bytes in self._out
         self._idle: asyncio.Future[None] | None = None
         self._reading_paused = False
         self._stalled = False  # parsing stopped at the in-flight limits
@@ -237,6 +238,7 @@ class _Connection(asyncio.BufferedProtocol):
         if self._lost:
             return
         self._out.append(data)
+        self._out_bytes += len(data)
         if not self._flush_scheduled:
             self._flush_scheduled = True
             self._loop.call_soon(self._flush)
@@ -245,6 +247,7 @@ class _Connection(asyncio.BufferedProtocol):
         if self._lost:
             return
         self._out.extend(bufs)
+        self._out_bytes += sum(map(len, bufs))
         if not self._flush_scheduled:
             self._flush_scheduled = True
             self._loop.call_soon(self._flush)
@@ -252,6 +255,7 @@ class _Connection(asyncio.BufferedProtocol):
     def _flush(self) -> None:
         self._flush_scheduled = False
         out = self._out
+        self._out_bytes = 0
         if not out or self._lost or self.transport is None:
             out.clear()
             return
@@ -261,13 +265,17 @@ class _Connection(asyncio.BufferedProtocol):
         else:
             self.transport.writelines(out)
         self._refresh_queued()
+        if self._stalled:
+            # Requests that completed at once filled ``_out``; now that it is written out,
+            # parsing may go on.
+            self._unstall()
 
     def _refresh_queued(self) -> int:
         """Look at the bytes queued in the transport again and update the server's total."""
         transport = self.transport
         queued = 0
         if transport is not None and not self._lost:
-            queued = transport.get_write_buffer_size()
+            queued = transport.get_write_buffer_size() + self._out_bytes
         self.server._buffered += queued - self._queued
         self._queued = queued
         return queued
@@ -287,11 +295,12 @@ class _Connection(asyncio.BufferedProtocol):
         """Too much in flight (or unread by the client) to start more requests now."""
         if self._inflight >= MAX_INFLIGHT_REQUESTS or self._write_paused:
             return True
-        if self._inflight == 0:
+        queued = self._refresh_queued()
+        if self._inflight == 0 and queued < WRITE_HIGH_WATER:
             # One request may always go, whatever others hold, so a client that reads its
             # replies is never starved; one that does not stops at the write high-water mark.
             return False
-        replies = self._inflight_read_bytes + self._refresh_queued()
+        replies = self._inflight_read_bytes + queued
         return (
             self._inflight_bytes >= MAX_INFLIGHT_BYTES
             or replies >= MAX_CONNECTION_REPLY_BYTES
