@@ -17,7 +17,7 @@ from pathlib import Path
 from urllib.parse import quote
 
 from owm.backup.pipeline import Progress
-from owm.backup.raw import partial_path
+from owm.backup.raw import create_partial, same_file
 from owm.backup.repo import fsync_dir
 from owm.common.errors import AlreadyExists, InvalidRequest, OwmError
 
@@ -85,16 +85,16 @@ async def backup_to_qcow2(uri: str, path: Path, size: int, *,
         raise AlreadyExists(f"{path} already exists; remove it or choose another path")
     if not path.parent.is_dir():
         raise InvalidRequest(f"the directory {path.parent} does not exist")
-    partial = partial_path(path)
+    # qemu-img opens its target by name with O_TRUNC: give it a name that is ours alone, and
+    # check afterwards that the name still is the file we created.
+    partial, fd = create_partial(path)
     try:
         await _run([qemu_img, "convert", "-p", "-f", "raw", "-O", "qcow2", uri, str(partial)],
                    progress, size)
-        fd = os.open(partial, os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            os.fsync(fd)
-            on_disk = os.fstat(fd).st_blocks * 512
-        finally:
-            os.close(fd)
+        if not same_file(partial, fd):
+            raise QemuImgFailed(f"{partial} was replaced while qemu-img wrote it")
+        os.fsync(fd)
+        on_disk = os.fstat(fd).st_blocks * 512
         if path.exists():
             raise AlreadyExists(f"{path} appeared while the backup ran")
         os.rename(partial, path)
@@ -103,6 +103,8 @@ async def backup_to_qcow2(uri: str, path: Path, size: int, *,
         with contextlib.suppress(FileNotFoundError):
             partial.unlink()
         raise
+    finally:
+        os.close(fd)
     if progress is not None:
         progress(size, size)
     return on_disk

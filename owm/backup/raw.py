@@ -1,16 +1,18 @@
 """Backup to a sparse raw file: holes stay holes, the file appears only when it is whole.
 
-The file is written as ``PATH.partial`` (sized to the image with ftruncate, so everything not
-written is a hole), chunks that read as zeroes are skipped (by block status, or by looking at
-them), and at the end it is synced and renamed to ``PATH`` (and the directory synced).  A killed
-backup leaves only the ``.partial``.  With ``--verify`` the file is read back and every chunk
-compared with the BLAKE3 taken while backing up.
+The file is written as ``PATH.partial`` (always a new file, see :func:`create_partial`; sized
+to the image with ftruncate, so everything not written is a hole), chunks that read as zeroes
+are skipped (by block status, or by looking at them), and at the end it is synced and renamed
+to ``PATH`` (and the directory synced).  A killed backup leaves only the ``.partial``.  With
+``--verify`` the file is read back and every chunk compared with the BLAKE3 taken while
+backing up.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 from pathlib import Path
 
 import blake3
@@ -25,6 +27,34 @@ def partial_path(path: Path) -> Path:
     return path.with_name(path.name + ".partial")
 
 
+def create_partial(path: Path) -> tuple[Path, int]:
+    """Create a new temporary file for ``path`` in its directory: (its path, an fd to write).
+
+    The name is ``PATH.partial``, or ``PATH.<random>.partial`` if that is taken; it is created
+    with O_EXCL|O_NOFOLLOW, so a file or a symlink already there (planted, or left by a killed
+    backup) is never followed, truncated or written: another name is drawn instead.
+    """
+    flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    for attempt in range(100):
+        candidate = (partial_path(path) if attempt == 0
+                     else path.with_name(f"{path.name}.{secrets.token_hex(4)}.partial"))
+        try:
+            return candidate, os.open(candidate, flags, 0o644)
+        except FileExistsError:
+            continue
+    raise AlreadyExists(f"could not create a temporary file beside {path}")
+
+
+def same_file(path: Path, fd: int) -> bool:
+    """True if ``path`` (not followed if it is a link) is still the file open as ``fd``."""
+    try:
+        named = os.lstat(path)
+    except FileNotFoundError:
+        return False
+    held = os.fstat(fd)
+    return (named.st_dev, named.st_ino) == (held.st_dev, held.st_ino)
+
+
 class RawWriter:
     """The pipeline's writer for a raw file (see the module docstring)."""
 
@@ -35,14 +65,12 @@ class RawWriter:
         if not path.parent.is_dir():
             raise InvalidRequest(f"the directory {path.parent} does not exist")
         self.path = path
-        self.partial = partial_path(path)
         self.size = size
         self.chunk_size = chunk_size
         self.stats = stats
         self.zero = bytes(chunk_size)
         self.digests: dict[int, bytes] | None = {} if keep_digests else None
-        self.fd = os.open(self.partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC,
-                          0o644)
+        self.partial, self.fd = create_partial(path)
         os.ftruncate(self.fd, size)
 
     def zeroes(self, batch: Batch) -> None:

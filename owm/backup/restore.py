@@ -24,7 +24,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import re
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -34,15 +33,15 @@ from typing import Any
 from urllib.parse import quote
 
 from owm.backup.manifest import Manifest
-from owm.backup.raw import partial_path
+from owm.backup.raw import create_partial
 from owm.backup.repo import ChunkDamaged, Repository, fsync_dir
 from owm.common.errors import AlreadyExists, InvalidRequest, OwmError, WrongState
+from owm.common.names import is_volume_name
 from owm.control.client import ControlClient, ControlError
 
 JSON = dict[str, Any]
 Progress = Callable[[int, int], None]
 GROUP_BYTES = 2 << 20
-_VOLUME_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 
 class RestoreFailed(OwmError):
@@ -75,7 +74,7 @@ def parse_target(to: str) -> tuple[str, str]:
         return kind, rest
     if "/" in to or to.lower().endswith((".raw", ".img", ".bin")):
         return "file", to
-    if not _VOLUME_NAME.match(to):
+    if not is_volume_name(to):
         raise InvalidRequest(f"'{to}' is neither a file path nor a volume name; use "
                              "file:PATH or volume:NAME")
     return "volume", to
@@ -112,8 +111,7 @@ def _restore_file(repo: Repository, manifest: Manifest, path: Path,
         raise AlreadyExists(f"{path} already exists; restore into a new file")
     if not path.parent.is_dir():
         raise InvalidRequest(f"the directory {path.parent} does not exist")
-    partial = partial_path(path)
-    fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+    partial, fd = create_partial(path)
     written = chunks = 0
     try:
         os.ftruncate(fd, manifest.size)

@@ -21,6 +21,7 @@ from typing import Any, Protocol, cast
 from aiohttp import web
 
 from owm.common.errors import InvalidRequest
+from owm.common.names import is_generation
 from owm.common.names import parse_image_name as split_image
 from owm.control.body import Body
 from owm.control.common import completed, json_content, name_arg, ok
@@ -85,7 +86,7 @@ async def changed_chunks(request: web.Request) -> web.Response:
     image = name_arg(request, "image")
     _, generation = split_image(image)
     raw_since = request.query.get("since", "")
-    if not raw_since.isdigit():
+    if not is_generation(raw_since):
         raise InvalidRequest("the query parameter 'since' must be an image number (N of NAME@N)")
     since = int(raw_since)
     if since >= generation:

@@ -14,6 +14,8 @@ from aiohttp import web
 from owm.common.errors import InvalidRequest
 from owm.common.sizes import parse_size
 
+MAX_SECONDS = 10**9  # about 30 years: longer waits are a mistake, not a plan
+
 
 class Body:
     """A JSON object from a request body, read field by field with type checks."""
@@ -32,6 +34,11 @@ class Body:
             data = json.loads(raw)
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise InvalidRequest(f"the request body is not valid JSON ({exc})") from None
+        except RecursionError:
+            raise InvalidRequest("the request body is nested too deeply") from None
+        except ValueError:
+            # E.g. an integer of thousands of digits (Python refuses to convert it).
+            raise InvalidRequest("the request body holds a number that is too long") from None
         if not isinstance(data, dict):
             raise InvalidRequest("the request body must be a JSON object")
         return cls(data)
@@ -107,8 +114,10 @@ class Body:
             return None
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise InvalidRequest(f"the field '{key}' must be a number of seconds")
-        if not value >= 0 or value == float("inf"):
-            raise InvalidRequest(f"the field '{key}' must be a finite, non-negative number")
+        if not value >= 0 or value > MAX_SECONDS:
+            raise InvalidRequest(
+                f"the field '{key}' must be a number of seconds from 0 to {MAX_SECONDS}"
+            )
         return float(value)
 
     def done(self) -> None:

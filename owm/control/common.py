@@ -13,6 +13,7 @@ from typing import Any, TypeVar
 from aiohttp import web
 
 from owm.common.errors import InvalidRequest, OwmError
+from owm.common.names import check_volume_name, parse_image_name
 from owm.control.body import Body
 from owm.control.context import CONTEXT, ControlContext
 
@@ -45,6 +46,12 @@ def name_arg(request: web.Request, key: str) -> str:
     value = request.match_info[key]  # aiohttp has percent-decoded it
     if not value:
         raise InvalidRequest(f"the {key} in the URL is empty")
+    # Volume and image names go through the one parser, so that a name that is not one is a
+    # 400 that says so (never a 404 quoting a newline, never a 500).
+    if key == "name":
+        check_volume_name(value)
+    elif key == "image":
+        parse_image_name(value)
     return value
 
 

@@ -14,8 +14,9 @@ from typing import TypeVar
 
 from aiohttp import web
 
-from owm.common.errors import InvalidRequest
+from owm.common.names import check_volume_name
 from owm.common.names import parse_image_name as split_image
+from owm.common.sizes import check_volume_size
 from owm.control.body import Body
 from owm.control.common import ShuttingDown, completed, ctx_of, name_arg, no_body, ok
 from owm.control.context import ControlContext, holding_sessions
@@ -52,10 +53,7 @@ async def create_volume(request: web.Request) -> web.Response:
     body = await Body.read(request)
     name = body.text("name", required=True)
     assert name is not None
-    if not name or "@" in name or "/" in name:
-        raise InvalidRequest(
-            f"'{name}' cannot name a volume; use letters, digits, '.', '-' or '_' (no '@' or '/')"
-        )
+    check_volume_name(name)
     size = body.size("size", required=True)
     method = body.choice("method", METHODS, "cow")
     chunk_size = body.size("chunk_size", 65536)
@@ -64,6 +62,7 @@ async def create_volume(request: web.Request) -> web.Response:
     body.done()
     assert size is not None and chunk_size is not None and legs is not None
     refuse_while_closing(ctx, f"creating volume {name}")
+    check_volume_size(size, chunk_size)
     status = await completed(ctx.pool.create_volume(
         name, size, method=method, chunk_size=chunk_size, legs=legs, enospc_policy=policy
     ))

@@ -11,6 +11,13 @@ finishes the requests in flight and closes the view with ``clean=True``; a conne
 drops without DISC closes it with ``clean=False`` once its requests have finished.  Reading is
 paused while too many requests or payload bytes are in flight, or while the client is not
 reading its replies, so a fast or hostile client cannot make the server buffer without bound.
+
+Reply bytes are capped per connection (data of READs in flight plus replies queued in the
+transport: ``MAX_CONNECTION_REPLY_BYTES``) and across the server (every request's bytes plus
+every queued reply: ``MAX_BUFFERED_BYTES``).  A connection over either stops reading requests
+until its writes drain or the server's total falls below the cap.  A connection with no request
+in flight may always start one (unless its replies are over the transport's high-water mark),
+so clients that read their replies keep being served beside clients that never do.
 """
 
 from __future__ import annotations
@@ -26,7 +33,8 @@ import struct
 from collections.abc import Callable, Coroutine
 from typing import Any, cast
 
-from owm.common.errors import NotFound, OwmError
+from owm.common.errors import InvalidRequest, NotFound, OwmError
+from owm.common.names import parse_export_name
 from owm.common.view import ExportInfo, Exports, View
 from owm.nbd import constants as c
 from owm.nbd import protocol as p
@@ -35,6 +43,9 @@ log = logging.getLogger("owm.nbd.server")
 
 MAX_INFLIGHT_REQUESTS = 256
 MAX_INFLIGHT_BYTES = 128 * 1024 * 1024
+MAX_CONNECTION_REPLY_BYTES = 32 * 1024 * 1024
+MAX_BUFFERED_BYTES = 256 * 1024 * 1024
+BUDGET_RECHECK = 0.05  # seconds between recounts while connections wait for the server's budget
 WRITE_HIGH_WATER = 8 * 1024 * 1024
 WRITE_LOW_WATER = 2 * 1024 * 1024
 RECV_BUFFER = 256 * 1024
@@ -121,6 +132,9 @@ class _Connection(asyncio.BufferedProtocol):
         self._tasks: set[asyncio.Task[None]] = set()
         self._inflight = 0
         self._inflight_bytes = 0
+        self._inflight_read_bytes = 0  # data of READs in flight: replies to come
+        self._queued = 0  # reply bytes not sent yet (ours and the transport's), last looked at
+        self._out_bytes = 0  # bytes in self._out
         self._idle: asyncio.Future[None] | None = None
         self._reading_paused = False
         self._stalled = False  # parsing stopped at the in-flight limits
@@ -158,7 +172,10 @@ class _Connection(asyncio.BufferedProtocol):
         transport.write(self.machine.initiate())
 
     def _handshake_timed_out(self) -> None:
-        if self.machine.state is not p.State.TRANSMISSION and not self._option_busy:
+        # An export being opened is no exemption: an open that never finishes must not keep
+        # the socket forever (an open that does finish after this sees the loss and closes
+        # its view again).
+        if self.machine.state is not p.State.TRANSMISSION:
             log.info("%s did not finish negotiating in time", self.peer)
             self._close_transport(abort=True)
 
@@ -188,6 +205,7 @@ class _Connection(asyncio.BufferedProtocol):
         self._write_paused = False
         self._update_reading()
         self._unstall()
+        self.server._wake()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._lost = True
@@ -195,6 +213,9 @@ class _Connection(asyncio.BufferedProtocol):
             self._deadline.cancel()
         self._out.clear()
         self.server._connections.discard(self)
+        self.server._waiting.discard(self)
+        self.server._buffered -= self._queued
+        self._queued = 0
         log.debug("connection from %s lost (%s)", self.peer, exc or "closed")
         if not self._disconnecting and not self._option_busy:
             self._loop.create_task(self._finish(clean=False))
@@ -217,6 +238,7 @@ class _Connection(asyncio.BufferedProtocol):
         if self._lost:
             return
         self._out.append(data)
+        self._out_bytes += len(data)
         if not self._flush_scheduled:
             self._flush_scheduled = True
             self._loop.call_soon(self._flush)
@@ -225,6 +247,7 @@ class _Connection(asyncio.BufferedProtocol):
         if self._lost:
             return
         self._out.extend(bufs)
+        self._out_bytes += sum(map(len, bufs))
         if not self._flush_scheduled:
             self._flush_scheduled = True
             self._loop.call_soon(self._flush)
@@ -232,6 +255,7 @@ class _Connection(asyncio.BufferedProtocol):
     def _flush(self) -> None:
         self._flush_scheduled = False
         out = self._out
+        self._out_bytes = 0
         if not out or self._lost or self.transport is None:
             out.clear()
             return
@@ -240,6 +264,21 @@ class _Connection(asyncio.BufferedProtocol):
             self.transport.write(out[0])
         else:
             self.transport.writelines(out)
+        self._refresh_queued()
+        if self._stalled:
+            # Requests that completed at once filled ``_out``; now that it is written out,
+            # parsing may go on.
+            self._unstall()
+
+    def _refresh_queued(self) -> int:
+        """Look at the bytes queued in the transport again and update the server's total."""
+        transport = self.transport
+        queued = 0
+        if transport is not None and not self._lost:
+            queued = transport.get_write_buffer_size() + self._out_bytes
+        self.server._buffered += queued - self._queued
+        self._queued = queued
+        return queued
 
     def _close_transport(self, abort: bool = False) -> None:
         self._closing = True
@@ -254,11 +293,26 @@ class _Connection(asyncio.BufferedProtocol):
 
     def _busy(self) -> bool:
         """Too much in flight (or unread by the client) to start more requests now."""
+        if self._inflight >= MAX_INFLIGHT_REQUESTS or self._write_paused:
+            return True
+        queued = self._refresh_queued()
+        if self._inflight == 0 and queued < WRITE_HIGH_WATER:
+            # One request may always go, whatever others hold, so a client that reads its
+            # replies is never starved; one that does not stops at the write high-water mark.
+            return False
+        replies = self._inflight_read_bytes + queued
         return (
-            self._inflight >= MAX_INFLIGHT_REQUESTS
-            or self._inflight_bytes >= MAX_INFLIGHT_BYTES
-            or self._write_paused
+            self._inflight_bytes >= MAX_INFLIGHT_BYTES
+            or replies >= MAX_CONNECTION_REPLY_BYTES
+            or self.server._over_budget(self)
         )
+
+    def _budget_freed(self) -> None:
+        """The server's total fell below its cap: go on if this connection stopped for it."""
+        if self._lost:
+            return
+        self._update_reading()
+        self._unstall()
 
     def _process(self) -> None:
         machine = self.machine
@@ -341,22 +395,34 @@ class _Connection(asyncio.BufferedProtocol):
         return live[0] if len(live) == 1 else name
 
     def _lookup(self, name: str) -> ExportInfo | None:
+        return self._find(name)[0]
+
+    def _find(self, name: str) -> tuple[ExportInfo | None, str]:
+        """The export a client names, or None and the one sentence to tell the client why not.
+
+        Never raises: whatever the name, the option gets an answer (a name that escaped here
+        once left the option unanswered and its socket open for good).
+        """
+        missing = f"There is no export named {name!r}."
         try:
-            return self.server.exports.export_info(self._resolve_name(name))
+            resolved = self._resolve_name(name)
+            parse_export_name(resolved)
+            return self.server.exports.export_info(resolved), ""
         except NotFound:
-            return None
+            return None, missing
+        except InvalidRequest as e:
+            return None, f"{e}."
         except OwmError as e:
             log.info("export %r: %s", name, e)
-            return None
+            return None, missing
+        except Exception:
+            log.exception("looking up export %r failed", name)
+            return None, missing
 
     def _answer_info(self, name: str) -> None:
-        info = self._lookup(name)
+        info, why = self._find(name)
         if info is None:
-            self._send(
-                self.machine.reply_option_error(
-                    c.REP_ERR_UNKNOWN, f"There is no export named {name!r}."
-                )
-            )
+            self._send(self.machine.reply_option_error(c.REP_ERR_UNKNOWN, why))
         else:
             self._send(self.machine.reply_info(info))
 
@@ -366,12 +432,24 @@ class _Connection(asyncio.BufferedProtocol):
         self._loop.create_task(self._open(name, go))
 
     async def _open(self, name: str, go: bool) -> None:
+        try:
+            await self._open_export(name, go)
+        except Exception:
+            # A bug, not a client mistake; still, the option must not stay unanswered with the
+            # socket open: drop the connection.
+            log.exception("%s: answering the option for export %r failed", self.peer, name)
+            self._option_busy = False
+            self._close_transport(abort=True)
+            if self._lost:
+                await self._finish(clean=False)
+
+    async def _open_export(self, name: str, go: bool) -> None:
         machine = self.machine
         view: View | None = None
         error: tuple[int, str] | None = None
-        info = self._lookup(name)
+        info, why = self._find(name)
         if info is None:
-            error = (c.REP_ERR_UNKNOWN, f"There is no export named {name!r}.")
+            error = (c.REP_ERR_UNKNOWN, why)
         else:
             try:
                 view = await self.server.exports.open_export(info.name, self.peer)
@@ -420,6 +498,9 @@ class _Connection(asyncio.BufferedProtocol):
         self._inflight += 1
         if req.command <= c.CMD_WRITE:  # READ and WRITE hold their length in memory
             self._inflight_bytes += req.length
+            self.server._buffered += req.length
+            if req.command == c.CMD_READ:
+                self._inflight_read_bytes += req.length
         # Run the request eagerly until it first has to wait: a request the storage completes
         # without blocking (page-cache I/O) then costs no Task at all.  One that blocks is
         # handed to a real Task for the rest of its life.
@@ -501,8 +582,13 @@ class _Connection(asyncio.BufferedProtocol):
             self._inflight -= 1
             if cmd <= c.CMD_WRITE:
                 self._inflight_bytes -= req.length
-            if self._stalled:
+                self.server._buffered -= req.length
+                if cmd == c.CMD_READ:
+                    self._inflight_read_bytes -= req.length
+            if self._stalled or self._reading_paused:
                 self._unstall()
+            if self.server._waiting:
+                self.server._wake()
             if self._inflight == 0 and self._idle is not None:
                 if not self._idle.done():
                     self._idle.set_result(None)
@@ -510,10 +596,12 @@ class _Connection(asyncio.BufferedProtocol):
 
     def _unstall(self) -> None:
         """Parsing stopped at the limits; go on (from the loop, never recursively) once below."""
-        if self._stalled and not self._busy() and not self._lost:
+        if self._lost or self._busy():
+            return
+        if self._stalled:
             self._stalled = False
-            self._update_reading()
             self._loop.call_soon(self._process)
+        self._update_reading()
 
     async def _wait_idle(self) -> None:
         while self._inflight:
@@ -578,6 +666,51 @@ class NbdServer:
         self.tcp_port = 0
         # Seconds a client gets from connecting to entering transmission.
         self.handshake_timeout = HANDSHAKE_TIMEOUT
+        # Bytes held for every connection: requests in flight and replies queued (see _busy).
+        self._buffered = 0
+        self._waiting: set[_Connection] = set()  # stopped at MAX_BUFFERED_BYTES
+        self._recheck: asyncio.TimerHandle | None = None
+
+    @property
+    def buffered_bytes(self) -> int:
+        """Bytes held for all connections: request data in flight and replies not yet sent."""
+        return self._buffered
+
+    def _recount(self) -> None:
+        # Transports drain without telling (below their high-water mark): look again.
+        for conn in list(self._connections):
+            conn._refresh_queued()
+
+    def _over_budget(self, conn: _Connection) -> bool:
+        """True (and ``conn`` waits for :meth:`_wake`) while the server holds too much."""
+        if self._buffered < MAX_BUFFERED_BYTES:
+            return False
+        self._recount()
+        if self._buffered < MAX_BUFFERED_BYTES:
+            return False
+        self._waiting.add(conn)
+        if self._recheck is None and not self._stopping:
+            self._recheck = asyncio.get_running_loop().call_later(
+                BUDGET_RECHECK, self._recheck_budget)
+        return True
+
+    def _recheck_budget(self) -> None:
+        self._recheck = None
+        if not self._waiting:
+            return
+        self._recount()
+        self._wake()
+        if self._waiting and self._recheck is None and not self._stopping:
+            self._recheck = asyncio.get_running_loop().call_later(
+                BUDGET_RECHECK, self._recheck_budget)
+
+    def _wake(self) -> None:
+        """Let the connections that stopped at the server's cap go on, once below it."""
+        if not self._waiting or self._buffered >= MAX_BUFFERED_BYTES:
+            return
+        waiting, self._waiting = self._waiting, set()
+        for conn in waiting:
+            conn._budget_freed()
 
     @property
     def connection_count(self) -> int:
@@ -611,6 +744,9 @@ class NbdServer:
     async def stop(self, grace: float = 5.0) -> None:
         """Stop accepting, finish the requests in flight (up to ``grace`` seconds), close views."""
         self._stopping = True
+        if self._recheck is not None:
+            self._recheck.cancel()
+            self._recheck = None
         for srv in self._servers:
             srv.close()
         connections = list(self._connections)

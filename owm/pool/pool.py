@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 import shutil
 import uuid
 from collections.abc import Callable
@@ -20,7 +19,8 @@ from typing import Any, TypeVar
 
 from owm.catalog import Catalog, SqliteCatalog, VolumeRow, now
 from owm.common.errors import AlreadyExists, InvalidRequest, NotFound, OwmError, WrongState
-from owm.common.names import parse_image_name
+from owm.common.names import check_volume_name, parse_image_name
+from owm.common.sizes import check_volume_size
 from owm.common.view import ExportInfo, View
 from owm.engine import ENGINES, make_engine
 from owm.engine.base import ENOSPC_POLICIES, Progress, check_chunk_size
@@ -32,7 +32,6 @@ T = TypeVar("T")
 log = logging.getLogger("owm.pool.pool")
 
 StorageFactory = Callable[[str], Storage]
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 MAX_PAYLOAD = 32 * 1024 * 1024
 
 
@@ -147,11 +146,7 @@ class Pool:
         restore_from: str | None = None,
     ) -> dict[str, Any]:
         """Create a volume; with ``restore_from`` it is born marked as an unfinished restore."""
-        if not _NAME.match(name):
-            raise InvalidRequest(
-                f"'{name}' is not a valid volume name; use letters, digits, '.', '_' and '-' "
-                "(at most 64, starting with a letter or digit)"
-            )
+        check_volume_name(name)
         if name in self.volumes:
             raise AlreadyExists(f"a volume named '{name}' already exists")
         if method not in ENGINES:
@@ -159,8 +154,7 @@ class Pool:
         check_chunk_size(chunk_size)
         if size <= 0:
             raise InvalidRequest("a volume's size must be more than zero bytes")
-        if size > 1 << 60:
-            raise InvalidRequest("a volume can be at most 1 EiB")
+        check_volume_size(size, chunk_size)
         if method == "mirror" and not 2 <= legs <= 16:
             raise InvalidRequest("a mirror has between 2 and 16 legs")
         if method != "mirror":
