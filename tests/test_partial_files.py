@@ -90,3 +90,16 @@ def test_raw_restores_leave_planted_partials_alone(daemon: Daemon, short_tmp: Pa
         ok(daemon.owm("restore", repo, backup_id, "--to", target))
         assert target.read_bytes() == expected
     plants.check_untouched()
+
+
+def test_repository_temporary_files_never_follow_a_planted_link(tmp_path: Path) -> None:
+    from owm.backup.repo import write_atomically
+
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"keep me")
+    target = tmp_path / "manifest.json"
+    (tmp_path / f".{target.name}.{os.getpid()}.tmp").symlink_to(victim)
+    with pytest.raises(OSError):
+        write_atomically(target, b"new")
+    assert victim.read_bytes() == b"keep me"
+    assert not target.exists()

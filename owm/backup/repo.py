@@ -60,6 +60,8 @@ REPO_FORMAT = "owm-backup-repository"
 REPO_VERSION = 1
 DEFAULT_LEVEL = 3
 _TMP = ".tmp"
+# Temporary files in the repository: a link planted at their name is never followed.
+_WRITE_NEW = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
 class ChunkDamaged(Exception):
@@ -106,7 +108,7 @@ def fsync_dir(path: Path) -> None:
 def write_atomically(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` so that a crash leaves the old file or the new, whole."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}{_TMP}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+    fd = os.open(tmp, _WRITE_NEW, 0o644)
     try:
         view = memoryview(data)
         while view:
@@ -260,8 +262,7 @@ class Repository:
         where = self._dir(name)
         packed = self._compressor().compress(data)
         tmp = f".{name[:16]}.{os.getpid()}.{threading.get_ident()}{_TMP}"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644,
-                     dir_fd=where)
+        fd = os.open(tmp, _WRITE_NEW, 0o644, dir_fd=where)
         try:
             view = memoryview(packed)
             while view:
