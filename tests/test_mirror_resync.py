@@ -661,3 +661,30 @@ def test_status_shows_the_resync_progress() -> None:
     console = Console(width=160, record=True)
     console.print(status_view([{**volume, "resync_progress": None}]))
     assert "resyncing" not in console.export_text()
+
+
+async def test_a_released_leg_never_outlives_what_the_primary_lost(tmp_path: Path) -> None:
+    """A release copies live data that was never flushed onto the returning leg and syncs it
+    there; the primary must have it durable too, or a power loss leaves two in-sync legs that
+    differ with no write-intent bit to resync them (the next preserve then splits off a leg
+    that does not equal the live view). Found by the model test."""
+    storages: dict[str, SimulatedStorage] = {}
+
+    def factory(name: str) -> SimulatedStorage:
+        return storages.setdefault(name, SimulatedStorage())
+
+    pool = await Pool.open(tmp_path, storage_factory=factory)
+    await pool.create_volume("v", 65536, "mirror", 4096, legs=3)
+    await pool.preserve("v")
+    await pool.preserve("v")  # two legs hold images: the primary is the only live leg
+    s = await session(pool)
+    await s.write(0, b"\x01" * 4096)  # acknowledged, never flushed; reaches the primary only
+    await pool.release("v@0")
+    await pool.kill()
+    for name, storage in list(storages.items()):
+        storages[name] = storage.power_loss()
+    pool = await Pool.open(tmp_path, storage_factory=factory)
+    live = await pool.volume("v").engine.read(pool.volume("v").live, 0, 65536)
+    image = await pool.preserve("v")
+    assert await read_image(pool, image, 65536) == live
+    await pool.close()

@@ -356,6 +356,10 @@ class MirrorEngine(Engine):
         self.roles[leg] = {"role": "resync", "view": view, "full": full}
         # Writes that chose their legs (and dirty marks) before the role changed finish first.
         await self.locks.barrier()
+        # What the copy reads from the primary must be durable there first: written while the
+        # primary was the only leg taking live writes it has no write-intent bit, so a power
+        # loss after the rejoin would leave the legs different with nothing to resync them.
+        await self.sync_objects([_leg(self._primary())])
         await self._step("release-start", -1)
         # Kept in self.dirty until the leg rejoins: a copy that fails (a full disk) leaves the
         # leg resyncing with its map, and a retried release starts again from it.
