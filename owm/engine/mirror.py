@@ -123,6 +123,18 @@ class MirrorEngine(Engine):
                  len(self._resync_list))
         self._resync_task = asyncio.get_running_loop().create_task(self._background_resync())
 
+    def chunk_tables(self) -> list[ChunkTable]:
+        return list(self.dirty.values())
+
+    def damaged_by_tables(self) -> dict[int, str]:
+        """A damaged dirty map leaves the image's leg intact; only its resync must copy all."""
+        for i, table in self.dirty.items():
+            if table.damaged:
+                self.roles[i]["full"] = True
+                table.warnings.append(f"{table.damaged}; the resync of leg {i} will copy every "
+                                      "chunk")
+        return {}
+
     def _sync_legs(self) -> list[int]:
         return [i for i, r in enumerate(self.roles) if r["role"] == "sync"]
 
