@@ -50,6 +50,9 @@ class SyncTracking:
     def __init__(self, inner: Storage) -> None:
         self.inner = inner
         self._synced: set[str] = set()
+        self.dirty: set[str] = set()  # written since the start of their last sync
+        self.tables: set[ChunkTable] = set()  # tables that may have something to commit
+        self.settled = False  # a full flush ran since open: ``dirty`` is the whole story
         self.syncs = 0  # syncs passed on to the storage
 
     def __getattr__(self, attr: str) -> Any:
@@ -57,6 +60,17 @@ class SyncTracking:
 
     def _changed(self, name: str) -> None:
         self._synced.discard(name)
+        self.dirty.add(name)
+
+    def note_table(self, table: ChunkTable) -> None:
+        self.tables.add(table)
+
+    def take_tables(self) -> list[ChunkTable]:
+        tables, self.tables = list(self.tables), set()
+        return tables
+
+    def needs_sync(self, name: str) -> bool:
+        return name not in self._synced
 
     async def read(self, name: str, offset: int, length: int) -> bytes:
         return await self.inner.read(name, offset, length)
@@ -72,11 +86,13 @@ class SyncTracking:
         if name in self._synced:
             return
         self._synced.add(name)
+        self.dirty.discard(name)
         try:
             self.syncs += 1
             await self.inner.sync(name)
         except BaseException:
             self._synced.discard(name)
+            self.dirty.add(name)
             raise
 
     async def allocate(self, name: str, size: int) -> None:
@@ -101,7 +117,13 @@ class SyncTracking:
         try:
             await self.inner.delete(name)
         finally:
-            self._changed(name)
+            self._synced.discard(name)
+            self.dirty.discard(name)  # nothing left to sync
+            # A table whose files are deleted is gone (a folded log delta, a released image):
+            # what it still had pending must not recreate them at the next flush.
+            for table in [t for t in self.tables if name.startswith(t.name + ".")]:
+                self.tables.discard(table)
+                table.forget()
 
     def exists(self, name: str) -> bool:
         return self.inner.exists(name)
@@ -122,6 +144,9 @@ class Engine(ABC):
     # with the chunk it is at (-1: none), so that a test can pause it there, act and resume it;
     # set on an engine, or on its class before a restart.  None in service.
     step_hook: StepHook | None = None
+    # The engine's ``_flush`` is exactly "sync its data objects, then commit its tables", so
+    # once a full flush ran, a flush may visit only what changed since (see ``flush``).
+    generic_flush: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -394,13 +419,32 @@ class Engine(ABC):
         return gs
 
     async def sync_objects(self, names: set[str] | list[str]) -> None:
+        storage = self.storage
+        if isinstance(storage, SyncTracking):
+            names = [n for n in names if storage.needs_sync(n)]
         if names:
             await asyncio.gather(*(self.group_sync(n)() for n in names))
 
     async def flush(self) -> None:
-        """Make every write completed so far durable in every view."""
+        """Make every write completed so far durable in every view.
+
+        The cost follows what changed since the last flush, not the number of objects or
+        tables (a thousand outstanding images must not make every flush visit each)."""
+        storage = self.storage
+        if self.generic_flush and isinstance(storage, SyncTracking) and storage.settled:
+            # Data first, then table entries (which only ever point at durable data).
+            await self.sync_objects(sorted(storage.dirty))
+            tables = storage.take_tables()
+            try:
+                await asyncio.gather(*(t.commit() for t in tables))
+            except BaseException:
+                storage.tables.update(tables)
+                raise
+            return
         await self._flush()
         await asyncio.gather(*(t.commit() for t in self.changed.values()))
+        if isinstance(storage, SyncTracking):
+            storage.settled = True
 
     @abstractmethod
     async def _flush(self) -> None:

@@ -33,7 +33,7 @@ from __future__ import annotations
 import asyncio
 import struct
 import zlib
-from collections.abc import Iterator
+from collections.abc import Awaitable, Iterator
 
 from owm.engine.groupsync import GroupSync
 from owm.storage import Storage
@@ -79,6 +79,9 @@ class ChunkTable:
         self.damaged: str | None = None  # why the loaded table cannot be trusted
         self.warnings: list[str] = []  # what load found and repaired
         self.writes = 0  # journal or checkpoint writes performed (for tests and status)
+        # The engine's storage may want to know which tables have something to commit, so that
+        # a flush visits those only (``SyncTracking.note_table``).
+        self._note = getattr(storage, "note_table", None)
 
     # -- queries -----------------------------------------------------------------------------
     def has(self, chunk: int) -> bool:
@@ -128,6 +131,8 @@ class ChunkTable:
         """Mark chunk; the record reaches the journal at the next commit."""
         if self._flip(chunk, True):
             self._pending.append((_SET, chunk))
+            if self._note is not None:
+                self._note(self)
 
     def set_range(self, first: int, last: int) -> None:
         """Mark chunks first..last (inclusive)."""
@@ -137,15 +142,23 @@ class ChunkTable:
     def clear(self, chunk: int) -> None:
         if self._flip(chunk, False):
             self._pending.append((_CLEAR, chunk))
+            if self._note is not None:
+                self._note(self)
 
     async def set_durable(self, chunk: int) -> None:
         self.set(chunk)
         await self.commit()
 
-    async def commit(self) -> None:
-        """Make every update made so far durable (group-committed with concurrent callers)."""
+    def commit(self) -> Awaitable[None]:
+        """Make every update made so far durable (group-committed with concurrent callers).
+
+        With nothing to commit it returns a finished future, not a coroutine, so that a flush
+        over a thousand idle tables gathers no thousand tasks."""
         if self._pending or self._force_checkpoint:
-            await self._commit()
+            return self._commit()
+        done = asyncio.get_running_loop().create_future()
+        done.set_result(None)
+        return done
 
     async def _write_and_sync(self) -> None:
         for _ in range(3):
@@ -257,6 +270,13 @@ class ChunkTable:
             else:
                 del self._pages[p]
         self.count = sum(self._page_count.values())
+        try:
+            self._judge_slots(corrupt, newer)
+        finally:
+            if self._force_checkpoint and self._note is not None:
+                self._note(self)
+
+    def _judge_slots(self, corrupt: list[str], newer: bool) -> None:
         if corrupt and self.damaged is None:
             if newer:
                 self.damaged = (
@@ -348,6 +368,11 @@ class ChunkTable:
             page[within >> 3] |= 1 << (within & 7)
         else:
             page[within >> 3] &= ~(1 << (within & 7)) & 0xFF
+
+    def forget(self) -> None:
+        """Drop what is pending: the table's objects are being deleted."""
+        self._pending = []
+        self._force_checkpoint = False
 
     async def destroy(self) -> None:
         for suffix in (".ckpt0", ".ckpt1", ".journal"):

@@ -32,6 +32,7 @@ def _data(view: int) -> str:
 
 class CowEngine(Engine):
     method = "cow"
+    generic_flush = True
 
     def __init__(self, *args: object, **kwargs: object) -> None:
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]

@@ -55,6 +55,7 @@ class Layer:
 
 class LogEngine(Engine):
     method = "log"
+    generic_flush = True
 
     def __init__(self, *args: object, **kwargs: object) -> None:
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
