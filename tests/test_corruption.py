@@ -88,6 +88,14 @@ def _impossible_size(path: Path) -> None:
     db.close()
 
 
+def _plausible_size(path: Path) -> None:
+    """A value that could be right: only the digest of the last clean shutdown tells."""
+    db = sqlite3.connect(path)
+    db.execute("UPDATE volumes SET size=2097152")
+    db.commit()
+    db.close()
+
+
 def _bad_json(path: Path) -> None:
     db = sqlite3.connect(path)
     db.execute("UPDATE volumes SET engine_state='{\"legs'")
@@ -96,7 +104,8 @@ def _bad_json(path: Path) -> None:
 
 
 @pytest.mark.parametrize("damage", [_garbage_header, _truncate_half, _truncate_zero, _delete,
-                                    _impossible_state, _impossible_size, _bad_json])
+                                    _impossible_state, _impossible_size, _plausible_size,
+                                    _bad_json])
 def test_corrupt_catalog_refuses_to_start_in_one_sentence(
     template_pool: Path, short_tmp: Path, damage: Callable[[Path], None]
 ) -> None:

@@ -5,11 +5,16 @@ never a traceback and never an "empty pool" that recovery would then tidy up.  `
 runs before the catalog is opened for writing (it opens it read-only: SQLite's own structural
 check plus the tables the pool needs); ``check_rows`` checks what the rows say before any of it
 is used, so that a flipped byte that SQLite cannot see (a value inside a row) is refused when it
-gives a value no pool could hold.
+gives a value no pool could hold.  A clean shutdown also records a digest of every volume and
+image row (``rows_digest``): after a clean shutdown any flipped byte in a row is refused, even
+a plausible one; after a crash the rows are only checked for plausibility.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
 import sqlite3
 from pathlib import Path
 
@@ -90,3 +95,21 @@ def check_rows(path: Path, volumes: list[VolumeRow], images: dict[str, list[Imag
                     or image.unclean_sessions < 0
                     or (image.state == "drained" and image.unclean_sessions)):
                 raise _refuse(path, f"is corrupt ({what} has an impossible state)")
+
+
+DIGEST_KEY = "rows_digest"
+
+
+def rows_digest(volumes: list[VolumeRow], images: dict[str, list[ImageRow]]) -> str:
+    """A digest of every volume and image row, in a canonical form."""
+    rows = [[dataclasses.asdict(v), [dataclasses.asdict(i) for i in images.get(v.name, [])]]
+            for v in sorted(volumes, key=lambda v: v.name)]
+    return hashlib.sha256(json.dumps(rows, sort_keys=True).encode()).hexdigest()
+
+
+def check_digest(path: Path, recorded: str | None, volumes: list[VolumeRow],
+                 images: dict[str, list[ImageRow]]) -> None:
+    """After a clean shutdown the rows must be exactly those the digest was taken of."""
+    if recorded is not None and recorded != rows_digest(volumes, images):
+        raise _refuse(path, "is corrupt (its rows differ from the digest recorded at the last "
+                            "clean shutdown)")

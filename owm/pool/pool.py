@@ -37,6 +37,12 @@ StorageFactory = Callable[[str], Storage]
 MAX_PAYLOAD = 32 * 1024 * 1024
 
 
+def _record_digest(c: Catalog) -> None:
+    volumes = c.volumes()
+    c.set_meta(integrity.DIGEST_KEY, integrity.rows_digest(
+        volumes, {v.name: c.images(v.name) for v in volumes}))
+
+
 class Pool:
     def __init__(self, root: Path, storage_factory: StorageFactory | None) -> None:
         self.root = root
@@ -88,6 +94,9 @@ class Pool:
                 f"the catalog {path} is corrupt ({exc}); the daemon did not start and changed "
                 "nothing (restore the file from a copy, or move the pool aside)") from None
         integrity.check_rows(path, rows, images)
+        if self.was_clean:
+            recorded = await self.db(lambda c: c.get_meta(integrity.DIGEST_KEY))
+            integrity.check_digest(path, recorded, rows, images)
         if not self.was_clean:
             log.warning("pool %s was not shut down cleanly: recovering", self.root)
         await self.db(lambda c: c.set_meta("clean", "0"))
@@ -121,8 +130,10 @@ class Pool:
             try:
                 await self.db(lambda c: c.prune_sessions())
                 if clean:
+                    # The digest first: a pool marked clean without one is trusted unchecked.
+                    await self.db(_record_digest)
                     await self.db(lambda c: c.set_meta("clean", "1"))
-            except OwmError as exc:
+            except (OwmError, sqlite3.Error) as exc:
                 log.error("the pool's catalog could not be marked clean: %s", exc)
                 clean = False
             await self.db(lambda c: c.close())
