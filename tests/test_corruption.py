@@ -216,6 +216,11 @@ def test_a_corrupt_journal_record_in_the_middle_marks_what_it_serves_damaged(
             shown = daemon.owm("status", "v")
             assert shown.returncode == 0, shown.stderr
             assert "damaged" in shown.stdout
+            # A backup cannot launder it into a good-looking file.
+            backup = daemon.owm("backup", "v@0", "--to", short_tmp / "v0.raw")
+            assert backup.returncode == 1 and "Traceback" not in backup.stderr, backup
+            assert len(backup.stderr.strip().splitlines()) == 1, backup.stderr
+            assert not (short_tmp / "v0.raw").exists()
         else:
             # The delta is the live volume's: the volume is damaged, its I/O refused.
             status, volume = daemon.api("GET", "/v1/volumes/v")
