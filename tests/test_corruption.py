@@ -17,6 +17,7 @@ import random
 import shutil
 import signal
 import sqlite3
+import struct
 import subprocess
 import tempfile
 import zlib
@@ -515,3 +516,24 @@ async def test_a_corrupt_newest_checkpoint_is_damage_once_the_journal_moved_on()
     await stale.write("t.journal", 0, bytes(raw))
     fine = await _table(stale)
     assert fine.damaged is None and fine.count == 11 and fine.has(50)
+
+
+async def test_tables_of_the_previous_format_are_read_and_rewritten() -> None:
+    """Pools written before the sparse format: a dense slot and 24-byte records."""
+    storage = SimulatedStorage()
+    chunks = 100
+    bitmap = bytearray((chunks + 7) // 8)
+    for chunk in (1, 5):
+        bitmap[chunk >> 3] |= 1 << (chunk & 7)
+    header = struct.pack("<IIQI", 0x4F574D43, 2, chunks, zlib.crc32(bytes(bitmap)))
+    await storage.write("t.ckpt1", 0, header + bytes(bitmap))
+    journal = b""
+    for op, chunk in ((1, 7), (2, 5), (1, 99)):
+        head = struct.pack("<IIBxxxQ", 0x4F574D4A, 2, op, chunk)
+        journal += head + struct.pack("<I", zlib.crc32(head))
+    await storage.write("t.journal", 0, journal)
+    table = await _table(storage, chunks)
+    assert table.damaged is None and sorted(table) == [1, 7, 99]
+    assert not storage.exists("t.journal") and not storage.exists("t.ckpt1")
+    again = await _table(storage.power_loss(), chunks)  # durable in the current format
+    assert again.damaged is None and again.warnings == [] and sorted(again) == [1, 7, 99]

@@ -26,6 +26,9 @@ A record is appended only after the data it describes is durable (the caller's j
 checkpoint is written only after the pending records reached the journal, so the older slot
 plus the journal rebuild the table: a corrupt slot falls back to the other one with a
 ``warnings`` entry, and is damage only when the journal has already moved on past it.
+
+Tables in the previous format (a dense bitmap per slot, 24-byte records) are read the way that
+format was read, then rewritten in this one at once.
 """
 
 from __future__ import annotations
@@ -50,6 +53,11 @@ PAGE_BYTES = 4096
 PAGE_SHIFT = 15  # chunks per page: 8 * PAGE_BYTES
 PAGE_MASK = (1 << PAGE_SHIFT) - 1
 _REPLAY_STEP = 4096  # records read per storage call during replay
+# The previous format (a dense bitmap per slot, 24-byte records): read once, then rewritten.
+_V1_RECORD = struct.Struct("<IIBxxxQI")  # magic, epoch, op, chunk, crc32 of the preceding fields
+_V1_RECORD_MAGIC = 0x4F574D4A  # "OWMJ"
+_V1_SLOT = struct.Struct("<IIQI")  # magic, epoch, chunk count, crc32 of the bitmap
+_V1_SLOT_MAGIC = 0x4F574D43
 
 
 def chunks_of_page(first: int, bits: int) -> Iterator[int]:
@@ -250,7 +258,11 @@ class ChunkTable:
                 corrupt.append(name)
             elif best is None or found[0] > best[0]:
                 best = (found[0], slot, found[1])
-        if best is not None:
+        previous = best is None and await self._is_previous_format()
+        if previous:
+            await self._load_previous_format()
+            corrupt = []
+        elif best is not None:
             self._epoch, self._slot, self._pages = best[0], best[1], best[2]
         else:
             # No checkpoint yet (epoch 1); with both slots present and bad, nothing can stand in.
@@ -260,7 +272,7 @@ class ChunkTable:
         self._journal_len = 0
         newer = False
         name = self.name + ".journal"
-        if self.storage.exists(name):
+        if self.storage.exists(name) and not previous:
             newer = await self._replay(name)
         self._page_count = {}
         for p, page in list(self._pages.items()):
@@ -270,6 +282,11 @@ class ChunkTable:
             else:
                 del self._pages[p]
         self.count = sum(self._page_count.values())
+        if previous:
+            # Rewrite it in this format now: a new checkpoint, then the old objects go.
+            await self._checkpoint()
+            await self.storage.delete(f"{self.name}.ckpt{1 - self._slot}")
+            await self.storage.delete(name)
         try:
             self._judge_slots(corrupt, newer)
         finally:
@@ -289,6 +306,59 @@ class ChunkTable:
                     "from the other checkpoint and its journal"
                 )
                 self._force_checkpoint = True  # rewrite the bad slot at the next commit
+
+    async def _is_previous_format(self) -> bool:
+        for suffix in (".ckpt0", ".ckpt1", ".journal"):
+            name = self.name + suffix
+            if self.storage.exists(name):
+                magic = int.from_bytes(await self.storage.read(name, 0, 4), "little")
+                if magic in (_V1_SLOT_MAGIC, _V1_RECORD_MAGIC):
+                    return True
+        return False
+
+    async def _load_previous_format(self) -> None:
+        """The table as the previous format's recovery rebuilt it: the newest valid slot, then
+        that epoch's journal records up to the first bad one."""
+        nbytes = (self.chunks + 7) // 8
+        best: tuple[int, int, bytes] | None = None
+        for slot in (0, 1):
+            name = f"{self.name}.ckpt{slot}"
+            if not self.storage.exists(name):
+                continue
+            raw = await self.storage.read(name, 0, _V1_SLOT.size + nbytes)
+            magic, epoch, chunks, crc = _V1_SLOT.unpack_from(raw)
+            bitmap = raw[_V1_SLOT.size :]
+            valid = magic == _V1_SLOT_MAGIC and chunks == self.chunks and \
+                zlib.crc32(bitmap) == crc
+            if valid and (best is None or epoch > best[0]):
+                best = (epoch, slot, bitmap)
+        epoch, slot = (best[0], best[1]) if best is not None else (1, 1)
+        bits = bytearray(best[2] if best is not None else nbytes)
+        name = self.name + ".journal"
+        offset = 0
+        while self.storage.exists(name):
+            raw = await self.storage.read(name, offset, _REPLAY_STEP * _V1_RECORD.size)
+            for at in range(0, len(raw), _V1_RECORD.size):
+                magic, rec_epoch, op, chunk, crc = _V1_RECORD.unpack_from(raw, at)
+                if (magic != _V1_RECORD_MAGIC or rec_epoch != epoch or op not in (_SET, _CLEAR)
+                        or zlib.crc32(raw[at : at + _V1_RECORD.size - 4]) != crc
+                        or chunk >= self.chunks):
+                    break
+                if op == _SET:
+                    bits[chunk >> 3] |= 1 << (chunk & 7)
+                else:
+                    bits[chunk >> 3] &= ~(1 << (chunk & 7)) & 0xFF
+            else:
+                offset += len(raw)
+                await asyncio.sleep(0)
+                continue
+            break
+        self._epoch, self._slot = epoch, slot
+        self._pages = {}
+        for p in range(0, len(bits), PAGE_BYTES):
+            piece = bits[p : p + PAGE_BYTES]
+            if any(piece):
+                self._pages[p // PAGE_BYTES] = bytearray(piece.ljust(PAGE_BYTES, b"\0"))
 
     def _classify(self, rec: bytes, pos: int) -> str:
         """What the 32 bytes at journal index ``pos`` are: "ours" (a valid record of this epoch
