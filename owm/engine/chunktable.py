@@ -83,6 +83,7 @@ class ChunkTable:
         self._journal_len = 0  # records in the journal for this epoch
         self._pending: list[tuple[int, int]] = []  # (op, chunk) not yet written to the journal
         self._force_checkpoint = False
+        self._writing = False  # a journal or checkpoint write and sync is under way
         self._commit = GroupSync(self._write_and_sync)
         self.damaged: str | None = None  # why the loaded table cannot be trusted
         self.warnings: list[str] = []  # what load found and repaired
@@ -162,22 +163,34 @@ class ChunkTable:
 
         With nothing to commit it returns a finished future, not a coroutine, so that a flush
         over a thousand idle tables gathers no thousand tasks."""
-        if self._pending or self._force_checkpoint:
+        # With nothing pending a commit under way may still hold this caller's records: wait
+        # for it (by joining the next one) rather than report them durable before they are.
+        if self._pending or self._force_checkpoint or self._writing:
             return self._commit()
         done = asyncio.get_running_loop().create_future()
         done.set_result(None)
         return done
 
     async def _write_and_sync(self) -> None:
-        for _ in range(3):
-            if not self._pending:
-                break
-            # Every record reaches the journal before a checkpoint that holds its effect, so
-            # that the older slot plus the journal can stand in for a corrupt newer slot.
-            await self._append()
-        if self._force_checkpoint or self._journal_len >= _CHECKPOINT_AFTER:
-            self._force_checkpoint = False
-            await self._checkpoint()
+        self._writing = True
+        try:
+            for _ in range(3):
+                if not self._pending:
+                    break
+                # Every record reaches the journal before a checkpoint that holds its effect,
+                # so that the older slot plus the journal can stand in for a corrupt newer slot.
+                await self._append()
+            if self._force_checkpoint or self._journal_len >= _CHECKPOINT_AFTER:
+                self._force_checkpoint = False
+                try:
+                    await self._checkpoint()
+                except BaseException:
+                    self._force_checkpoint = True  # its records are journaled: retry it later
+                    if self._note is not None:
+                        self._note(self)
+                    raise
+        finally:
+            self._writing = False
 
     async def _append(self) -> None:
         records, self._pending = self._pending, []
@@ -191,8 +204,16 @@ class ChunkTable:
             out += struct.pack("<I", zlib.crc32(head))
         self._journal_len += len(records)
         self.writes += 1
-        await self.storage.write(self.name + ".journal", first * _RECORD.size, out)
-        await self.storage.sync(self.name + ".journal")
+        try:
+            await self.storage.write(self.name + ".journal", first * _RECORD.size, out)
+            await self.storage.sync(self.name + ".journal")
+        except BaseException:
+            # Not durable: the next commit writes them again, at the same place.
+            self._pending[:0] = records
+            self._journal_len = first
+            if self._note is not None:
+                self._note(self)
+            raise
 
     async def _checkpoint(self) -> None:
         """Write the non-empty pages to the other slot under a new epoch; the journal restarts."""
