@@ -46,12 +46,19 @@ def check_file(path: Path, volumes_dir: Path) -> None:
         if has_volumes:
             raise _refuse(path, f"is missing although {volumes_dir} holds volumes")
         return
+    # After a crash the newest transactions (even the schema, in a new pool) may still be in
+    # the WAL, which SQLite applies when the catalog is opened: then the main file alone need
+    # not hold them, only be sound.
+    wal = path.with_name(path.name + "-wal")
+    pending = wal.exists() and wal.stat().st_size > 0
     if path.stat().st_size == 0:
-        if has_volumes:
+        if has_volumes and not pending:
             raise _refuse(path, "is empty (truncated)")
         return
     try:
-        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        # Immutable: nothing is created or written beside it (no -shm, no WAL replay), even
+        # on a full disk; the WAL is SQLite's to apply at the real open.
+        db = sqlite3.connect(f"file:{path}?mode=ro&immutable=1", uri=True)
     except sqlite3.Error as exc:
         raise _refuse(path, f"cannot be opened ({exc})") from None
     try:
@@ -61,7 +68,7 @@ def check_file(path: Path, volumes_dir: Path) -> None:
             raise _refuse(path, f"is corrupt ({detail})")
         names = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
         missing = [t for t in TABLES if t not in names]
-        if missing:
+        if missing and not pending:
             raise _refuse(path, f"is corrupt (no table {', '.join(missing)})")
     except sqlite3.Error as exc:
         raise _refuse(path, f"is corrupt ({exc})") from None
@@ -100,9 +107,21 @@ def check_rows(path: Path, volumes: list[VolumeRow], images: dict[str, list[Imag
 DIGEST_KEY = "rows_digest"
 
 
+# The fields the digest covers: those that say what a volume and its images are.  Fields a
+# later schema adds are not covered (a migration may fill them in before the check).
+VOLUME_FIELDS = ("name", "size", "chunk_size", "method", "legs", "enospc_policy",
+                 "live_generation", "engine_state", "created_at")
+IMAGE_FIELDS = ("volume", "generation", "state", "consistency", "preserved_at", "drained_at",
+                "unclean_sessions", "broken_reason")
+
+
 def rows_digest(volumes: list[VolumeRow], images: dict[str, list[ImageRow]]) -> str:
     """A digest of every volume and image row, in a canonical form."""
-    rows = [[dataclasses.asdict(v), [dataclasses.asdict(i) for i in images.get(v.name, [])]]
+    def pick(row: object, fields: tuple[str, ...]) -> dict[str, object]:
+        values = dataclasses.asdict(row)  # type: ignore[call-overload]
+        return {f: values.get(f) for f in fields}
+
+    rows = [[pick(v, VOLUME_FIELDS), [pick(i, IMAGE_FIELDS) for i in images.get(v.name, [])]]
             for v in sorted(volumes, key=lambda v: v.name)]
     return hashlib.sha256(json.dumps(rows, sort_keys=True).encode()).hexdigest()
 
