@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from owm.engine.base import SyncTracking
 from owm.engine.chunktable import ChunkTable
 from owm.pool.pool import Pool
 from owm.pool.volume import Session
@@ -162,3 +163,21 @@ async def test_a_thousand_outstanding_images_do_not_make_preserve_cost_more(
     early, late = cost[100], cost[outstanding]
     assert late[0] <= early[0] + 2, (early, late)  # storage calls
     assert late[1] <= early[1] + 2, (early, late)  # table commits
+
+
+async def test_a_skipped_sync_never_returns_before_the_data_is_durable() -> None:
+    """Skipping syncs of unchanged objects must not skip one while another is still running."""
+    inner = SimulatedStorage()
+    storage = SyncTracking(inner)
+    await storage.write("o", 0, b"x" * 10)
+    first = asyncio.ensure_future(storage.sync("o"))
+    await asyncio.sleep(0)  # the first sync is under way, not done
+    await storage.sync("o")
+    assert await inner.power_loss().read("o", 0, 10) == b"x" * 10
+    await first
+    done = inner.syncs
+    await storage.sync("o")  # nothing written since a completed sync: skipped
+    assert inner.syncs == done
+    await storage.write("o", 0, b"y")
+    await storage.sync("o")
+    assert inner.syncs == done + 1

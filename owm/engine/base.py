@@ -43,14 +43,16 @@ class SyncTracking:
 
     A sync of an object nothing wrote since its last completed sync is skipped, so that a
     flush costs what changed, not the number of objects (1000 outstanding images must not
-    make every preserve and flush sync 1000 files).  An object is only ever marked synced by a
-    sync issued after its last write completed; objects found at open count as unsynced.
+    make every preserve and flush sync 1000 files).  An object is marked synced only when a
+    sync completes and no write started or ended while it ran; a sync under way is never
+    a reason to skip another.  Objects found at open count as unsynced.
     """
 
     def __init__(self, inner: Storage) -> None:
         self.inner = inner
         self._synced: set[str] = set()
-        self.dirty: set[str] = set()  # written since the start of their last sync
+        self._version: dict[str, int] = {}  # bumped when a write to the object starts or ends
+        self.dirty: set[str] = set()  # written since their last completed sync
         self.tables: set[ChunkTable] = set()  # tables that may have something to commit
         self.settled = False  # a full flush ran since open: ``dirty`` is the whole story
         self.syncs = 0  # syncs passed on to the storage
@@ -61,6 +63,7 @@ class SyncTracking:
     def _changed(self, name: str) -> None:
         self._synced.discard(name)
         self.dirty.add(name)
+        self._version[name] = self._version.get(name, 0) + 1
 
     def note_table(self, table: ChunkTable) -> None:
         self.tables.add(table)
@@ -85,15 +88,12 @@ class SyncTracking:
     async def sync(self, name: str) -> None:
         if name in self._synced:
             return
-        self._synced.add(name)
-        self.dirty.discard(name)
-        try:
-            self.syncs += 1
-            await self.inner.sync(name)
-        except BaseException:
-            self._synced.discard(name)
-            self.dirty.add(name)
-            raise
+        version = self._version.get(name, 0)
+        self.syncs += 1
+        await self.inner.sync(name)
+        if self._version.get(name, 0) == version:
+            self._synced.add(name)
+            self.dirty.discard(name)
 
     async def allocate(self, name: str, size: int) -> None:
         self._changed(name)
@@ -117,6 +117,7 @@ class SyncTracking:
         try:
             await self.inner.delete(name)
         finally:
+            self._changed(name)
             self._synced.discard(name)
             self.dirty.discard(name)  # nothing left to sync
             # A table whose files are deleted is gone (a folded log delta, a released image):
