@@ -438,7 +438,7 @@ class ChunkTable:
             await asyncio.sleep(0)
         if end is not None and end_kind == "corrupt":
             self.damaged = (f"journal record {end} of chunk table {self.name} is corrupt, so the "
-                            "records after it cannot be replayed")
+                            "table cannot be rebuilt past it")
         elif end is not None and proof is not None:
             self.damaged = (f"journal record {end} of chunk table {self.name} is missing but "
                             f"records written after it was synced follow (record {proof})")
