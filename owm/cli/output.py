@@ -82,6 +82,9 @@ def image_state(image: JSON) -> Text:
         return Text(f"drained-unclean ({unclean} ended without disconnect)", style="dark_orange")
     if state == "broken":
         return Text(f"broken: {image.get('broken_reason') or 'unknown reason'}", style="red")
+    if state == "damaged":
+        reason = image.get("broken_reason") or "a chunk table is corrupt"
+        return Text(f"damaged, reads refused: {reason}", style="bold red")
     if state == "releasing":
         progress = image.get("release_progress") or {}
         total = int(progress.get("total") or 0)
@@ -177,6 +180,11 @@ def volume_detail(v: JSON) -> RenderableType:
         parts.append(Text(f"  RESTORE INCOMPLETE from {restore.get('from')} (since "
                           f"{restore.get('since')}): not a copy of the backup until that "
                           "restore is run again to its end", style="bold red"))
+    if v.get("damaged"):
+        parts.append(Text(f"  DAMAGED, reads and writes refused: {v['damaged']}",
+                          style="bold red"))
+    for warning in v.get("warnings") or []:
+        parts.append(Text(f"  warning: {warning}", style="yellow"))
     sessions = sessions_of(v)
     if sessions:
         parts.append(sessions_table(sessions))

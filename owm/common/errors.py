@@ -65,6 +65,10 @@ class ImageBroken(OwmError):
     errno = _errno.EIO
 
 
+class ImageDamaged(ImageBroken):
+    """An image or volume whose chunk table was found corrupt: its reads are refused (EIO)."""
+
+
 class Timeout(OwmError):
     """A wait that ran out of time."""
 

@@ -73,9 +73,11 @@ _SCHEMAS: JSON = {
         "type": "object",
         "properties": {
             "name": {"type": "string"}, "generation": {"type": "integer"},
-            "state": {"enum": ["draining", "drained", "drained-unclean", "broken", "releasing"]},
+            "state": {"enum": ["draining", "drained", "drained-unclean", "broken", "releasing",
+                               "damaged"]},
             "sessions_left": {"type": "integer"}, "unclean_sessions": {"type": "integer"},
-            "consistency": {"enum": ["transaction-consistent", "crash-consistent"]},
+            "consistency": {"enum": ["transaction-consistent", "crash-consistent", "broken",
+                                     "damaged"]},
             "preserved_at": {"type": "string"}, "drained_at": {"type": ["string", "null"]},
             "bytes_on_disk": {"type": "integer"}, "broken_reason": {"type": ["string", "null"]},
             "readers": {"type": "integer"},
@@ -95,6 +97,10 @@ _SCHEMAS: JSON = {
             "uid": {"type": "string", "description": "Random id of this volume incarnation."},
             "restore": {"type": ["object", "null"], "description": "Set while a restore into "
                         "the volume is unfinished: {state: incomplete, from: REPO ID, since}."},
+            "damaged": {"type": ["string", "null"],
+                        "description": "Why the live volume cannot be trusted (I/O refused)."},
+            "warnings": {"type": "array", "items": {"type": "string"},
+                         "description": "What loading its tables found and repaired."},
             "generations": {"type": "array", "items": _ref("Generation")},
             "images": {"type": "array", "items": _ref("Image")},
             "resync_progress": {

@@ -1,6 +1,9 @@
 """``owm serve``: one asyncio process holding the pool, its NBD server and its control API.
 
-Start-up opens the pool (recovering it after a crash), then listens for NBD on TCP and on
+Start-up first locks the pool (an exclusive ``flock`` on POOL/lock, held for the daemon's life and
+released by the kernel when the process dies, however it dies), so that a second daemon is refused
+before it reads, writes, recovers or unlinks anything in the pool. Then it opens the pool
+(recovering it after a crash), then listens for NBD on TCP and on
 POOL/nbd.sock and for control requests on POOL/control.sock. SIGTERM or SIGINT stops it the
 careful way: refuse new work, let requests in flight finish, sync, close the pool so that the
 next start on the same directory finds every volume and image as it was.
@@ -9,6 +12,9 @@ next start on the same directory finds every volume and image as it was.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import errno
+import fcntl
 import logging
 import os
 import signal
@@ -78,6 +84,52 @@ class DaemonConfig:
         return self.nbd_socket if self.nbd_socket is not None else self.pool / "nbd.sock"
 
 
+LOCK_FILE = "lock"
+
+
+def lock_pool(pool_dir: Path) -> int:
+    """Take the pool's exclusive lock and write our pid into it; return the open descriptor.
+
+    The lock is on an open file description, so it lasts as long as the descriptor stays open
+    (the daemon's life) and vanishes with the process. A second daemon is refused with one
+    sentence naming the pool and, when it can be read, the holder's pid; it changes nothing.
+    """
+    path = pool_dir / LOCK_FILE
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+    except OSError as exc:
+        raise WrongState(f"cannot lock pool {pool_dir}: {exc.strerror} ({path})") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        holder = _read_pid(fd)
+        os.close(fd)
+        if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
+            raise WrongState(f"cannot lock pool {pool_dir}: {exc.strerror}") from None
+        who = f"pid {holder}" if holder else "another process"
+        raise WrongState(
+            f"pool {pool_dir} is already served by another daemon ({who}); "
+            "this one did not start and changed nothing"
+        ) from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
+
+
+def _read_pid(fd: int) -> int | None:
+    with contextlib.suppress(OSError, ValueError):
+        text = os.pread(fd, 32, 0).decode("ascii").strip()
+        return int(text) if text.isascii() and text.isdigit() else None
+    return None
+
+
+def unlock_pool(fd: int) -> None:
+    """Drop the pool lock (at the very end of a clean stop). The pid is cleared first."""
+    with contextlib.suppress(OSError):
+        os.ftruncate(fd, 0)
+    os.close(fd)
+
+
 def _endpoint(address: tuple[str, int] | None) -> str | None:
     if address is None:
         return None
@@ -87,18 +139,29 @@ def _endpoint(address: tuple[str, int] | None) -> str | None:
 
 async def serve(config: DaemonConfig, stop: asyncio.Event | None = None) -> None:
     """Run the daemon until ``stop`` is set or SIGTERM/SIGINT arrives, then shut down cleanly."""
-    # Imported here so that the control client and the CLI do not pull in the storage stack.
-    from owm.nbd.server import NbdServer
-    from owm.pool.pool import Pool
-
     pool_dir = config.pool.absolute()
     check_unix_path(config.control_socket.absolute())
     check_unix_path(config.nbd_socket_path.absolute())
     token = read_token_file(config.control_token_file) if config.control_token_file else None
-    if socket_in_use(config.control_socket):
-        raise WrongState(f"a daemon is already serving pool {pool_dir}")
     if not pool_dir.exists():
         pool_dir.mkdir(mode=0o700, parents=True)
+    # Nothing in the pool is read, written, recovered or unlinked before this lock is ours.
+    lock_fd = lock_pool(pool_dir)
+    try:
+        await _serve_locked(config, pool_dir, token, stop)
+    finally:
+        unlock_pool(lock_fd)
+
+
+async def _serve_locked(
+    config: DaemonConfig, pool_dir: Path, token: str | None, stop: asyncio.Event | None
+) -> None:
+    # Imported here so that the control client and the CLI do not pull in the storage stack.
+    from owm.nbd.server import NbdServer
+    from owm.pool.pool import Pool
+
+    if socket_in_use(config.control_socket):
+        raise WrongState(f"a daemon is already serving pool {pool_dir}")
 
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -15,9 +15,9 @@ from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any, ClassVar
 
-from owm.common.errors import InvalidRequest, OutOfRange
+from owm.common.errors import ImageDamaged, InvalidRequest, OutOfRange
 from owm.common.view import Extent
-from owm.engine.chunktable import ChunkTable
+from owm.engine.chunktable import ChunkTable, chunks_of_page
 from owm.engine.groupsync import GroupSync
 from owm.locks.ranges import EXCLUSIVE, SHARED, RangeLockManager
 from owm.storage import Buffer, Storage
@@ -38,12 +38,116 @@ def check_chunk_size(chunk_size: int) -> None:
         )
 
 
+class SyncTracking:
+    """The engine's storage, remembering which objects changed since their last sync.
+
+    A sync of an object nothing wrote since its last completed sync is skipped, so that a
+    flush costs what changed, not the number of objects (1000 outstanding images must not
+    make every preserve and flush sync 1000 files).  An object is marked synced only when a
+    sync completes and no write started or ended while it ran; a sync under way is never
+    a reason to skip another.  Objects found at open count as unsynced.
+    """
+
+    def __init__(self, inner: Storage) -> None:
+        self.inner = inner
+        self._synced: set[str] = set()
+        self._version: dict[str, int] = {}  # bumped when a write to the object starts or ends
+        self.dirty: set[str] = set()  # written since their last completed sync
+        self.tables: set[ChunkTable] = set()  # tables that may have something to commit
+        self.settled = False  # a full flush ran since open: ``dirty`` is the whole story
+        self.syncs = 0  # syncs passed on to the storage
+
+    def __getattr__(self, attr: str) -> Any:
+        return getattr(self.inner, attr)  # test hooks of the storage behind (fail_writes, ...)
+
+    def _changed(self, name: str) -> None:
+        self._synced.discard(name)
+        self.dirty.add(name)
+        self._version[name] = self._version.get(name, 0) + 1
+
+    def note_table(self, table: ChunkTable) -> None:
+        self.tables.add(table)
+
+    def take_tables(self) -> list[ChunkTable]:
+        tables, self.tables = list(self.tables), set()
+        return tables
+
+    def needs_sync(self, name: str) -> bool:
+        return name not in self._synced
+
+    async def read(self, name: str, offset: int, length: int) -> bytes:
+        return await self.inner.read(name, offset, length)
+
+    async def write(self, name: str, offset: int, data: Buffer) -> None:
+        self._changed(name)
+        try:
+            await self.inner.write(name, offset, data)
+        finally:
+            self._changed(name)  # a sync that ran meanwhile may have missed it
+
+    async def sync(self, name: str) -> None:
+        if name in self._synced:
+            return
+        version = self._version.get(name, 0)
+        self.syncs += 1
+        await self.inner.sync(name)
+        if self._version.get(name, 0) == version:
+            self._synced.add(name)
+            self.dirty.discard(name)
+
+    async def allocate(self, name: str, size: int) -> None:
+        self._changed(name)
+        try:
+            await self.inner.allocate(name, size)
+        finally:
+            self._changed(name)
+
+    async def discard(self, name: str, offset: int, length: int) -> None:
+        self._changed(name)
+        try:
+            await self.inner.discard(name, offset, length)
+        finally:
+            self._changed(name)
+
+    async def extents(self, name: str, offset: int, length: int) -> list[tuple[int, int, bool]]:
+        return await self.inner.extents(name, offset, length)
+
+    async def delete(self, name: str) -> None:
+        self._changed(name)
+        try:
+            await self.inner.delete(name)
+        finally:
+            self._changed(name)
+            self._synced.discard(name)
+            self.dirty.discard(name)  # nothing left to sync
+            # A table whose files are deleted is gone (a folded log delta, a released image):
+            # what it still had pending must not recreate them at the next flush.
+            for table in [t for t in self.tables if name.startswith(t.name + ".")]:
+                self.tables.discard(table)
+                table.forget()
+
+    def exists(self, name: str) -> bool:
+        return self.inner.exists(name)
+
+    def names(self) -> list[str]:
+        return self.inner.names()
+
+    def bytes_used(self, name: str) -> int:
+        return self.inner.bytes_used(name)
+
+    async def close(self) -> None:
+        await self.inner.close()
+
+
 class Engine(ABC):
     method: ClassVar[str]
     # Awaited at the named steps of background work (a release's merge, move-down or resync),
     # with the chunk it is at (-1: none), so that a test can pause it there, act and resume it;
     # set on an engine, or on its class before a restart.  None in service.
     step_hook: StepHook | None = None
+    # The engine's ``_flush`` is exactly "sync its data objects, then commit its tables", so
+    # once a full flush ran, a flush may visit only what changed since (see ``flush``).
+    generic_flush: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -60,7 +164,7 @@ class Engine(ABC):
             raise InvalidRequest("a volume's size must be more than zero bytes")
         if enospc_policy not in ENOSPC_POLICIES:
             raise InvalidRequest(f"unknown full-disk policy {enospc_policy!r}")
-        self.storage = storage
+        self.storage: Storage = SyncTracking(storage)
         self.size = size
         self.chunk_size = chunk_size
         self.shift = chunk_size.bit_length() - 1
@@ -72,6 +176,10 @@ class Engine(ABC):
         self.locks = RangeLockManager()
         self.on_broken: BrokenCallback | None = None
         self.broken: set[int] = set()  # preserved views that lost data (full disk)
+        # Views a corrupt chunk table leaves untrustworthy (view -> why); reads and writes of
+        # them are refused with EIO.  Kept in ``state`` so that it outlives the table's repair.
+        self.damaged: dict[int, str] = {}
+        self.warnings: list[str] = []  # what loading the tables found and repaired
         self._syncs: dict[str, GroupSync] = {}
         self.zero_chunk = bytes(chunk_size)
         # Chunks written by each generation >= 1, for incremental backups.  Committed with every
@@ -135,8 +243,7 @@ class Engine(ABC):
         table = self.changed.get(gen)
         if table is None:
             table = self.changed[gen] = self._changed_table(gen)
-        for chunk in range(first, last + 1):
-            table.set(chunk)
+        table.set_range(first, last)
 
     async def prune_changed(self) -> None:
         for gen in sorted(self.changed)[:-KEEP_CHANGED_MAPS]:
@@ -152,17 +259,60 @@ class Engine(ABC):
         if any(g in untrusted for g in gens) or (since + 1 < oldest_kept and
                                                    len(self.changed) >= KEEP_CHANGED_MAPS):
             return None
-        bits = 0
+        merged: dict[int, int] = {}  # page by page: the cost follows the chunks set
         for gen in gens:
             table = self.changed.get(gen)
             if table is not None:
-                bits |= int.from_bytes(table.bits, "little")
-        out = []
-        while bits:
-            low = bits & -bits
-            out.append(low.bit_length() - 1)
-            bits ^= low
-        return out
+                for first, bits in table.page_bits():
+                    merged[first] = merged.get(first, 0) | bits
+        return [c for first in sorted(merged) for c in chunks_of_page(first, merged[first])]
+
+    # -- damaged tables -----------------------------------------------------------------------
+    def chunk_tables(self) -> list[ChunkTable]:
+        """The engine's own loaded tables (besides the changed-chunk maps)."""
+        return []
+
+    def damaged_by_tables(self) -> dict[int, str]:
+        """Views that the engine's damaged tables leave untrustworthy (view -> why)."""
+        return {}
+
+    def check_tables(self) -> dict[int, str]:
+        """After ``open`` and ``load_changed``: gather what the tables' loading found.  Damaged
+        changed-chunk maps only make their generations untrusted; damaged engine tables damage
+        views.  Returns every damaged view (also those recorded at earlier starts)."""
+        warnings: list[str] = []
+        untrusted = set(self.state.get("changed_untrusted", []))
+        for gen, table in sorted(self.changed.items()):
+            if table.damaged:
+                untrusted.add(gen)
+                warnings.append(f"{table.damaged}; incremental backups over generation {gen} "
+                                "read every chunk")
+            warnings.extend(table.warnings)
+        self.state["changed_untrusted"] = sorted(untrusted)
+        found = self.damaged_by_tables()
+        for table in self.chunk_tables():
+            warnings.extend(table.warnings)
+        known = {int(k): str(v) for k, v in self.state.get("damaged", {}).items()
+                 if int(k) in self.views}
+        for view, reason in found.items():
+            known.setdefault(view, reason)
+        if known:
+            self.state["damaged"] = {str(k): v for k, v in sorted(known.items())}
+        else:
+            self.state.pop("damaged", None)
+        self.damaged = known
+        self.warnings = warnings
+        return dict(known)
+
+    def _refuse_damaged(self, view: int, writing: bool = False) -> None:
+        if not self.damaged:
+            return
+        hit = [v for v in self.damaged if v >= view and v in self.views] if writing else \
+            [view] if view in self.damaged else []
+        if hit:
+            what = "the live volume" if hit[0] == self.views[-1] else f"image {hit[0]}"
+            raise ImageDamaged(f"{what} is damaged ({self.damaged[hit[0]]}); owm refuses to "
+                               "serve it")
 
     # -- data path ----------------------------------------------------------------------------
     def _check(self, offset: int, length: int) -> None:
@@ -194,6 +344,7 @@ class Engine(ABC):
     async def read(self, view: int, offset: int, length: int) -> bytes:
         self._check(offset, length)
         self._check_view(view)
+        self._refuse_damaged(view)
         first, last = self.chunk_range(offset, length)
         fut = self.locks.try_acquire(first, last, SHARED)
         if fut is not None:
@@ -206,6 +357,7 @@ class Engine(ABC):
     async def write(self, gen: int, offset: int, data: Buffer, fua: bool = False) -> None:
         self._check(offset, len(data))
         self._check_view(gen)
+        self._refuse_damaged(gen, writing=True)
         first, last = self.chunk_range(offset, len(data))
         fut = self.locks.try_acquire(first, last, EXCLUSIVE)
         if fut is not None:
@@ -223,6 +375,7 @@ class Engine(ABC):
     ) -> None:
         self._check(offset, length)
         self._check_view(gen)
+        self._refuse_damaged(gen, writing=True)
         first, last = self.chunk_range(offset, length)
         async with self.locks.locked(first, last, EXCLUSIVE):
             self._mark_changed(gen, first, last)
@@ -233,6 +386,7 @@ class Engine(ABC):
     async def extents(self, view: int, offset: int, length: int) -> list[Extent]:
         self._check(offset, length)
         self._check_view(view)
+        self._refuse_damaged(view)
         first, last = self.chunk_range(offset, length)
         async with self.locks.locked(first, last, SHARED):
             runs: list[tuple[int, int, bool]] = []
@@ -266,13 +420,32 @@ class Engine(ABC):
         return gs
 
     async def sync_objects(self, names: set[str] | list[str]) -> None:
+        storage = self.storage
+        if isinstance(storage, SyncTracking):
+            names = [n for n in names if storage.needs_sync(n)]
         if names:
             await asyncio.gather(*(self.group_sync(n)() for n in names))
 
     async def flush(self) -> None:
-        """Make every write completed so far durable in every view."""
+        """Make every write completed so far durable in every view.
+
+        The cost follows what changed since the last flush, not the number of objects or
+        tables (a thousand outstanding images must not make every flush visit each)."""
+        storage = self.storage
+        if self.generic_flush and isinstance(storage, SyncTracking) and storage.settled:
+            # Data first, then table entries (which only ever point at durable data).
+            await self.sync_objects(sorted(storage.dirty))
+            tables = storage.take_tables()
+            try:
+                await asyncio.gather(*(t.commit() for t in tables))
+            except BaseException:
+                storage.tables.update(tables)
+                raise
+            return
         await self._flush()
         await asyncio.gather(*(t.commit() for t in self.changed.values()))
+        if isinstance(storage, SyncTracking):
+            storage.settled = True
 
     @abstractmethod
     async def _flush(self) -> None:

@@ -32,6 +32,7 @@ def _data(view: int) -> str:
 
 class CowEngine(Engine):
     method = "cow"
+    generic_flush = True
 
     def __init__(self, *args: object, **kwargs: object) -> None:
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
@@ -55,6 +56,19 @@ class CowEngine(Engine):
         for name in self.storage.names():
             if name not in keep and not name.startswith("changed-"):
                 await self.storage.delete(name)
+
+    def chunk_tables(self) -> list[ChunkTable]:
+        return list(self.tables.values())
+
+    def damaged_by_tables(self) -> dict[int, str]:
+        """A damaged table of image k misleads every view that resolves through it: k and older."""
+        out: dict[int, str] = {}
+        for k, table in sorted(self.tables.items()):
+            if table.damaged:
+                for v in self.views[:-1]:
+                    if v <= k:
+                        out.setdefault(v, table.damaged)
+        return out
 
     def objects_of(self, view: int) -> list[str]:
         if view == self.views[-1]:

@@ -55,6 +55,7 @@ class Layer:
 
 class LogEngine(Engine):
     method = "log"
+    generic_flush = True
 
     def __init__(self, *args: object, **kwargs: object) -> None:
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
@@ -98,6 +99,20 @@ class LogEngine(Engine):
         """Indices (lo, hi) of the layers owned by ``view``."""
         owned = [i for i, layer in enumerate(self.layers) if self._owner(layer) == view]
         return owned[0], owned[-1]
+
+    def chunk_tables(self) -> list[ChunkTable]:
+        return [layer.table for layer in self.layers if layer.table is not None]
+
+    def damaged_by_tables(self) -> dict[int, str]:
+        """A damaged delta misleads its owner and every newer view (the live one included)."""
+        out: dict[int, str] = {}
+        for layer in self.layers:
+            if layer.table is not None and layer.table.damaged:
+                owner = self._owner(layer)
+                for v in self.views:
+                    if v >= owner:
+                        out.setdefault(v, layer.table.damaged)
+        return out
 
     def objects_of(self, view: int) -> list[str]:
         return [n for layer in self.layers if self._owner(layer) == view

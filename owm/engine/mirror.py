@@ -100,8 +100,9 @@ class MirrorEngine(Engine):
                 await table.load()
                 self.dirty[i] = table
         await self.intent.load()
-        if not clean and not self.state.get("write_intent"):
-            # A volume from before the write-intent map: any allocated chunk may differ.
+        if not clean and (not self.state.get("write_intent") or self.intent.damaged):
+            # A volume from before the write-intent map, or whose map is damaged: any allocated
+            # chunk may differ.
             for chunk in await self._data_chunks(list(range(self.legs))):
                 self.intent.set(chunk)
             await self.intent.checkpoint()
@@ -122,6 +123,22 @@ class MirrorEngine(Engine):
         log.info("mirror: resyncing the %d chunks of the write-intent map in the background",
                  len(self._resync_list))
         self._resync_task = asyncio.get_running_loop().create_task(self._background_resync())
+
+    def chunk_tables(self) -> list[ChunkTable]:
+        return [*self.dirty.values(), self.intent]
+
+    def damaged_by_tables(self) -> dict[int, str]:
+        """A damaged dirty map leaves the image's leg intact; only its resync must copy all.
+        A damaged write-intent map made ``open`` resync every allocated chunk."""
+        if self.intent.damaged:
+            self.intent.warnings.append(f"{self.intent.damaged}; every allocated chunk is "
+                                        "resynced instead")
+        for i, table in self.dirty.items():
+            if table.damaged:
+                self.roles[i]["full"] = True
+                table.warnings.append(f"{table.damaged}; the resync of leg {i} will copy every "
+                                      "chunk")
+        return {}
 
     def _sync_legs(self) -> list[int]:
         return [i for i, r in enumerate(self.roles) if r["role"] == "sync"]

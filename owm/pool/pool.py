@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import shutil
+import sqlite3
 import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -24,6 +25,7 @@ from owm.common.sizes import check_volume_size
 from owm.common.view import ExportInfo, View
 from owm.engine import ENGINES, make_engine
 from owm.engine.base import ENOSPC_POLICIES, Progress, check_chunk_size
+from owm.pool import integrity
 from owm.pool.volume import Volume
 from owm.storage import Storage
 from owm.storage.local import LocalStorage
@@ -33,6 +35,12 @@ log = logging.getLogger("owm.pool.pool")
 
 StorageFactory = Callable[[str], Storage]
 MAX_PAYLOAD = 32 * 1024 * 1024
+
+
+def _record_digest(c: Catalog) -> None:
+    volumes = c.volumes()
+    c.set_meta(integrity.DIGEST_KEY, integrity.rows_digest(
+        volumes, {v.name: c.images(v.name) for v in volumes}))
 
 
 class Pool:
@@ -50,7 +58,11 @@ class Pool:
         cls, root: Path | str, *, storage_factory: StorageFactory | None = None
     ) -> Pool:
         pool = cls(Path(root), storage_factory)
-        await pool._open()
+        try:
+            await pool._open()
+        except BaseException:
+            pool._executor.shutdown(wait=False)
+            raise
         return pool
 
     async def db(self, fn: Callable[[Catalog], T]) -> T:
@@ -62,14 +74,33 @@ class Pool:
 
     async def _open(self) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
+        path = self.root / "catalog.sqlite"
+        loop = asyncio.get_running_loop()
+        # A corrupt or missing catalog stops the start before anything is written (#9 item 10).
+        await loop.run_in_executor(self._executor, integrity.check_file, path,
+                                   self.root / "volumes")
         (self.root / "volumes").mkdir(exist_ok=True)
-        self.catalog = await asyncio.get_running_loop().run_in_executor(
-            self._executor, lambda: SqliteCatalog(self.root / "catalog.sqlite"))
-        self.was_clean = await self.db(lambda c: c.get_meta("clean", "1")) == "1"
+        try:
+            self.catalog = await loop.run_in_executor(self._executor, lambda: SqliteCatalog(path))
+            self.was_clean = await self.db(lambda c: c.get_meta("clean", "1")) == "1"
+            rows = await self.db(lambda c: c.volumes())
+            images = {r.name: await self.db(lambda c, n=r.name: c.images(n))  # type: ignore[misc]
+                      for r in rows}
+        except (sqlite3.DatabaseError, ValueError, TypeError) as exc:
+            if self.catalog is not None:
+                await self.db(lambda c: c.close())
+                self.catalog = None
+            raise integrity.CatalogDamaged(
+                f"the catalog {path} is corrupt ({exc}); the daemon did not start and changed "
+                "nothing (restore the file from a copy, or move the pool aside)") from None
+        integrity.check_rows(path, rows, images)
+        if self.was_clean:
+            recorded = await self.db(lambda c: c.get_meta(integrity.DIGEST_KEY))
+            integrity.check_digest(path, recorded, rows, images)
         if not self.was_clean:
             log.warning("pool %s was not shut down cleanly: recovering", self.root)
         await self.db(lambda c: c.set_meta("clean", "0"))
-        for row in await self.db(lambda c: c.volumes()):
+        for row in rows:
             await self._start_volume(row, self.was_clean)
 
     async def _start_volume(self, row: VolumeRow, clean: bool) -> Volume:
@@ -99,8 +130,10 @@ class Pool:
             try:
                 await self.db(lambda c: c.prune_sessions())
                 if clean:
+                    # The digest first: a pool marked clean without one is trusted unchecked.
+                    await self.db(_record_digest)
                     await self.db(lambda c: c.set_meta("clean", "1"))
-            except OwmError as exc:
+            except (OwmError, sqlite3.Error) as exc:
                 log.error("the pool's catalog could not be marked clean: %s", exc)
                 clean = False
             await self.db(lambda c: c.close())

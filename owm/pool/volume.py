@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from owm.catalog import ImageRow, VolumeRow, now
 from owm.common.errors import (
     ImageBroken,
+    ImageDamaged,
     InvalidRequest,
     NoSpace,
     NotFound,
@@ -243,6 +244,7 @@ class Volume:
         untrusted = [] if clean else [self.row.live_generation] + [
             g for g, i in self.images.items() if i.state == "draining"]
         await self.engine.load_changed(untrusted)
+        await self._mark_damaged(self.engine.check_tables())
         for image in self.images.values():
             self._drained[image.generation] = asyncio.Event()
             if image.state != "draining":
@@ -253,6 +255,21 @@ class Volume:
         await self._settle_drains()
         for gen in releasing:
             self._start_release(gen, None)
+
+    async def _mark_damaged(self, damaged: dict[int, str]) -> None:
+        """Label what a corrupt chunk table left untrustworthy, and say so once in the log."""
+        for gen, reason in sorted(damaged.items()):
+            image = self.images.get(gen)
+            if image is None:
+                log.error("volume %s is damaged: %s; its reads and writes are refused",
+                          self.name, reason)
+            elif image.state not in ("damaged", "releasing"):
+                image.state, image.consistency, image.broken_reason = "damaged", "damaged", reason
+                await self._db(lambda c, i=image: c.update_image(i))  # type: ignore[misc]
+                log.error("image %s@%d is damaged: %s; its reads are refused", self.name, gen,
+                          reason)
+        for warning in self.engine.warnings:
+            log.warning("volume %s: %s", self.name, warning)
 
     # -- in-flight accounting (cutover waits for requests of the generations it rebinds) ------
     def _enter(self, gen: int) -> int:
@@ -387,6 +404,9 @@ class Volume:
         if self.row.restore:
             raise WrongState(f"volume {self.name} is an incomplete restore of "
                              f"{self.row.restore.get('from')}; finish that restore first")
+        if self.live in self.engine.damaged:
+            raise ImageDamaged(f"volume {self.name} is damaged ({self.engine.damaged[self.live]});"
+                               " it cannot be preserved")
         async with self._control:
             # The engine splits in memory first and the catalog records it after; a record that
             # then failed could not be undone.  Refuse up front while the catalog has no room.
@@ -572,6 +592,7 @@ class Volume:
             "created_at": self.row.created_at, "uid": self.row.uid,
             "restore": dict(self.row.restore) if self.row.restore else None,
             "bytes_on_disk": self.engine.bytes_on_disk(self.live),
+            "damaged": self.engine.damaged.get(self.live), "warnings": list(self.engine.warnings),
             "generations": [{"generation": g, "sessions": by_gen[g]} for g in sorted(by_gen)],
             "images": images,
             "resync_progress": None if resync is None
