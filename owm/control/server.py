@@ -108,7 +108,6 @@ class ControlServer:
         self.unix_path = unix_path
         try:
             runner = await self._runner(create_app(self.ctx))
-            await web.SockSite(runner, sock).start()
             if tcp is not None:
                 tcp_runner = await self._runner(create_app(self.ctx, token=token))
                 site = web.TCPSite(tcp_runner, tcp[0], tcp[1], reuse_address=True)
@@ -120,6 +119,9 @@ class ControlServer:
                     ) from None
                 host, port = tcp_runner.addresses[0][:2]
                 self.tcp_address = (str(host), int(port))
+            # The Unix socket last: a client that sees it answer (GET /v1/health) must find
+            # every listener's address already known.
+            await web.SockSite(runner, sock).start()
         except BaseException:
             await self.stop()
             raise
