@@ -188,3 +188,32 @@ async def test_the_server_budget_is_shared_and_returns_to_zero(
             writer.close()
         await wait_for(lambda: server.connection_count == 0, 10)
         await wait_for(lambda: server.buffered_bytes == 0, 10)
+
+
+async def test_connections_past_the_cap_are_closed_and_the_rest_served(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each connection may hold a request's buffer, so their number is capped: one past the cap
+    is closed at once (no greeting), those within it are served, and a place that comes free is
+    usable again."""
+    monkeypatch.setattr(server_module, "MAX_CONNECTIONS", 3)
+    exports = MemoryExports(size=MIB)
+    path = str(tmp_path / "nbd.sock")
+    async with serve(exports, tmp_path) as server:
+        held = []
+        for _ in range(3):
+            reader, writer = await asyncio.open_unix_connection(path)
+            await reader.readexactly(18)  # greeted
+            held.append(writer)
+        reader, writer = await asyncio.open_unix_connection(path)
+        assert await asyncio.wait_for(reader.read(18), 10) == b""  # closed, not greeted
+        writer.close()
+        assert server.refused_connections == 1
+        held.pop().close()
+        await wait_for(lambda: server.connection_count == 2, 10)
+        client = await NbdClient.connect("vol", unix_path=path)
+        await client.write(0, b"x" * 4096)
+        assert await client.read(0, 4096) == b"x" * 4096
+        await client.disconnect()
+        for w in held:
+            w.close()

@@ -30,6 +30,7 @@ import os
 import socket
 import stat
 import struct
+import time
 from collections.abc import Callable, Coroutine
 from typing import Any, cast
 
@@ -45,6 +46,8 @@ MAX_INFLIGHT_REQUESTS = 256
 MAX_INFLIGHT_BYTES = 128 * 1024 * 1024
 MAX_CONNECTION_REPLY_BYTES = 32 * 1024 * 1024
 MAX_BUFFERED_BYTES = 256 * 1024 * 1024
+# Connections at once; past it a new one is closed at once (each may hold a request's buffer).
+MAX_CONNECTIONS = 1024
 BUDGET_RECHECK = 0.05  # seconds between recounts while connections wait for the server's budget
 WRITE_HIGH_WATER = 8 * 1024 * 1024
 WRITE_LOW_WATER = 2 * 1024 * 1024
@@ -161,6 +164,10 @@ class _Connection(asyncio.BufferedProtocol):
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             _tune_tcp(sock)
         transport.set_write_buffer_limits(high=WRITE_HIGH_WATER, low=WRITE_LOW_WATER)
+        if len(self.server._connections) >= MAX_CONNECTIONS:
+            self.server._refused_connection(self.peer)
+            transport.close()
+            return
         self.server._connections.add(self)
         log.debug("connection from %s", self.peer)
         if self.server._stopping:
@@ -670,6 +677,16 @@ class NbdServer:
         self._buffered = 0
         self._waiting: set[_Connection] = set()  # stopped at MAX_BUFFERED_BYTES
         self._recheck: asyncio.TimerHandle | None = None
+        self.refused_connections = 0
+        self._refusal_logged = -10.0
+
+    def _refused_connection(self, peer: str) -> None:
+        self.refused_connections += 1
+        now = time.monotonic()
+        if now - self._refusal_logged >= 10.0:  # one line per 10 s, however many are refused
+            self._refusal_logged = now
+            log.warning("refused a connection from %s: %d connections are open already "
+                        "(%d refused so far)", peer, MAX_CONNECTIONS, self.refused_connections)
 
     @property
     def buffered_bytes(self) -> int:
