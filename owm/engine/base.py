@@ -50,8 +50,10 @@ class SyncTracking:
 
     def __init__(self, inner: Storage) -> None:
         self.inner = inner
-        self._synced: set[str] = set()
-        self._version: dict[str, int] = {}  # bumped when a write to the object starts or ends
+        # Per object: a version bumped when a write starts and again when it ends, and the
+        # version a completed sync covered.  Equal means nothing changed since that sync.
+        self._version: dict[str, int] = {}
+        self._synced_at: dict[str, int] = {}
         self.dirty: set[str] = set()  # written since their last completed sync
         self.tables: set[ChunkTable] = set()  # tables that may have something to commit
         self.settled = False  # a full flush ran since open: ``dirty`` is the whole story
@@ -61,9 +63,9 @@ class SyncTracking:
         return getattr(self.inner, attr)  # test hooks of the storage behind (fail_writes, ...)
 
     def _changed(self, name: str) -> None:
-        self._synced.discard(name)
         self.dirty.add(name)
-        self._version[name] = self._version.get(name, 0) + 1
+        version = self._version
+        version[name] = version.get(name, 0) + 1
 
     def note_table(self, table: ChunkTable) -> None:
         self.tables.add(table)
@@ -73,26 +75,29 @@ class SyncTracking:
         return tables
 
     def needs_sync(self, name: str) -> bool:
-        return name not in self._synced
+        return self._synced_at.get(name, -1) != self._version.get(name, 0)
 
     async def read(self, name: str, offset: int, length: int) -> bytes:
         return await self.inner.read(name, offset, length)
 
     async def write(self, name: str, offset: int, data: Buffer) -> None:
-        self._changed(name)
+        # The hot path: two dict updates and a set add around the write (no helper calls).
+        version = self._version
+        version[name] = version.get(name, 0) + 1
+        self.dirty.add(name)
         try:
             await self.inner.write(name, offset, data)
         finally:
-            self._changed(name)  # a sync that ran meanwhile may have missed it
+            version[name] += 1  # a sync that ran meanwhile may have missed it
 
     async def sync(self, name: str) -> None:
-        if name in self._synced:
-            return
         version = self._version.get(name, 0)
+        if self._synced_at.get(name, -1) == version:
+            return
         self.syncs += 1
         await self.inner.sync(name)
         if self._version.get(name, 0) == version:
-            self._synced.add(name)
+            self._synced_at[name] = version
             self.dirty.discard(name)
 
     async def allocate(self, name: str, size: int) -> None:
@@ -118,7 +123,7 @@ class SyncTracking:
             await self.inner.delete(name)
         finally:
             self._changed(name)
-            self._synced.discard(name)
+            self._synced_at.pop(name, None)
             self.dirty.discard(name)  # nothing left to sync
             # A table whose files are deleted is gone (a folded log delta, a released image):
             # what it still had pending must not recreate them at the next flush.
