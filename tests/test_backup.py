@@ -178,9 +178,11 @@ def test_verify_names_the_offset_of_a_damaged_chunk(daemon: Daemon, short_tmp: P
     assert f"offset {9 * CHUNK}" in line
     assert not (short_tmp / "x.raw").exists() and not (short_tmp / "x.raw.partial").exists()
 
+    # verify moved the damaged chunk aside (NAME.bad), so the next backup stores it anew.
+    assert not path.exists() and path.with_name(path.name + ".bad").exists()
     path.write_bytes(b"not zstd at all")
     assert f"offset {9 * CHUNK}" in daemon.owm("backup", "verify", repo).stderr
-    path.unlink()
+    path.unlink(missing_ok=True)
     assert "missing" in daemon.owm("backup", "verify", repo).stderr
 
 

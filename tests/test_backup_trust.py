@@ -293,6 +293,32 @@ def test_an_incremental_re_reads_what_its_parent_lost(daemon: Daemon, short_tmp:
     ok(daemon.owm("backup", "verify", repo))
 
 
+def test_a_rotten_chunk_is_quarantined_by_verify_and_stored_again(daemon: Daemon,
+                                                                 short_tmp: Path) -> None:
+    """An incremental checks kept chunks cheaply (present, a zstd frame of the right size), so
+    a byte rotten inside one is verify's to find: verify names the backups, moves the chunk
+    aside, and the next backup reads it from the image again, which repairs them all."""
+    repo = short_tmp / "repo"
+    create(daemon, "vol", "4M")
+    write(daemon, [(n * CHUNK, bytes([n + 1]) * CHUNK) for n in range(6)])
+    a = ok_json(daemon.owm("backup", preserve(daemon), "--to", repo, "--json"))["id"]
+    repository = Repository.open(repo)
+    path = repository.chunk_path(dict(repository.load(a).chunk_map.entries())[3])
+    packed = bytearray(path.read_bytes())
+    packed[len(packed) // 2 + 9] ^= 0x40  # inside the payload: the frame header is intact
+    path.write_bytes(bytes(packed))
+    assert a in refused(daemon.owm("backup", "verify", repo, a))
+    assert not path.exists() and path.with_name(path.name + ".bad").exists()
+    write(daemon, [(4 * CHUNK, b"\x77" * CHUNK)])
+    image = preserve(daemon)
+    summary = ok_json(daemon.owm("backup", image, "--to", repo, "--json"))
+    assert summary["incremental"] is True and summary["changed_chunks"] == 2, summary
+    ok(daemon.owm("backup", "verify", repo))  # the parent is whole again too
+    target = short_tmp / "r.raw"
+    ok(daemon.owm("restore", repo, summary["id"], "--to", target))
+    assert target.read_bytes() == read_image(daemon, image)
+
+
 # ---------------------------------------------------------------------------- fault injection
 
 

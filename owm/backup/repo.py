@@ -60,6 +60,7 @@ REPO_FORMAT = "owm-backup-repository"
 REPO_VERSION = 1
 DEFAULT_LEVEL = 3
 _TMP = ".tmp"
+_BAD = ".bad"  # a chunk file verify found damaged, kept aside for inspection until a delete
 # Temporary files in the repository: a link planted at their name is never followed.
 _WRITE_NEW = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC
 
@@ -293,6 +294,38 @@ class Repository:
         if blake3.blake3(data).digest() != digest:
             raise ChunkDamaged("its content does not match its hash")
         return data
+
+    def chunk_present(self, digest: bytes, length: int) -> bool:
+        """Cheap: the chunk file exists and starts a zstd frame of ``length`` bytes.
+
+        An incremental backup checks every chunk it keeps from its parent this way (a read of a
+        few bytes, not of the chunk); damage inside a chunk is ``verify``'s to find, and verify
+        moves such a chunk aside (:meth:`quarantine_chunk`) so the next backup stores it anew.
+        """
+        name = digest.hex()
+        try:
+            fd = os.open(name, os.O_RDONLY | os.O_CLOEXEC, dir_fd=self._dir(name))
+        except OSError:
+            return False
+        try:
+            head = os.read(fd, 18)  # the longest zstd frame header
+        except OSError:
+            return False
+        finally:
+            os.close(fd)
+        try:
+            return bool(zstandard.frame_content_size(head) == length)
+        except zstandard.ZstdError:
+            return False
+
+    def quarantine_chunk(self, digest: bytes) -> None:
+        """Move a damaged chunk file aside (``NAME.bad``, as Proxmox Backup Server does): backups
+        that use it stay damaged, and the next backup that meets the chunk stores it again,
+        which repairs them."""
+        name = digest.hex()
+        where = self._dir(name)
+        with contextlib.suppress(FileNotFoundError):
+            os.rename(name, name + _BAD, src_dir_fd=where, dst_dir_fd=where)
 
     def chunk_ok(self, digest: bytes, length: int) -> bool:
         try:
@@ -535,13 +568,14 @@ class Repository:
                 continue
             for path in sub.iterdir():
                 name = path.name
-                if name.endswith(_TMP) or (len(name) == 2 * DIGEST_SIZE and name not in live):
+                if name.endswith((_TMP, _BAD)) or (len(name) == 2 * DIGEST_SIZE
+                                                   and name not in live):
                     try:
                         size = path.stat().st_size
                         path.unlink()
                     except FileNotFoundError:
                         continue
-                    if not name.endswith(_TMP):
+                    if not name.endswith((_TMP, _BAD)):
                         removed += 1
                         freed += size
         for path in (self.root / "backups").iterdir():

@@ -126,6 +126,7 @@ def verify_backups(repo: Repository, ref: str | None = None, *, progress: Progre
                     progress(done, total)
                 if reason is None:
                     continue
+                repo.quarantine_chunk(key[0])  # the next backup that meets it stores it anew
                 for report, index in todo[key]:
                     size = key[1]
                     chunk_size = next(m.chunk_size for m in manifests if m.id == report.backup_id)
