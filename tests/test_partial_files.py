@@ -93,7 +93,7 @@ def test_raw_restores_leave_planted_partials_alone(daemon: Daemon, short_tmp: Pa
 
 
 def test_repository_temporary_files_never_follow_a_planted_link(tmp_path: Path) -> None:
-    from owm.backup.repo import write_atomically
+    from owm.common.files import write_atomically
 
     victim = tmp_path / "victim"
     victim.write_bytes(b"keep me")

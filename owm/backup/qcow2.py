@@ -18,8 +18,8 @@ from urllib.parse import quote
 
 from owm.backup.pipeline import Progress
 from owm.backup.raw import create_partial, same_file
-from owm.backup.repo import fsync_dir
 from owm.common.errors import AlreadyExists, InvalidRequest, OwmError
+from owm.common.files import fsync_dir
 
 _PERCENT = re.compile(rb"\((\d+(?:\.\d+)?)/100%\)")
 

@@ -18,9 +18,9 @@ from pathlib import Path
 import blake3
 
 from owm.backup.pipeline import Stats
-from owm.backup.repo import fsync_dir
 from owm.backup.source import Batch
 from owm.common.errors import AlreadyExists, InvalidRequest
+from owm.common.files import fsync_dir
 
 
 def partial_path(path: Path) -> Path:

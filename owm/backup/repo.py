@@ -52,6 +52,7 @@ from owm.backup.manifest import (
     valid_id,
 )
 from owm.common.errors import AlreadyExists, InvalidRequest, NotFound, WrongState
+from owm.common.files import fsync_dir, write_atomically
 
 log = logging.getLogger("owm.backup")
 
@@ -96,29 +97,6 @@ def sync_filesystem(path: Path) -> None:
             raise OSError(code, os.strerror(code), str(path))
     finally:
         os.close(fd)
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_atomically(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that a crash leaves the old file or the new, whole."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}{_TMP}")
-    fd = os.open(tmp, _WRITE_NEW, 0o644)
-    try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
 
 
 @dataclass

@@ -34,8 +34,9 @@ from urllib.parse import quote
 
 from owm.backup.manifest import Manifest
 from owm.backup.raw import create_partial
-from owm.backup.repo import ChunkDamaged, Repository, fsync_dir
+from owm.backup.repo import ChunkDamaged, Repository
 from owm.common.errors import AlreadyExists, InvalidRequest, OwmError, WrongState
+from owm.common.files import fsync_dir
 from owm.common.names import is_volume_name
 from owm.control.client import ControlClient, ControlError
 

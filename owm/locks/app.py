@@ -50,7 +50,6 @@ import heapq
 import itertools
 import logging
 import math
-import os
 import secrets
 import time
 import zlib
@@ -61,6 +60,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from owm.common.errors import InvalidRequest, NoSpace, OwmError, Timeout, WrongState
+from owm.common.files import write_atomically
 
 log = logging.getLogger("owm.locks.app")
 
@@ -212,22 +212,7 @@ class FenceFile:
 
     def _write(self, value: int) -> None:
         line = f"{self.MAGIC} {value}"
-        data = f"{line} {self._crc(line)}\n".encode("ascii")
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, self.path)
-        dfd = os.open(self.path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
+        write_atomically(self.path, f"{line} {self._crc(line)}\n".encode("ascii"), mode=0o600)
 
 
 # ---------------------------------------------------------------------------- one lock space
