@@ -169,7 +169,7 @@ class Engine(ABC):
             raise InvalidRequest("a volume's size must be more than zero bytes")
         if enospc_policy not in ENOSPC_POLICIES:
             raise InvalidRequest(f"unknown full-disk policy {enospc_policy!r}")
-        self.storage: Storage = SyncTracking(storage)
+        self.storage = SyncTracking(storage)
         self.size = size
         self.chunk_size = chunk_size
         self.shift = chunk_size.bit_length() - 1
@@ -425,9 +425,7 @@ class Engine(ABC):
         return gs
 
     async def sync_objects(self, names: set[str] | list[str]) -> None:
-        storage = self.storage
-        if isinstance(storage, SyncTracking):
-            names = [n for n in names if storage.needs_sync(n)]
+        names = [n for n in names if self.storage.needs_sync(n)]
         if names:
             await asyncio.gather(*(self.group_sync(n)() for n in names))
 
@@ -437,7 +435,7 @@ class Engine(ABC):
         The cost follows what changed since the last flush, not the number of objects or
         tables (a thousand outstanding images must not make every flush visit each)."""
         storage = self.storage
-        if self.generic_flush and isinstance(storage, SyncTracking) and storage.settled:
+        if self.generic_flush and storage.settled:
             # Data first, then table entries (which only ever point at durable data).
             await self.sync_objects(sorted(storage.dirty))
             tables = storage.take_tables()
@@ -449,8 +447,7 @@ class Engine(ABC):
             return
         await self._flush()
         await asyncio.gather(*(t.commit() for t in self.changed.values()))
-        if isinstance(storage, SyncTracking):
-            storage.settled = True
+        storage.settled = True
 
     @abstractmethod
     async def _flush(self) -> None:
