@@ -125,10 +125,13 @@ class LogEngine(Engine):
         return preserved
 
     # -- resolution -------------------------------------------------------------------------
-    def _resolve(self, top: int, chunk: int) -> Layer:
+    def _resolve(self, top: int, chunk: int, layers: list[Layer] | None = None) -> Layer:
+        """The newest layer at or below ``top`` that holds ``chunk`` (in ``layers``, a copy of
+        the stack, when the caller must not see a fold drop a layer meanwhile)."""
+        stack = self.layers if layers is None else layers
         for i in range(top, -1, -1):
-            if self.layers[i].has(chunk):
-                return self.layers[i]
+            if stack[i].has(chunk):
+                return stack[i]
         raise AssertionError("the base holds every chunk")
 
     def _placement(self, view: int, offset: int, length: int) -> Iterator[tuple[str, int, int]]:
@@ -142,7 +145,7 @@ class LogEngine(Engine):
             return
         run: tuple[str, int, int] | None = None
         for chunk, _within, n, done in self.pieces(offset, length):
-            name = next(layer for layer in reversed(stack) if layer.has(chunk)).data
+            name = self._resolve(top, chunk, stack).data
             if run is not None and run[0] == name:
                 run = (name, run[1], run[2] + n)
             else:
