@@ -99,3 +99,18 @@ def repo_list(daemon: Daemon, repo: Path) -> list[dict[str, Any]]:
     listed = ok_json(daemon.owm("backup", "list", repo, "--json"))
     assert isinstance(listed, list)
     return listed
+
+
+async def _fill_random(daemon: Daemon, size: int, export: str) -> None:
+    client = await NbdClient.connect(export=export, unix_path=str(daemon.nbd_socket))
+    try:
+        for offset in range(0, size, 8 << 20):
+            await client.write(offset, random.randbytes(min(8 << 20, size - offset)))
+        await client.flush()
+    finally:
+        await client.disconnect()
+
+
+def fill_random(daemon: Daemon, size: int, export: str = "vol") -> None:
+    """Write ``size`` bytes of random (incompressible) data from offset 0, then flush."""
+    asyncio.run(_fill_random(daemon, size, export))

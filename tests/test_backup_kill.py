@@ -7,32 +7,18 @@ the result restores byte for byte.  A killed raw backup leaves only ``PATH.parti
 
 from __future__ import annotations
 
-import asyncio
 import json
-import os
 import signal
 import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-from backup_helpers import create, ok, ok_json, preserve, read_image, repo_list
+from backup_helpers import create, fill_random, ok, ok_json, preserve, read_image, repo_list
 from conftest import OWM, Daemon, cli_env
-
-from owm.nbd.client import NbdClient
 
 MiB = 1 << 20
 DATA = 96 * MiB
-
-
-async def _fill(daemon: Daemon) -> None:
-    client = await NbdClient.connect(export="vol", unix_path=str(daemon.nbd_socket))
-    try:
-        for offset in range(0, DATA, 8 * MiB):
-            await client.write(offset, os.urandom(8 * MiB))
-        await client.flush()
-    finally:
-        await client.disconnect()
 
 
 def start_backup(daemon: Daemon, *args: str | Path) -> subprocess.Popen[str]:
@@ -66,7 +52,7 @@ def manifests(repo: Path) -> list[dict[str, object]]:
 
 def test_killed_owm_backup_is_incomplete_then_resumes(daemon: Daemon, short_tmp: Path) -> None:
     create(daemon, "vol", "128M")
-    asyncio.run(_fill(daemon))
+    fill_random(daemon, DATA)
     image = preserve(daemon)
     repo = short_tmp / "repo"
 
@@ -103,7 +89,7 @@ def test_killed_owm_backup_is_incomplete_then_resumes(daemon: Daemon, short_tmp:
 
 def test_killed_raw_backup_leaves_only_a_partial(daemon: Daemon, short_tmp: Path) -> None:
     create(daemon, "vol", "128M")
-    asyncio.run(_fill(daemon))
+    fill_random(daemon, DATA)
     image = preserve(daemon)
     target = short_tmp / "b.raw"
     partial = short_tmp / "b.raw.partial"

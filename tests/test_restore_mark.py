@@ -10,8 +10,6 @@ over and ends with the backup's bytes and no mark.
 
 from __future__ import annotations
 
-import asyncio
-import os
 import signal
 import subprocess
 import time
@@ -19,28 +17,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from backup_helpers import create, ok, ok_json, preserve, read_image, refused
+from backup_helpers import create, fill_random, ok, ok_json, preserve, read_image, refused
 from conftest import OWM, Daemon, cli_env, start_daemon
-
-from owm.nbd.client import NbdClient
 
 MiB = 1 << 20
 DATA = 64 * MiB
 
 
-async def _fill(daemon: Daemon) -> None:
-    client = await NbdClient.connect(export="vol", unix_path=str(daemon.nbd_socket))
-    try:
-        for offset in range(0, DATA, 8 * MiB):
-            await client.write(offset, os.urandom(8 * MiB))
-        await client.flush()
-    finally:
-        await client.disconnect()
-
-
 def backed_up(daemon: Daemon, repo: Path) -> tuple[str, bytes]:
     create(daemon, "vol", "80M")
-    asyncio.run(_fill(daemon))
+    fill_random(daemon, DATA)
     image = preserve(daemon)
     backup_id = ok_json(daemon.owm("backup", image, "--to", repo, "--json"))["id"]
     return backup_id, read_image(daemon, image)
