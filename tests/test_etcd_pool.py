@@ -229,6 +229,9 @@ def test_etcd_restart_while_the_daemon_runs_fails_clearly_then_recovers(
         ok(d.owm("volume", "create", "y", "--size", "1M"))
         got = chains(d)
         assert got["vol"] == (1, [0]) and "x" not in got
+        log = d.log_text()
+        assert "lost contact with the pool's catalog in etcd" in log
+        assert log.index("lost contact") < log.index("answers again")
     finally:
         assert d.stop() == 0, d.log_text()
     d = etcd_daemon(short_tmp / "pool", server, etcd_prefix)

@@ -214,6 +214,7 @@ class EtcdCatalog:
         self.endpoints = parse_endpoints(endpoints)
         self.prefix = normalise_prefix(prefix)
         self.call_timeout = call_timeout
+        self._down = False  # etcd unreachable since the last call (logged once per outage)
         self._p = self.prefix.encode()
         self._index = 0
         self._client: Any = None
@@ -257,9 +258,13 @@ class EtcdCatalog:
             return future.result(timeout)
         except concurrent.futures.TimeoutError:
             future.cancel()
-            raise CatalogUnavailable(
+            error = CatalogUnavailable(
                 f"the pool's catalog in etcd ({self._url()}) did not answer within "
-                f"{timeout:.0f} s, so this daemon could not {what}") from None
+                f"{timeout:.0f} s, so this daemon could not {what}")
+            if not self._down:
+                self._down = True
+                log.error("lost contact with the pool's catalog in etcd: %s", error)
+            raise error from None
 
     async def _stub(self) -> Any:
         import aetcd
@@ -304,11 +309,19 @@ class EtcdCatalog:
         from aetcd import rpc
 
         try:
-            return await coro
+            result = await coro
         except OwmError:
             raise
         except (rpc.AioRpcError, OSError) as exc:
-            raise await self._translate(exc, what) from None
+            error = await self._translate(exc, what)
+            if isinstance(error, CatalogUnavailable) and not self._down:
+                self._down = True
+                log.error("lost contact with the pool's catalog in etcd: %s", error)
+            raise error from None
+        if self._down:
+            self._down = False
+            log.info("the pool's catalog in etcd (%s) answers again", self._url())
+        return result
 
     def _call(self, what: str, fn: Callable[[], Coroutine[Any, Any, T]]) -> T:
         return self._run(self._guarded(what, fn()), self.call_timeout + 1.0, what)
