@@ -285,3 +285,14 @@ def test_damaged_value_in_etcd_stops_the_start_with_one_sentence(
                      "--etcd", etcd_server.url, "--etcd-prefix", etcd_prefix, timeout=30)
     line = one_sentence(result)
     assert "is corrupt" in line and f"{etcd_prefix}volumes/vol is not JSON" in line, line
+
+
+def test_etcd_options_mistakes_are_one_sentence(short_tmp: Path) -> None:
+    result = run_owm("--pool", short_tmp / "pool", "serve", "--etcd-prefix", "/owm/x/")
+    assert "--etcd-prefix needs --etcd" in one_sentence(result, 2).replace("Error: ", "")
+    result = run_owm("--pool", short_tmp / "pool", "serve", "--listen", "none",
+                     "--etcd", "https://127.0.0.1:2379")
+    assert "only http:// is supported" in one_sentence(result)
+    result = run_owm("--pool", short_tmp / "pool", "serve", "--listen", "none",
+                     "--etcd", "http://127.0.0.1:2379", "--etcd-prefix", "no-slash")
+    assert "must start with '/'" in one_sentence(result)
