@@ -23,13 +23,18 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import owm
 from owm.common.errors import WrongState
 from owm.control.context import ControlContext
 from owm.control.server import ControlServer, check_unix_path, read_token_file, socket_in_use
 from owm.locks.app import LockService
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from owm.catalog.etcd import EtcdCatalog
 
 log = logging.getLogger("owm.daemon.serve")
 
@@ -133,7 +138,9 @@ def unlock_pool(fd: int) -> None:
     os.close(fd)
 
 
-def etcd_catalog_factory(config: DaemonConfig, pool_dir: Path) -> Any:
+def etcd_catalog_factory(
+    config: DaemonConfig, pool_dir: Path
+) -> Callable[[], EtcdCatalog] | None:
     """With ``--etcd``: a factory opening the catalog in etcd and claiming the pool there (the
     owner key on a lease), else None (the local SQLite catalog)."""
     if config.etcd is None:
