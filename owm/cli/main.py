@@ -126,10 +126,15 @@ def parse_endpoint(text: str, what: str) -> tuple[str, int] | None:
               help="File holding the bearer token the TCP control listener requires.")
 @click.option("--grace", type=click.FloatRange(min=0), default=30.0, show_default=True,
               help="Seconds requests in flight get to finish at shutdown.")
+@click.option("--etcd", metavar="URL[,URL...]",
+              help="Keep the catalog in etcd at these endpoints instead of POOL/catalog.sqlite.")
+@click.option("--etcd-prefix", metavar="PREFIX",
+              help="The pool's keys in etcd [default: /owm/NAME/, NAME the pool directory's].")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]),
               default="info", show_default=True)
 def serve(listen: str, nbd_socket: Path | None, control_listen: str | None,
-          control_token_file: Path | None, grace: float, log_level: str) -> None:
+          control_token_file: Path | None, grace: float, etcd: str | None,
+          etcd_prefix: str | None, log_level: str) -> None:
     """Run the daemon (NBD and the control API) in the foreground.
 
     NBD is served on HOST:PORT and POOL/nbd.sock, the control API on POOL/control.sock.
@@ -140,9 +145,12 @@ def serve(listen: str, nbd_socket: Path | None, control_listen: str | None,
     control_tcp = parse_endpoint(control_listen, "--control-listen") if control_listen else None
     if control_tcp is not None and control_token_file is None:
         raise click.UsageError("--control-listen needs --control-token-file")
+    if etcd_prefix is not None and etcd is None:
+        raise click.UsageError("--etcd-prefix needs --etcd")
     config = DaemonConfig(
         pool=state().pool, nbd_listen=parse_endpoint(listen, "--listen"), nbd_socket=nbd_socket,
         control_listen=control_tcp, control_token_file=control_token_file, grace=grace,
+        etcd=etcd, etcd_prefix=etcd_prefix,
     )
     try:
         run(config, log_level)
@@ -291,13 +299,19 @@ def status(name: str | None, as_json: bool) -> None:
     For every volume, or just NAME.
     """
 
-    async def call(c: ControlClient) -> list[JSON]:
-        return [await c.volume(name)] if name else await c.volumes()
+    async def call(c: ControlClient) -> tuple[list[JSON], JSON]:
+        volumes = [await c.volume(name)] if name else await c.volumes()
+        return volumes, (await c.health()).get("catalog") or {}
 
-    volumes = talk(call)
+    volumes, catalog = talk(call)
     if as_json:
-        print_json(volumes)
-    elif not volumes:
+        # Where the catalog lives, on every entry: the answer stays a list of volumes.
+        print_json([{**v, "catalog": catalog} for v in volumes] if catalog else volumes)
+        return
+    if catalog.get("kind") == "etcd":
+        state().out.print(f"Catalog in etcd at {','.join(catalog.get('endpoints') or [])}, "
+                          f"prefix {catalog.get('prefix')}.", markup=False)
+    if not volumes:
         state().out.print(f"No volumes in pool {state().pool.absolute()}.", markup=False)
     else:
         state().out.print(status_view(volumes))

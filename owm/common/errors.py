@@ -77,3 +77,10 @@ class Timeout(OwmError):
 
 class DaemonNotRunning(OwmError):
     """Nothing is serving the pool's control socket."""
+
+
+class Unavailable(OwmError):
+    """A service the pool depends on (its catalog in etcd, say) cannot be reached just now;
+    the request changed nothing that owm knows of and may be tried again."""
+
+    errno = _errno.EIO

@@ -44,6 +44,7 @@ STATUS_FOR_ERROR: tuple[tuple[type[errors.OwmError], int], ...] = (
     (errors.Timeout, 408),
     (errors.NoSpace, 507),
     (ShuttingDown, 503),
+    (errors.Unavailable, 503),
 )
 
 

@@ -18,17 +18,23 @@ import fcntl
 import logging
 import os
 import signal
+import socket
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import owm
 from owm.common.errors import WrongState
 from owm.control.context import ControlContext
 from owm.control.server import ControlServer, check_unix_path, read_token_file, socket_in_use
 from owm.locks.app import LockService
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from owm.catalog.etcd import EtcdCatalog
 
 log = logging.getLogger("owm.daemon.serve")
 
@@ -74,6 +80,8 @@ class DaemonConfig:
     control_listen: tuple[str, int] | None = None
     control_token_file: Path | None = None
     grace: float = 30.0  # seconds in-flight NBD requests get at shutdown
+    etcd: str | None = None  # URL[,URL...]: the catalog lives in etcd instead of POOL/
+    etcd_prefix: str | None = None  # default /owm/<pool directory name>/
 
     @property
     def control_socket(self) -> Path:
@@ -130,6 +138,46 @@ def unlock_pool(fd: int) -> None:
     os.close(fd)
 
 
+def etcd_catalog_factory(
+    config: DaemonConfig, pool_dir: Path
+) -> Callable[[], EtcdCatalog] | None:
+    """With ``--etcd``: a factory opening the catalog in etcd and claiming the pool there (the
+    owner key on a lease), else None (the local SQLite catalog)."""
+    if config.etcd is None:
+        return None
+    from owm.catalog.etcd import EtcdCatalog, normalise_prefix, parse_endpoints
+
+    endpoints = config.etcd
+    parse_endpoints(endpoints)  # a bad URL is refused before anything is touched
+    prefix = normalise_prefix(config.etcd_prefix or f"/owm/{pool_dir.name}/")
+    st = os.stat(pool_dir)
+    me = {"host": socket.gethostname(), "boot": _boot_id(), "pool": str(pool_dir),
+          "dir": f"{st.st_dev}:{st.st_ino}", "pid": os.getpid()}
+
+    def dead(holder: dict[str, Any]) -> bool:
+        # We hold the flock of this very directory on this very kernel, so a holder recorded
+        # from it is a daemon that died without releasing its lease: safe to take over.
+        return all(holder.get(k) == me[k] for k in ("host", "boot", "dir")) and bool(me["boot"])
+
+    def open_catalog() -> EtcdCatalog:
+        catalog = EtcdCatalog(endpoints, prefix)
+        try:
+            catalog.claim(me, may_take_over=dead)
+        except BaseException:
+            catalog.abandon()
+            raise
+        return catalog
+
+    return open_catalog
+
+
+def _boot_id() -> str:
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return ""
+
+
 def _endpoint(address: tuple[str, int] | None) -> str | None:
     if address is None:
         return None
@@ -179,7 +227,7 @@ async def _serve_locked(
 
     started = time.monotonic()
     ready = False
-    pool = await Pool.open(pool_dir)
+    pool = await Pool.open(pool_dir, catalog_factory=etcd_catalog_factory(config, pool_dir))
     nbd: Any = None
     ctx = ControlContext(pool=pool, app_locks=LockService.for_pool(pool_dir))
     control = ControlServer(ctx)
@@ -197,6 +245,7 @@ async def _serve_locked(
             "pool": str(pool_dir), "pid": os.getpid(), "version": owm.__version__,
             "nbd": {"tcp": _endpoint(nbd_tcp), "unix": str(config.nbd_socket_path.absolute())},
             "control": {"unix": str(config.control_socket.absolute()), "tcp": None},
+            "catalog": pool.catalog_info,
         })
         await control.start(config.control_socket, tcp=config.control_listen, token=token)
         ctx.daemon["control"]["tcp"] = _endpoint(control.tcp_address)

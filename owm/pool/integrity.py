@@ -32,7 +32,7 @@ class CatalogDamaged(OwmError):
     """The pool's catalog is corrupt, truncated or missing: the daemon does not start."""
 
 
-def _refuse(path: Path, why: str) -> CatalogDamaged:
+def _refuse(path: Path | str, why: str) -> CatalogDamaged:
     return CatalogDamaged(
         f"the catalog {path} {why}; the daemon did not start and changed nothing "
         "(restore the file from a copy, or move the pool aside)"
@@ -76,7 +76,8 @@ def check_file(path: Path, volumes_dir: Path) -> None:
         db.close()
 
 
-def check_rows(path: Path, volumes: list[VolumeRow], images: dict[str, list[ImageRow]]) -> None:
+def check_rows(path: Path | str, volumes: list[VolumeRow],
+               images: dict[str, list[ImageRow]]) -> None:
     """Refuse rows holding values no pool writes (the sign of a flipped byte inside a row)."""
     for v in volumes:
         where = f"volume {v.name!r}"
@@ -126,7 +127,7 @@ def rows_digest(volumes: list[VolumeRow], images: dict[str, list[ImageRow]]) -> 
     return hashlib.sha256(json.dumps(rows, sort_keys=True).encode()).hexdigest()
 
 
-def check_digest(path: Path, recorded: str | None, volumes: list[VolumeRow],
+def check_digest(path: Path | str, recorded: str | None, volumes: list[VolumeRow],
                  images: dict[str, list[ImageRow]]) -> None:
     """After a clean shutdown the rows must be exactly those the digest was taken of."""
     if recorded is not None and recorded != rows_digest(volumes, images):

@@ -34,6 +34,7 @@ T = TypeVar("T")
 log = logging.getLogger("owm.pool.pool")
 
 StorageFactory = Callable[[str], Storage]
+CatalogFactory = Callable[[], Catalog]  # called on the catalog's thread; None: POOL/catalog.sqlite
 MAX_PAYLOAD = 32 * 1024 * 1024
 
 
@@ -44,9 +45,13 @@ def _record_digest(c: Catalog) -> None:
 
 
 class Pool:
-    def __init__(self, root: Path, storage_factory: StorageFactory | None) -> None:
+    def __init__(self, root: Path, storage_factory: StorageFactory | None,
+                 catalog_factory: CatalogFactory | None = None) -> None:
         self.root = root
         self._factory = storage_factory or (lambda name: LocalStorage(root / "volumes" / name))
+        self._catalog_factory = catalog_factory
+        self.catalog_info: dict[str, Any] = {"kind": "sqlite",
+                                             "path": str(root / "catalog.sqlite")}
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="owm-catalog")
         self.catalog: Catalog | None = None
         self.volumes: dict[str, Volume] = {}
@@ -55,9 +60,10 @@ class Pool:
 
     @classmethod
     async def open(
-        cls, root: Path | str, *, storage_factory: StorageFactory | None = None
+        cls, root: Path | str, *, storage_factory: StorageFactory | None = None,
+        catalog_factory: CatalogFactory | None = None,
     ) -> Pool:
-        pool = cls(Path(root), storage_factory)
+        pool = cls(Path(root), storage_factory, catalog_factory)
         try:
             await pool._open()
         except BaseException:
@@ -74,14 +80,23 @@ class Pool:
 
     async def _open(self) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
-        path = self.root / "catalog.sqlite"
+        sqlite_path = self.root / "catalog.sqlite"
+        path: Path | str = sqlite_path  # how messages name the catalog
         loop = asyncio.get_running_loop()
-        # A corrupt or missing catalog stops the start before anything is written (#9 item 10).
-        await loop.run_in_executor(self._executor, integrity.check_file, path,
-                                   self.root / "volumes")
+        factory = self._catalog_factory
+        if factory is None:
+            # A corrupt or missing catalog stops the start before anything is written (#9
+            # item 10).  The file checks are SQLite's; another catalog checks its own values.
+            await loop.run_in_executor(self._executor, integrity.check_file, sqlite_path,
+                                       self.root / "volumes")
+            factory = lambda: SqliteCatalog(sqlite_path)  # noqa: E731
         (self.root / "volumes").mkdir(exist_ok=True)
         try:
-            self.catalog = await loop.run_in_executor(self._executor, lambda: SqliteCatalog(path))
+            self.catalog = await loop.run_in_executor(self._executor, factory)
+            describe = getattr(self.catalog, "describe", None)
+            if describe is not None:
+                self.catalog_info = dict(describe())
+                path = str(getattr(self.catalog, "location", path))
             self.was_clean = await self.db(lambda c: c.get_meta("clean", "1")) == "1"
             rows = await self.db(lambda c: c.volumes())
             images = {r.name: await self.db(lambda c, n=r.name: c.images(n))  # type: ignore[misc]
