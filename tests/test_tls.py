@@ -14,6 +14,7 @@ import datetime
 import ipaddress
 import os
 import socket
+import ssl
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -234,6 +235,37 @@ class PlainClient:
         magic, opt, reply_type, length = _OPT_REPLY.unpack(self._exact(_OPT_REPLY.size))
         assert magic == c.OPTION_REPLY_MAGIC and opt == option
         return reply_type, self._exact(length)
+
+    def option_replies(self, option: int, data: bytes = b"") -> list[tuple[int, bytes]]:
+        """Send one option; return every reply up to the final one (ACK or an error)."""
+        self.sock.sendall(_OPT.pack(c.IHAVEOPT, option, len(data)) + data)
+        out = []
+        while True:
+            magic, opt, reply_type, length = _OPT_REPLY.unpack(self._exact(_OPT_REPLY.size))
+            assert magic == c.OPTION_REPLY_MAGIC and opt == option
+            out.append((reply_type, self._exact(length)))
+            if reply_type == c.REP_ACK or reply_type & c.REP_ERR_BIT:
+                return out
+
+    def starttls(self, creds: Path) -> None:
+        """STARTTLS, then a TLS handshake with the credentials of a client directory."""
+        reply_type, _ = self.option(c.OPT_STARTTLS)
+        assert reply_type == c.REP_ACK, hex(reply_type)
+        context = ssl.create_default_context(cafile=str(creds / "ca-cert.pem"))
+        if (creds / "client-cert.pem").exists():
+            context.load_cert_chain(creds / "client-cert.pem", creds / "client-key.pem")
+        self.sock = context.wrap_socket(self.sock, server_hostname="127.0.0.1")
+
+    def request(self, command: int, offset: int, length: int, payload: bytes = b"") -> int:
+        """One transmission request (simple replies); returns the reply's error number."""
+        self.sock.sendall(
+            struct.pack(">IHHQQI", c.REQUEST_MAGIC, 0, command, 7, offset, length) + payload
+        )
+        magic, error, handle = struct.unpack(">IIQ", self._exact(16))
+        assert magic == c.SIMPLE_REPLY_MAGIC and handle == 7
+        if command == c.CMD_READ and not error:
+            self._exact(length)
+        return int(error)
 
     def rest(self) -> bytes:
         """Everything the server still sends until it closes (bounded by the timeout)."""
