@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 from conftest import Daemon, run_owm, start_daemon
 from nbd_fixtures import have, run
-from test_tls import PlainClient, Pki, make_pki, nbds_uri, qemu_io_tls
+from test_tls import Pki, PlainClient, make_pki, nbds_uri, qemu_io_tls
 
 from owm.common.errors import InvalidRequest
 from owm.nbd import constants as c

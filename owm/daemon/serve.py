@@ -255,7 +255,7 @@ async def _serve_locked(
         ctx.daemon["control"]["tcp"] = _endpoint(control.tcp_address)
         volumes = pool.status()
         log.info(
-            "serving pool %s with %d volume(s): NBD on %s (TLS %s%s) and %s (mode %o), "
+            "serving pool %s with %d volume(s): NBD on %s (TLS %s%s) and %s (mode %04o), "
             "control on %s%s (ready in %.0f ms)",
             pool_dir, len(volumes), _endpoint(nbd_tcp) or "no TCP", config.tls.mode,
             ", access rules " + str(config.access_file) if config.access_file else "",
