@@ -328,6 +328,14 @@ def test_require_refuses_every_option_but_starttls_and_abort_before_tls() -> Non
     assert isinstance(_send_option(m, c.OPT_GO, _go_data("vol")), p.ExportInfoRequest)
 
 
+def test_require_answers_an_oversize_option_with_tls_reqd_too() -> None:
+    m = _machine(p.TLS_REQUIRE)
+    length = c.MAX_OPTION_DATA + 1
+    m.receive_data(_OPT.pack(c.IHAVEOPT, c.OPT_GO, length) + bytes(length))
+    event = m.next_event()
+    assert isinstance(event, p.OptionHandled) and event.reply_type == c.REP_ERR_TLS_REQD
+
+
 def test_require_ends_the_session_on_export_name_before_tls() -> None:
     m = _machine(p.TLS_REQUIRE)
     m.receive_data(_OPT.pack(c.IHAVEOPT, c.OPT_EXPORT_NAME, 3) + b"vol")

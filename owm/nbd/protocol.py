@@ -459,12 +459,18 @@ class ServerConnection:
             have = min(length, len(buf) - pos)
             self._pos = pos + have
             self._drain = length - have
-            self._after_drain = OptionHandled(
-                option,
-                c.REP_ERR_TOO_BIG,
-                "The option is too large.",
-                option_reply(option, c.REP_ERR_TOO_BIG, b"The option is too large."),
-            )
+            if self.tls_mode == TLS_REQUIRE and not self.tls_active:
+                # Before TLS, FORCEDTLS answers every option this way, however long.
+                self._after_drain = self._handled(
+                    option, c.REP_ERR_TLS_REQD, "This server requires TLS: send STARTTLS first."
+                )
+            else:
+                self._after_drain = OptionHandled(
+                    option,
+                    c.REP_ERR_TOO_BIG,
+                    "The option is too large.",
+                    option_reply(option, c.REP_ERR_TOO_BIG, b"The option is too large."),
+                )
             return self._next_option()
         if len(buf) - pos >= length:
             self._pos = pos + length

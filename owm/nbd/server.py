@@ -507,9 +507,9 @@ class _Connection(asyncio.BufferedProtocol):
                 server_side=True,
                 ssl_handshake_timeout=self.server.handshake_timeout,
             )
-        except (OSError, TimeoutError, EOFError, RuntimeError) as exc:
-            # ssl.SSLError is an OSError.  After the acknowledgement there is no plain-text
-            # fallback: the connection ends.
+        except Exception as exc:
+            # A bad certificate, a timeout, a reset, a closed transport: whatever it was, after
+            # the acknowledgement there is no plain-text fallback, so the connection ends.
             log.info("%s: TLS handshake failed: %s", self.peer, exc or type(exc).__name__)
             self._option_busy = False
             self._close_transport(abort=True)
