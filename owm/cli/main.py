@@ -130,27 +130,56 @@ def parse_endpoint(text: str, what: str) -> tuple[str, int] | None:
               help="Keep the catalog in etcd at these endpoints instead of POOL/catalog.sqlite.")
 @click.option("--etcd-prefix", metavar="PREFIX",
               help="The pool's keys in etcd [default: /owm/NAME/, NAME the pool directory's].")
+@click.option("--tls", "tls_mode", type=click.Choice(["off", "on", "require"]),
+              help="STARTTLS on the NBD TCP listener: off, on (offered) or require (no data "
+                   "without it) [default: require with --tls-cert, else off].")
+@click.option("--tls-cert", metavar="FILE", type=click.Path(path_type=Path),
+              help="The server's x509 certificate (PEM).")
+@click.option("--tls-key", metavar="FILE", type=click.Path(path_type=Path),
+              help="The server's private key (PEM).")
+@click.option("--tls-ca", metavar="FILE", type=click.Path(path_type=Path),
+              help="CA bundle client certificates are checked against (PEM).")
+@click.option("--tls-verify-peer", is_flag=True,
+              help="Refuse TLS clients without a certificate signed by --tls-ca.")
+@click.option("--access-file", metavar="FILE", type=click.Path(path_type=Path),
+              help="Per-export access rules (TOML): which clients may open which exports.")
+@click.option("--socket-group", metavar="GROUP",
+              help="Make the NBD Unix socket 0660 for this group (default 0600).")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]),
               default="info", show_default=True)
 def serve(listen: str, nbd_socket: Path | None, control_listen: str | None,
-          control_token_file: Path | None, grace: float, etcd: str | None,
-          etcd_prefix: str | None, log_level: str) -> None:
+          control_token_file: Path | None, grace: float, tls_mode: str | None,
+          tls_cert: Path | None, tls_key: Path | None, tls_ca: Path | None,
+          tls_verify_peer: bool, access_file: Path | None, socket_group: str | None,
+          etcd: str | None, etcd_prefix: str | None, log_level: str) -> None:
     """Run the daemon (NBD and the control API) in the foreground.
 
     NBD is served on HOST:PORT and POOL/nbd.sock, the control API on POOL/control.sock.
     SIGTERM or Ctrl-C stops it cleanly.
     """
     from owm.daemon.serve import DaemonConfig, run
+    from owm.nbd.tls import TlsSettings
 
     control_tcp = parse_endpoint(control_listen, "--control-listen") if control_listen else None
     if control_tcp is not None and control_token_file is None:
         raise click.UsageError("--control-listen needs --control-token-file")
     if etcd_prefix is not None and etcd is None:
         raise click.UsageError("--etcd-prefix needs --etcd")
+    given = [n for n, v in (("--tls-cert", tls_cert), ("--tls-key", tls_key),
+                            ("--tls-ca", tls_ca), ("--tls-verify-peer", tls_verify_peer)) if v]
+    if tls_mode is None:
+        tls_mode = "require" if tls_cert is not None else "off"
+    if tls_mode == "off" and given:
+        raise click.UsageError(f"{given[0]} has no effect with --tls=off")
+    if tls_mode != "off" and (tls_cert is None or tls_key is None):
+        raise click.UsageError(f"--tls={tls_mode} needs --tls-cert and --tls-key")
+    if tls_verify_peer and tls_ca is None:
+        raise click.UsageError("--tls-verify-peer needs --tls-ca")
     config = DaemonConfig(
         pool=state().pool, nbd_listen=parse_endpoint(listen, "--listen"), nbd_socket=nbd_socket,
         control_listen=control_tcp, control_token_file=control_token_file, grace=grace,
-        etcd=etcd, etcd_prefix=etcd_prefix,
+        tls=TlsSettings(tls_mode, tls_cert, tls_key, tls_ca, tls_verify_peer),
+        access_file=access_file, socket_group=socket_group, etcd=etcd, etcd_prefix=etcd_prefix,
     )
     try:
         run(config, log_level)

@@ -4,9 +4,11 @@ Start-up first locks the pool (an exclusive ``flock`` on POOL/lock, held for the
 released by the kernel when the process dies, however it dies), so that a second daemon is refused
 before it reads, writes, recovers or unlinks anything in the pool. Then it opens the pool
 (recovering it after a crash), then listens for NBD on TCP and on
-POOL/nbd.sock and for control requests on POOL/control.sock. SIGTERM or SIGINT stops it the
-careful way: refuse new work, let requests in flight finish, sync, close the pool so that the
-next start on the same directory finds every volume and image as it was.
+POOL/nbd.sock (mode 0600, or 0660 for ``--socket-group``) and for control requests on
+POOL/control.sock. TLS settings and access rules are read before the pool is even locked, so a
+wrong certificate path or a bad rules file stops the daemon at once with one sentence. SIGTERM
+or SIGINT stops it the careful way: refuse new work, let requests in flight finish, sync, close
+the pool so that the next start on the same directory finds every volume and image as it was.
 """
 
 from __future__ import annotations
@@ -15,26 +17,31 @@ import asyncio
 import contextlib
 import errno
 import fcntl
+import grp
 import logging
 import os
 import signal
 import socket
+import ssl
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import owm
-from owm.common.errors import WrongState
+from owm.common.errors import InvalidRequest, WrongState
 from owm.control.context import ControlContext
 from owm.control.server import ControlServer, check_unix_path, read_token_file, socket_in_use
 from owm.locks.app import LockService
+from owm.nbd.access import AccessRules
+from owm.nbd.tls import TlsSettings, server_context
 
 if TYPE_CHECKING:
     from collections.abc import Callable
 
     from owm.catalog.etcd import EtcdCatalog
+    from owm.nbd.server import NbdServer
 
 log = logging.getLogger("owm.daemon.serve")
 
@@ -82,6 +89,10 @@ class DaemonConfig:
     grace: float = 30.0  # seconds in-flight NBD requests get at shutdown
     etcd: str | None = None  # URL[,URL...]: the catalog lives in etcd instead of POOL/
     etcd_prefix: str | None = None  # default /owm/<pool directory name>/
+    # STARTTLS on the NBD TCP listener: off, on (offered) or require.
+    tls: TlsSettings = field(default_factory=TlsSettings)
+    access_file: Path | None = None  # per-export access rules (owm.nbd.access)
+    socket_group: str | None = None  # the NBD Unix socket becomes 0660 for this group
 
     @property
     def control_socket(self) -> Path:
@@ -185,27 +196,64 @@ def _endpoint(address: tuple[str, int] | None) -> str | None:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
+def _group_id(name: str) -> int:
+    """The gid of group NAME (or a number); InvalidRequest in one sentence if there is none."""
+    if name.isdigit():
+        return int(name)
+    try:
+        return grp.getgrnam(name).gr_gid
+    except KeyError:
+        raise InvalidRequest(f"There is no group named {name!r} for --socket-group.") from None
+
+
+@dataclass
+class DataPlane:
+    """What secures the NBD listeners, built from the config before anything starts."""
+
+    tls_context: ssl.SSLContext | None
+    access: AccessRules | None
+    socket_mode: int
+    socket_gid: int | None
+
+    @classmethod
+    def from_config(cls, config: DaemonConfig) -> DataPlane:
+        context = server_context(config.tls)
+        access = AccessRules.load(config.access_file) if config.access_file else None
+        gid = _group_id(config.socket_group) if config.socket_group else None
+        return cls(context, access, 0o660 if gid is not None else 0o600, gid)
+
+    def nbd_server(self, pool: Any, config: DaemonConfig) -> NbdServer:
+        from owm.nbd.server import NbdServer
+
+        return NbdServer(pool, tls_context=self.tls_context, tls_mode=config.tls.mode,
+                         access=self.access)
+
+
 async def serve(config: DaemonConfig, stop: asyncio.Event | None = None) -> None:
     """Run the daemon until ``stop`` is set or SIGTERM/SIGINT arrives, then shut down cleanly."""
     pool_dir = config.pool.absolute()
     check_unix_path(config.control_socket.absolute())
     check_unix_path(config.nbd_socket_path.absolute())
     token = read_token_file(config.control_token_file) if config.control_token_file else None
+    plane = DataPlane.from_config(config)
     if not pool_dir.exists():
         pool_dir.mkdir(mode=0o700, parents=True)
     # Nothing in the pool is read, written, recovered or unlinked before this lock is ours.
     lock_fd = lock_pool(pool_dir)
     try:
-        await _serve_locked(config, pool_dir, token, stop)
+        await _serve_locked(config, pool_dir, token, stop, plane)
     finally:
         unlock_pool(lock_fd)
 
 
 async def _serve_locked(
-    config: DaemonConfig, pool_dir: Path, token: str | None, stop: asyncio.Event | None
+    config: DaemonConfig,
+    pool_dir: Path,
+    token: str | None,
+    stop: asyncio.Event | None,
+    plane: DataPlane,
 ) -> None:
     # Imported here so that the control client and the CLI do not pull in the storage stack.
-    from owm.nbd.server import NbdServer
     from owm.pool.pool import Pool
 
     if socket_in_use(config.control_socket):
@@ -232,9 +280,10 @@ async def _serve_locked(
     ctx = ControlContext(pool=pool, app_locks=LockService.for_pool(pool_dir))
     control = ControlServer(ctx)
     try:
-        nbd = NbdServer(pool)
+        nbd = plane.nbd_server(pool, config)
         try:
-            await nbd.start(tcp=config.nbd_listen, unix_path=str(config.nbd_socket_path))
+            await nbd.start(tcp=config.nbd_listen, unix_path=str(config.nbd_socket_path),
+                            unix_mode=plane.socket_mode, unix_gid=plane.socket_gid)
         except OSError as exc:
             reason = os.strerror(exc.errno) if exc.errno else str(exc)
             where = " and ".join(filter(None, (_endpoint(config.nbd_listen),
@@ -243,7 +292,9 @@ async def _serve_locked(
         nbd_tcp = (config.nbd_listen[0], nbd.tcp_port) if config.nbd_listen else None
         ctx.daemon.update({
             "pool": str(pool_dir), "pid": os.getpid(), "version": owm.__version__,
-            "nbd": {"tcp": _endpoint(nbd_tcp), "unix": str(config.nbd_socket_path.absolute())},
+            "nbd": {"tcp": _endpoint(nbd_tcp), "unix": str(config.nbd_socket_path.absolute()),
+                    "tls": config.tls.mode,
+                    "access_rules": str(config.access_file) if config.access_file else None},
             "control": {"unix": str(config.control_socket.absolute()), "tcp": None},
             "catalog": pool.catalog_info,
         })
@@ -251,9 +302,11 @@ async def _serve_locked(
         ctx.daemon["control"]["tcp"] = _endpoint(control.tcp_address)
         volumes = pool.status()
         log.info(
-            "serving pool %s with %d volume(s): NBD on %s and %s, control on %s%s "
-            "(ready in %.0f ms)",
-            pool_dir, len(volumes), _endpoint(nbd_tcp) or "no TCP", config.nbd_socket_path,
+            "serving pool %s with %d volume(s): NBD on %s (TLS %s%s) and %s (mode %04o), "
+            "control on %s%s (ready in %.0f ms)",
+            pool_dir, len(volumes), _endpoint(nbd_tcp) or "no TCP", config.tls.mode,
+            ", access rules " + str(config.access_file) if config.access_file else "",
+            config.nbd_socket_path, plane.socket_mode,
             config.control_socket,
             f" and {_endpoint(control.tcp_address)} (token required)" if control.tcp_address
             else "",

@@ -11,11 +11,15 @@ Phases and their events:
 * handshake: :meth:`~ServerConnection.initiate` gives the greeting; the client's flags are
   checked internally.
 * option haggling: one event per option.  Options the machine can answer on its own (e.g.
-  STRUCTURED_REPLY, STARTTLS, unknown ones, malformed ones) come out as :class:`OptionHandled`
-  with the reply already built.  The others (:class:`ListExports`, :class:`ExportInfoRequest`,
-  :class:`ExportNameRequest`, :class:`MetaContextRequest`) need facts only the caller has; the
-  machine then returns :data:`PAUSED` until the caller answers with the matching ``reply_*``
-  method.  A successful GO or EXPORT_NAME reply enters the transmission phase.
+  STRUCTURED_REPLY, unknown ones, malformed ones, anything refused for want of TLS) come out as
+  :class:`OptionHandled` with the reply already built.  STARTTLS, when the machine's TLS mode
+  offers it, is :class:`StartTLS`: the caller sends its acknowledgement, calls
+  :meth:`~ServerConnection.tls_started` and upgrades the transport; the negotiation then goes
+  on over TLS.
+  The others (:class:`ListExports`, :class:`ExportInfoRequest`, :class:`ExportNameRequest`,
+  :class:`MetaContextRequest`) need facts only the caller has; the machine then returns
+  :data:`PAUSED` until the caller answers with the matching ``reply_*`` method.  A successful
+  GO or EXPORT_NAME reply enters the transmission phase.
 * transmission: each request is a :class:`Request` (valid, ready to execute) or a
   :class:`RequestRejected` (invalid; the error reply is already built).  A DISC is
   :class:`Disconnect`.  Replies are built with :meth:`reply_ok`, :meth:`reply_read`,
@@ -93,12 +97,23 @@ NEED_DATA = _Sentinel("NEED_DATA")  # give the machine more bytes
 PAUSED = _Sentinel("PAUSED")  # answer the pending option first
 
 
+# TLS modes of the protocol document: NOTLS, SELECTIVETLS with every export optional, FORCEDTLS.
+TLS_OFF = "off"
+TLS_ON = "on"
+TLS_REQUIRE = "require"
+TLS_MODES = (TLS_OFF, TLS_ON, TLS_REQUIRE)
+
+# Before TLS, FORCEDTLS answers every option but these with NBD_REP_ERR_TLS_REQD.
+_ALLOWED_BEFORE_TLS = frozenset({c.OPT_STARTTLS, c.OPT_ABORT})
+
+
 class State(enum.Enum):
     """Where the machine is in the conversation."""
 
     CLIENT_FLAGS = "client-flags"  # greeting sent, waiting for the client's 32-bit flags
     OPTIONS = "options"  # waiting for the next option
     AWAIT_REPLY = "await-reply"  # an option is waiting for the caller's answer
+    STARTING_TLS = "starting-tls"  # STARTTLS acknowledged; the caller is upgrading the transport
     TRANSMISSION = "transmission"
     CLOSED = "closed"  # ABORT, DISC or a refused EXPORT_NAME: nothing more is read
     FAILED = "failed"  # a ProtocolError was raised
@@ -149,6 +164,16 @@ class OptionHandled:
     option: int
     reply_type: int
     message: str
+    data: bytes
+
+
+@dataclass(slots=True)
+class StartTLS:
+    """NBD_OPT_STARTTLS accepted: send ``data`` (the acknowledgement) in plain text, stop
+    reading, call :meth:`ServerConnection.tls_started` as the transport is handed to TLS, and
+    drop the connection if the handshake fails (after the acknowledgement there is no going
+    back)."""
+
     data: bytes
 
 
@@ -205,6 +230,7 @@ Event = (
     | ExportNameRequest
     | MetaContextRequest
     | OptionHandled
+    | StartTLS
     | AbortRequest
     | Request
     | RequestRejected
@@ -250,7 +276,11 @@ def _zeroes(n: int) -> bytes:
 class ServerConnection:
     """The protocol state of one client connection, server side."""
 
-    def __init__(self) -> None:
+    def __init__(self, tls: str = TLS_OFF) -> None:
+        if tls not in TLS_MODES:
+            raise ValueError(f"unknown TLS mode {tls!r}")
+        self.tls_mode = tls
+        self.tls_active = False  # the transport was upgraded (STARTTLS, then tls_started)
         self.state = State.CLIENT_FLAGS
         self.client_flags = 0
         self.no_zeroes = False
@@ -350,7 +380,7 @@ class ServerConnection:
             return self._next_request()
         if state is State.OPTIONS:
             return self._next_option()
-        if state is State.AWAIT_REPLY:
+        if state is State.AWAIT_REPLY or state is State.STARTING_TLS:
             return PAUSED
         if state is State.CLIENT_FLAGS:
             return self._client_flags()
@@ -429,12 +459,18 @@ class ServerConnection:
             have = min(length, len(buf) - pos)
             self._pos = pos + have
             self._drain = length - have
-            self._after_drain = OptionHandled(
-                option,
-                c.REP_ERR_TOO_BIG,
-                "The option is too large.",
-                option_reply(option, c.REP_ERR_TOO_BIG, b"The option is too large."),
-            )
+            if self.tls_mode == TLS_REQUIRE and not self.tls_active:
+                # Before TLS, FORCEDTLS answers every option this way, however long.
+                self._after_drain = self._handled(
+                    option, c.REP_ERR_TLS_REQD, "This server requires TLS: send STARTTLS first."
+                )
+            else:
+                self._after_drain = OptionHandled(
+                    option,
+                    c.REP_ERR_TOO_BIG,
+                    "The option is too large.",
+                    option_reply(option, c.REP_ERR_TOO_BIG, b"The option is too large."),
+                )
             return self._next_option()
         if len(buf) - pos >= length:
             self._pos = pos + length
@@ -463,6 +499,17 @@ class ServerConnection:
         return event
 
     def _option_event(self, option: int, data: bytes) -> Event | _Sentinel:
+        if (
+            self.tls_mode == TLS_REQUIRE
+            and not self.tls_active
+            and option not in _ALLOWED_BEFORE_TLS
+        ):
+            if option == c.OPT_EXPORT_NAME:
+                # EXPORT_NAME has no error reply: the protocol says to end the session.
+                raise self._fail("The client chose an export without TLS, which is required.")
+            return self._handled(
+                option, c.REP_ERR_TLS_REQD, "This server requires TLS: send STARTTLS first."
+            )
         if option == c.OPT_EXPORT_NAME:
             name = _decode_string(data)
             if name is None:
@@ -487,7 +534,16 @@ class ServerConnection:
         if option == c.OPT_STARTTLS:
             if data:
                 return self._handled(option, c.REP_ERR_INVALID, "The option takes no data.")
-            return self._handled(option, c.REP_ERR_POLICY, "This server does not offer TLS.")
+            if self.tls_mode == TLS_OFF:
+                return self._handled(option, c.REP_ERR_POLICY, "This server does not offer TLS.")
+            if self.tls_active:
+                return self._handled(option, c.REP_ERR_INVALID, "TLS is already active.")
+            if self.buffered:
+                # The client must wait for the acknowledgement: whatever follows STARTTLS in
+                # plain text may have been injected on the path (the STARTTLS injection bug).
+                raise self._fail("The client sent more data right behind STARTTLS.")
+            self.state = State.STARTING_TLS
+            return StartTLS(option_reply(option, c.REP_ACK))
         if option == c.OPT_EXTENDED_HEADERS:
             return self._handled(option, c.REP_ERR_UNSUP, "Extended headers are not supported.")
         return self._handled(option, c.REP_ERR_UNSUP, f"Option {option} is not supported.")
@@ -641,6 +697,26 @@ class ServerConnection:
         """Refuse NBD_OPT_EXPORT_NAME: the protocol has no error reply, so close now."""
         self._take_pending(ExportNameRequest)
         self.state = State.CLOSED
+
+    def tls_started(self) -> None:
+        """The transport now speaks TLS: every byte fed from now on came out of TLS.
+
+        Call it when the caller hands the connection to its TLS layer, before any decrypted
+        byte is fed (the handshake may still be running; if it fails, drop the connection).
+        Bytes the client sent in plain text after STARTTLS (already buffered here) could have
+        been injected by anyone on the path, so they are a protocol error, never options.  What
+        was negotiated in plain text (structured replies, the metadata context) is forgotten,
+        as nbdkit does, so that nothing chosen before TLS shapes the session after it.
+        """
+        if self.state is not State.STARTING_TLS:
+            raise RuntimeError("tls_started without an accepted STARTTLS")
+        if self.buffered or self._drain:
+            raise self._fail("The client sent plain-text data after STARTTLS.")
+        self.tls_active = True
+        self.structured = False
+        self._meta_selected = False
+        self._meta_export = None
+        self.state = State.OPTIONS
 
     def reply_meta_context(self, export_exists: bool) -> bytes:
         """Answer NBD_OPT_LIST/SET_META_CONTEXT; only ``base:allocation`` is offered."""

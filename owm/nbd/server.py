@@ -6,6 +6,14 @@ calls on an ``owm.common.view.Exports`` / ``View``.  Requests of one connection 
 tasks and may complete out of order; each reply (header plus payload) is queued whole, and
 the replies finished in one event-loop turn go out in one ``writelines`` call.
 
+TLS (``NbdServer(tls_context=..., tls_mode=...)``) is offered or required on the TCP listener:
+when the machine accepts STARTTLS the acknowledgement goes out in plain text, reading stops,
+the transport is upgraded with ``loop.start_tls`` and the negotiation goes on over TLS; a
+failed handshake drops the connection.  The Unix socket is guarded by its file mode instead
+(0600, or 0660 for a group) and never offers TLS.  Access rules (:mod:`owm.nbd.access`), when
+given, decide per client identity (the verified certificate's CN, or the Unix socket) which
+exports LIST shows and INFO/GO/EXPORT_NAME may open, and which only read-only.
+
 A connection opens its view when GO or EXPORT_NAME succeeds.  On DISC it stops reading,
 finishes the requests in flight and closes the view with ``clean=True``; a connection that
 drops without DISC closes it with ``clean=False`` once its requests have finished.  Reading is
@@ -28,6 +36,7 @@ import dataclasses
 import logging
 import os
 import socket
+import ssl
 import stat
 import struct
 import time
@@ -39,6 +48,8 @@ from owm.common.names import parse_export_name
 from owm.common.view import ExportInfo, Exports, View
 from owm.nbd import constants as c
 from owm.nbd import protocol as p
+from owm.nbd.access import READ_ONLY, AccessRules, Client
+from owm.nbd.tls import peer_identity
 
 log = logging.getLogger("owm.nbd.server")
 
@@ -123,9 +134,11 @@ class _Connection(asyncio.BufferedProtocol):
     machine collects a large body: then the socket reads straight into the payload buffer.
     """
 
-    def __init__(self, server: NbdServer) -> None:
+    def __init__(self, server: NbdServer, unix: bool = False) -> None:
         self.server = server
-        self.machine = p.ServerConnection()
+        tls = p.TLS_OFF if unix or server.tls_context is None else server.tls_mode
+        self.machine = p.ServerConnection(tls=tls)
+        self.client = Client(unix=unix)  # who the access rules see; the CN comes with TLS
         self.transport: asyncio.Transport | None = None
         self.peer = "?"
         self.view: View | None = None
@@ -215,6 +228,8 @@ class _Connection(asyncio.BufferedProtocol):
         self.server._wake()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self._lost:
+            return  # a failed TLS upgrade may report the loss twice
         self._lost = True
         if self._deadline is not None:
             self._deadline.cancel()
@@ -353,6 +368,8 @@ class _Connection(asyncio.BufferedProtocol):
         machine = self.machine
         if isinstance(event, p.OptionHandled):
             self._send(event.data)
+        elif isinstance(event, p.StartTLS):
+            self._begin_tls(event)
         elif isinstance(event, p.ListExports):
             if self._stopping:
                 self._send(
@@ -360,7 +377,11 @@ class _Connection(asyncio.BufferedProtocol):
                 )
                 return
             try:
-                exports = [(i.name, i.description) for i in self.server.exports.list_exports()]
+                exports = [
+                    (i.name, i.description)
+                    for i in self.server.exports.list_exports()
+                    if self._access(i.name) is not None
+                ]
             except Exception:
                 log.exception("listing exports failed")
                 self._send(machine.reply_option_error(c.REP_ERR_UNSUP, "Listing failed."))
@@ -382,8 +403,11 @@ class _Connection(asyncio.BufferedProtocol):
             else:
                 self._begin_open(event.name, go=False)
         elif isinstance(event, p.MetaContextRequest):
-            exists = self._lookup(event.export_name) is not None
-            self._send(machine.reply_meta_context(exists))
+            info = self._lookup(event.export_name)
+            if info is not None and self._access(info.name) is None:
+                self._send(machine.reply_option_error(c.REP_ERR_POLICY, self._denied(info.name)))
+            else:
+                self._send(machine.reply_meta_context(info is not None))
         elif isinstance(event, p.AbortRequest):
             self._send(event.data)
             self._close_transport()
@@ -430,8 +454,88 @@ class _Connection(asyncio.BufferedProtocol):
         info, why = self._find(name)
         if info is None:
             self._send(self.machine.reply_option_error(c.REP_ERR_UNKNOWN, why))
-        else:
-            self._send(self.machine.reply_info(info))
+            return
+        access = self._access(info.name)
+        if access is None:
+            self._send(self.machine.reply_option_error(c.REP_ERR_POLICY, self._denied(info.name)))
+            return
+        if access == READ_ONLY:
+            info = dataclasses.replace(info, read_only=True)
+        self._send(self.machine.reply_info(info))
+
+    # ------------------------------------------------------------------ access and TLS
+
+    def _access(self, name: str) -> str | None:
+        """"rw" or "ro" for the export this client names (resolved), or None if refused."""
+        rules = self.server.access
+        if rules is None:
+            return "rw"
+        return rules.decide(self.client, name)
+
+    def _denied(self, name: str) -> str:
+        """Log the refusal and return the sentence the client is told."""
+        who = self.client.describe()
+        log.warning("%s (%s) refused export %r by the access rules", self.peer, who, name)
+        return f"Client {who} is not allowed to open export {name!r}."
+
+    def _begin_tls(self, event: p.StartTLS) -> None:
+        self._option_busy = True
+        self._update_reading()
+        self._send(event.data)
+        self._flush()  # the acknowledgement goes out in plain text, before the upgrade
+        self._loop.create_task(self._upgrade())
+
+    async def _upgrade(self) -> None:
+        context = self.server.tls_context
+        transport = self.transport
+        assert context is not None and transport is not None
+        try:
+            # From here on every byte the machine is fed comes out of TLS (reading stopped
+            # with the acknowledgement, and the raw socket now belongs to the SSL layer, which
+            # may hand over the client's first option before start_tls returns).
+            self.machine.tls_started()
+        except p.ProtocolError as e:
+            log.info("client %s broke the protocol: %s", self.peer, e)
+            self._option_busy = False
+            self._close_transport(abort=True)
+            return
+        try:
+            upgraded = await self._loop.start_tls(
+                transport,
+                self,
+                context,
+                server_side=True,
+                ssl_handshake_timeout=self.server.handshake_timeout,
+            )
+        except Exception as exc:
+            # A bad certificate, a timeout, a reset, a closed transport: whatever it was, after
+            # the acknowledgement there is no plain-text fallback, so the connection ends.
+            log.info("%s: TLS handshake failed: %s", self.peer, exc or type(exc).__name__)
+            self._option_busy = False
+            self._close_transport(abort=True)
+            if not self._lost:
+                self.connection_lost(None)
+            return
+        if upgraded is None or self._lost:
+            self._option_busy = False
+            await self._finish(clean=False)
+            return
+        tls_transport = upgraded
+        self.transport = tls_transport
+        self._reading_paused = False  # start_tls resumed reading on the new transport
+        tls_transport.set_write_buffer_limits(high=WRITE_HIGH_WATER, low=WRITE_LOW_WATER)
+        ssl_object = tls_transport.get_extra_info("ssl_object")
+        self.client = Client(common_name=peer_identity(ssl_object))
+        version = ssl_object.version() if isinstance(ssl_object, ssl.SSLObject) else "TLS"
+        log.info("%s: %s started, client %s", self.peer, version, self.client.describe())
+        self._option_busy = False
+        if self._stopping:
+            self._close_transport()
+            if not self._finished.done():
+                self._finished.set_result(None)
+            return
+        self._update_reading()
+        self._process()
 
     def _begin_open(self, name: str, go: bool) -> None:
         self._option_busy = True
@@ -455,9 +559,14 @@ class _Connection(asyncio.BufferedProtocol):
         view: View | None = None
         error: tuple[int, str] | None = None
         info, why = self._find(name)
+        access = self._access(info.name) if info is not None else None
         if info is None:
             error = (c.REP_ERR_UNKNOWN, why)
+        elif access is None:
+            error = (c.REP_ERR_POLICY, self._denied(info.name))
         else:
+            if access == READ_ONLY:
+                info = dataclasses.replace(info, read_only=True)
             try:
                 view = await self.server.exports.open_export(info.name, self.peer)
             except OwmError as e:
@@ -661,11 +770,53 @@ class _Connection(asyncio.BufferedProtocol):
             task.cancel()
 
 
+def _bind_unix(path: str, mode: int, gid: int | None) -> socket.socket:
+    """A Unix stream socket bound at ``path`` with exactly ``mode`` (and group ``gid``).
+
+    bind() creates the file with the umask's permissions, so it is bound under a umask that
+    leaves only the owner's bits; the group and the final mode are set before it listens.
+    """
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    bound = False
+    try:
+        old = os.umask(0o177)
+        try:
+            sock.bind(path)
+            bound = True
+        finally:
+            os.umask(old)
+        if gid is not None:
+            os.chown(path, -1, gid)
+        os.chmod(path, mode)
+    except BaseException:
+        sock.close()
+        if bound:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+        raise
+    sock.setblocking(False)
+    return sock
+
+
 class NbdServer:
     """Serves an ``owm.common.view.Exports`` over NBD on TCP and/or a Unix socket."""
 
-    def __init__(self, exports: Exports) -> None:
+    def __init__(
+        self,
+        exports: Exports,
+        *,
+        tls_context: ssl.SSLContext | None = None,
+        tls_mode: str = p.TLS_OFF,
+        access: AccessRules | None = None,
+    ) -> None:
+        if tls_mode not in p.TLS_MODES:
+            raise ValueError(f"unknown TLS mode {tls_mode!r}")
+        if tls_mode != p.TLS_OFF and tls_context is None:
+            raise ValueError(f"TLS mode {tls_mode!r} needs an SSL context")
         self.exports = exports
+        self.tls_context = tls_context if tls_mode != p.TLS_OFF else None
+        self.tls_mode = tls_mode
+        self.access = access
         self._connections: set[_Connection] = set()
         self._servers: list[asyncio.AbstractServer] = []
         self._unix_path: str | None = None
@@ -735,11 +886,21 @@ class NbdServer:
         return len(self._connections)
 
     async def start(
-        self, tcp: tuple[str, int] | None = None, unix_path: str | os.PathLike[str] | None = None
+        self,
+        tcp: tuple[str, int] | None = None,
+        unix_path: str | os.PathLike[str] | None = None,
+        *,
+        unix_mode: int = 0o600,
+        unix_gid: int | None = None,
     ) -> None:
-        """Listen on ``tcp`` (host, port; port 0 picks a free one) and/or ``unix_path``."""
+        """Listen on ``tcp`` (host, port; port 0 picks a free one) and/or ``unix_path``.
+
+        The Unix socket gets ``unix_mode`` (0600 unless told otherwise) and, with ``unix_gid``,
+        that group; it never exists with a wider mode, not even for a moment.
+        """
         loop = asyncio.get_running_loop()
         factory: Callable[[], _Connection] = lambda: _Connection(self)  # noqa: E731
+        unix_factory: Callable[[], _Connection] = lambda: _Connection(self, unix=True)  # noqa: E731
         if tcp is not None:
             host, port = tcp
             srv = await loop.create_server(factory, host, port, reuse_address=True, backlog=128)
@@ -752,7 +913,14 @@ class NbdServer:
             with contextlib.suppress(FileNotFoundError):
                 if stat.S_ISSOCK(os.stat(path).st_mode):
                     os.unlink(path)
-            srv = await loop.create_unix_server(factory, path, backlog=128)
+            sock = _bind_unix(path, unix_mode, unix_gid)
+            try:
+                srv = await loop.create_unix_server(unix_factory, sock=sock, backlog=128)
+            except BaseException:
+                sock.close()
+                with contextlib.suppress(OSError):
+                    os.unlink(path)
+                raise
             self._servers.append(srv)
             self._unix_path = path
         if not self._servers:
