@@ -18,6 +18,7 @@ import asyncio
 import pytest
 from faults import Run, Scenario, crash_matrix
 
+from owm.engine import chunktable
 from owm.engine.chunktable import ChunkTable
 from owm.pool.volume import Session
 from owm.storage.simulated import PowerLost, SimulatedStorage
@@ -319,3 +320,35 @@ async def test_a_commit_waits_for_a_checkpoint_that_holds_its_records() -> None:
         await table.commit()
     with pytest.raises(PowerLost):
         await checkpoint
+
+
+@pytest.mark.parametrize("deleted", [1, 2, 3])
+async def test_a_destroy_cut_short_leaves_a_gone_table_not_a_damaged_one(deleted: int) -> None:
+    """What release-draining-cow-checkpoints found under load: a crash between the deletions of
+    a destroy left the older checkpoint beside a journal of the newer epoch, read as a damaged
+    table, and the damage spread to the older image that had just received every chunk."""
+    storage = SimulatedStorage()
+    chunktable._CHECKPOINT_AFTER, limit = 3, chunktable._CHECKPOINT_AFTER
+    try:
+        table = ChunkTable(storage, "t", 64)
+        for chunk in range(8):  # two checkpoints, and journal records of two epochs
+            await table.set_durable(chunk)
+        real_delete, count = storage.delete, 0
+
+        async def delete(name: str) -> None:  # the power fails after ``deleted`` deletions
+            nonlocal count
+            count += 1
+            if count > deleted:
+                raise PowerLost(name)
+            await real_delete(name)
+
+        storage.delete = delete  # type: ignore[method-assign]
+        with pytest.raises(PowerLost):
+            await table.destroy()
+    finally:
+        chunktable._CHECKPOINT_AFTER = limit
+    after = ChunkTable(storage.power_loss(), "t", 64)
+    await after.load()
+    assert after.damaged is None and after.count == 0
+    await after.destroy()
+    assert not after.storage.names()

@@ -288,6 +288,8 @@ class Engine(ABC):
         warnings: list[str] = []
         untrusted = set(self.state.get("changed_untrusted", []))
         for gen, table in sorted(self.changed.items()):
+            if table.gone:  # being pruned: empty would claim "nothing changed"
+                untrusted.add(gen)
             if table.damaged:
                 untrusted.add(gen)
                 warnings.append(f"{table.damaged}; incremental backups over generation {gen} "

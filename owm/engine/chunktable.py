@@ -48,6 +48,7 @@ _SLOT_HEADER = struct.Struct("<IIQQII")  # magic, epoch, chunks, pages, crc of b
 _SLOT_MAGIC = 0x504D574F  # "OWMP"
 _PAGE_INDEX = struct.Struct("<Q")
 _SET, _CLEAR = 1, 2
+GONE = ".gone"  # suffix of the tombstone a destroy writes before deleting the parts
 _CHECKPOINT_AFTER = 65536  # journal records before the table is checkpointed
 PAGE_BYTES = 4096
 PAGE_SHIFT = 15  # chunks per page: 8 * PAGE_BYTES
@@ -86,6 +87,7 @@ class ChunkTable:
         self._writing = False  # a journal or checkpoint write and sync is under way
         self._commit = GroupSync(self._write_and_sync)
         self.damaged: str | None = None  # why the loaded table cannot be trusted
+        self.gone = False  # load found the tombstone of a destroy that a crash interrupted
         self.warnings: list[str] = []  # what load found and repaired
         self.writes = 0  # journal or checkpoint writes performed (for tests and status)
         # The engine's storage may want to know which tables have something to commit, so that
@@ -266,7 +268,15 @@ class ChunkTable:
 
     async def load(self) -> None:
         """Rebuild the table from storage after any shutdown, clean or not."""
-        self.damaged, self.warnings = None, []
+        self.damaged, self.warnings, self.gone = None, [], False
+        if self.storage.exists(self.name + GONE):
+            # A destroy began: its owner no longer needed the content (cow: moved down; mirror:
+            # copied), so what is left of the parts is neither read nor judged; the owner
+            # finishes the destroy, and treats the table as empty (or, where an empty table
+            # would claim too much, as unknown: see ``gone``'s users).
+            self._pages, self._page_count, self.count = {}, {}, 0
+            self.gone = True
+            return
         best: tuple[int, int, dict[int, bytearray]] | None = None
         present, corrupt = 0, []
         for slot in (0, 1):
@@ -466,8 +476,14 @@ class ChunkTable:
         self._force_checkpoint = False
 
     async def destroy(self) -> None:
+        # The parts go one by one, and a crash between two deletions would leave an older slot
+        # beside a journal of a newer epoch: read as a damaged table, which damages every view
+        # resolving through it.  A durable tombstone first makes the leftovers read as "gone".
+        await self.storage.write(self.name + GONE, 0, b"gone")
+        await self.storage.sync(self.name + GONE)
         for suffix in (".ckpt0", ".ckpt1", ".journal"):
             await self.storage.delete(self.name + suffix)
+        await self.storage.delete(self.name + GONE)
         self._pages, self._page_count = {}, {}
         self.count = 0
         self._pending = []

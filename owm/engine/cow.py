@@ -74,7 +74,7 @@ class CowEngine(Engine):
         if view == self.views[-1]:
             return [LIVE]
         base = f"img-{view}.table"
-        return [_data(view), base + ".ckpt0", base + ".ckpt1", base + ".journal"]
+        return [_data(view), base + ".ckpt0", base + ".ckpt1", base + ".journal", base + ".gone"]
 
     async def preserve(self) -> int:
         preserved = self.views[-1]

@@ -134,6 +134,10 @@ class MirrorEngine(Engine):
             self.intent.warnings.append(f"{self.intent.damaged}; every allocated chunk is "
                                         "resynced instead")
         for i, table in self.dirty.items():
+            if table.gone:  # a destroy was under way: an empty map would skip what it held
+                self.roles[i]["full"] = True
+                table.warnings.append(f"the dirty map of leg {i} was being deleted; the resync "
+                                      "will copy every chunk")
             if table.damaged:
                 self.roles[i]["full"] = True
                 table.warnings.append(f"{table.damaged}; the resync of leg {i} will copy every "
@@ -160,7 +164,7 @@ class MirrorEngine(Engine):
             return [_leg(i) for i in self._sync_legs()]
         leg = self._image_leg(view)
         t = f"leg-{leg}.dirty"
-        return [_leg(leg), t + ".ckpt0", t + ".ckpt1", t + ".journal"]
+        return [_leg(leg), t + ".ckpt0", t + ".ckpt1", t + ".journal", t + ".gone"]
 
     async def preserve(self) -> int:
         in_sync = self._sync_legs()
