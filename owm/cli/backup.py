@@ -77,9 +77,11 @@ def _run(main: Awaitable[T]) -> T:
 
 def _guarded(call: Callable[[], T]) -> T:
     """Map what can go wrong to one sentence and an exit code."""
+    from owm.backup.crypto import KeyNeeded, WrongKey
+
     try:
         return call()
-    except DaemonNotRunning as exc:
+    except (DaemonNotRunning, WrongKey, KeyNeeded) as exc:
         raise _fail(str(exc), 2) from None
     except OwmError as exc:
         raise _fail(str(exc), 1) from None
@@ -131,6 +133,83 @@ def _rate(nbytes: int, seconds: float) -> str:
     return f"{format_size(int(nbytes / seconds))}/s" if seconds > 0 else "-"
 
 
+def _ask_passphrase(confirm: bool) -> Callable[[], str | None]:
+    """The passphrase of an encrypted repository: $OWM_REPO_PASSWORD, else asked on a
+    terminal, else none (the command then says which key it needs)."""
+    import os
+    import sys
+
+    from owm.backup.crypto import PASSWORD_ENV
+
+    def ask() -> str | None:
+        if os.environ.get(PASSWORD_ENV):
+            return os.environ[PASSWORD_ENV]
+        if not sys.stdin.isatty():
+            return None
+        value: str = click.prompt("Repository passphrase", hide_input=True, err=True,
+                                  confirmation_prompt=confirm)
+        return value or None
+
+    return ask
+
+
+def _set_key(ctx: click.Context, _: click.Parameter, value: Path | None) -> Path | None:
+    from owm.backup.crypto import KeySource, set_default_key
+
+    set_default_key(KeySource(key_file=value,
+                              passphrase=_ask_passphrase(ctx.info_name == "init")))
+    return value
+
+
+def key_option(f: F) -> F:
+    """``--key-file F`` for every command that reads or writes a repository (encrypted ones
+    need it, or a passphrase in $OWM_REPO_PASSWORD or typed on a terminal)."""
+    return click.option(
+        "--key-file", "key_file", metavar="FILE", type=click.Path(path_type=Path),
+        callback=_set_key, is_eager=True,
+        help="Key file of an encrypted repository (else the passphrase in "
+             "$OWM_REPO_PASSWORD, or asked on a terminal).")(f)
+
+
+# ----------------------------------------------------------------------------------------------
+# owm repo init REPO [--encrypt] [--key-file F]
+
+
+@click.group("repo")
+def repo() -> None:
+    """Create owm backup repositories.
+
+    \b
+    owm repo init REPO [--encrypt [--key-file F]] [--json]
+    """
+
+
+@repo.command("init")
+@click.argument("path", metavar="REPO", type=click.Path(path_type=Path))
+@click.option("--encrypt", is_flag=True,
+              help="Encrypt chunks and manifests (key from --key-file, created if it does not "
+                   "exist, or a passphrase).")
+@key_option
+@json_option
+def repo_init(path: Path, encrypt: bool, key_file: Path | None, as_json: bool) -> None:
+    """Create an empty owm backup repository at REPO."""
+    from owm.backup.repo import Repository, is_repository
+
+    if key_file is not None and not encrypt:
+        raise _fail("--key-file is for an encrypted repository; add --encrypt", 2)
+    if is_repository(path):
+        raise _fail(f"{path} is already an owm backup repository", 1)
+    r = _guarded(lambda: Repository.open(path, create=True, encrypt=encrypt))
+    doc = {"repository": str(path.absolute()), "encrypted": r.cipher is not None,
+           "key": (r.config.get("encryption") or {}).get("key")}
+    if as_json:
+        _echo_json(doc)
+        return
+    how = (f"encrypted, key from {'the key file ' + str(key_file) if key_file else 'a passphrase'}"
+           if encrypt else "not encrypted")
+    _out().print(f"Created backup repository {path} ({how}).", markup=False)
+
+
 # ----------------------------------------------------------------------------------------------
 # owm backup NAME@N --to PATH ...
 
@@ -164,6 +243,7 @@ def backup() -> None:
 
 @backup.command(TAKE, hidden=True)
 @pool_option
+@key_option
 @click.argument("image", metavar="NAME@N", callback=_image_arg)
 @click.option("--to", "to", required=True, metavar="PATH", type=click.Path(path_type=Path),
               help="A raw or qcow2 file to create, or an owm repository directory.")
@@ -178,7 +258,7 @@ def backup() -> None:
                    "transaction-consistent).")
 @json_option
 def create(image: str, to: Path, fmt: str | None, verify: bool, release: bool,
-           timeout: float | None, force: bool, as_json: bool) -> None:
+           timeout: float | None, force: bool, as_json: bool, key_file: Path | None) -> None:
     """Back up the preserved image NAME@N to PATH.
 
     A draining image is waited for (--timeout), naming the sessions that hold it.
@@ -186,6 +266,10 @@ def create(image: str, to: Path, fmt: str | None, verify: bool, release: bool,
     from owm.backup.run import BackupResult, run_backup
 
     err = _err()
+    from owm.backup.repo import is_repository
+
+    if is_repository(to):
+        _open_repo(to)  # an encrypted repository: a wrong key stops here, before anything
 
     def notify(message: str) -> None:
         click.echo(message + ".", err=True)
@@ -238,9 +322,10 @@ def _open_repo(path: Path) -> Any:
 
 @backup.command("list")
 @pool_option
+@key_option
 @click.argument("repo", metavar="REPO", type=click.Path(path_type=Path))
 @json_option
-def backup_list(repo: Path, as_json: bool) -> None:
+def backup_list(repo: Path, as_json: bool, key_file: Path | None) -> None:
     """List the backups in the owm repository REPO."""
     from owm.backup.repo import Repository
 
@@ -279,10 +364,12 @@ def backup_list(repo: Path, as_json: bool) -> None:
 
 @backup.command("verify")
 @pool_option
+@key_option
 @click.argument("repo", metavar="REPO", type=click.Path(path_type=Path))
 @click.argument("backup_id", metavar="[ID]", required=False)
 @json_option
-def backup_verify(repo: Path, backup_id: str | None, as_json: bool) -> None:
+def backup_verify(repo: Path, backup_id: str | None, as_json: bool,
+                  key_file: Path | None) -> None:
     """Check every chunk of backup ID (or of every backup) in REPO against its hash.
 
     Exits 1 and names the offset of every chunk that fails.
@@ -312,10 +399,11 @@ def backup_verify(repo: Path, backup_id: str | None, as_json: bool) -> None:
 
 @backup.command("delete")
 @pool_option
+@key_option
 @click.argument("repo", metavar="REPO", type=click.Path(path_type=Path))
 @click.argument("backup_id", metavar="ID")
 @json_option
-def backup_delete(repo: Path, backup_id: str, as_json: bool) -> None:
+def backup_delete(repo: Path, backup_id: str, as_json: bool, key_file: Path | None) -> None:
     """Delete backup ID from REPO, and the chunks no other backup uses."""
     r = _open_repo(repo)
     result = _guarded(lambda: r.delete(backup_id))
@@ -337,6 +425,7 @@ def backup_delete(repo: Path, backup_id: str, as_json: bool) -> None:
 
 @click.command("restore")
 @pool_option
+@key_option
 @click.argument("repo", metavar="REPO", type=click.Path(path_type=Path))
 @click.argument("backup_id", metavar="ID")
 @click.option("--to", "to", required=True, metavar="PATH|NAME",
@@ -345,7 +434,8 @@ def backup_delete(repo: Path, backup_id: str, as_json: bool) -> None:
 @click.option("--method", type=click.Choice(["cow", "log", "mirror"]), default="cow",
               show_default=True, help="Method of the new volume.")
 @json_option
-def restore(repo: Path, backup_id: str, to: str, method: str, as_json: bool) -> None:
+def restore(repo: Path, backup_id: str, to: str, method: str, as_json: bool,
+            key_file: Path | None) -> None:
     """Restore backup ID (an id, a unique prefix, or NAME@N for its newest backup) from REPO.
 
     Into a new raw file, or into a new volume created through the daemon.
