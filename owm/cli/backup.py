@@ -234,6 +234,8 @@ def backup() -> None:
     owm backup NAME@N --to PATH [--format raw|qcow2|owm] [--verify] [--release]
                                 [--timeout S] [--force] [--json]
     owm backup list REPO | verify REPO [ID] | delete REPO ID
+    owm backup serve REPO ID [--listen HOST:PORT] [--socket PATH]
+    (an encrypted repository: --key-file F, or $OWM_REPO_PASSWORD)
 
     The format follows PATH unless --format says: .raw/.img/.bin is a sparse raw file, .qcow2
     a qcow2 image, anything else an owm repository (deduplicated, compressed chunks;
@@ -417,6 +419,86 @@ def backup_delete(repo: Path, backup_id: str, as_json: bool, key_file: Path | No
         _out().print(f"Deleted backup {result.id}: {result.chunks_removed} chunks no other "
                      f"backup used were removed ({format_size(result.bytes_freed)} freed).",
                      markup=False)
+
+
+# ----------------------------------------------------------------------------------------------
+# owm backup serve REPO ID [--listen HOST:PORT] [--socket PATH]
+
+
+def _endpoint(text: str) -> tuple[str, int] | None:
+    """'HOST:PORT', ':PORT' (loopback) or 'none'."""
+    if text.strip().lower() in ("none", "off", ""):
+        return None
+    host, sep, port = text.rpartition(":")
+    host = host.strip("[]") if host.startswith("[") else host
+    if not sep or not port.isdigit() or int(port) > 65535:
+        raise click.BadParameter(f"'{text}' is not HOST:PORT", param_hint="--listen")
+    return (host or "127.0.0.1", int(port))
+
+
+@backup.command("serve")
+@pool_option
+@key_option
+@click.argument("repo", metavar="REPO", type=click.Path(path_type=Path))
+@click.argument("backup_id", metavar="ID")
+@click.option("--listen", default=None, metavar="HOST:PORT",
+              help="NBD over TCP ('none' for the Unix socket only) [default: 127.0.0.1 and a "
+                   "free port, or none when --socket is given].")
+@click.option("--socket", "unix_socket", metavar="PATH", type=click.Path(path_type=Path),
+              help="NBD over this Unix socket too.")
+@json_option
+def backup_serve(repo: Path, backup_id: str, listen: str | None, unix_socket: Path | None,
+                 as_json: bool, key_file: Path | None) -> None:
+    """Serve backup ID of REPO as a read-only NBD export, without restoring it first.
+
+    Runs until interrupted (SIGINT, SIGTERM).  The export is the backed-up image's name
+    (NAME@N), and the default export too; reads fetch chunks from the repository as needed.
+    """
+    import asyncio
+    import signal
+
+    from owm.backup.serve import serve_backup
+
+    tcp = _endpoint(listen) if listen is not None else (
+        None if unix_socket is not None else ("127.0.0.1", 0))
+    if tcp is None and unix_socket is None:
+        raise _fail("give --socket PATH, or a --listen address other than none", 2)
+    r = _open_repo(repo)
+
+    async def go() -> None:
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        with r.locked(exclusive=False):
+            manifest = await loop.run_in_executor(None, r.resolve, backup_id)
+            if not manifest.complete:
+                raise InvalidRequest(f"backup {manifest.id} is incomplete and cannot be served")
+            await loop.run_in_executor(None, lambda: manifest.chunk_map)  # load and check it
+
+            def ready(port: int) -> None:
+                uris = []
+                if tcp is not None:
+                    uris.append(f"nbd://{tcp[0]}:{port}/{manifest.image}")
+                if unix_socket is not None:
+                    uris.append(f"nbd+unix:///{manifest.image}?socket={unix_socket.absolute()}")
+                if as_json:
+                    click.echo(json.dumps({"id": manifest.id, "image": manifest.image,
+                                           "export": manifest.image, "size": manifest.size,
+                                           "uris": uris, "tcp_port": port if tcp else None}))
+                else:
+                    click.echo(f"Serving backup {manifest.id} ({manifest.image}, "
+                               f"{format_size(manifest.size)}) read-only at "
+                               f"{' and '.join(uris)}; stop with Ctrl-C.")
+                import sys
+
+                sys.stdout.flush()
+
+            await serve_backup(r, manifest, tcp=tcp,
+                               unix_path=str(unix_socket) if unix_socket else None,
+                               stop=stop, on_ready=ready)
+
+    _guarded(lambda: _run(go()))
 
 
 # ----------------------------------------------------------------------------------------------
