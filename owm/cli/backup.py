@@ -515,9 +515,14 @@ def backup_serve(repo: Path, backup_id: str, listen: str | None, unix_socket: Pa
                    "file:PATH) or a new volume (a name, or volume:NAME).")
 @click.option("--method", type=click.Choice(["cow", "log", "mirror"]), default="cow",
               show_default=True, help="Method of the new volume.")
+@click.option("--live", is_flag=True,
+              help="Make the new volume usable at once and fill it in the background (runs "
+                   "until filled; run it again to resume).")
+@click.option("--pace", type=click.FloatRange(min=0, max=60), default=0.0, hidden=True,
+              help="Seconds between background fill batches of a live restore.")
 @json_option
-def restore(repo: Path, backup_id: str, to: str, method: str, as_json: bool,
-            key_file: Path | None) -> None:
+def restore(repo: Path, backup_id: str, to: str, method: str, live: bool, pace: float,
+            as_json: bool, key_file: Path | None) -> None:
     """Restore backup ID (an id, a unique prefix, or NAME@N for its newest backup) from REPO.
 
     Into a new raw file, or into a new volume created through the daemon.
@@ -526,10 +531,14 @@ def restore(repo: Path, backup_id: str, to: str, method: str, as_json: bool,
 
     kind, _ = _guarded(lambda: parse_target(to))
 
+    def notify(message: str) -> None:
+        click.echo(message[0].upper() + message[1:] + ".", err=True)
+
     async def call(control: ControlClient | None) -> RestoreResult:
         with progress_bar(f"restoring {backup_id}", not as_json) as bar:
             return await restore_backup(repo, backup_id, to, control=control, method=method,
-                                        progress=bar)
+                                        progress=bar, live=live, pace=pace,
+                                        notify=None if as_json else notify)
 
     result = with_daemon(call) if kind == "volume" else _guarded(lambda: _run(call(None)))
     if as_json:

@@ -20,12 +20,13 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import owm
-from owm.common.errors import WrongState
+from owm.common.errors import InvalidRequest, OwmError, WrongState
 from owm.control.context import ControlContext
 from owm.control.server import ControlServer, check_unix_path, read_token_file, socket_in_use
 from owm.locks.app import LockService
@@ -137,6 +138,23 @@ def _endpoint(address: tuple[str, int] | None) -> str | None:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
+async def connect_restore_source(
+    socket_path: str, export: str, size: int
+) -> tuple[Callable[[int, int], Awaitable[bytes]], Callable[[], None]]:
+    """An NBD client of a live restore's source (see owm.pool.clone): its read and its drop."""
+    from owm.nbd.client import NbdClient
+
+    try:
+        client = await NbdClient.connect(export=export, unix_path=socket_path)
+    except (OSError, OwmError) as exc:
+        raise InvalidRequest(f"the restore source at {socket_path} cannot be reached "
+                             f"({exc})") from None
+    if client.size < size:
+        client.abort()
+        raise InvalidRequest(f"the restore source at {socket_path} is smaller than the volume")
+    return client.read, client.abort
+
+
 async def serve(config: DaemonConfig, stop: asyncio.Event | None = None) -> None:
     """Run the daemon until ``stop`` is set or SIGTERM/SIGINT arrives, then shut down cleanly."""
     pool_dir = config.pool.absolute()
@@ -181,7 +199,8 @@ async def _serve_locked(
     ready = False
     pool = await Pool.open(pool_dir)
     nbd: Any = None
-    ctx = ControlContext(pool=pool, app_locks=LockService.for_pool(pool_dir))
+    ctx = ControlContext(pool=pool, app_locks=LockService.for_pool(pool_dir),
+                         connect_source=connect_restore_source)
     control = ControlServer(ctx)
     try:
         nbd = NbdServer(pool)
