@@ -121,6 +121,16 @@ def test_encrypted_repository_end_to_end(daemon: Daemon, short_tmp: Path) -> Non
                               key, "--json"))
     assert twin["chunks_new"] == 0 and twin["chunks_reused"] == len(chunks), twin
 
+    # `owm backup --encrypt` creates a new repository encrypted, like `owm repo init`.
+    other, other_key = short_tmp / "other", short_tmp / "other.key"
+    ok(daemon.owm("backup", name, "--to", other, "--encrypt", "--key-file", other_key))
+    assert "encryption" in json.loads((other / "owm-repo.json").read_bytes())
+    assert "--key-file" in refused(daemon.owm("backup", "list", other), 2)
+    assert "wrong passphrase or key file" in refused(
+        daemon.owm("backup", "list", other, "--key-file", key), 2)
+    assert len(ok_json(daemon.owm("backup", "list", other, "--key-file", other_key,
+                                  "--json"))) == 1
+
     # The scan does find them in an unencrypted repository (so it would catch a leak).
     plain = short_tmp / "plain"
     ok(daemon.owm("backup", name, "--to", plain))

@@ -252,6 +252,8 @@ def backup() -> None:
 @click.option("--format", "fmt", type=click.Choice(FORMATS),
               help="raw, qcow2 or owm [default: from PATH].")
 @click.option("--verify", is_flag=True, help="Read the backup back and check it.")
+@click.option("--encrypt", is_flag=True,
+              help="A new owm repository is created encrypted (see 'owm repo init').")
 @click.option("--release", is_flag=True, help="Release the image once the backup is complete.")
 @click.option("--timeout", type=click.FloatRange(min=0), metavar="SECONDS",
               help="How long to wait for a draining image [default: as long as it takes].")
@@ -259,7 +261,7 @@ def backup() -> None:
               help="Back up a drained-unclean or broken image (recorded as not "
                    "transaction-consistent).")
 @json_option
-def create(image: str, to: Path, fmt: str | None, verify: bool, release: bool,
+def create(image: str, to: Path, fmt: str | None, verify: bool, encrypt: bool, release: bool,
            timeout: float | None, force: bool, as_json: bool, key_file: Path | None) -> None:
     """Back up the preserved image NAME@N to PATH.
 
@@ -271,7 +273,15 @@ def create(image: str, to: Path, fmt: str | None, verify: bool, release: bool,
     from owm.backup.repo import is_repository
 
     if is_repository(to):
-        _open_repo(to)  # an encrypted repository: a wrong key stops here, before anything
+        r = _open_repo(to)  # an encrypted repository: a wrong key stops here, before anything
+        if encrypt and r.cipher is None:
+            raise _fail(f"{to} is a repository that is not encrypted; drop --encrypt", 2)
+    elif encrypt:
+        if fmt not in (None, "owm"):
+            raise _fail("--encrypt is for an owm repository", 2)
+        from owm.backup.repo import Repository
+
+        _guarded(lambda: Repository.open(to, create=True, encrypt=True))
 
     def notify(message: str) -> None:
         click.echo(message + ".", err=True)

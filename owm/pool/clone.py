@@ -248,7 +248,7 @@ class LiveRestore:
                 log.info("volume %s: live restore filled every chunk", self.name)
         except asyncio.CancelledError:
             raise
-        except OwmError as exc:
+        except (OwmError, OSError) as exc:
             self.error = str(exc)
             log.error("volume %s: the live restore stopped: %s", self.name, exc)
 
