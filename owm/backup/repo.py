@@ -43,6 +43,14 @@ from typing import Any
 import blake3
 import zstandard
 
+from owm.backup.crypto import (
+    OVERHEAD,
+    KeySource,
+    RepoCipher,
+    default_key,
+    new_encryption,
+    open_encryption,
+)
 from owm.backup.manifest import (
     DIGEST_SIZE,
     ChunkMap,
@@ -114,9 +122,11 @@ class DeleteResult:
 class Repository:
     """An owm backup repository on a local file system.  Chunk methods are thread-safe."""
 
-    def __init__(self, root: Path, config: dict[str, Any]) -> None:
+    def __init__(self, root: Path, config: dict[str, Any],
+                 cipher: RepoCipher | None = None) -> None:
         self.root = root
         self.config = config
+        self.cipher = cipher  # None: an unencrypted repository
         self.level = int(config.get("compression_level", DEFAULT_LEVEL))
         self._local = threading.local()
         self._dirs: dict[str, int] = {}
@@ -124,15 +134,19 @@ class Repository:
 
     # -- opening ----------------------------------------------------------------------------
     @classmethod
-    def open(cls, path: Path | str, *, create: bool = False) -> Repository:
+    def open(cls, path: Path | str, *, create: bool = False, encrypt: bool = False,
+             key: KeySource | None = None) -> Repository:
+        """Open (or with ``create`` make) a repository; an encrypted one is unlocked with
+        ``key`` (default: the process's, see crypto.set_default_key) before anything else."""
         root = Path(path)
         marker = root / MARKER
+        key = key if key is not None else default_key()
         if not marker.exists():
             if not create:
                 if not root.exists():
                     raise NotFound(f"there is no backup repository at {root}")
                 raise NotFound(f"{root} is not an owm backup repository (it has no {MARKER})")
-            return cls._create(root)
+            return cls._create(root, key if encrypt else None)
         try:
             config = json.loads(marker.read_bytes())
         except (OSError, ValueError) as exc:
@@ -142,15 +156,23 @@ class Repository:
         if config.get("version") != REPO_VERSION:
             raise InvalidRequest(f"{root} is a version {config.get('version')} repository; "
                                  f"this owm reads version {REPO_VERSION}")
-        return cls(root, config)
+        if "encryption" not in config:
+            if encrypt:
+                raise InvalidRequest(f"{root} is a repository that is not encrypted")
+            return cls(root, config)
+        return cls(root, config, open_encryption(config["encryption"], key, str(root)))
 
     @classmethod
-    def _create(cls, root: Path) -> Repository:
+    def _create(cls, root: Path, key: KeySource | None) -> Repository:
         if root.exists() and not root.is_dir():
             raise InvalidRequest(f"{root} exists and is not a directory")
         if root.is_dir() and any(root.iterdir()):
             raise InvalidRequest(f"{root} is a directory that is not empty and not an owm "
                                  "backup repository")
+        cipher = None
+        encryption: dict[str, Any] | None = None
+        if key is not None:  # first, so that a missing key leaves nothing behind
+            encryption, cipher = new_encryption(key, str(root))
         root.mkdir(parents=True, exist_ok=True)
         for sub in ("chunks", "backups"):
             (root / sub).mkdir(exist_ok=True)
@@ -159,11 +181,13 @@ class Repository:
         config = {"format": REPO_FORMAT, "version": REPO_VERSION, "hash": "blake3",
                   "compression": "zstd", "compression_level": DEFAULT_LEVEL,
                   "created_at": utc_now()}
+        if encryption is not None:
+            config["encryption"] = encryption
         (root / "lock").touch()
         sync_filesystem(root)
         write_atomically(root / MARKER, json.dumps(config, indent=1).encode())
-        log.info("created backup repository %s", root)
-        return cls(root, config)
+        log.info("created %sbackup repository %s", "encrypted " if cipher else "", root)
+        return cls(root, config, cipher)
 
     # -- locking ----------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -191,6 +215,12 @@ class Repository:
     def chunk_path(self, digest: bytes) -> Path:
         name = digest.hex()
         return self.root / "chunks" / name[:2] / name
+
+    def chunk_id(self, data: bytes | bytearray | memoryview) -> bytes:
+        """The name of a chunk: its BLAKE3, keyed with the repository's id key if encrypted."""
+        if self.cipher is not None:
+            return self.cipher.chunk_id(data)
+        return blake3.blake3(data).digest()
 
     def _dir(self, name: str) -> int:
         """A descriptor of the chunk's directory: spares a path walk per chunk operation."""
@@ -240,6 +270,8 @@ class Repository:
         name = digest.hex()
         where = self._dir(name)
         packed = self._compressor().compress(data)
+        if self.cipher is not None:
+            packed = self.cipher.seal("chunk", name, packed)
         tmp = f".{name[:16]}.{os.getpid()}.{threading.get_ident()}{_TMP}"
         fd = os.open(tmp, _WRITE_NEW, 0o644, dir_fd=where)
         try:
@@ -263,13 +295,19 @@ class Repository:
                 packed = f.read()
         except OSError as exc:
             raise ChunkDamaged(f"its chunk file cannot be read ({exc.strerror})") from None
+        if self.cipher is not None:
+            opened = self.cipher.open("chunk", name, packed)
+            if opened is None:
+                raise ChunkDamaged("its chunk file fails authentication (changed, or not this "
+                                   "chunk)")
+            packed = opened
         try:
             data = self._decompressor().decompress(packed, max_output_size=length)
         except zstandard.ZstdError as exc:
             raise ChunkDamaged(f"its chunk file cannot be decompressed ({exc})") from None
         if len(data) != length:
             raise ChunkDamaged(f"its chunk holds {len(data)} bytes instead of {length}")
-        if blake3.blake3(data).digest() != digest:
+        if self.chunk_id(data) != digest:
             raise ChunkDamaged("its content does not match its hash")
         return data
 
@@ -286,6 +324,9 @@ class Repository:
         except OSError:
             return False
         try:
+            if self.cipher is not None:
+                # Sealed: its frame header cannot be read without opening it all.
+                return os.fstat(fd).st_size > OVERHEAD
             head = os.read(fd, 18)  # the longest zstd frame header
         except OSError:
             return False
@@ -352,6 +393,7 @@ class Repository:
             raw = path.read_bytes()
         except FileNotFoundError:
             raise NotFound(f"the repository has no backup '{backup_id}'") from None
+        raw = self._unseal("manifest", backup_id, raw, where)
         manifest = Manifest.loads(raw, where, self._load_map)
         if manifest.id != backup_id:
             raise DamagedManifest(f"{where} names itself '{manifest.id}', not its file name")
@@ -360,10 +402,12 @@ class Repository:
     def _load_map(self, manifest: Manifest) -> ChunkMap:
         assert manifest.map_blake3 is not None
         where = f"backup {manifest.id}"
+        name = map_name(manifest.id, manifest.map_blake3)
         try:
-            data = self._backup_file(map_name(manifest.id, manifest.map_blake3)).read_bytes()
+            data = self._backup_file(name).read_bytes()
         except FileNotFoundError:
             raise DamagedManifest(f"the chunk map file of {where} is missing") from None
+        data = self._unseal("map", name, data, f"the chunk map file of {where}")
         return ChunkMap.unpack(data, manifest.chunks, manifest.map_blake3, where,
                                manifest.map_file_blake3)
 
@@ -383,6 +427,18 @@ class Repository:
                 bad.append((backup_id, str(exc)))
         return good, bad
 
+    def _seal(self, kind: str, name: str, data: bytes) -> bytes:
+        return data if self.cipher is None else self.cipher.seal(kind, name, data)
+
+    def _unseal(self, kind: str, name: str, data: bytes, where: str) -> bytes:
+        if self.cipher is None:
+            return data
+        opened = self.cipher.open(kind, name, data)
+        if opened is None:
+            raise DamagedManifest(f"{where} fails authentication (changed, or not this "
+                                  f"backup's)")
+        return opened
+
     def save(self, manifest: Manifest) -> None:
         """Write a manifest and its map atomically and durably (the manifest's rename commits).
 
@@ -391,11 +447,12 @@ class Repository:
         packed, digest = manifest.chunk_map.pack()
         name = map_name(manifest.id, digest)
         map_path = self._backup_file(name)
-        write_atomically(map_path, packed)
+        write_atomically(map_path, self._seal("map", name, packed))
         manifest.map_file, manifest.map_blake3 = name, digest
         manifest.map_file_blake3 = blake3.blake3(packed).hexdigest()
         manifest.verified = True
-        write_atomically(self._manifest_path(manifest.id), manifest.dumps())
+        write_atomically(self._manifest_path(manifest.id),
+                         self._seal("manifest", manifest.id, manifest.dumps()))
         for old in self._map_files(manifest.id):
             if old.name != name:
                 with contextlib.suppress(FileNotFoundError):

@@ -15,6 +15,15 @@ silently: it stops with a sentence naming the offset.  Chunks of zeroes are not 
   cannot tell which of the half-written bytes reached the disk).  A marked volume of another
   restore, or an unmarked volume, is never touched.
 
+Live (``--live``, a volume only): the volume is created marked ``"live": true`` and is usable at
+once.  This process serves the backup over NBD on a private Unix socket (``owm.backup.serve``)
+and attaches it as the volume's source; the daemon fills chunks on first access and the rest in
+the background (``owm.pool.clone``), and this process reports the progress until every chunk
+is filled, then clears the mark.  If the daemon restarts meanwhile, the source is attached
+again as soon as it answers; if this process stops, the volume keeps every write and waits for
+its source, and running the same restore again resumes it (a live restore is never started
+over: the volume may hold writes newer than the backup).
+
 ``--to`` takes ``file:PATH`` or ``volume:NAME`` explicitly; a bare value is a file when it has a
 ``/`` or ends in .raw, .img or .bin, and a volume name otherwise.
 """
@@ -238,6 +247,100 @@ async def _restore_volume(repo: Repository, manifest: Manifest, name: str,
     return written, chunks
 
 
+RECONNECT_WAIT = 300.0  # seconds a live restore waits for a daemon that went away
+POLL = 0.2
+
+
+async def _restore_live(repo: Repository, manifest: Manifest, name: str,
+                        control: ControlClient, method: str, progress: Progress | None,
+                        notify: Callable[[str], None] | None, pace: float) -> tuple[int, int]:
+    import shutil
+    import tempfile
+
+    from owm.backup.serve import serve_backup
+    from owm.common.errors import DaemonNotRunning
+
+    source = restore_source(repo, manifest)
+    where = f"/v1/volumes/{quote(name, safe='')}/restore"
+    try:
+        current: JSON | None = await control.volume(name)
+    except ControlError as exc:
+        if exc.status != 404:
+            raise
+        current = None
+    mark = current.get("restore") if current is not None else None
+    if current is not None and not (isinstance(mark, dict) and mark.get("live")):
+        await _start_over(control, name, source)  # refuses what is not this restore's
+        current = None
+    elif isinstance(mark, dict) and mark.get("from") != source:
+        raise WrongState(f"volume {name} is being restored live from {mark.get('from')}; run "
+                         "that restore again, or delete the volume")
+    if current is None:
+        await control.request("POST", where, {"size": manifest.size, "method": method,
+                                              "chunk_size": manifest.chunk_size,
+                                              "from": source, "live": True})
+    tmp = Path(tempfile.mkdtemp(prefix="owm-live-"))
+    sock = tmp / "source.sock"
+    stop = asyncio.Event()
+    listening = asyncio.Event()
+    server = asyncio.ensure_future(serve_backup(repo, manifest, tcp=None, unix_path=str(sock),
+                                                stop=stop, on_ready=lambda _: listening.set()))
+    attach = {"from": source, "socket": str(sock), "export": manifest.image, "pace": pace}
+    try:
+        waiter = asyncio.ensure_future(listening.wait())
+        await asyncio.wait([server, waiter], return_when=asyncio.FIRST_COMPLETED)
+        waiter.cancel()
+        if server.done():
+            server.result()  # it failed: say why
+        try:
+            await control.request("POST", where + "/source", attach)
+        except (DaemonNotRunning, ControlError) as exc:
+            if isinstance(exc, ControlError) and exc.status < 500:
+                raise
+            # The daemon went away just now: the loop below attaches once it is back.
+        if notify is not None:
+            notify(f"volume {name} is usable now; it fills from backup {manifest.id} in the "
+                   "background")
+        lost_since: float | None = None
+        while True:
+            try:
+                status = await control.volume(name)
+            except (DaemonNotRunning, ControlError) as exc:
+                if isinstance(exc, ControlError) and exc.status == 404:
+                    raise WrongState(f"volume {name} was deleted during its live "
+                                     "restore") from None
+                if isinstance(exc, ControlError) and exc.status < 500:
+                    raise
+                lost_since = lost_since or time.monotonic()
+                if time.monotonic() - lost_since > RECONNECT_WAIT:
+                    raise
+                await asyncio.sleep(POLL)
+                continue
+            lost_since = None
+            mark = status.get("restore")
+            if not isinstance(mark, dict):
+                break  # finished (by a run of this same restore)
+            done, total = int(mark.get("filled") or 0), int(mark.get("chunks") or 1)
+            if progress is not None:
+                progress(min(manifest.size, done * manifest.chunk_size), manifest.size)
+            if done >= total:
+                await control.request("DELETE", where, {"from": source})
+                break
+            if mark.get("source") != "attached":
+                # The daemon restarted (or lost the connection): give it the source again.
+                with contextlib.suppress(ControlError, DaemonNotRunning):
+                    await control.request("POST", where + "/source", attach)
+            await asyncio.sleep(POLL)
+    finally:
+        stop.set()
+        with contextlib.suppress(Exception):
+            await server
+        shutil.rmtree(tmp, ignore_errors=True)
+    if progress is not None:
+        progress(manifest.size, manifest.size)
+    return manifest.size, manifest.chunks
+
+
 async def restore_backup(
     repo_path: Path | str,
     ref: str,
@@ -246,9 +349,15 @@ async def restore_backup(
     control: ControlClient | None = None,
     method: str = "cow",
     progress: Progress | None = None,
+    live: bool = False,
+    notify: Callable[[str], None] | None = None,
+    pace: float = 0.0,
 ) -> RestoreResult:
-    """Restore backup ``ref`` of the repository into ``to`` (see ``parse_target``)."""
+    """Restore backup ``ref`` of the repository into ``to`` (see ``parse_target``); ``live``:
+    into a volume usable at once (see the module docstring)."""
     kind, target = parse_target(to)
+    if live and kind != "volume":
+        raise InvalidRequest("a live restore goes into a new volume, not a file")
     repo = Repository.open(repo_path)
     started = time.monotonic()
     loop = asyncio.get_running_loop()
@@ -264,7 +373,11 @@ async def restore_backup(
         else:
             if control is None:
                 raise InvalidRequest("restoring into a volume needs the daemon")
-            written, chunks = await _restore_volume(repo, manifest, target, control, method,
-                                                    progress)
+            if live:
+                written, chunks = await _restore_live(repo, manifest, target, control, method,
+                                                      progress, notify, pace)
+            else:
+                written, chunks = await _restore_volume(repo, manifest, target, control,
+                                                        method, progress)
     return RestoreResult(manifest.id, manifest.image, kind, target, manifest.size, written,
                          chunks, time.monotonic() - started)

@@ -35,8 +35,6 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-import blake3
-
 from owm.backup.image import ImageFacts
 from owm.backup.manifest import COMPLETE, INCOMPLETE, ChunkMap, Manifest, chunk_count
 from owm.backup.pipeline import Fetch, Pipeline, Progress, Stats
@@ -89,7 +87,7 @@ class RepoWriter:
                 zero += 1
                 continue
             piece = view[start:start + n]
-            digest = blake3.blake3(piece).digest()
+            digest = self.repo.chunk_id(piece)  # keyed in an encrypted repository
             self.map.put(index, digest)
             if digest in self.known or (self.repo.has_chunk(digest)
                                         and self.repo.chunk_ok(digest, n)):

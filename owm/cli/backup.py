@@ -77,9 +77,11 @@ def _run(main: Awaitable[T]) -> T:
 
 def _guarded(call: Callable[[], T]) -> T:
     """Map what can go wrong to one sentence and an exit code."""
+    from owm.backup.crypto import KeyNeeded, WrongKey
+
     try:
         return call()
-    except DaemonNotRunning as exc:
+    except (DaemonNotRunning, WrongKey, KeyNeeded) as exc:
         raise _fail(str(exc), 2) from None
     except OwmError as exc:
         raise _fail(str(exc), 1) from None
@@ -131,6 +133,83 @@ def _rate(nbytes: int, seconds: float) -> str:
     return f"{format_size(int(nbytes / seconds))}/s" if seconds > 0 else "-"
 
 
+def _ask_passphrase(confirm: bool) -> Callable[[], str | None]:
+    """The passphrase of an encrypted repository: $OWM_REPO_PASSWORD, else asked on a
+    terminal, else none (the command then says which key it needs)."""
+    import os
+    import sys
+
+    from owm.backup.crypto import PASSWORD_ENV
+
+    def ask() -> str | None:
+        if os.environ.get(PASSWORD_ENV):
+            return os.environ[PASSWORD_ENV]
+        if not sys.stdin.isatty():
+            return None
+        value: str = click.prompt("Repository passphrase", hide_input=True, err=True,
+                                  confirmation_prompt=confirm)
+        return value or None
+
+    return ask
+
+
+def _set_key(ctx: click.Context, _: click.Parameter, value: Path | None) -> Path | None:
+    from owm.backup.crypto import KeySource, set_default_key
+
+    set_default_key(KeySource(key_file=value,
+                              passphrase=_ask_passphrase(ctx.info_name == "init")))
+    return value
+
+
+def key_option(f: F) -> F:
+    """``--key-file F`` for every command that reads or writes a repository (encrypted ones
+    need it, or a passphrase in $OWM_REPO_PASSWORD or typed on a terminal)."""
+    return click.option(
+        "--key-file", "key_file", metavar="FILE", type=click.Path(path_type=Path),
+        callback=_set_key, is_eager=True,
+        help="Key file of an encrypted repository (else the passphrase in "
+             "$OWM_REPO_PASSWORD, or asked on a terminal).")(f)
+
+
+# ----------------------------------------------------------------------------------------------
+# owm repo init REPO [--encrypt] [--key-file F]
+
+
+@click.group("repo")
+def repo() -> None:
+    """Create owm backup repositories.
+
+    \b
+    owm repo init REPO [--encrypt [--key-file F]] [--json]
+    """
+
+
+@repo.command("init")
+@click.argument("path", metavar="REPO", type=click.Path(path_type=Path))
+@click.option("--encrypt", is_flag=True,
+              help="Encrypt chunks and manifests (key from --key-file, created if it does not "
+                   "exist, or a passphrase).")
+@key_option
+@json_option
+def repo_init(path: Path, encrypt: bool, key_file: Path | None, as_json: bool) -> None:
+    """Create an empty owm backup repository at REPO."""
+    from owm.backup.repo import Repository, is_repository
+
+    if key_file is not None and not encrypt:
+        raise _fail("--key-file is for an encrypted repository; add --encrypt", 2)
+    if is_repository(path):
+        raise _fail(f"{path} is already an owm backup repository", 1)
+    r = _guarded(lambda: Repository.open(path, create=True, encrypt=encrypt))
+    doc = {"repository": str(path.absolute()), "encrypted": r.cipher is not None,
+           "key": (r.config.get("encryption") or {}).get("key")}
+    if as_json:
+        _echo_json(doc)
+        return
+    how = (f"encrypted, key from {'the key file ' + str(key_file) if key_file else 'a passphrase'}"
+           if encrypt else "not encrypted")
+    _out().print(f"Created backup repository {path} ({how}).", markup=False)
+
+
 # ----------------------------------------------------------------------------------------------
 # owm backup NAME@N --to PATH ...
 
@@ -155,6 +234,8 @@ def backup() -> None:
     owm backup NAME@N --to PATH [--format raw|qcow2|owm] [--verify] [--release]
                                 [--timeout S] [--force] [--json]
     owm backup list REPO | verify REPO [ID] | delete REPO ID
+    owm backup serve REPO ID [--listen HOST:PORT] [--socket PATH]
+    (an encrypted repository: --key-file F, or $OWM_REPO_PASSWORD)
 
     The format follows PATH unless --format says: .raw/.img/.bin is a sparse raw file, .qcow2
     a qcow2 image, anything else an owm repository (deduplicated, compressed chunks;
@@ -164,12 +245,15 @@ def backup() -> None:
 
 @backup.command(TAKE, hidden=True)
 @pool_option
+@key_option
 @click.argument("image", metavar="NAME@N", callback=_image_arg)
 @click.option("--to", "to", required=True, metavar="PATH", type=click.Path(path_type=Path),
               help="A raw or qcow2 file to create, or an owm repository directory.")
 @click.option("--format", "fmt", type=click.Choice(FORMATS),
               help="raw, qcow2 or owm [default: from PATH].")
 @click.option("--verify", is_flag=True, help="Read the backup back and check it.")
+@click.option("--encrypt", is_flag=True,
+              help="A new owm repository is created encrypted (see 'owm repo init').")
 @click.option("--release", is_flag=True, help="Release the image once the backup is complete.")
 @click.option("--timeout", type=click.FloatRange(min=0), metavar="SECONDS",
               help="How long to wait for a draining image [default: as long as it takes].")
@@ -177,8 +261,8 @@ def backup() -> None:
               help="Back up a drained-unclean or broken image (recorded as not "
                    "transaction-consistent).")
 @json_option
-def create(image: str, to: Path, fmt: str | None, verify: bool, release: bool,
-           timeout: float | None, force: bool, as_json: bool) -> None:
+def create(image: str, to: Path, fmt: str | None, verify: bool, encrypt: bool, release: bool,
+           timeout: float | None, force: bool, as_json: bool, key_file: Path | None) -> None:
     """Back up the preserved image NAME@N to PATH.
 
     A draining image is waited for (--timeout), naming the sessions that hold it.
@@ -186,6 +270,18 @@ def create(image: str, to: Path, fmt: str | None, verify: bool, release: bool,
     from owm.backup.run import BackupResult, run_backup
 
     err = _err()
+    from owm.backup.repo import is_repository
+
+    if is_repository(to):
+        r = _open_repo(to)  # an encrypted repository: a wrong key stops here, before anything
+        if encrypt and r.cipher is None:
+            raise _fail(f"{to} is a repository that is not encrypted; drop --encrypt", 2)
+    elif encrypt:
+        if fmt not in (None, "owm"):
+            raise _fail("--encrypt is for an owm repository", 2)
+        from owm.backup.repo import Repository
+
+        _guarded(lambda: Repository.open(to, create=True, encrypt=True))
 
     def notify(message: str) -> None:
         click.echo(message + ".", err=True)
@@ -238,9 +334,10 @@ def _open_repo(path: Path) -> Any:
 
 @backup.command("list")
 @pool_option
+@key_option
 @click.argument("repo", metavar="REPO", type=click.Path(path_type=Path))
 @json_option
-def backup_list(repo: Path, as_json: bool) -> None:
+def backup_list(repo: Path, as_json: bool, key_file: Path | None) -> None:
     """List the backups in the owm repository REPO."""
     from owm.backup.repo import Repository
 
@@ -279,10 +376,12 @@ def backup_list(repo: Path, as_json: bool) -> None:
 
 @backup.command("verify")
 @pool_option
+@key_option
 @click.argument("repo", metavar="REPO", type=click.Path(path_type=Path))
 @click.argument("backup_id", metavar="[ID]", required=False)
 @json_option
-def backup_verify(repo: Path, backup_id: str | None, as_json: bool) -> None:
+def backup_verify(repo: Path, backup_id: str | None, as_json: bool,
+                  key_file: Path | None) -> None:
     """Check every chunk of backup ID (or of every backup) in REPO against its hash.
 
     Exits 1 and names the offset of every chunk that fails.
@@ -312,10 +411,11 @@ def backup_verify(repo: Path, backup_id: str | None, as_json: bool) -> None:
 
 @backup.command("delete")
 @pool_option
+@key_option
 @click.argument("repo", metavar="REPO", type=click.Path(path_type=Path))
 @click.argument("backup_id", metavar="ID")
 @json_option
-def backup_delete(repo: Path, backup_id: str, as_json: bool) -> None:
+def backup_delete(repo: Path, backup_id: str, as_json: bool, key_file: Path | None) -> None:
     """Delete backup ID from REPO, and the chunks no other backup uses."""
     r = _open_repo(repo)
     result = _guarded(lambda: r.delete(backup_id))
@@ -332,11 +432,92 @@ def backup_delete(repo: Path, backup_id: str, as_json: bool) -> None:
 
 
 # ----------------------------------------------------------------------------------------------
+# owm backup serve REPO ID [--listen HOST:PORT] [--socket PATH]
+
+
+def _endpoint(text: str) -> tuple[str, int] | None:
+    """'HOST:PORT', ':PORT' (loopback) or 'none'."""
+    if text.strip().lower() in ("none", "off", ""):
+        return None
+    host, sep, port = text.rpartition(":")
+    host = host.strip("[]") if host.startswith("[") else host
+    if not sep or not port.isdigit() or int(port) > 65535:
+        raise click.BadParameter(f"'{text}' is not HOST:PORT", param_hint="--listen")
+    return (host or "127.0.0.1", int(port))
+
+
+@backup.command("serve")
+@pool_option
+@key_option
+@click.argument("repo", metavar="REPO", type=click.Path(path_type=Path))
+@click.argument("backup_id", metavar="ID")
+@click.option("--listen", default=None, metavar="HOST:PORT",
+              help="NBD over TCP ('none' for the Unix socket only) [default: 127.0.0.1 and a "
+                   "free port, or none when --socket is given].")
+@click.option("--socket", "unix_socket", metavar="PATH", type=click.Path(path_type=Path),
+              help="NBD over this Unix socket too.")
+@json_option
+def backup_serve(repo: Path, backup_id: str, listen: str | None, unix_socket: Path | None,
+                 as_json: bool, key_file: Path | None) -> None:
+    """Serve backup ID of REPO as a read-only NBD export, without restoring it first.
+
+    Runs until interrupted (SIGINT, SIGTERM).  The export is the backed-up image's name
+    (NAME@N), and the default export too; reads fetch chunks from the repository as needed.
+    """
+    import asyncio
+    import signal
+
+    from owm.backup.serve import serve_backup
+
+    tcp = _endpoint(listen) if listen is not None else (
+        None if unix_socket is not None else ("127.0.0.1", 0))
+    if tcp is None and unix_socket is None:
+        raise _fail("give --socket PATH, or a --listen address other than none", 2)
+    r = _open_repo(repo)
+
+    async def go() -> None:
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        with r.locked(exclusive=False):
+            manifest = await loop.run_in_executor(None, r.resolve, backup_id)
+            if not manifest.complete:
+                raise InvalidRequest(f"backup {manifest.id} is incomplete and cannot be served")
+            await loop.run_in_executor(None, lambda: manifest.chunk_map)  # load and check it
+
+            def ready(port: int) -> None:
+                uris = []
+                if tcp is not None:
+                    uris.append(f"nbd://{tcp[0]}:{port}/{manifest.image}")
+                if unix_socket is not None:
+                    uris.append(f"nbd+unix:///{manifest.image}?socket={unix_socket.absolute()}")
+                if as_json:
+                    click.echo(json.dumps({"id": manifest.id, "image": manifest.image,
+                                           "export": manifest.image, "size": manifest.size,
+                                           "uris": uris, "tcp_port": port if tcp else None}))
+                else:
+                    click.echo(f"Serving backup {manifest.id} ({manifest.image}, "
+                               f"{format_size(manifest.size)}) read-only at "
+                               f"{' and '.join(uris)}; stop with Ctrl-C.")
+                import sys
+
+                sys.stdout.flush()
+
+            await serve_backup(r, manifest, tcp=tcp,
+                               unix_path=str(unix_socket) if unix_socket else None,
+                               stop=stop, on_ready=ready)
+
+    _guarded(lambda: _run(go()))
+
+
+# ----------------------------------------------------------------------------------------------
 # owm restore REPO ID --to PATH|NAME
 
 
 @click.command("restore")
 @pool_option
+@key_option
 @click.argument("repo", metavar="REPO", type=click.Path(path_type=Path))
 @click.argument("backup_id", metavar="ID")
 @click.option("--to", "to", required=True, metavar="PATH|NAME",
@@ -344,8 +525,14 @@ def backup_delete(repo: Path, backup_id: str, as_json: bool) -> None:
                    "file:PATH) or a new volume (a name, or volume:NAME).")
 @click.option("--method", type=click.Choice(["cow", "log", "mirror"]), default="cow",
               show_default=True, help="Method of the new volume.")
+@click.option("--live", is_flag=True,
+              help="Make the new volume usable at once and fill it in the background (runs "
+                   "until filled; run it again to resume).")
+@click.option("--pace", type=click.FloatRange(min=0, max=60), default=0.0, hidden=True,
+              help="Seconds between background fill batches of a live restore.")
 @json_option
-def restore(repo: Path, backup_id: str, to: str, method: str, as_json: bool) -> None:
+def restore(repo: Path, backup_id: str, to: str, method: str, live: bool, pace: float,
+            as_json: bool, key_file: Path | None) -> None:
     """Restore backup ID (an id, a unique prefix, or NAME@N for its newest backup) from REPO.
 
     Into a new raw file, or into a new volume created through the daemon.
@@ -354,10 +541,14 @@ def restore(repo: Path, backup_id: str, to: str, method: str, as_json: bool) -> 
 
     kind, _ = _guarded(lambda: parse_target(to))
 
+    def notify(message: str) -> None:
+        click.echo(message[0].upper() + message[1:] + ".", err=True)
+
     async def call(control: ControlClient | None) -> RestoreResult:
         with progress_bar(f"restoring {backup_id}", not as_json) as bar:
             return await restore_backup(repo, backup_id, to, control=control, method=method,
-                                        progress=bar)
+                                        progress=bar, live=live, pace=pace,
+                                        notify=None if as_json else notify)
 
     result = with_daemon(call) if kind == "volume" else _guarded(lambda: _run(call(None)))
     if as_json:

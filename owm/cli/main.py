@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
-from owm.cli.backup import backup, restore
+from owm.cli.backup import backup, repo, restore
 from owm.cli.common import (
     DEFAULT_POOL,
     IMAGE,
@@ -464,6 +464,7 @@ def release(image: str, as_json: bool) -> None:
 
 cli.add_command(backup)
 cli.add_command(restore)
+cli.add_command(repo)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -176,7 +176,14 @@ def volume_detail(v: JSON) -> RenderableType:
         parts.append(Text(f"  resyncing its in-sync legs after an unclean stop: {percent}%",
                           style="cyan"))
     restore = v.get("restore")
-    if isinstance(restore, dict):
+    if isinstance(restore, dict) and restore.get("live"):
+        done, total = int(restore.get("filled") or 0), int(restore.get("chunks") or 0)
+        source = ("filling from its source" if restore.get("source") == "attached" else
+                  "waiting for its source: run that restore again")
+        parts.append(Text(f"  LIVE RESTORE from {restore.get('from')}: usable, "
+                          f"{done * 100 // max(1, total)}% filled ({done} of {total} chunks), "
+                          f"{source}", style="cyan"))
+    elif isinstance(restore, dict):
         parts.append(Text(f"  RESTORE INCOMPLETE from {restore.get('from')} (since "
                           f"{restore.get('since')}): not a copy of the backup until that "
                           "restore is run again to its end", style="bold red"))

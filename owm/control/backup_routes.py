@@ -11,16 +11,23 @@ creates the volume already marked ``"restore": {"state": "incomplete", "from": .
 catalog, so a crash keeps the mark), and ``DELETE /v1/volumes/{name}/restore`` clears the mark
 once the restore has written and flushed its last byte.  While marked, the volume is flagged in
 ``volume show``/``status`` and refuses preserves (and so backups).
+
+A *live* restore (``"live": true``) makes the volume usable at once and fills it from a source:
+``POST /v1/volumes/{name}/restore/source`` connects it, over NBD, to the backup that the
+restoring process serves on a Unix socket (``owm.pool.clone`` does the filling).  The restoring
+process attaches the source again after a daemon restart, and clears the mark once every chunk
+is filled.
 """
 
 from __future__ import annotations
 
 import inspect
+from collections.abc import Awaitable, Callable
 from typing import Any, Protocol, cast
 
 from aiohttp import web
 
-from owm.common.errors import InvalidRequest
+from owm.common.errors import InvalidRequest, WrongState
 from owm.common.names import is_generation
 from owm.common.names import parse_image_name as split_image
 from owm.control.body import Body
@@ -38,9 +45,20 @@ class RestoringPool(Protocol):
     async def create_volume(self, name: str, size: int, method: str = "cow",
                             chunk_size: int = 65536, legs: int = 2,
                             enospc_policy: str = "fail-write",
-                            restore_from: str | None = None) -> JSON: ...
+                            restore_from: str | None = None, live: bool = False) -> JSON: ...
 
     async def finish_restore(self, name: str, restore_from: str) -> JSON: ...
+
+    def attach_restore_source(self, name: str, restore_from: str,
+                              fetch: Callable[[int, int], Awaitable[bytes]],
+                              pace: float = 0.0) -> JSON: ...
+
+    def detach_restore_source(self, name: str,
+                              fetch: Callable[[int, int], Awaitable[bytes]]) -> None: ...
+
+
+# How to drop the source each live-restore volume reads from, by volume name.
+_SOURCES: dict[str, Callable[[], None]] = {}
 
 
 def _source(body: Body) -> str:
@@ -60,12 +78,42 @@ async def start_restore(request: web.Request) -> web.Response:
     method = body.choice("method", METHODS, "cow")
     chunk_size = body.size("chunk_size", 65536)
     source = _source(body)
+    live = body.flag("live")
     body.done()
     assert size is not None and chunk_size is not None
     pool = cast(RestoringPool, ctx.pool)
     status = await completed(pool.create_volume(name, size, method=method,
-                                                chunk_size=chunk_size, restore_from=source))
+                                                chunk_size=chunk_size, restore_from=source,
+                                                live=live))
     return ok(status, 201)
+
+
+@routes.post("/v1/volumes/{name}/restore/source")
+async def attach_source(request: web.Request) -> web.Response:
+    ctx = request.app[CONTEXT]
+    name = name_arg(request, "name")
+    body = await Body.read(request)
+    source = _source(body)
+    socket_path = body.text("socket", required=True)
+    export = body.text("export", "")
+    pace = body.seconds("pace") or 0.0
+    body.done()
+    assert socket_path is not None and export is not None
+    size = int(ctx.volume(name).get("size") or 0)  # a clear NotFound first
+    pool = cast(RestoringPool, ctx.pool)
+    if ctx.connect_source is None:
+        raise WrongState("this daemon cannot attach restore sources")
+    fetch, drop = await ctx.connect_source(socket_path, export, size)
+    old = _SOURCES.pop(name, None)
+    try:
+        status = pool.attach_restore_source(name, source, fetch, pace)
+    except BaseException:
+        drop()
+        raise
+    _SOURCES[name] = drop
+    if old is not None:
+        old()
+    return ok(status)
 
 
 @routes.delete("/v1/volumes/{name}/restore")
@@ -146,6 +194,8 @@ OPENAPI_PATHS["/v1/volumes/{name}/restore"] = {
                 "chunk_size": {"type": ["integer", "string"]},
                 "method": {"type": "string", "enum": list(METHODS)},
                 "from": {"type": "string", "description": "The source: REPO ID."},
+                "live": {"type": "boolean", "description": "Usable at once, filled from a "
+                                                          "source attached afterwards."},
             }}}}},
         "responses": {
             "201": _json({"$ref": "#/components/schemas/Volume"}, "The marked volume."),
@@ -162,6 +212,30 @@ OPENAPI_PATHS["/v1/volumes/{name}/restore"] = {
             "200": _json({"$ref": "#/components/schemas/Volume"}, "The volume, unmarked."),
             "404": _json(_ERROR, "No such volume."),
             "409": _json(_ERROR, "The volume is being restored from another source."),
+        },
+    },
+}
+
+OPENAPI_PATHS["/v1/volumes/{name}/restore/source"] = {
+    "parameters": [{"name": "name", "in": "path", "required": True,
+                    "schema": {"type": "string"}}],
+    "post": {
+        "summary": "Fill live-restore volume NAME from the NBD export at a Unix socket (the "
+                   "backup its restore serves).",
+        "operationId": "attachRestoreSource",
+        "requestBody": {"required": True, "content": {"application/json": {"schema": {
+            "type": "object", "required": ["from", "socket"],
+            "properties": {
+                "from": {"type": "string", "description": "The source: REPO ID."},
+                "socket": {"type": "string", "description": "Unix socket of the source."},
+                "export": {"type": "string", "description": "Its export name."},
+                "pace": {"type": "number", "description": "Seconds between fill batches."},
+            }}}}},
+        "responses": {
+            "200": _json({"$ref": "#/components/schemas/Volume"}, "The volume, filling."),
+            "400": _json(_ERROR, "A bad field, or the source cannot be reached."),
+            "404": _json(_ERROR, "No such volume."),
+            "409": _json(_ERROR, "The volume is not being restored live from that source."),
         },
     },
 }

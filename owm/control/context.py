@@ -7,7 +7,7 @@ protocol so that this package does not import the storage stack and can be teste
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -48,6 +48,10 @@ class ControlledPool(Protocol):
     ) -> None: ...
 
 
+Fetch = Callable[[int, int], Awaitable[bytes]]
+SourceConnector = Callable[[str, str, int], Awaitable[tuple[Fetch, Callable[[], None]]]]
+
+
 @dataclass
 class ControlContext:
     """Shared by every handler of one daemon (and by both of its listeners)."""
@@ -59,6 +63,9 @@ class ControlContext:
     release_progress: dict[str, tuple[int, int]] = field(default_factory=dict)
     # Application locks ([0053]) served to transaction workers: in memory, outside every volume.
     app_locks: LockService = field(default_factory=LockService)
+    # Connects to a live restore's source, an NBD export on a Unix socket (socket, export,
+    # volume size): its read(offset, length) and a way to drop it.  Set by the daemon.
+    connect_source: SourceConnector | None = None
 
     def volume(self, name: str) -> JSON:
         """The status dict of one volume, NotFound if there is none of that name."""

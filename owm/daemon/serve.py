@@ -25,12 +25,13 @@ import socket
 import ssl
 import sys
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import owm
-from owm.common.errors import InvalidRequest, WrongState
+from owm.common.errors import InvalidRequest, OwmError, WrongState
 from owm.control.context import ControlContext
 from owm.control.server import ControlServer, check_unix_path, read_token_file, socket_in_use
 from owm.locks.app import LockService
@@ -38,8 +39,6 @@ from owm.nbd.access import AccessRules
 from owm.nbd.tls import TlsSettings, server_context
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
-
     from owm.catalog.etcd import EtcdCatalog
     from owm.nbd.server import NbdServer
 
@@ -227,6 +226,21 @@ class DataPlane:
 
         return NbdServer(pool, tls_context=self.tls_context, tls_mode=config.tls.mode,
                          access=self.access)
+async def connect_restore_source(
+    socket_path: str, export: str, size: int
+) -> tuple[Callable[[int, int], Awaitable[bytes]], Callable[[], None]]:
+    """An NBD client of a live restore's source (see owm.pool.clone): its read and its drop."""
+    from owm.nbd.client import NbdClient
+
+    try:
+        client = await NbdClient.connect(export=export, unix_path=socket_path)
+    except (OSError, OwmError) as exc:
+        raise InvalidRequest(f"the restore source at {socket_path} cannot be reached "
+                             f"({exc})") from None
+    if client.size < size:
+        client.abort()
+        raise InvalidRequest(f"the restore source at {socket_path} is smaller than the volume")
+    return client.read, client.abort
 
 
 async def serve(config: DaemonConfig, stop: asyncio.Event | None = None) -> None:
@@ -277,7 +291,8 @@ async def _serve_locked(
     ready = False
     pool = await Pool.open(pool_dir, catalog_factory=etcd_catalog_factory(config, pool_dir))
     nbd: Any = None
-    ctx = ControlContext(pool=pool, app_locks=LockService.for_pool(pool_dir))
+    ctx = ControlContext(pool=pool, app_locks=LockService.for_pool(pool_dir),
+                         connect_source=connect_restore_source)
     control = ControlServer(ctx)
     try:
         nbd = plane.nbd_server(pool, config)

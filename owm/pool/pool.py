@@ -26,6 +26,7 @@ from owm.common.view import ExportInfo, View
 from owm.engine import ENGINES, make_engine
 from owm.engine.base import ENOSPC_POLICIES, Progress, check_chunk_size
 from owm.pool import integrity
+from owm.pool.clone import Fetch, LiveRestore
 from owm.pool.volume import Volume
 from owm.storage import Storage
 from owm.storage.local import LocalStorage
@@ -36,6 +37,7 @@ log = logging.getLogger("owm.pool.pool")
 StorageFactory = Callable[[str], Storage]
 CatalogFactory = Callable[[], Catalog]  # called on the catalog's thread; None: POOL/catalog.sqlite
 MAX_PAYLOAD = 32 * 1024 * 1024
+RESTORE_SUFFIX = "+restore"  # the storage of a live restore's filled bits ('+': no volume name)
 
 
 def _record_digest(c: Catalog) -> None:
@@ -126,6 +128,12 @@ class Pool:
         images = await self.db(lambda c: c.images(row.name))
         vanished = await self.db(lambda c: c.open_sessions(row.name))
         await volume.start(images, clean, vanished)
+        if row.restore and row.restore.get("live"):
+            live = LiveRestore(row.name, self._factory(row.name + RESTORE_SUFFIX), row.size,
+                               row.chunk_size, lambda o, d: engine.write(volume.live, o, d),
+                               engine.flush)
+            await live.load()
+            volume.live_restore = live
         self.volumes[row.name] = volume
         return volume
 
@@ -192,8 +200,10 @@ class Pool:
         legs: int = 2,
         enospc_policy: str = "fail-write",
         restore_from: str | None = None,
+        live: bool = False,
     ) -> dict[str, Any]:
-        """Create a volume; with ``restore_from`` it is born marked as an unfinished restore."""
+        """Create a volume; with ``restore_from`` it is born marked as an unfinished restore
+        (``live``: usable at once, filled from a source attached with attach_restore_source)."""
         check_volume_name(name)
         if name in self.volumes:
             raise AlreadyExists(f"a volume named '{name}' already exists")
@@ -211,8 +221,10 @@ class Pool:
             raise InvalidRequest(
                 f"unknown full-disk policy '{enospc_policy}'; choose fail-write or break-image"
             )
-        mark = None if restore_from is None else {"state": "incomplete", "from": restore_from,
-                                                  "since": now()}
+        mark: dict[str, Any] | None = None if restore_from is None else {
+            "state": "incomplete", "from": restore_from, "since": now()}
+        if mark is not None and live:
+            mark["live"] = True
         row = VolumeRow(name, size, chunk_size, method, legs, enospc_policy, 0, {}, now(),
                         uuid.uuid4().hex, mark)
         await self.db(lambda c: c.add_volume(row))
@@ -222,6 +234,7 @@ class Pool:
             # E.g. a full disk: the volume must not appear at the next start half-made.
             await self.db(lambda c: c.delete_volume(name))
             shutil.rmtree(self.root / "volumes" / name, ignore_errors=True)
+            shutil.rmtree(self.root / "volumes" / (name + RESTORE_SUFFIX), ignore_errors=True)
             raise
         log.info("created volume %s (%d bytes, %s)", name, size, method)
         return volume.status()
@@ -258,7 +271,10 @@ class Pool:
             log.warning("volume %s: its storage was not closed cleanly (%s); removing it", name,
                         exc)
             await volume.engine.storage.close()
+        if volume.live_restore is not None:
+            await volume.live_restore.destroy()
         shutil.rmtree(self.root / "volumes" / name, ignore_errors=True)
+        shutil.rmtree(self.root / "volumes" / (name + RESTORE_SUFFIX), ignore_errors=True)
         log.info("deleted volume %s%s", name, " and its preserved images" if force else "")
 
     async def finish_restore(self, name: str, restore_from: str) -> dict[str, Any]:
@@ -270,10 +286,36 @@ class Pool:
         if mark.get("from") != restore_from:
             raise WrongState(f"volume '{name}' is being restored from {mark.get('from')}, "
                              f"not from {restore_from}")
+        live = volume.live_restore
+        if live is not None and not live.complete:
+            raise WrongState(f"volume '{name}' is still being filled ({live.filled_count} of "
+                             f"{live.chunks} chunks)")
         await self.db(lambda c: c.set_restore(name, None))
         volume.row.restore = None
+        if live is not None:
+            volume.live_restore = None
+            await live.destroy()
         log.info("restore into volume %s is complete", name)
         return volume.status()
+
+    def attach_restore_source(self, name: str, restore_from: str, fetch: Fetch,
+                              pace: float = 0.0) -> dict[str, Any]:
+        """Fill live-restore volume ``name`` from ``fetch`` (what ``restore_from`` serves)."""
+        volume = self.volume(name)
+        mark = volume.row.restore
+        if not mark or not mark.get("live") or volume.live_restore is None:
+            raise WrongState(f"volume '{name}' is not being restored live")
+        if mark.get("from") != restore_from:
+            raise WrongState(f"volume '{name}' is being restored from {mark.get('from')}, "
+                             f"not from {restore_from}")
+        volume.live_restore.attach(fetch, pace)
+        log.info("volume %s: live restore source attached", name)
+        return volume.status()
+
+    def detach_restore_source(self, name: str, fetch: Fetch) -> None:
+        volume = self.volumes.get(name)
+        if volume is not None and volume.live_restore is not None:
+            volume.live_restore.detach(fetch)
 
     # -- images -----------------------------------------------------------------------------
     def _image(self, image: str) -> tuple[Volume, int]:

@@ -19,11 +19,13 @@ stays *releasing* and the next ``release`` resumes it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
+from contextlib import AbstractAsyncContextManager
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from owm.catalog import ImageRow, VolumeRow, now
@@ -40,6 +42,7 @@ from owm.common.errors import (
 from owm.common.view import Extent
 from owm.engine import Engine
 from owm.engine.base import Progress
+from owm.pool.clone import LiveRestore
 from owm.storage import Buffer
 
 if TYPE_CHECKING:
@@ -79,6 +82,8 @@ class Session:
         self._check_open()
         gen = self.volume._enter(self.generation)
         try:
+            if self.volume.live_restore is not None:
+                await self.volume.live_restore.before_read(offset, length)
             data = await self.volume.engine.read(gen, offset, length)
         finally:
             self.volume._leave(gen)
@@ -89,7 +94,8 @@ class Session:
         self._check_open()
         gen = self.volume._enter(self.generation)
         try:
-            await self.volume.engine.write(gen, offset, data, fua)
+            async with self.volume.writing(offset, len(data)):
+                await self.volume.engine.write(gen, offset, data, fua)
         finally:
             self.volume._leave(gen)
         self.bytes_written += len(data)
@@ -100,7 +106,8 @@ class Session:
         self._check_open()
         gen = self.volume._enter(self.generation)
         try:
-            await self.volume.engine.zero(gen, offset, length, punch=may_trim, fua=fua)
+            async with self.volume.writing(offset, length):
+                await self.volume.engine.zero(gen, offset, length, punch=may_trim, fua=fua)
         finally:
             self.volume._leave(gen)
         self.bytes_written += length
@@ -119,6 +126,9 @@ class Session:
 
     async def block_status(self, offset: int, length: int) -> list[Extent]:
         self._check_open()
+        live = self.volume.live_restore
+        if live is not None and live.unfilled(offset, length):
+            return [Extent(length)]  # not filled yet: data, whatever the volume holds now
         return await self.volume.engine.extents(self.generation, offset, length)
 
     async def close(self, clean: bool = True) -> None:
@@ -205,7 +215,14 @@ class Volume:
         self._settling = asyncio.Lock()
         self._settle_retry: asyncio.Task[None] | None = None
         self.closing = False
+        self.live_restore: LiveRestore | None = None  # set while a live restore fills it
         engine.on_broken = self._image_broken
+
+    def writing(self, offset: int, length: int) -> AbstractAsyncContextManager[None]:
+        """What surrounds a client write: a live restore's first-write work, else nothing."""
+        if self.live_restore is None:
+            return contextlib.nullcontext()
+        return self.live_restore.writing(offset, length)
 
     @property
     def name(self) -> str:
@@ -590,7 +607,9 @@ class Volume:
             "chunk_size": self.row.chunk_size, "legs": self.row.legs,
             "enospc_policy": self.row.enospc_policy, "live_generation": self.live,
             "created_at": self.row.created_at, "uid": self.row.uid,
-            "restore": dict(self.row.restore) if self.row.restore else None,
+            "restore": None if not self.row.restore else {
+                **self.row.restore,
+                **(self.live_restore.status() if self.live_restore is not None else {})},
             "bytes_on_disk": self.engine.bytes_on_disk(self.live),
             "damaged": self.engine.damaged.get(self.live), "warnings": list(self.engine.warnings),
             "generations": [{"generation": g, "sessions": by_gen[g]} for g in sorted(by_gen)],
@@ -605,6 +624,8 @@ class Volume:
         for task in [*self._releases.values(), self._settle_retry]:
             if task is not None:
                 task.cancel()
+        if self.live_restore is not None:
+            self.live_restore.abandon()
         self.sessions.clear()
 
     async def close(self) -> None:
@@ -615,5 +636,7 @@ class Volume:
         await asyncio.gather(*tasks, return_exceptions=True)
         for session in list(self.sessions.values()):
             await session.close(clean=False)
+        if self.live_restore is not None:
+            await self.live_restore.close()
         await self.engine.close()
         await self.engine.storage.close()
