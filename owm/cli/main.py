@@ -128,8 +128,11 @@ def parse_endpoint(text: str, what: str) -> tuple[str, int] | None:
               help="Seconds requests in flight get to finish at shutdown.")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]),
               default="info", show_default=True)
+@click.option("--metrics-listen", metavar="HOST:PORT",
+              help="Also serve /metrics (Prometheus, read-only, no token) on TCP.")
 def serve(listen: str, nbd_socket: Path | None, control_listen: str | None,
-          control_token_file: Path | None, grace: float, log_level: str) -> None:
+          control_token_file: Path | None, grace: float, log_level: str,
+          metrics_listen: str | None) -> None:
     """Run the daemon (NBD and the control API) in the foreground.
 
     NBD is served on HOST:PORT and POOL/nbd.sock, the control API on POOL/control.sock.
@@ -144,6 +147,8 @@ def serve(listen: str, nbd_socket: Path | None, control_listen: str | None,
         pool=state().pool, nbd_listen=parse_endpoint(listen, "--listen"), nbd_socket=nbd_socket,
         control_listen=control_tcp, control_token_file=control_token_file, grace=grace,
     )
+    if metrics_listen:
+        config.metrics_listen = parse_endpoint(metrics_listen, "--metrics-listen")
     try:
         run(config, log_level)
     except OwmError as exc:

@@ -9,13 +9,16 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from aiohttp import web
 
 from owm.common.errors import NotFound
 from owm.common.names import parse_image_name
 from owm.locks.app import LockService
+
+if TYPE_CHECKING:
+    from prometheus_client import CollectorRegistry
 
 JSON = dict[str, Any]
 
@@ -59,6 +62,8 @@ class ControlContext:
     release_progress: dict[str, tuple[int, int]] = field(default_factory=dict)
     # Application locks ([0053]) served to transaction workers: in memory, outside every volume.
     app_locks: LockService = field(default_factory=LockService)
+    # The daemon's own Prometheus registry (owm.control.metrics.build_registry), if any.
+    metrics: CollectorRegistry | None = None
 
     def volume(self, name: str) -> JSON:
         """The status dict of one volume, NotFound if there is none of that name."""

@@ -74,6 +74,7 @@ class DaemonConfig:
     control_listen: tuple[str, int] | None = None
     control_token_file: Path | None = None
     grace: float = 30.0  # seconds in-flight NBD requests get at shutdown
+    metrics_listen: tuple[str, int] | None = None  # read-only /metrics on TCP, no token
 
     @property
     def control_socket(self) -> Path:
@@ -157,6 +158,7 @@ async def _serve_locked(
     config: DaemonConfig, pool_dir: Path, token: str | None, stop: asyncio.Event | None
 ) -> None:
     # Imported here so that the control client and the CLI do not pull in the storage stack.
+    from owm.control.metrics import MetricsListener, MetricsSources, build_registry
     from owm.nbd.server import NbdServer
     from owm.pool.pool import Pool
 
@@ -183,8 +185,19 @@ async def _serve_locked(
     nbd: Any = None
     ctx = ControlContext(pool=pool, app_locks=LockService.for_pool(pool_dir))
     control = ControlServer(ctx)
+    metrics = MetricsListener(ctx)
+    ctx.daemon["ready"] = False
     try:
         nbd = NbdServer(pool)
+        ctx.metrics = build_registry(MetricsSources(
+            status=pool.status,
+            volumes=lambda: [v.metrics() for _, v in sorted(pool.volumes.items())],
+            server=lambda: {"connections": nbd.connection_count,
+                            "accepted": nbd.accepted_connections,
+                            "refused": nbd.refused_connections,
+                            "inflight": nbd.inflight_requests,
+                            "buffered_bytes": nbd.buffered_bytes},
+        ), ctx.daemon)
         try:
             await nbd.start(tcp=config.nbd_listen, unix_path=str(config.nbd_socket_path))
         except OSError as exc:
@@ -197,20 +210,27 @@ async def _serve_locked(
             "pool": str(pool_dir), "pid": os.getpid(), "version": owm.__version__,
             "nbd": {"tcp": _endpoint(nbd_tcp), "unix": str(config.nbd_socket_path.absolute())},
             "control": {"unix": str(config.control_socket.absolute()), "tcp": None},
+            "metrics": None,
         })
+        if config.metrics_listen is not None:
+            await metrics.start(*config.metrics_listen)
+            ctx.daemon["metrics"] = _endpoint(metrics.address)
         await control.start(config.control_socket, tcp=config.control_listen, token=token)
         ctx.daemon["control"]["tcp"] = _endpoint(control.tcp_address)
         volumes = pool.status()
         log.info(
-            "serving pool %s with %d volume(s): NBD on %s and %s, control on %s%s "
+            "serving pool %s with %d volume(s): NBD on %s and %s, control on %s%s%s "
             "(ready in %.0f ms)",
             pool_dir, len(volumes), _endpoint(nbd_tcp) or "no TCP", config.nbd_socket_path,
             config.control_socket,
             f" and {_endpoint(control.tcp_address)} (token required)" if control.tcp_address
             else "",
+            f", metrics on {_endpoint(metrics.address)}" if metrics.address else "",
             (time.monotonic() - started) * 1000,
         )
         ready = True
+        # No await since the control socket started: no client saw the daemon before this.
+        ctx.daemon["ready"] = True
         await stop.wait()
     finally:
         for signum in signals:
@@ -223,6 +243,7 @@ async def _serve_locked(
                 await nbd.stop(config.grace)
         finally:
             try:
+                await metrics.stop()
                 await control.stop()
             finally:
                 await pool.close()
