@@ -130,9 +130,11 @@ def parse_endpoint(text: str, what: str) -> tuple[str, int] | None:
               default="info", show_default=True)
 @click.option("--metrics-listen", metavar="HOST:PORT",
               help="Also serve /metrics (Prometheus, read-only, no token) on TCP.")
+@click.option("--ready-file", metavar="PATH", type=click.Path(path_type=Path),
+              help="Create PATH (holding the pid) once serving; removed when stopping.")
 def serve(listen: str, nbd_socket: Path | None, control_listen: str | None,
           control_token_file: Path | None, grace: float, log_level: str,
-          metrics_listen: str | None) -> None:
+          metrics_listen: str | None, ready_file: Path | None) -> None:
     """Run the daemon (NBD and the control API) in the foreground.
 
     NBD is served on HOST:PORT and POOL/nbd.sock, the control API on POOL/control.sock.
@@ -149,6 +151,7 @@ def serve(listen: str, nbd_socket: Path | None, control_listen: str | None,
     )
     if metrics_listen:
         config.metrics_listen = parse_endpoint(metrics_listen, "--metrics-listen")
+    config.ready_file = ready_file
     try:
         run(config, log_level)
     except OwmError as exc:

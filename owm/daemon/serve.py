@@ -75,6 +75,7 @@ class DaemonConfig:
     control_token_file: Path | None = None
     grace: float = 30.0  # seconds in-flight NBD requests get at shutdown
     metrics_listen: tuple[str, int] | None = None  # read-only /metrics on TCP, no token
+    ready_file: Path | None = None  # created once serving, removed when stopping
 
     @property
     def control_socket(self) -> Path:
@@ -144,6 +145,8 @@ async def serve(config: DaemonConfig, stop: asyncio.Event | None = None) -> None
     check_unix_path(config.control_socket.absolute())
     check_unix_path(config.nbd_socket_path.absolute())
     token = read_token_file(config.control_token_file) if config.control_token_file else None
+    if config.ready_file is not None and not config.ready_file.absolute().parent.is_dir():
+        raise WrongState(f"the directory of the ready file {config.ready_file} does not exist")
     if not pool_dir.exists():
         pool_dir.mkdir(mode=0o700, parents=True)
     # Nothing in the pool is read, written, recovered or unlinked before this lock is ours.
@@ -159,6 +162,7 @@ async def _serve_locked(
 ) -> None:
     # Imported here so that the control client and the CLI do not pull in the storage stack.
     from owm.control.metrics import MetricsListener, MetricsSources, build_registry
+    from owm.daemon.notify import Notifier, remove_ready_file, write_ready_file
     from owm.nbd.server import NbdServer
     from owm.pool.pool import Pool
 
@@ -179,6 +183,10 @@ async def _serve_locked(
     for signum in signals:
         loop.add_signal_handler(signum, on_signal, signum)
 
+    notifier = Notifier()
+    watchdog: asyncio.Task[None] | None = None
+    if config.ready_file is not None:
+        remove_ready_file(config.ready_file)  # a stale one from a crash must not say ready
     started = time.monotonic()
     ready = False
     pool = await Pool.open(pool_dir)
@@ -231,11 +239,19 @@ async def _serve_locked(
         ready = True
         # No await since the control socket started: no client saw the daemon before this.
         ctx.daemon["ready"] = True
+        if config.ready_file is not None:
+            write_ready_file(config.ready_file)
+        notifier.ready(f"serving {len(volumes)} volume(s) of {pool_dir}")
+        watchdog = loop.create_task(notifier.watchdog())
         await stop.wait()
     finally:
         for signum in signals:
             loop.remove_signal_handler(signum)
+        ctx.daemon["ready"] = False
+        if config.ready_file is not None:
+            remove_ready_file(config.ready_file)
         if ready:
+            notifier.stopping()
             log.info("stopping: finishing requests in flight")
         ctx.closing.set()
         try:
@@ -247,6 +263,8 @@ async def _serve_locked(
                 await control.stop()
             finally:
                 await pool.close()
+            if watchdog is not None:
+                watchdog.cancel()
         if ready:
             # Whether the pool closed cleanly is logged by the pool itself, once and truly.
             log.info("stopped")
