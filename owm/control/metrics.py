@@ -8,19 +8,22 @@ its own (never prometheus_client's global one), holding this collector and the p
 and garbage-collector collectors.
 
 ``GET /metrics`` is served on the control socket (registered in ``owm.control.routes``) and, with
-``owm serve --metrics-listen HOST:PORT``, on a TCP listener of its own that serves only
-read-only endpoints (``/metrics``, ``/v1/health``) and needs no token.
+``owm serve --metrics-listen HOST:PORT``, on a TCP listener of its own that needs no token
+and serves only what reads (``/metrics``, ``/v1/health``, the volumes' status and the
+dashboard); the dashboard's preserve, cutover and release are accepted there only with the
+control token.
 """
 
 from __future__ import annotations
 
+import hmac
 import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
-from aiohttp.typedefs import Handler
+from aiohttp.typedefs import Handler, Middleware
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     GC_COLLECTOR,
@@ -274,44 +277,57 @@ def health_answer(ctx: ControlContext) -> web.Response:
                              status=200 if status == "ok" else 503)
 
 
-async def _health(request: web.Request) -> web.Response:
-    return health_answer(request.app[CONTEXT])
+# What the metrics listener serves: reading needs nothing, the dashboard's three actions need the
+# control token. Routes are matched by their pattern, after aiohttp resolved the request.
+READ_ONLY = frozenset({
+    "/", "/dashboard.js", "/dashboard.css", "/metrics", "/v1/health", "/v1/openapi.json",
+    "/v1/volumes", "/v1/volumes/{name}", "/v1/images/{image}",
+})
+ACTIONS = frozenset({
+    "/v1/volumes/{name}/preserve", "/v1/images/{image}/cutover", "/v1/images/{image}/release",
+})
 
 
-@web.middleware
-async def _plain_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """The read-only listener answers every mistake with one JSON sentence, as the API does."""
-    try:
-        return await handler(request)
-    except web.HTTPException as exc:
-        if exc.status < 400:
-            raise
-        if exc.status == 405:
-            message = f"{request.path} does not accept {request.method}; this listener is read-only"
-        elif exc.status == 404:
-            message = f"there is no endpoint {request.path} on the metrics listener"
-        else:
-            message = exc.reason or f"HTTP error {exc.status}"
-        return web.json_response({"error": message}, status=exc.status)
-    except InvalidRequest as exc:
-        return web.json_response({"error": str(exc)}, status=400)
+def readonly_guard(token: str | None) -> Middleware:
+    """GET of READ_ONLY paths for anyone; POST of ACTIONS only with ``Bearer TOKEN``."""
+    expected = token.encode() if token else None
 
+    @web.middleware
+    async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
+        route = request.match_info.route
+        pattern = route.resource.canonical if route.resource is not None else None
+        if request.match_info.http_exception is not None or pattern is None:
+            return await handler(request)  # unknown path or method: the usual 404 / 405
+        if request.method in ("GET", "HEAD") and pattern in READ_ONLY:
+            return await handler(request)
+        if request.method == "POST" and pattern in ACTIONS:
+            if expected is None:
+                return web.json_response({"error": (
+                    "actions on the metrics listener need the control token, and this daemon "
+                    "was started without --control-token-file")}, status=403)
+            scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+            if scheme.lower() != "bearer" or not given.strip():
+                return web.json_response(
+                    {"error": "this action needs the control token (Authorization: Bearer "
+                              "TOKEN)"}, status=401,
+                    headers={"WWW-Authenticate": 'Bearer realm="owm"'})
+            if not hmac.compare_digest(given.strip().encode(), expected):
+                return web.json_response({"error": "the control token is wrong"}, status=401,
+                                         headers={"WWW-Authenticate": 'Bearer realm="owm"'})
+            return await handler(request)
+        return web.json_response(
+            {"error": f"the metrics listener is read-only: {request.method} {request.path} "
+                      "is served on the control socket only"}, status=403)
 
-def create_readonly_app(
-    ctx: ControlContext, extra: Callable[[web.Application], None] | None = None
-) -> web.Application:
-    """The application of ``--metrics-listen``: GET-only endpoints that change nothing."""
-    app = web.Application(middlewares=[_plain_errors], client_max_size=1 << 16)
-    app[CONTEXT] = ctx
-    app.router.add_get("/metrics", metrics_endpoint)
-    app.router.add_get("/v1/health", _health)
-    if extra is not None:
-        extra(app)
-    return app
+    return guard
 
 
 class MetricsListener:
-    """The optional TCP listener for ``/metrics`` (read-only, no token)."""
+    """The optional TCP listener of ``/metrics`` and the dashboard: read-only, no token.
+
+    It serves a copy of the control application (``app_factory``, normally
+    ``owm.control.app.create_app``) behind :func:`readonly_guard`.
+    """
 
     def __init__(self, ctx: ControlContext) -> None:
         self.ctx = ctx
@@ -319,10 +335,13 @@ class MetricsListener:
         self._runner: web.AppRunner | None = None
 
     async def start(
-        self, host: str, port: int, extra: Callable[[web.Application], None] | None = None
+        self, host: str, port: int, app_factory: Callable[[ControlContext], web.Application],
+        token: str | None = None,
     ) -> None:
-        runner = web.AppRunner(create_readonly_app(self.ctx, extra), access_log=None,
-                               handle_signals=False, shutdown_timeout=1.0)
+        app = app_factory(self.ctx)
+        app.middlewares.insert(0, readonly_guard(token))
+        runner = web.AppRunner(app, access_log=None, handle_signals=False,
+                               handler_cancellation=True, shutdown_timeout=1.0)
         await runner.setup()
         self._runner = runner
         site = web.TCPSite(runner, host, port, reuse_address=True)

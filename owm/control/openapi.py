@@ -174,6 +174,16 @@ def _paths() -> JSON:
             "operationId": "metrics",
             "responses": {"200": {"description": "Prometheus text format 0.0.4.",
                                   "content": {"text/plain": {"schema": {"type": "string"}}}}}}},
+        "/": {"get": {
+            "summary": "The web dashboard (also on --metrics-listen).", "operationId": "dashboard",
+            "responses": {"200": {"description": "An HTML page.",
+                                  "content": {"text/html": {"schema": {"type": "string"}}}}}}},
+        "/dashboard.js": {"get": {
+            "summary": "The dashboard's script.", "operationId": "dashboardScript",
+            "responses": {"200": {"description": "JavaScript."}}}},
+        "/dashboard.css": {"get": {
+            "summary": "The dashboard's style sheet.", "operationId": "dashboardStyle",
+            "responses": {"200": {"description": "CSS."}}}},
         "/v1/openapi.json": {"get": {
             "summary": "This document.", "operationId": "openapi",
             "responses": {"200": {"description": "OpenAPI 3.1 document."}}}},

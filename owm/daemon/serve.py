@@ -161,6 +161,7 @@ async def _serve_locked(
     config: DaemonConfig, pool_dir: Path, token: str | None, stop: asyncio.Event | None
 ) -> None:
     # Imported here so that the control client and the CLI do not pull in the storage stack.
+    from owm.control.app import create_app
     from owm.control.metrics import MetricsListener, MetricsSources, build_registry
     from owm.daemon.notify import Notifier, remove_ready_file, write_ready_file
     from owm.nbd.server import NbdServer
@@ -221,7 +222,7 @@ async def _serve_locked(
             "metrics": None,
         })
         if config.metrics_listen is not None:
-            await metrics.start(*config.metrics_listen)
+            await metrics.start(*config.metrics_listen, app_factory=create_app, token=token)
             ctx.daemon["metrics"] = _endpoint(metrics.address)
         await control.start(config.control_socket, tcp=config.control_listen, token=token)
         ctx.daemon["control"]["tcp"] = _endpoint(control.tcp_address)
