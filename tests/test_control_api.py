@@ -177,7 +177,7 @@ def test_unknown_volumes_and_images_are_404(
         ("POST", "/v1/images/vol@0/cutover", {"force": True}, 400),
         ("DELETE", "/v1/volumes/vol", b"not json", 400),
         ("GET", "/v1/nothing", None, 404),
-        ("GET", "/", None, 404),
+        ("GET", "/v2", None, 404),  # "/" is the dashboard now
         ("PUT", "/v1/volumes", {}, 405),
         ("PATCH", "/v1/volumes/vol", {}, 405),
     ],

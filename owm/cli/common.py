@@ -12,14 +12,16 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
-from rich.console import Console
 
 from owm.common.errors import InvalidRequest
 from owm.common.names import parse_image_name as split_image
 from owm.common.sizes import parse_size
+
+if TYPE_CHECKING:
+    from rich.console import Console
 
 JSON = dict[str, Any]
 
@@ -42,8 +44,11 @@ class State:
 
     pool: Path
 
+    # rich is imported when something is printed through it, not at start-up (see quick.py).
     @property
     def out(self) -> Console:
+        from rich.console import Console
+
         # Piped output is read by scripts and people alike: don't wrap tables at rich's
         # 80-column default for files (COLUMNS, when set, still wins).
         wide = not sys.stdout.isatty() and "COLUMNS" not in os.environ
@@ -51,6 +56,8 @@ class State:
 
     @property
     def err(self) -> Console:
+        from rich.console import Console
+
         return Console(stderr=True, highlight=False)
 
 

@@ -9,7 +9,6 @@ command that reports state takes ``--json`` and then prints exactly one JSON doc
 
 from __future__ import annotations
 
-import asyncio
 import os
 import sys
 from collections.abc import Awaitable, Callable, Sequence
@@ -18,7 +17,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
-from owm.cli.backup import backup, repo, restore
+import owm
 from owm.cli.common import (
     DEFAULT_POOL,
     IMAGE,
@@ -31,27 +30,37 @@ from owm.cli.common import (
     print_json,
     state,
 )
-from owm.cli.output import (
-    holding_lines,
-    plural,
-    sentence,
-    status_view,
-    volume_detail,
-    volumes_table,
-)
 from owm.common.errors import DaemonNotRunning, OwmError
 from owm.common.sizes import format_size
 
 if TYPE_CHECKING:
+    from owm.cli.quick import QuickClient
     from owm.control.client import ControlClient
+
+# Start-up time is most of what a quick command costs (``bench/cli_latency.py``): asyncio,
+# aiohttp, rich and the backup commands are imported by the commands that use them, and
+# one-request commands talk to the daemon through ``owm.cli.quick`` instead of aiohttp.
 
 T = TypeVar("T")
 JSON = dict[str, Any]
 
+def quick(call: Callable[[QuickClient], T]) -> T:
+    """Run blocking requests to the pool's daemon; map their failures to exit codes."""
+    from owm.cli.quick import QuickClient
+
+    try:
+        return call(QuickClient(state().pool))
+    except DaemonNotRunning as exc:
+        raise Fail(str(exc), 2) from None
+    except OwmError as exc:
+        raise Fail(str(exc), 1) from None
+
+
 def talk(call: Callable[[ControlClient], Awaitable[T]]) -> T:
-    """Run one exchange with the pool's daemon; map its failures to exit codes."""
-    # Imported here, not at the top: aiohttp costs a quarter of a second of start-up
-    # that commands which never reach the daemon (backup list/verify, --help) should not pay.
+    """Run one exchange with the pool's daemon over asyncio (for commands that show progress
+    while they wait); map its failures to exit codes."""
+    import asyncio
+
     from owm.control.client import ControlClient
 
     pool = state().pool
@@ -79,15 +88,35 @@ class OrderedGroup(click.Group):
         return list(self.commands)
 
 
+class RootGroup(OrderedGroup):
+    """The top group: ``backup``, ``restore`` and ``repo`` are loaded only when used or listed."""
+
+    LAZY = ("backup", "restore", "repo")
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        names = [n for n in self.commands if n not in self.LAZY]
+        at = names.index("demo") if "demo" in names else len(names)
+        return [*names[:at], *self.LAZY, *names[at:]]
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name in self.LAZY and name not in self.commands:
+            from owm.cli.backup import backup, repo, restore
+
+            self.add_command(backup)
+            self.add_command(restore)
+            self.add_command(repo)
+        return super().get_command(ctx, name)
+
+
 @click.group(
-    cls=OrderedGroup,
+    cls=RootGroup,
     context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
 )
 @click.option(
     "--pool", metavar="DIR", envvar="OWM_POOL", default=DEFAULT_POOL, show_default=True,
     help="Pool directory; defaults to $OWM_POOL, then ./owm-pool.",
 )
-@click.version_option(package_name="owm", prog_name="owm")
+@click.version_option(version=owm.__version__, prog_name="owm")
 @click.pass_context
 def cli(ctx: click.Context, pool: str) -> None:
     """owm: a one-way mirror block device served over NBD.
@@ -147,11 +176,16 @@ def parse_endpoint(text: str, what: str) -> tuple[str, int] | None:
               help="Make the NBD Unix socket 0660 for this group (default 0600).")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]),
               default="info", show_default=True)
+@click.option("--metrics-listen", metavar="HOST:PORT",
+              help="Also serve /metrics (Prometheus, read-only, no token) on TCP.")
+@click.option("--ready-file", metavar="PATH", type=click.Path(path_type=Path),
+              help="Create PATH (holding the pid) once serving; removed when stopping.")
 def serve(listen: str, nbd_socket: Path | None, control_listen: str | None,
           control_token_file: Path | None, grace: float, tls_mode: str | None,
           tls_cert: Path | None, tls_key: Path | None, tls_ca: Path | None,
           tls_verify_peer: bool, access_file: Path | None, socket_group: str | None,
-          etcd: str | None, etcd_prefix: str | None, log_level: str) -> None:
+          etcd: str | None, etcd_prefix: str | None, log_level: str,
+          metrics_listen: str | None, ready_file: Path | None) -> None:
     """Run the daemon (NBD and the control API) in the foreground.
 
     NBD is served on HOST:PORT and POOL/nbd.sock, the control API on POOL/control.sock.
@@ -181,6 +215,9 @@ def serve(listen: str, nbd_socket: Path | None, control_listen: str | None,
         tls=TlsSettings(tls_mode, tls_cert, tls_key, tls_ca, tls_verify_peer),
         access_file=access_file, socket_group=socket_group, etcd=etcd, etcd_prefix=etcd_prefix,
     )
+    if metrics_listen:
+        config.metrics_listen = parse_endpoint(metrics_listen, "--metrics-listen")
+    config.ready_file = ready_file
     try:
         run(config, log_level)
     except OwmError as exc:
@@ -217,12 +254,12 @@ def volume_create(name: str, size: int, method: str, chunk_size: int, legs: int,
                   enospc_policy: str, as_json: bool) -> None:
     """Create volume NAME."""
 
-    async def call(c: ControlClient) -> tuple[JSON, JSON]:
-        created = await c.create_volume(name, size, method=method, chunk_size=chunk_size,
-                                        legs=legs, enospc_policy=enospc_policy)
-        return created, await c.health()
+    def call(c: QuickClient) -> tuple[JSON, JSON]:
+        created = c.create_volume(name, size, method=method, chunk_size=chunk_size,
+                                  legs=legs, enospc_policy=enospc_policy)
+        return created, c.health()
 
-    created, health = talk(call)
+    created, health = quick(call)
     if as_json:
         print_json(created)
         return
@@ -239,13 +276,15 @@ def volume_create(name: str, size: int, method: str, chunk_size: int, legs: int,
 @json_option
 def volume_list(as_json: bool) -> None:
     """List the volumes of the pool."""
-    volumes = talk(lambda c: c.volumes())
+    volumes = quick(lambda c: c.volumes())
     if as_json:
         print_json(volumes)
     elif not volumes:
         state().out.print(f"No volumes in pool {state().pool.absolute()}; create one with: "
                           "owm volume create NAME --size 1G", markup=False)
     else:
+        from owm.cli.output import volumes_table
+
         state().out.print(volumes_table(volumes))
 
 
@@ -255,10 +294,12 @@ def volume_list(as_json: bool) -> None:
 @json_option
 def volume_show(name: str, as_json: bool) -> None:
     """Show volume NAME: its settings, sessions and preserved images."""
-    found = talk(lambda c: c.volume(name))
+    found = quick(lambda c: c.volume(name))
     if as_json:
         print_json(found)
     else:
+        from owm.cli.output import volume_detail
+
         state().out.print(volume_detail(found))
 
 
@@ -274,10 +315,7 @@ def volume_delete(name: str, force: bool, as_json: bool) -> None:
     Refused while sessions or readers are open, and while preserved images exist (they may
     never have been backed up) unless --force.
     """
-    async def call(c: ControlClient) -> JSON:
-        return await c.delete_volume(name, force=force)
-
-    result = talk(call)
+    result = quick(lambda c: c.delete_volume(name, force=force))
     if as_json:
         print_json(result)
     else:
@@ -300,14 +338,16 @@ def preserve(name: str, instant: bool, as_json: bool) -> None:
     Sessions open now finish on NAME@N (their writes also reach the live volume); sessions
     opened from now on use the live volume only.
     """
-    result = talk(lambda c: c.preserve(name, instant=instant))
+    result = quick(lambda c: c.preserve(name, instant=instant))
     if as_json:
         print_json(result)
         return
     image = str(result["image"])
     click.echo(image)
-    err = state().err
-    if err.is_terminal:
+    if sys.stderr.isatty():
+        from owm.cli.output import plural
+
+        err = state().err
         left = int((result.get("status") or {}).get("sessions_left") or 0)
         if left:
             verb = "holds" if left == 1 else "hold"
@@ -328,11 +368,11 @@ def status(name: str | None, as_json: bool) -> None:
     For every volume, or just NAME.
     """
 
-    async def call(c: ControlClient) -> tuple[list[JSON], JSON]:
-        volumes = [await c.volume(name)] if name else await c.volumes()
-        return volumes, (await c.health()).get("catalog") or {}
+    def call(c: Any) -> tuple[list[JSON], JSON]:
+        volumes = [c.volume(name)] if name else c.volumes()
+        return volumes, c.health().get("catalog") or {}
 
-    volumes, catalog = talk(call)
+    volumes, catalog = quick(call)
     if as_json:
         # Where the catalog lives, on every entry: the answer stays a list of volumes.
         print_json([{**v, "catalog": catalog} for v in volumes] if catalog else volumes)
@@ -343,6 +383,8 @@ def status(name: str | None, as_json: bool) -> None:
     if not volumes:
         state().out.print(f"No volumes in pool {state().pool.absolute()}.", markup=False)
     else:
+        from owm.cli.output import status_view
+
         state().out.print(status_view(volumes))
 
 
@@ -357,12 +399,16 @@ def wait(image: str, timeout: float | None, as_json: bool) -> None:
 
     On a timeout it names the sessions still holding the image.
     """
+    if not sys.stderr.isatty() or as_json:
+        result = quick(lambda c: c.wait(image, timeout))
+        return _waited(image, timeout, as_json, result)
+    from owm.cli.output import plural
+
     err = state().err
-    show_progress = err.is_terminal and not as_json
 
     async def call(c: ControlClient) -> JSON:
-        if not show_progress:
-            return await c.wait(image, timeout)
+        import asyncio
+
         waiter = asyncio.ensure_future(c.wait(image, timeout))
         with err.status(f"waiting for {image} to drain") as spinner:
             while not waiter.done():
@@ -377,7 +423,12 @@ def wait(image: str, timeout: float | None, as_json: bool) -> None:
                 spinner.update(f"waiting for {image} to drain: {plural(left, 'session')} left")
         return await waiter
 
-    result = talk(call)
+    _waited(image, timeout, as_json, talk(call))
+
+
+def _waited(image: str, timeout: float | None, as_json: bool, result: JSON) -> None:
+    from owm.cli.output import holding_lines, plural
+
     drained = bool(result.get("drained"))
     if as_json:
         print_json(result)
@@ -404,7 +455,7 @@ def cutover(image: str, as_json: bool) -> None:
 
     IMAGE stops changing at once and is then only crash-consistent.
     """
-    result = talk(lambda c: c.cutover(image))
+    result = quick(lambda c: c.cutover(image))
     if as_json:
         print_json(result)
         return
@@ -412,6 +463,8 @@ def cutover(image: str, as_json: bool) -> None:
         state().out.print(f"{result.get('message') or image + ' was not cut over'}.",
                           markup=False)
         return
+    from owm.cli.output import plural
+
     rebound = result.get("rebound") or []
     state().out.print(
         f"Cut over {image}: {plural(len(rebound), 'session')} moved to the live volume; "
@@ -425,12 +478,13 @@ def cutover(image: str, as_json: bool) -> None:
 @json_option
 def release(image: str, as_json: bool) -> None:
     """Discard the drained IMAGE and reclaim its storage."""
+    if not sys.stderr.isatty() or as_json:
+        return _released(image, as_json, quick(lambda c: c.release(image)))
     err = state().err
-    show_progress = err.is_terminal and not as_json
 
     async def call(c: ControlClient) -> JSON:
-        if not show_progress:
-            return await c.release(image)
+        import asyncio
+
         from rich.progress import BarColumn, Progress, TaskProgressColumn, TimeRemainingColumn
 
         releaser = asyncio.ensure_future(c.release(image))
@@ -450,7 +504,10 @@ def release(image: str, as_json: bool) -> None:
                     bar.update(task, completed=progress.get("done", 0), total=progress["total"])
         return await releaser
 
-    result = talk(call)
+    _released(image, as_json, talk(call))
+
+
+def _released(image: str, as_json: bool, result: JSON) -> None:
     if as_json:
         print_json(result)
     else:
@@ -460,11 +517,7 @@ def release(image: str, as_json: bool) -> None:
 
 # ----------------------------------------------------------------------------------------------
 # Backups: `owm backup NAME@N --to PATH ...`, `owm backup list|verify|delete` and
-# `owm restore REPO ID --to PATH|NAME` live in owm/cli/backup.py.
-
-cli.add_command(backup)
-cli.add_command(restore)
-cli.add_command(repo)
+# `owm restore REPO ID --to PATH|NAME` live in owm/cli/backup.py (loaded by RootGroup).
 
 
 # ----------------------------------------------------------------------------------------------
@@ -500,6 +553,12 @@ def demo(writers: int, new_writers: int, as_json: bool) -> None:
 # Entry point
 
 
+def _sentence(message: str) -> str:
+    from owm.cli.output import sentence  # rich comes with it: only once something failed
+
+    return sentence(message)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """The ``owm`` console script: run the command, turn every failure into a sentence."""
     args = list(sys.argv[1:] if argv is None else argv)
@@ -510,17 +569,17 @@ def main(argv: Sequence[str] | None = None) -> None:
             code = result
     except Fail as exc:
         if exc.message:
-            click.echo(sentence(exc.message), err=True)
+            click.echo(_sentence(exc.message), err=True)
         code = exc.code
     except click.UsageError as exc:
         where = exc.ctx.command_path if exc.ctx else "owm"
-        click.echo(f"{sentence(exc.format_message())} See '{where} --help'.", err=True)
+        click.echo(f"{_sentence(exc.format_message())} See '{where} --help'.", err=True)
         code = exc.exit_code
     except click.ClickException as exc:
-        click.echo(sentence(exc.format_message()), err=True)
+        click.echo(_sentence(exc.format_message()), err=True)
         code = exc.exit_code
     except OwmError as exc:
-        click.echo(sentence(str(exc)), err=True)
+        click.echo(_sentence(str(exc)), err=True)
         code = 1
     except (click.Abort, KeyboardInterrupt):
         click.echo("Interrupted.", err=True)

@@ -9,13 +9,16 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from aiohttp import web
 
 from owm.common.errors import NotFound
 from owm.common.names import parse_image_name
 from owm.locks.app import LockService
+
+if TYPE_CHECKING:
+    from prometheus_client import CollectorRegistry
 
 JSON = dict[str, Any]
 
@@ -66,6 +69,8 @@ class ControlContext:
     # Connects to a live restore's source, an NBD export on a Unix socket (socket, export,
     # volume size): its read(offset, length) and a way to drop it.  Set by the daemon.
     connect_source: SourceConnector | None = None
+    # The daemon's own Prometheus registry (owm.control.metrics.build_registry), if any.
+    metrics: CollectorRegistry | None = None
 
     def volume(self, name: str) -> JSON:
         """The status dict of one volume, NotFound if there is none of that name."""

@@ -46,8 +46,12 @@ _SCHEMAS: JSON = {
     "Health": {
         "type": "object",
         "properties": {
-            "status": {"enum": ["ok", "closing"]},
+            "status": {"enum": ["ok", "starting", "closing"],
+                       "description": "ok (200) once every listener serves; else 503."},
+            "ready": {"type": "boolean"},
             "pool": {"type": "string"}, "pid": {"type": "integer"}, "version": {"type": "string"},
+            "metrics": {"type": ["string", "null"],
+                        "description": "HOST:PORT of --metrics-listen, or null."},
             "nbd": {"type": "object", "properties": {
                 "tcp": {"type": ["string", "null"], "description": "HOST:PORT or null."},
                 "unix": {"type": ["string", "null"]}}},
@@ -163,7 +167,23 @@ def _paths() -> JSON:
     return {
         "/v1/health": {"get": {
             "summary": "Is the daemon up; where it serves NBD.", "operationId": "health",
-            "responses": {"200": _json(_ref("Health"), "The daemon's facts.")}}},
+            "responses": {"200": _json(_ref("Health"), "The daemon's facts; it is ready."),
+                          "503": _json(_ref("Health"), "Starting or closing: not ready.")}}},
+        "/metrics": {"get": {
+            "summary": "Prometheus metrics (text exposition format), also on --metrics-listen.",
+            "operationId": "metrics",
+            "responses": {"200": {"description": "Prometheus text format 0.0.4.",
+                                  "content": {"text/plain": {"schema": {"type": "string"}}}}}}},
+        "/": {"get": {
+            "summary": "The web dashboard (also on --metrics-listen).", "operationId": "dashboard",
+            "responses": {"200": {"description": "An HTML page.",
+                                  "content": {"text/html": {"schema": {"type": "string"}}}}}}},
+        "/dashboard.js": {"get": {
+            "summary": "The dashboard's script.", "operationId": "dashboardScript",
+            "responses": {"200": {"description": "JavaScript."}}}},
+        "/dashboard.css": {"get": {
+            "summary": "The dashboard's style sheet.", "operationId": "dashboardStyle",
+            "responses": {"200": {"description": "CSS."}}}},
         "/v1/openapi.json": {"get": {
             "summary": "This document.", "operationId": "openapi",
             "responses": {"200": {"description": "OpenAPI 3.1 document."}}}},

@@ -20,6 +20,8 @@ from owm.common.sizes import check_volume_size
 from owm.control.body import Body
 from owm.control.common import ShuttingDown, completed, ctx_of, name_arg, no_body, ok
 from owm.control.context import ControlContext, holding_sessions
+from owm.control.dashboard import STATIC, static_file
+from owm.control.metrics import health_answer, metrics_endpoint
 
 log = logging.getLogger("owm.control")
 routes = web.RouteTableDef()
@@ -38,8 +40,14 @@ def refuse_while_closing(ctx: ControlContext, what: str) -> None:
 
 @routes.get("/v1/health")
 async def health(request: web.Request) -> web.Response:
-    ctx = ctx_of(request)
-    return ok({"status": "closing" if ctx.closing.is_set() else "ok", **ctx.daemon})
+    return health_answer(ctx_of(request))
+
+
+# The Prometheus text of the daemon's registry (see owm.control.metrics).
+routes.get("/metrics")(metrics_endpoint)
+# The web dashboard (see owm.control.dashboard).
+for _path in STATIC:
+    routes.get(_path)(static_file)
 
 
 @routes.get("/v1/volumes")

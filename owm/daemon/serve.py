@@ -92,6 +92,8 @@ class DaemonConfig:
     tls: TlsSettings = field(default_factory=TlsSettings)
     access_file: Path | None = None  # per-export access rules (owm.nbd.access)
     socket_group: str | None = None  # the NBD Unix socket becomes 0660 for this group
+    metrics_listen: tuple[str, int] | None = None  # read-only /metrics on TCP, no token
+    ready_file: Path | None = None  # created once serving, removed when stopping
 
     @property
     def control_socket(self) -> Path:
@@ -250,6 +252,8 @@ async def serve(config: DaemonConfig, stop: asyncio.Event | None = None) -> None
     check_unix_path(config.nbd_socket_path.absolute())
     token = read_token_file(config.control_token_file) if config.control_token_file else None
     plane = DataPlane.from_config(config)
+    if config.ready_file is not None and not config.ready_file.absolute().parent.is_dir():
+        raise WrongState(f"the directory of the ready file {config.ready_file} does not exist")
     if not pool_dir.exists():
         pool_dir.mkdir(mode=0o700, parents=True)
     # Nothing in the pool is read, written, recovered or unlinked before this lock is ours.
@@ -268,6 +272,9 @@ async def _serve_locked(
     plane: DataPlane,
 ) -> None:
     # Imported here so that the control client and the CLI do not pull in the storage stack.
+    from owm.control.app import create_app
+    from owm.control.metrics import MetricsListener, MetricsSources, build_registry
+    from owm.daemon.notify import Notifier, remove_ready_file, write_ready_file
     from owm.pool.pool import Pool
 
     if socket_in_use(config.control_socket):
@@ -287,6 +294,10 @@ async def _serve_locked(
     for signum in signals:
         loop.add_signal_handler(signum, on_signal, signum)
 
+    notifier = Notifier()
+    watchdog: asyncio.Task[None] | None = None
+    if config.ready_file is not None:
+        remove_ready_file(config.ready_file)  # a stale one from a crash must not say ready
     started = time.monotonic()
     ready = False
     pool = await Pool.open(pool_dir, catalog_factory=etcd_catalog_factory(config, pool_dir))
@@ -294,8 +305,19 @@ async def _serve_locked(
     ctx = ControlContext(pool=pool, app_locks=LockService.for_pool(pool_dir),
                          connect_source=connect_restore_source)
     control = ControlServer(ctx)
+    metrics = MetricsListener(ctx)
+    ctx.daemon["ready"] = False
     try:
         nbd = plane.nbd_server(pool, config)
+        ctx.metrics = build_registry(MetricsSources(
+            status=pool.status,
+            volumes=lambda: [v.metrics() for _, v in sorted(pool.volumes.items())],
+            server=lambda: {"connections": nbd.connection_count,
+                            "accepted": nbd.accepted_connections,
+                            "refused": nbd.refused_connections,
+                            "inflight": nbd.inflight_requests,
+                            "buffered_bytes": nbd.buffered_bytes},
+        ), ctx.daemon)
         try:
             await nbd.start(tcp=config.nbd_listen, unix_path=str(config.nbd_socket_path),
                             unix_mode=plane.socket_mode, unix_gid=plane.socket_gid)
@@ -312,7 +334,11 @@ async def _serve_locked(
                     "access_rules": str(config.access_file) if config.access_file else None},
             "control": {"unix": str(config.control_socket.absolute()), "tcp": None},
             "catalog": pool.catalog_info,
+            "metrics": None,
         })
+        if config.metrics_listen is not None:
+            await metrics.start(*config.metrics_listen, app_factory=create_app, token=token)
+            ctx.daemon["metrics"] = _endpoint(metrics.address)
         await control.start(config.control_socket, tcp=config.control_listen, token=token)
         ctx.daemon["control"]["tcp"] = _endpoint(control.tcp_address)
         volumes = pool.status()
@@ -322,17 +348,31 @@ async def _serve_locked(
             pool_dir, len(volumes), _endpoint(nbd_tcp) or "no TCP", config.tls.mode,
             ", access rules " + str(config.access_file) if config.access_file else "",
             config.nbd_socket_path, plane.socket_mode,
+            "serving pool %s with %d volume(s): NBD on %s and %s, control on %s%s%s "
+            "(ready in %.0f ms)",
+            pool_dir, len(volumes), _endpoint(nbd_tcp) or "no TCP", config.nbd_socket_path,
             config.control_socket,
             f" and {_endpoint(control.tcp_address)} (token required)" if control.tcp_address
             else "",
+            f", metrics on {_endpoint(metrics.address)}" if metrics.address else "",
             (time.monotonic() - started) * 1000,
         )
         ready = True
+        # No await since the control socket started: no client saw the daemon before this.
+        ctx.daemon["ready"] = True
+        if config.ready_file is not None:
+            write_ready_file(config.ready_file)
+        notifier.ready(f"serving {len(volumes)} volume(s) of {pool_dir}")
+        watchdog = loop.create_task(notifier.watchdog())
         await stop.wait()
     finally:
         for signum in signals:
             loop.remove_signal_handler(signum)
+        ctx.daemon["ready"] = False
+        if config.ready_file is not None:
+            remove_ready_file(config.ready_file)
         if ready:
+            notifier.stopping()
             log.info("stopping: finishing requests in flight")
         ctx.closing.set()
         try:
@@ -340,9 +380,12 @@ async def _serve_locked(
                 await nbd.stop(config.grace)
         finally:
             try:
+                await metrics.stop()
                 await control.stop()
             finally:
                 await pool.close()
+            if watchdog is not None:
+                watchdog.cancel()
         if ready:
             # Whether the pool closed cleanly is logged by the pool itself, once and truly.
             log.info("stopped")

@@ -190,6 +190,10 @@ class Engine(ABC):
         # Chunks written by each generation >= 1, for incremental backups.  Committed with every
         # flush; after a crash the maps of generations still being written are untrusted.
         self.changed: dict[int, ChunkTable] = {}
+        # Chunks (and their bytes) copied aside so that a preserved image keeps its data: plain
+        # counters, read by the daemon's metrics at scrape time.
+        self.cow_copies = 0
+        self.cow_copy_bytes = 0
 
     # -- lifecycle (engine-specific) ----------------------------------------------------------
     @abstractmethod

@@ -141,6 +141,7 @@ class CowEngine(Engine):
             for source, start, n in self._copy_runs(prev, missing):
                 content = await self.storage.read(source, start, n)
                 await self.put(target, start, content)
+                self.cow_copy_bytes += n
             await self.group_sync(target)()
         except NoSpace as exc:
             if self.enospc_policy == "fail-write":
@@ -153,6 +154,7 @@ class CowEngine(Engine):
         for chunk in missing:
             table.set(chunk)
         await table.commit()
+        self.cow_copies += len(missing)
 
     def _copy_runs(self, prev: int, missing: list[int]) -> Iterator[tuple[str, int, int]]:
         """Consecutive missing chunks with the same source, as (source, offset, length) runs:

@@ -173,6 +173,8 @@ class LogEngine(Engine):
             below = self._resolve(lo - 1, chunk)
             content = await self.storage.read(below.data, start, size)
             await self.put(layer.data, start, content)
+            self.cow_copies += 1
+            self.cow_copy_bytes += size
         return layer
 
     async def _apply(self, gen: int, offset: int, length: int, writer: Writer) -> set[str]:

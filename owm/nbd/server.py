@@ -182,6 +182,7 @@ class _Connection(asyncio.BufferedProtocol):
             transport.close()
             return
         self.server._connections.add(self)
+        self.server.accepted_connections += 1
         log.debug("connection from %s", self.peer)
         if self.server._stopping:
             transport.close()
@@ -829,6 +830,7 @@ class NbdServer:
         self._waiting: set[_Connection] = set()  # stopped at MAX_BUFFERED_BYTES
         self._recheck: asyncio.TimerHandle | None = None
         self.refused_connections = 0
+        self.accepted_connections = 0  # since start, for the daemon's metrics
         self._refusal_logged = -10.0
 
     def _refused_connection(self, peer: str) -> None:
@@ -884,6 +886,11 @@ class NbdServer:
     def connection_count(self) -> int:
         """Connections currently open, in any phase."""
         return len(self._connections)
+
+    @property
+    def inflight_requests(self) -> int:
+        """Requests received and not answered yet, over every connection."""
+        return sum(conn._inflight for conn in self._connections)
 
     async def start(
         self,

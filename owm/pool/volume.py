@@ -23,6 +23,7 @@ import contextlib
 import dataclasses
 import logging
 import time
+from bisect import bisect_left
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from contextlib import AbstractAsyncContextManager
@@ -55,6 +56,57 @@ SETTLE_RETRY_FIRST, SETTLE_RETRY_MAX = 0.5, 5.0  # seconds between tries to reco
 
 DbCall = Callable[[Callable[["Catalog"], T]], Awaitable[T]]
 
+# Upper bounds (seconds) of the request latency histograms and of the image-reader session
+# histogram; the metrics collector turns the per-bucket counts into cumulative ones.
+LATENCY_BOUNDS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
+                  0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+READER_BOUNDS = (1.0, 10.0, 60.0, 300.0, 900.0, 3600.0, 4 * 3600.0, 24 * 3600.0)
+
+
+class OpStats:
+    """Counters of one kind of request: plain integers on the I/O path, nothing else."""
+
+    __slots__ = ("bounds", "buckets", "bytes", "count", "errors", "seconds")
+
+    def __init__(self, bounds: tuple[float, ...] = LATENCY_BOUNDS) -> None:
+        self.bounds = bounds
+        self.count = 0
+        self.bytes = 0
+        self.errors = 0
+        self.seconds = 0.0
+        self.buckets = [0] * (len(bounds) + 1)  # the last one is +Inf
+
+    def done(self, nbytes: int, started: float) -> None:
+        elapsed = time.perf_counter() - started
+        self.count += 1
+        self.bytes += nbytes
+        self.seconds += elapsed
+        self.buckets[bisect_left(self.bounds, elapsed)] += 1
+
+    def snapshot(self) -> dict[str, Any]:
+        return {"count": self.count, "bytes": self.bytes, "errors": self.errors,
+                "seconds": self.seconds, "bounds": list(self.bounds),
+                "buckets": list(self.buckets)}
+
+
+class VolumeStats:
+    """What a volume counts for the daemon's metrics (owm.control.metrics reads a snapshot)."""
+
+    def __init__(self) -> None:
+        self.read = OpStats()
+        self.write = OpStats()
+        self.zero = OpStats()  # WRITE_ZEROES and TRIM
+        self.flush = OpStats()
+        self.image_read = OpStats()  # reads of preserved images (backups pull through these)
+        self.reader_sessions = OpStats(READER_BOUNDS)  # whole reader sessions, open to close
+        self.sessions_opened = 0
+        self.sessions_unclean = 0
+        self.preserves = 0
+        self.cutovers = 0
+        self.releases = 0
+        self.last_drain_seconds: float | None = None  # preserve -> drained, last image drained
+        self.last_drain_image: int | None = None
+
 
 class Session:
     """A client session of the live export: a read-write view bound to a generation."""
@@ -80,36 +132,54 @@ class Session:
 
     async def read(self, offset: int, length: int) -> bytes:
         self._check_open()
+        stats = self.volume.stats.read
+        started = time.perf_counter()
         gen = self.volume._enter(self.generation)
         try:
             if self.volume.live_restore is not None:
                 await self.volume.live_restore.before_read(offset, length)
             data = await self.volume.engine.read(gen, offset, length)
+        except Exception:
+            stats.errors += 1
+            raise
         finally:
             self.volume._leave(gen)
+        stats.done(length, started)
         self.bytes_read += length
         return data
 
     async def write(self, offset: int, data: Buffer, fua: bool = False) -> None:
         self._check_open()
+        stats = self.volume.stats.write
+        started = time.perf_counter()
         gen = self.volume._enter(self.generation)
         try:
             async with self.volume.writing(offset, len(data)):
                 await self.volume.engine.write(gen, offset, data, fua)
+        except Exception:
+            stats.errors += 1
+            raise
         finally:
             self.volume._leave(gen)
+        stats.done(len(data), started)
         self.bytes_written += len(data)
 
     async def write_zeroes(
         self, offset: int, length: int, fua: bool = False, may_trim: bool = True
     ) -> None:
         self._check_open()
+        stats = self.volume.stats.zero
+        started = time.perf_counter()
         gen = self.volume._enter(self.generation)
         try:
             async with self.volume.writing(offset, length):
                 await self.volume.engine.zero(gen, offset, length, punch=may_trim, fua=fua)
+        except Exception:
+            stats.errors += 1
+            raise
         finally:
             self.volume._leave(gen)
+        stats.done(length, started)
         self.bytes_written += length
 
     async def trim(self, offset: int, length: int, fua: bool = False) -> None:
@@ -118,7 +188,14 @@ class Session:
 
     async def flush(self) -> None:
         self._check_open()
-        await self.volume.engine.flush()
+        stats = self.volume.stats.flush
+        started = time.perf_counter()
+        try:
+            await self.volume.engine.flush()
+        except Exception:
+            stats.errors += 1
+            raise
+        stats.done(0, started)
 
     async def cache(self, offset: int, length: int) -> None:
         self._check_open()
@@ -152,6 +229,8 @@ class ImageReader:
         self.export_name = f"{volume.name}@{generation}"
         self.size = volume.size
         self.closed = False
+        self.opened_perf = time.perf_counter()
+        self.bytes_read = 0
 
     def _check(self) -> None:
         if self.closed:
@@ -164,7 +243,16 @@ class ImageReader:
 
     async def read(self, offset: int, length: int) -> bytes:
         self._check()
-        return await self.volume.engine.read(self.generation, offset, length)
+        stats = self.volume.stats.image_read
+        started = time.perf_counter()
+        try:
+            data = await self.volume.engine.read(self.generation, offset, length)
+        except Exception:
+            stats.errors += 1
+            raise
+        stats.done(length, started)
+        self.bytes_read += length
+        return data
 
     async def _refuse(self) -> None:
         self._check()
@@ -195,6 +283,7 @@ class ImageReader:
         if not self.closed:
             self.closed = True
             self.volume.readers[self.generation] -= 1
+            self.volume.stats.reader_sessions.done(self.bytes_read, self.opened_perf)
 
 
 class Volume:
@@ -217,6 +306,8 @@ class Volume:
         self.closing = False
         self.live_restore: LiveRestore | None = None  # set while a live restore fills it
         engine.on_broken = self._image_broken
+        self.stats = VolumeStats()
+        self._preserved_perf: dict[int, float] = {}  # when each image of this run was preserved
 
     def writing(self, offset: int, length: int) -> AbstractAsyncContextManager[None]:
         """What surrounds a client write: a live restore's first-write work, else nothing."""
@@ -317,6 +408,7 @@ class Volume:
         # generation (the catalog row is corrected when the session closes).
         session = Session(self, sid, self.live, peer)
         self.sessions[sid] = session
+        self.stats.sessions_opened += 1
         return session
 
     async def _session_closed(self, session: Session, clean: bool) -> None:
@@ -342,6 +434,7 @@ class Volume:
                     counted.append(image)
         del self.sessions[session.id]
         if not clean:
+            self.stats.sessions_unclean += 1
             log.warning("session %d of %s ended without a clean close", session.id, self.name)
         rows = [dataclasses.replace(i) for i in counted]
         try:
@@ -384,8 +477,16 @@ class Volume:
                 image.state, image.drained_at = row.state, row.drained_at
                 image.consistency = row.consistency
                 self._drained[gen].set()
+                self._note_drained(gen)
                 log.info("image %s@%d is %s", self.name, gen, image.state)
         return True
+
+    def _note_drained(self, gen: int) -> None:
+        """Remember how long image ``gen`` took to drain (known for images of this run)."""
+        started = self._preserved_perf.pop(gen, None)
+        if started is not None:
+            self.stats.last_drain_seconds = time.perf_counter() - started
+            self.stats.last_drain_image = gen
 
     def _retry_settle(self) -> None:
         if self._settle_retry is None and not self.closing:
@@ -440,6 +541,7 @@ class Volume:
                 flushed = not self.holders(self.live)
                 if flushed:
                     await self.engine.flush()
+                preserve_started = time.perf_counter()
                 preserved = await self.engine.preserve()
                 holders = self.holders(preserved)
                 if not holders and not flushed:
@@ -456,8 +558,11 @@ class Volume:
                 self.images[preserved] = image
                 await self.engine.prune_changed()
                 self._drained[preserved] = asyncio.Event()
+                self.stats.preserves += 1
+                self._preserved_perf[preserved] = preserve_started
                 if not holders:
                     self._drained[preserved].set()
+                    self._note_drained(preserved)
             finally:
                 self._preserving.set()
                 self._preserving = None
@@ -483,6 +588,7 @@ class Volume:
         for g, img in self.images.items():
             if g <= gen and img.state == "draining":
                 img.consistency = "crash-consistent"
+        self.stats.cutovers += 1
         log.info("cut over %d sessions of %s@%d to generation %d", len(moved), self.name, gen,
                  successor)
         await self._settle_drains()
@@ -562,6 +668,8 @@ class Volume:
             await self._db(lambda c: c.finish_release(self.name, gen, self.engine.state))
             self.images.pop(gen, None)
             self._drained.pop(gen, None)
+            self._preserved_perf.pop(gen, None)
+            self.stats.releases += 1
             log.info("released %s@%d", self.name, gen)
         except OwmError as exc:
             # The image stays "releasing" in memory and in the catalog; the engine's release is
@@ -616,6 +724,26 @@ class Volume:
             "images": images,
             "resync_progress": None if resync is None
             else {"done": resync[0], "total": resync[1]},
+        }
+
+    def metrics(self) -> dict[str, Any]:
+        """The counters of this volume and its engine, as plain values, for a metrics scrape."""
+        stats = self.stats
+        engine = self.engine
+        resync = getattr(engine, "resync_progress", None)
+        return {
+            "name": self.name, "method": self.row.method, "live_generation": self.live,
+            "ops": {op: getattr(stats, op).snapshot()
+                    for op in ("read", "write", "zero", "flush", "image_read")},
+            "reader_sessions": stats.reader_sessions.snapshot(),
+            "inflight": sum(self._inflight.values()),
+            "cow_copies": engine.cow_copies, "cow_copy_bytes": engine.cow_copy_bytes,
+            "sessions_opened": stats.sessions_opened, "sessions_unclean": stats.sessions_unclean,
+            "preserves": stats.preserves, "cutovers": stats.cutovers,
+            "releases": stats.releases,
+            "last_drain_seconds": stats.last_drain_seconds,
+            "last_drain_image": stats.last_drain_image,
+            "resync_progress": None if resync is None else list(resync),
         }
 
     def abandon(self) -> None:
