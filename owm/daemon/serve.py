@@ -344,14 +344,10 @@ async def _serve_locked(
         volumes = pool.status()
         log.info(
             "serving pool %s with %d volume(s): NBD on %s (TLS %s%s) and %s (mode %04o), "
-            "control on %s%s (ready in %.0f ms)",
+            "control on %s%s%s (ready in %.0f ms)",
             pool_dir, len(volumes), _endpoint(nbd_tcp) or "no TCP", config.tls.mode,
             ", access rules " + str(config.access_file) if config.access_file else "",
-            config.nbd_socket_path, plane.socket_mode,
-            "serving pool %s with %d volume(s): NBD on %s and %s, control on %s%s%s "
-            "(ready in %.0f ms)",
-            pool_dir, len(volumes), _endpoint(nbd_tcp) or "no TCP", config.nbd_socket_path,
-            config.control_socket,
+            config.nbd_socket_path, plane.socket_mode, config.control_socket,
             f" and {_endpoint(control.tcp_address)} (token required)" if control.tcp_address
             else "",
             f", metrics on {_endpoint(metrics.address)}" if metrics.address else "",
