@@ -261,7 +261,12 @@ class Repository:
         try:
             fd = os.open(name, os.O_RDONLY | os.O_CLOEXEC, dir_fd=self._dir(name))
         except FileNotFoundError:
-            raise ChunkDamaged("its chunk file is missing") from None
+            try:
+                # A collection killed (or out of space) between moving it aside and putting it
+                # back: the content is still there, and the next collection puts it back.
+                fd = os.open(name + _GC, os.O_RDONLY | os.O_CLOEXEC, dir_fd=self._dir(name))
+            except FileNotFoundError:
+                raise ChunkDamaged("its chunk file is missing") from None
         try:
             with os.fdopen(fd, "rb", buffering=0) as f:
                 packed = f.read()
