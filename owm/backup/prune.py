@@ -111,7 +111,11 @@ def backup_time(m: Manifest) -> datetime:
     try:
         return datetime.strptime(stamp, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
     except ValueError:
+        pass
+    try:
         return datetime.fromisoformat(stamp.replace("Z", "+00:00")).astimezone(UTC)
+    except ValueError:
+        return datetime.min.replace(tzinfo=UTC)  # unreadable: the oldest, kept only by a rule
 
 
 @dataclass
