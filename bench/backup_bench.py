@@ -11,7 +11,14 @@ each, and is preserved.  Then, one at a time, each reading the same read-only ex
 * ``owm backup vol@0 --to F.raw`` (sparse raw file; block status, skips holes);
 * ``owm backup vol@0 --to REPO`` (owm repository: BLAKE3, zstd, one file per chunk, synced);
 * 1% of the volume's chunks are overwritten, the volume preserved again, and
-  ``owm backup vol@1 --to REPO`` runs incrementally (only the changed chunks are read).
+  ``owm backup vol@1 --to REPO`` runs incrementally (only the changed chunks are read);
+* once more after 1% changed and the daemon was killed with SIGKILL (the changed-chunk maps
+  survive a crash: still incremental);
+* ``owm restore REPO ID --to F.raw`` (read, decompress, hash on a thread per core) beside
+  nbdcopy's row, ``owm backup verify REPO ID`` (its rate of stored bytes in the note) and
+  ``owm backup prune REPO --keep-last 1`` (the collection included), one run each;
+* ``restic backup`` of the same raw image into a fresh restic repository, when Debian's
+  restic is installed (``apt-get install restic``; not part of ``scripts/setup``).
 
 Each runs ``--rounds`` times, interleaved (the machine's load drifts), and the table shows the
 median.  Rates are MB/s (10^6 bytes per second) of volume, i.e. volume size / wall time of the
@@ -155,6 +162,71 @@ def print_table(rows: list[Row], size: int) -> None:
               f"{inner}  {r.note}")
 
 
+def _after_crash(args: argparse.Namespace, pool: Path, sock: Path, work: Path,
+                 daemon: subprocess.Popen[bytes], previous: str, repo: Path, rows: list[Row],
+                 size: int, deadline: Deadline) -> subprocess.Popen[bytes]:
+    """1% changed, the daemon killed with SIGKILL and restarted, then an incremental backup."""
+    chunks = size // CHUNK
+    changed = sorted(random.Random(9).sample(range(chunks), max(1, int(chunks * args.changed))))
+    print(f"incremental after a crash: changing {len(changed)} chunks, then kill -9 ...",
+          file=sys.stderr)
+    owm(pool, "release", previous, deadline=deadline)
+    asyncio.run(asyncio.wait_for(
+        write_pieces(sock, "vol", [(c * CHUNK, CHUNK) for c in changed], 99), deadline.left()))
+    daemon.send_signal(signal.SIGKILL)
+    daemon.wait()
+    daemon = start_daemon(pool, work / "daemon-2.log", deadline)
+    image = owm(pool, "preserve", "vol", deadline=deadline).strip()
+    row, summary = backup(pool, image, repo, "owm", "owm backup (incr. after kill -9)",
+                          deadline)
+    row.note = (f"{summary['changed_chunks']} changed chunks read" if summary.get(
+        "incremental") else "NOT incremental: the crash cost the changed-chunk map")
+    rows.append(row)
+    return daemon
+
+
+def _repository_rows(pool: Path, repo: Path, work: Path, image: str, sock: Path, size: int,
+                     deadline: Deadline) -> list[Row]:
+    """Restore, verify and prune+GC of the repository; restic beside them when installed."""
+    out: list[Row] = []
+    listed = json.loads(owm(pool, "backup", "list", repo, "--json", deadline=deadline))
+    newest = max(listed, key=lambda b: b["time"])["id"]
+    print("restore, verify, prune ...", file=sys.stderr)
+    target = work / "restored.raw"
+    seconds, text = timed([*OWM, "restore", str(repo), newest, "--to", str(target), "--json"],
+                          deadline)
+    done = json.loads(text)
+    out.append(Row("owm restore -> raw file", seconds, float(done["seconds"]),
+                   int(done["bytes_written"]), "thread per core, every chunk hashed"))
+    target.unlink()
+    stored = sum(p.stat().st_size for p in (repo / "chunks").glob("*/*"))
+    seconds, _ = timed([*OWM, "backup", "verify", str(repo), newest, "--json"], deadline)
+    out.append(Row("owm backup verify (one backup)", seconds, None, stored,
+                   f"{stored / seconds / 1e6:.0f} MB/s of stored chunks (wall)"))
+    seconds, text = timed([*OWM, "backup", "prune", str(repo), "--keep-last", "1", "--json"],
+                          deadline)
+    pruned = json.loads(text)
+    out.append(Row("owm backup prune --keep-last 1", seconds, float(pruned["seconds"]), None,
+                   f"{len(pruned['removed'])} backups, {pruned['chunks_removed']} chunks "
+                   "removed"))
+    if shutil.which("restic") is None:
+        print("restic is not installed (apt-get install restic): no restic row",
+              file=sys.stderr)
+        return out
+    raw = work / "for-restic.raw"
+    timed(["nbdcopy", f"nbd+unix:///{image}?socket={sock}", str(raw)], deadline)
+    restic_env = {**env(), "RESTIC_PASSWORD": "bench", "RESTIC_REPOSITORY": str(work / "rr")}
+    subprocess.run(["restic", "init"], env=restic_env, capture_output=True, check=True,
+                   timeout=deadline.left())
+    started = time.monotonic()
+    subprocess.run(["restic", "backup", "--quiet", str(raw)], env=restic_env,
+                   capture_output=True, check=True, timeout=deadline.left())
+    out.append(Row("restic backup of the raw image", time.monotonic() - started, None, size,
+                   "encrypted, content-defined chunks"))
+    raw.unlink()
+    return out
+
+
 def run(args: argparse.Namespace) -> None:
     deadline = Deadline(args.time_limit)
     size = parse_size(args.size)
@@ -221,6 +293,9 @@ def run(args: argparse.Namespace) -> None:
             samples.setdefault("incr", []).append(row)
 
         rows = [median(samples[k]) for k in ("nbdcopy", "raw", "full", "incr")]
+        daemon = _after_crash(args, pool, sock, work, daemon, previous, repo, rows, size,
+                              deadline)
+        rows += _repository_rows(pool, repo, work, image, sock, size, deadline)
         full, incr = rows[2], rows[3]
         incr.note += (f"; {full.seconds / incr.seconds:.0f}x faster than full (wall), "
                       f"{(full.inner or 0) / (incr.inner or 1):.0f}x (inner)")

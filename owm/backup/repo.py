@@ -70,6 +70,8 @@ REPO_VERSION = 1
 DEFAULT_LEVEL = 3
 _TMP = ".tmp"
 _BAD = ".bad"  # a chunk file verify found damaged, kept aside for inspection until a delete
+_GC = ".gc"  # a chunk a garbage collection moved aside and has not decided on yet
+_GC_SLACK = 2.0  # seconds: file times come from a coarser clock than time.time()
 # Temporary files in the repository: a link planted at their name is never followed.
 _WRITE_NEW = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC
 
@@ -246,9 +248,11 @@ class Repository:
             self.close()
 
     def has_chunk(self, digest: bytes) -> bool:
+        """Whether the chunk is stored; a chunk found is touched (its mtime set to now), which
+        keeps a concurrent garbage collection from removing it (see :meth:`collect_garbage`)."""
         name = digest.hex()
         try:
-            os.stat(name, dir_fd=self._dir(name))
+            os.utime(name, dir_fd=self._dir(name))
         except FileNotFoundError:
             return False
         return True
@@ -289,7 +293,12 @@ class Repository:
         try:
             fd = os.open(name, os.O_RDONLY | os.O_CLOEXEC, dir_fd=self._dir(name))
         except FileNotFoundError:
-            raise ChunkDamaged("its chunk file is missing") from None
+            try:
+                # A collection killed (or out of space) between moving it aside and putting it
+                # back: the content is still there, and the next collection puts it back.
+                fd = os.open(name + _GC, os.O_RDONLY | os.O_CLOEXEC, dir_fd=self._dir(name))
+            except FileNotFoundError:
+                raise ChunkDamaged("its chunk file is missing") from None
         try:
             with os.fdopen(fd, "rb", buffering=0) as f:
                 packed = f.read()
@@ -320,6 +329,9 @@ class Repository:
         """
         name = digest.hex()
         try:
+            # Touched by name first: a concurrent garbage collection then leaves it alone, or
+            # has already moved it away and the open fails (see :meth:`collect_garbage`).
+            os.utime(name, dir_fd=self._dir(name))
             fd = os.open(name, os.O_RDONLY | os.O_CLOEXEC, dir_fd=self._dir(name))
         except OSError:
             return False
@@ -577,8 +589,64 @@ class Repository:
         return DeleteResult(target, removed, freed, why)
 
     def collect_garbage(self) -> tuple[int, int]:
-        """Remove chunks no manifest names, and leftovers of killed writers (hold the lock)."""
-        return self._sweep(*self._references())
+        """Remove chunks no manifest names, and leftovers of killed writers; safe while backups
+        run (they hold the shared lock only) and resumable when killed.
+
+        A backup touches every stored chunk it decides to keep (``has_chunk``,
+        ``chunk_present``: the mtime set to now, by name) after taking its running-lock, and
+        every chunk it writes is new.  The collection takes a cutoff: the oldest running-lock's
+        time, or now, whichever is older.  Then it reads every manifest (complete or not) and
+        moves each chunk none names aside (``NAME.gc``, one rename), and only then looks at the
+        moved file's mtime: touched since the cutoff, it goes back; otherwise it is removed.
+        A backup's touch either came before the rename (the mtime says so) or found no file
+        (and the backup stores the chunk again).  A killed collection leaves ``.gc`` files,
+        which the next one puts back or removes by the same rule.  Raises WrongState (and
+        removes nothing) while a manifest is damaged: which chunks it needs cannot be known.
+
+        When the repository's lock can be had exclusively at once (no backup, verify, restore
+        or prune holds it, this process included), nothing can run beside the collection and
+        it removes everything unnamed, however recent.
+        """
+        fd = os.open(self.root / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                cutoff = min(time.time(), self._oldest_writer()) - _GC_SLACK
+            else:
+                cutoff = float("inf")
+            return self._sweep(*self._references(), cutoff=cutoff)
+        finally:
+            os.close(fd)
+
+    def _oldest_writer(self) -> float:
+        """When the oldest backup still running took its running-lock (inf: none runs)."""
+        oldest = float("inf")
+        for path in (self.root / "backups").glob("*.lock"):
+            backup_id = path.name[: -len(".lock")]
+            if not valid_id(backup_id):
+                continue
+            try:
+                since = path.stat().st_mtime
+            except FileNotFoundError:
+                continue
+            if self.running(backup_id):
+                oldest = min(oldest, since)
+        return oldest
+
+    def remove_manifest(self, backup_id: str) -> None:
+        """Remove one backup's manifest (durably, first), then its map and lock files; its
+        chunks are left to :meth:`collect_garbage`."""
+        target = self._checked_id(backup_id)
+        if self.running(target):
+            raise WrongState(f"backup {target} is still being written")
+        doomed = [*self._map_files(target), self._lock_path(target)]
+        with contextlib.suppress(FileNotFoundError):
+            self._manifest_path(target).unlink()
+        fsync_dir(self.root / "backups")
+        for path in doomed:
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
 
     def _references(self, exclude: str | None = None) -> tuple[set[str], set[str]]:
         """Chunk names and map files every backup but ``exclude`` uses (WrongState if unsure)."""
@@ -590,35 +658,89 @@ class Repository:
             try:
                 manifest = self.load(backup_id)
                 live.update(d.hex() for d in manifest.chunk_map.digests())
+            except NotFound:
+                continue  # removed meanwhile (a concurrent backup replaced nothing: ids are new)
             except DamagedManifest as exc:
                 raise WrongState(f"backup {backup_id} is damaged ({exc})") from None
             if manifest.map_file:
                 maps.add(manifest.map_file)
         return live, maps
 
-    def _sweep(self, live: set[str], maps: set[str]) -> tuple[int, int]:
+    def _sweep(self, live: set[str], maps: set[str],
+               cutoff: float = float("inf")) -> tuple[int, int]:
+        """Remove what ``live`` and ``maps`` do not name and was not touched since ``cutoff``
+        (the default: everything unnamed, for a caller that holds the lock exclusively)."""
         removed = freed = 0
+        stop_after = _gc_stop_after()
+        moved = 0
         for sub in sorted((self.root / "chunks").iterdir()):
             if not sub.is_dir():
                 continue
-            for path in sub.iterdir():
-                name = path.name
-                if name.endswith((_TMP, _BAD)) or (len(name) == 2 * DIGEST_SIZE
-                                                   and name not in live):
-                    try:
-                        size = path.stat().st_size
-                        path.unlink()
-                    except FileNotFoundError:
+            where = os.open(sub, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            try:
+                for name in sorted(os.listdir(where)):
+                    if name.endswith(_GC):
+                        removed_here = self._settle_moved(where, name[: -len(_GC)], live,
+                                                          cutoff)
+                    elif name.endswith((_TMP, _BAD)):
+                        if name.endswith(_BAD) or _mtime(where, name) < cutoff:
+                            with contextlib.suppress(FileNotFoundError):
+                                os.unlink(name, dir_fd=where)
                         continue
-                    if not name.endswith((_TMP, _BAD)):
+                    elif len(name) == 2 * DIGEST_SIZE and name not in live:
+                        try:
+                            os.rename(name, name + _GC, src_dir_fd=where, dst_dir_fd=where)
+                        except FileNotFoundError:
+                            continue
+                        moved += 1
+                        if stop_after is not None and moved >= stop_after:
+                            time.sleep(3600)  # a test kills the collection here
+                        removed_here = self._settle_moved(where, name, live, cutoff)
+                    else:
+                        continue
+                    if removed_here is not None:
                         removed += 1
-                        freed += size
+                        freed += removed_here
+            finally:
+                os.close(where)
         for path in (self.root / "backups").iterdir():
-            if path.name.endswith(_TMP) or (path.name.endswith(".map") and path.name not in maps):
+            name = path.name
+            if name.endswith(_TMP) or (name.endswith(".map") and name not in maps):
                 with contextlib.suppress(FileNotFoundError):
-                    path.unlink()
+                    if path.stat().st_mtime < cutoff:
+                        path.unlink()
         self.sync()
         return removed, freed
+
+    @staticmethod
+    def _settle_moved(where: int, name: str, live: set[str], cutoff: float) -> int | None:
+        """Decide a chunk moved aside to ``NAME.gc``: back under its name when a manifest names
+        it or a backup touched it since ``cutoff``, else removed (returns the bytes freed)."""
+        moved = name + _GC
+        try:
+            info = os.stat(moved, dir_fd=where)
+        except FileNotFoundError:
+            return None
+        if name in live or info.st_mtime >= cutoff:
+            # A backup may have stored it again meanwhile: the same content, either will do.
+            os.rename(moved, name, src_dir_fd=where, dst_dir_fd=where)
+            return None
+        os.unlink(moved, dir_fd=where)
+        return info.st_size
+
+
+def _mtime(where: int, name: str) -> float:
+    try:
+        return os.stat(name, dir_fd=where).st_mtime
+    except FileNotFoundError:
+        return float("inf")
+
+
+def _gc_stop_after() -> int | None:
+    """A test hook: $OWM_TEST_GC_STOP_AFTER=N makes a collection stall after moving N chunks
+    aside, so that a test can kill it there.  Unset in service."""
+    value = os.environ.get("OWM_TEST_GC_STOP_AFTER")
+    return int(value) if value and value.isdigit() else None
 
 
 def is_repository(path: Path) -> bool:

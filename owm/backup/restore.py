@@ -35,7 +35,6 @@ import contextlib
 import os
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,6 +43,7 @@ from urllib.parse import quote
 from owm.backup.manifest import Manifest
 from owm.backup.raw import create_partial
 from owm.backup.repo import ChunkDamaged, Repository
+from owm.backup.verify import bounded_map, default_workers
 from owm.common.errors import AlreadyExists, InvalidRequest, OwmError, WrongState
 from owm.common.files import fsync_dir
 from owm.common.names import is_volume_name
@@ -135,14 +135,13 @@ def _restore_file(repo: Repository, manifest: Manifest, path: Path,
                 view, offset = view[n:], offset + n
             return len(data)
 
-        with ThreadPoolExecutor(2, thread_name_prefix="owm-restore") as pool:
-            groups = list(_groups(manifest))
-            for group, n in zip(groups, pool.map(one, groups), strict=True):
-                written += n
-                chunks += len(group)
-                if progress is not None:
-                    progress(group[-1][0] * manifest.chunk_size + manifest.chunk_length(
-                        group[-1][0]), manifest.size)
+        # Reading, decompressing and hashing on one thread per core, a few groups in flight.
+        for group, n in bounded_map(one, _groups(manifest), default_workers(), "owm-restore"):
+            written += n
+            chunks += len(group)
+            if progress is not None:
+                progress(group[-1][0] * manifest.chunk_size + manifest.chunk_length(
+                    group[-1][0]), manifest.size)
         os.fsync(fd)
     except BaseException:
         os.close(fd)

@@ -1,4 +1,5 @@
-"""The backup commands of the ``owm`` CLI: ``backup``, ``backup list|verify|delete``, ``restore``.
+"""The backup commands of the ``owm`` CLI: ``backup``, ``backup list|verify|delete|prune|copy``,
+``restore``.
 
 ``owm backup NAME@N --to PATH`` backs an image up (the group treats a first argument that is
 not one of its subcommands as an image, so ``owm backup create NAME@N`` is the same command);
@@ -236,6 +237,8 @@ def backup() -> None:
     owm backup list REPO | verify REPO [ID] | delete REPO ID
     owm backup serve REPO ID [--listen HOST:PORT] [--socket PATH]
     (an encrypted repository: --key-file F, or $OWM_REPO_PASSWORD)
+    owm backup prune REPO [--keep-last N] [--keep-daily N] ... [--volume V] [--dry-run]
+    owm backup copy SRC DST [ID...]
 
     The format follows PATH unless --format says: .raw/.img/.bin is a sparse raw file, .qcow2
     a qcow2 image, anything else an owm repository (deduplicated, compressed chunks;
@@ -429,6 +432,91 @@ def backup_delete(repo: Path, backup_id: str, as_json: bool, key_file: Path | No
         _out().print(f"Deleted backup {result.id}: {result.chunks_removed} chunks no other "
                      f"backup used were removed ({format_size(result.bytes_freed)} freed).",
                      markup=False)
+
+
+@backup.command("prune")
+@pool_option
+@key_option
+@click.argument("repo", metavar="REPO", type=click.Path(path_type=Path))
+@click.option("--keep-last", "last", type=click.IntRange(min=0), default=0, metavar="N",
+              help="Keep the N newest backups.")
+@click.option("--keep-hourly", "hourly", type=click.IntRange(min=0), default=0, metavar="N",
+              help="Keep the newest backup of each of the last N hours that have one.")
+@click.option("--keep-daily", "daily", type=click.IntRange(min=0), default=0, metavar="N",
+              help="... of each of the last N days.")
+@click.option("--keep-weekly", "weekly", type=click.IntRange(min=0), default=0, metavar="N",
+              help="... of each of the last N ISO weeks.")
+@click.option("--keep-monthly", "monthly", type=click.IntRange(min=0), default=0, metavar="N",
+              help="... of each of the last N months.")
+@click.option("--keep-yearly", "yearly", type=click.IntRange(min=0), default=0, metavar="N",
+              help="... of each of the last N years.")
+@click.option("--volume", metavar="V", help="Prune only the backups of volume V.")
+@click.option("--dry-run", is_flag=True, help="Say what would be removed; remove nothing.")
+@json_option
+def backup_prune(repo: Path, last: int, hourly: int, daily: int, weekly: int, monthly: int,
+                 yearly: int, volume: str | None, dry_run: bool, as_json: bool) -> None:
+    """Remove the backups in REPO that no --keep-* rule keeps, then the chunks no remaining
+    backup uses.
+
+    The rules are restic's ("restic forget"), per volume: backups newest first, by the time
+    their image was preserved (UTC); --keep-daily 7 keeps the newest backup of each of the 7
+    most recent days that have one, and so on; a backup any rule keeps is kept.  Incomplete
+    backups, the parent of an incomplete backup and damaged manifests are never removed.
+    Safe while backups run; run it again if it was interrupted.
+    """
+    from owm.backup.prune import Policy, PruneResult, prune
+
+    r = _open_repo(repo)
+    policy: Policy = _guarded(lambda: Policy(last, hourly, daily, weekly, monthly, yearly))
+    result: PruneResult = _guarded(lambda: prune(r, policy, volume=volume, dry_run=dry_run))
+    if as_json:
+        _echo_json(result.to_json())
+        return
+    lines = [f"{'Would remove' if dry_run else 'Removed'} {len(result.removed)} backup"
+             f"{'' if len(result.removed) == 1 else 's'}, kept {len(result.kept)}"
+             + (f" (and {len(result.protected)} incomplete or needed)" if result.protected
+                else "") + "."]
+    for row in result.removed:
+        lines.append(f"  {'would remove' if dry_run else 'removed'} {row['id']} "
+                     f"({row['time']})")
+    for row in result.kept:
+        lines.append(f"  kept {row['id']} ({row['time']}): {', '.join(row['reasons'])}")
+    if result.chunks_kept_because:
+        lines.append(f"No chunk was removed because {result.chunks_kept_because}.")
+    else:
+        lines.append(f"{'Would free' if dry_run else 'Freed'} {result.chunks_removed} chunks "
+                     f"({format_size(result.bytes_freed)}).")
+    _out().print("\n".join(lines), markup=False)
+
+
+@backup.command("copy")
+@pool_option
+@click.argument("source", metavar="SRC", type=click.Path(path_type=Path))
+@click.argument("destination", metavar="DST", type=click.Path(path_type=Path))
+@click.argument("backup_ids", metavar="[ID...]", nargs=-1)
+@json_option
+def backup_copy(source: Path, destination: Path, backup_ids: tuple[str, ...],
+                as_json: bool) -> None:
+    """Copy backups ID... (default: every complete backup) from the repository SRC into DST.
+
+    DST is created when missing.  Only the chunks DST lacks move, each checked against its
+    hash when read and again once stored; every backup comes with the chain of parents SRC
+    holds; backups DST already has are skipped.
+    """
+    from owm.backup.copy import CopyResult, copy_backups
+
+    with progress_bar("copying", not as_json) as bar:
+        result: CopyResult = _guarded(
+            lambda: copy_backups(source, destination, list(backup_ids), progress=bar))
+    if as_json:
+        _echo_json(result.to_json())
+        return
+    n = len(result.copied)
+    lines = [f"Copied {n} backup{'' if n == 1 else 's'} into {result.destination}: "
+             f"{result.chunks_copied} chunks moved ({format_size(result.bytes_written)} "
+             f"written), {result.chunks_present} already there; {result.seconds:.2f}s."]
+    lines += [f"  skipped {row['id']}: {row['why']}" for row in result.skipped]
+    _out().print("\n".join(lines), markup=False)
 
 
 # ----------------------------------------------------------------------------------------------

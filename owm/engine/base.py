@@ -187,13 +187,17 @@ class Engine(ABC):
         self.warnings: list[str] = []  # what loading the tables found and repaired
         self._syncs: dict[str, GroupSync] = {}
         self.zero_chunk = bytes(chunk_size)
-        # Chunks written by each generation >= 1, for incremental backups.  Committed with every
-        # flush; after a crash the maps of generations still being written are untrusted.
+        # Chunks written by each generation >= 1, for incremental backups.  A chunk's bit is
+        # made durable before the first write to it in its generation starts (write-ahead), so
+        # the maps stay a superset of what changed across a kill or a power loss.
         self.changed: dict[int, ChunkTable] = {}
         # Chunks (and their bytes) copied aside so that a preserved image keeps its data: plain
         # counters, read by the daemon's metrics at scrape time.
         self.cow_copies = 0
         self.cow_copy_bytes = 0
+        # Generations whose last write-ahead commit failed: the bits it held are set in memory
+        # but maybe not on storage, so the next write to any chunk of them commits again.
+        self._changed_unsure: set[int] = set()
 
     # -- lifecycle (engine-specific) ----------------------------------------------------------
     @abstractmethod
@@ -235,7 +239,13 @@ class Engine(ABC):
         return ChunkTable(self.storage, f"changed-{gen}", self.chunks)
 
     async def load_changed(self, untrusted: list[int]) -> None:
-        """Load the maps found in storage; remember which generations cannot be trusted."""
+        """Load the maps found in storage; remember which generations cannot be trusted.
+
+        ``untrusted`` are the generations that were being written when the engine stopped
+        uncleanly.  Their maps are trusted anyway once every write they saw was preceded by a
+        durable bit (``state["changed_durable"]``, set at the first start of an owm that does
+        so): only maps an older owm left after a crash are distrusted.
+        """
         gens = sorted({int(n.split("-")[1].split(".")[0]) for n in self.storage.names()
                        if n.startswith("changed-")})
         self.changed = {}
@@ -244,15 +254,35 @@ class Engine(ABC):
             await table.load()
             self.changed[gen] = table
         known = set(self.state.get("changed_untrusted", []))
-        self.state["changed_untrusted"] = sorted(known | set(untrusted))
+        if not self.state.get("changed_durable"):
+            known |= set(untrusted)
+        self.state["changed_untrusted"] = sorted(known)
+        # Saved with the engine's state before the volume serves anything, so every write
+        # from now on is one whose bit is durable first.
+        self.state["changed_durable"] = True
 
-    def _mark_changed(self, gen: int, first: int, last: int) -> None:
+    def _mark_changed(self, gen: int, first: int, last: int) -> Awaitable[None] | None:
+        """Set the chunks' bits in generation ``gen``'s map; when that set a new bit, return
+        what makes it durable, to be awaited before the write touches any data (a write to
+        chunks already marked costs nothing more)."""
         if gen == 0:
-            return  # an incremental backup always starts from an image, never before gen 1
+            return None  # an incremental backup always starts from an image, never before gen 1
         table = self.changed.get(gen)
         if table is None:
             table = self.changed[gen] = self._changed_table(gen)
+        before = table.count
         table.set_range(first, last)
+        if table.count == before and gen not in self._changed_unsure:
+            return None
+        return self._commit_changed(gen, table)
+
+    async def _commit_changed(self, gen: int, table: ChunkTable) -> None:
+        try:
+            await table.commit()
+        except BaseException:
+            self._changed_unsure.add(gen)
+            raise
+        self._changed_unsure.discard(gen)
 
     async def prune_changed(self) -> None:
         for gen in sorted(self.changed)[:-KEEP_CHANGED_MAPS]:
@@ -374,7 +404,9 @@ class Engine(ABC):
         if fut is not None:
             await fut
         try:
-            self._mark_changed(gen, first, last)
+            durable = self._mark_changed(gen, first, last)
+            if durable is not None:
+                await durable
             touched = await self._write(gen, offset, data)
         finally:
             self.locks.release(first, last)
@@ -389,7 +421,9 @@ class Engine(ABC):
         self._refuse_damaged(gen, writing=True)
         first, last = self.chunk_range(offset, length)
         async with self.locks.locked(first, last, EXCLUSIVE):
-            self._mark_changed(gen, first, last)
+            durable = self._mark_changed(gen, first, last)
+            if durable is not None:
+                await durable
             touched = await self._zero(gen, offset, length, punch)
         if fua:
             await self.sync_objects(touched)
