@@ -454,7 +454,8 @@ def backup_delete(repo: Path, backup_id: str, as_json: bool, key_file: Path | No
 @click.option("--dry-run", is_flag=True, help="Say what would be removed; remove nothing.")
 @json_option
 def backup_prune(repo: Path, last: int, hourly: int, daily: int, weekly: int, monthly: int,
-                 yearly: int, volume: str | None, dry_run: bool, as_json: bool) -> None:
+                 yearly: int, volume: str | None, dry_run: bool, as_json: bool,
+                 key_file: Path | None) -> None:
     """Remove the backups in REPO that no --keep-* rule keeps, then the chunks no remaining
     backup uses.
 
