@@ -128,8 +128,15 @@ def parse_endpoint(text: str, what: str) -> tuple[str, int] | None:
               help="Seconds requests in flight get to finish at shutdown.")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]),
               default="info", show_default=True)
+@click.option("--ceph-conf", metavar="FILE", type=click.Path(path_type=Path),
+              help="Keep the pool's data in Ceph RADOS: the cluster's ceph.conf "
+                   "(needs --rados-pool).")
+@click.option("--rados-pool", metavar="NAME", help="The RADOS pool that holds the data.")
+@click.option("--stripe-size", type=SIZE, metavar="SIZE",
+              help="RADOS object size of a new pool's data [default: 4M].")
 def serve(listen: str, nbd_socket: Path | None, control_listen: str | None,
-          control_token_file: Path | None, grace: float, log_level: str) -> None:
+          control_token_file: Path | None, grace: float, log_level: str,
+          ceph_conf: Path | None, rados_pool: str | None, stripe_size: int | None) -> None:
     """Run the daemon (NBD and the control API) in the foreground.
 
     NBD is served on HOST:PORT and POOL/nbd.sock, the control API on POOL/control.sock.
@@ -140,9 +147,14 @@ def serve(listen: str, nbd_socket: Path | None, control_listen: str | None,
     control_tcp = parse_endpoint(control_listen, "--control-listen") if control_listen else None
     if control_tcp is not None and control_token_file is None:
         raise click.UsageError("--control-listen needs --control-token-file")
+    if (ceph_conf is None) != (rados_pool is None):
+        raise click.UsageError("--ceph-conf and --rados-pool go together")
+    if stripe_size is not None and ceph_conf is None:
+        raise click.UsageError("--stripe-size needs --ceph-conf and --rados-pool")
     config = DaemonConfig(
         pool=state().pool, nbd_listen=parse_endpoint(listen, "--listen"), nbd_socket=nbd_socket,
         control_listen=control_tcp, control_token_file=control_token_file, grace=grace,
+        ceph_conf=ceph_conf, rados_pool=rados_pool, stripe_size=stripe_size,
     )
     try:
         run(config, log_level)
@@ -291,13 +303,21 @@ def status(name: str | None, as_json: bool) -> None:
     For every volume, or just NAME.
     """
 
-    async def call(c: ControlClient) -> list[JSON]:
-        return [await c.volume(name)] if name else await c.volumes()
+    async def call(c: ControlClient) -> tuple[list[JSON], JSON]:
+        volumes = [await c.volume(name)] if name else await c.volumes()
+        return volumes, {} if as_json else await c.health()
 
-    volumes = talk(call)
+    volumes, health = talk(call)
+    where = health.get("storage") or {}
     if as_json:
-        print_json(volumes)
-    elif not volumes:
+        print_json(volumes)  # each volume of a pool on RADOS says so in its "storage"
+        return
+    if where.get("kind") == "rados":
+        state().out.print(
+            f"Data in RADOS pool '{where.get('rados_pool')}' (namespace {where.get('namespace')}, "
+            f"{format_size(int(where.get('stripe_size') or 0))} objects, Ceph configuration "
+            f"{where.get('ceph_conf')}).", markup=False)
+    if not volumes:
         state().out.print(f"No volumes in pool {state().pool.absolute()}.", markup=False)
     else:
         state().out.print(status_view(volumes))

@@ -74,6 +74,9 @@ class DaemonConfig:
     control_listen: tuple[str, int] | None = None
     control_token_file: Path | None = None
     grace: float = 30.0  # seconds in-flight NBD requests get at shutdown
+    ceph_conf: Path | None = None  # with rados_pool: the pool's data lives in RADOS
+    rados_pool: str | None = None
+    stripe_size: int | None = None  # RADOS stripe size of a new pool (default 4 MiB)
 
     @property
     def control_socket(self) -> Path:
@@ -158,7 +161,6 @@ async def _serve_locked(
 ) -> None:
     # Imported here so that the control client and the CLI do not pull in the storage stack.
     from owm.nbd.server import NbdServer
-    from owm.pool.pool import Pool
 
     if socket_in_use(config.control_socket):
         raise WrongState(f"a daemon is already serving pool {pool_dir}")
@@ -179,7 +181,8 @@ async def _serve_locked(
 
     started = time.monotonic()
     ready = False
-    pool = await Pool.open(pool_dir)
+    backends: list[Any] = []
+    pool = await _open_pool(config, pool_dir, backends)
     nbd: Any = None
     ctx = ControlContext(pool=pool, app_locks=LockService.for_pool(pool_dir))
     control = ControlServer(ctx)
@@ -197,6 +200,7 @@ async def _serve_locked(
             "pool": str(pool_dir), "pid": os.getpid(), "version": owm.__version__,
             "nbd": {"tcp": _endpoint(nbd_tcp), "unix": str(config.nbd_socket_path.absolute())},
             "control": {"unix": str(config.control_socket.absolute()), "tcp": None},
+            "storage": pool.storage_where,
         })
         await control.start(config.control_socket, tcp=config.control_listen, token=token)
         ctx.daemon["control"]["tcp"] = _endpoint(control.tcp_address)
@@ -225,10 +229,38 @@ async def _serve_locked(
             try:
                 await control.stop()
             finally:
-                await pool.close()
+                try:
+                    await pool.close()
+                finally:
+                    for backend in backends:
+                        await backend.close()
         if ready:
             # Whether the pool closed cleanly is logged by the pool itself, once and truly.
             log.info("stopped")
+
+
+async def _open_pool(config: DaemonConfig, pool_dir: Path, backends: list[Any]) -> Any:
+    """Open the pool, on RADOS when the config says so (``backends`` gets what to close)."""
+    from owm.pool.pool import Pool
+
+    if config.ceph_conf is None or config.rados_pool is None:
+        return await Pool.open(pool_dir)
+    from owm.storage.rados import open_for_pool
+
+    conf, rados_pool, stripe = config.ceph_conf.absolute(), config.rados_pool, config.stripe_size
+
+    async def opener(recorded: dict[str, Any] | None, has_volumes: bool) -> tuple[Any, Any]:
+        backend = await open_for_pool(conf, rados_pool, stripe, recorded, has_volumes)
+        backends.append(backend)
+        return backend.storage, backend.describe()
+
+    try:
+        return await Pool.open(pool_dir, storage_opener=opener)
+    except BaseException:
+        for backend in backends:
+            await backend.close()
+        backends.clear()
+        raise
 
 
 def run(config: DaemonConfig, log_level: str = "INFO") -> None:
