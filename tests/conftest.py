@@ -24,6 +24,8 @@ from typing import Any
 
 import pytest
 
+pytest_plugins = ["ceph_fixtures"]  # the throw-away Ceph cluster of the whole run
+
 REPO = Path(__file__).resolve().parent.parent
 OWM = [sys.executable, "-m", "owm"]
 START_TIMEOUT = 30.0

@@ -57,13 +57,13 @@ def check_stripe_size(size: int) -> None:
         raise InvalidRequest("a stripe size must be a power of two between 64K and 64M")
 
 
-def _error(rv: int, what: str) -> OwmError:
+def _error(rv: int, what: str, timeout: float = OP_TIMEOUT) -> OwmError:
     code = -rv
     if code in (errno.ENOSPC, errno.EDQUOT):
         return NoSpace(f"the RADOS pool is full while {what}")
     if code == errno.ETIMEDOUT:
         return OwmError(f"storage error while {what}: the Ceph cluster did not answer within "
-                        f"{OP_TIMEOUT} s")
+                        f"{timeout:g} s")
     return OwmError(f"storage error while {what}: {os.strerror(code)} (from RADOS)")
 
 
@@ -113,11 +113,13 @@ class RadosBackend:
         self.pool = pool
         self.namespace = namespace
         self.stripe_size = stripe_size
+        self.op_timeout: float = OP_TIMEOUT
+        self.zero_swapped = False
         self.index: dict[str, dict[str, _Named]] = {}
-        self._storages: list[RadosStorage] = []
 
     @staticmethod
-    def connect_blocking(conf_path: Path, *, timeout: float = CONNECT_TIMEOUT) -> Any:
+    def connect_blocking(conf_path: Path, *, timeout: float = CONNECT_TIMEOUT,
+                         op_timeout: float = OP_TIMEOUT) -> Any:
         """Connect to the cluster of ``conf_path``; one sentence naming the monitors if not."""
         try:
             import rados
@@ -127,8 +129,8 @@ class RadosBackend:
         if not conf_path.is_file():
             raise RadosUnavailable(f"the Ceph configuration {conf_path} does not exist")
         cluster = rados.Rados(conffile=str(conf_path), conf={
-            "rados_osd_op_timeout": str(OP_TIMEOUT),
-            "rados_mon_op_timeout": str(OP_TIMEOUT),
+            "rados_osd_op_timeout": str(op_timeout),
+            "rados_mon_op_timeout": str(op_timeout),
             "client_mount_timeout": str(int(timeout)),
         })
         try:
@@ -146,21 +148,24 @@ class RadosBackend:
 
     @classmethod
     async def open(cls, conf_path: Path, pool: str, namespace: str, stripe_size: int,
-                   *, timeout: float = CONNECT_TIMEOUT) -> RadosBackend:
+                   *, timeout: float = CONNECT_TIMEOUT,
+                   op_timeout: float = OP_TIMEOUT) -> RadosBackend:
         """Connect, open ``pool`` and load the index of ``namespace`` (in a thread: start-up)."""
         check_stripe_size(stripe_size)
         loop = asyncio.get_running_loop()
 
-        def blocking() -> tuple[Any, Any, dict[str, dict[str, _Named]], list[tuple[str, str, int]]]:
+        def blocking() -> tuple[Any, Any, dict[str, dict[str, _Named]],
+                                list[tuple[str, str, int]], bool]:
             import rados
 
-            cluster = cls.connect_blocking(conf_path, timeout=timeout)
+            cluster = cls.connect_blocking(conf_path, timeout=timeout, op_timeout=op_timeout)
             try:
                 if not cluster.pool_exists(pool):
                     raise RadosUnavailable(f"the Ceph cluster of {conf_path} has no pool "
                                            f"named '{pool}'")
                 ioctx = cluster.open_ioctx(pool)
                 ioctx.set_namespace(namespace)
+                swapped = _zero_args_swapped(ioctx)
                 index: dict[str, dict[str, _Named]] = {}
                 stripes: list[tuple[str, str, int]] = []
                 for obj in ioctx.list_objects():
@@ -180,10 +185,12 @@ class RadosBackend:
             except BaseException:
                 cluster.shutdown()
                 raise
-            return cluster, ioctx, index, stripes
+            return cluster, ioctx, index, stripes, swapped
 
-        cluster, ioctx, index, stripes = await loop.run_in_executor(None, blocking)
+        cluster, ioctx, index, stripes, swapped = await loop.run_in_executor(None, blocking)
         backend = cls(cluster, ioctx, conf_path, pool, namespace, stripe_size)
+        backend.zero_swapped = swapped
+        backend.op_timeout = op_timeout
         backend.index = index
         try:
             await backend._load_sizes(stripes)
@@ -220,9 +227,7 @@ class RadosBackend:
                 self.index[volume][name].stripes[number] = size
 
     def storage(self, volume: str) -> RadosStorage:
-        st = RadosStorage(self, volume, self.index.setdefault(volume, {}))
-        self._storages.append(st)
-        return st
+        return RadosStorage(self, volume, self.index.setdefault(volume, {}))
 
     def describe(self) -> dict[str, Any]:
         return {"kind": "rados", "ceph_conf": str(self.conf_path), "rados_pool": self.pool,
@@ -241,6 +246,25 @@ class RadosBackend:
             cluster.shutdown()
 
         await asyncio.get_running_loop().run_in_executor(None, blocking)
+
+
+def _zero_args_swapped(ioctx: Any) -> bool:
+    """Whether this python-rados passes ``WriteOp.zero(offset, length)`` to librados swapped.
+
+    Ceph 16's binding does (a zero at offset 0 then asks for length 0, which the OSD answers by
+    aborting); later ones do not. One probe object, written, zeroed in part and removed, tells.
+    """
+    oid = ".owm-zero-probe"  # no "/": never taken for a volume's object
+    ioctx.write_full(oid, b"xxxx")
+    op = ioctx.create_write_op()
+    try:
+        op.zero(1, 2)  # right: bytes 1-2; swapped: offset 2, length 1
+        ioctx.operate_write_op(op, oid)
+    finally:
+        ioctx.release_write_op(op)
+    got = ioctx.read(oid, 4)
+    ioctx.remove_object(oid)
+    return bool(got == b"xx\0x")
 
 
 def _settle(fut: asyncio.Future[Any], value: Any) -> None:
@@ -286,7 +310,7 @@ class RadosStorage:
                   missing_ok: bool = False) -> Any:
         rv, data = await self._submit(start, what)
         if rv < 0 and not (missing_ok and rv == -errno.ENOENT):
-            err = _error(rv, what)
+            err = _error(rv, what, self._backend.op_timeout)
             log.error("%s", err, extra={"volume": self.volume})
             raise err
         return data if rv >= 0 else None
@@ -348,7 +372,7 @@ class RadosStorage:
             if rv == -errno.ENOENT:
                 data = b""
             elif rv < 0:
-                err = _error(rv, f"reading {name}")
+                err = _error(rv, f"reading {name}", self._backend.op_timeout)
                 log.error("%s", err, extra={"volume": self.volume})
                 raise err
             data = data or b""
@@ -419,6 +443,8 @@ class RadosStorage:
             if inner + n >= size:
                 op.truncate(inner)
                 named.stripes[number] = inner
+            elif self._backend.zero_swapped:
+                op.zero(n, inner)
             else:
                 op.zero(inner, n)
             steps.append(self._write_op(op, oid, f"discarding in {name}"))
