@@ -137,6 +137,11 @@ class RadosBackend:
             mons = cluster.conf_get("mon_host") or "(none configured)"
         except rados.Error:
             mons = "(unknown)"
+        if not _any_monitor_answers(str(mons), min(timeout, 3.0)):
+            cluster.shutdown()
+            raise RadosUnavailable(
+                f"cannot reach the Ceph monitor at {mons} (from {conf_path}): nothing accepts "
+                "a connection there")
         try:
             cluster.connect(timeout=int(timeout))
         except rados.Error as exc:
@@ -246,6 +251,28 @@ class RadosBackend:
             cluster.shutdown()
 
         await asyncio.get_running_loop().run_in_executor(None, blocking)
+
+
+def _any_monitor_answers(mon_host: str, timeout: float) -> bool:
+    """Whether a TCP connection to one of the monitors in ``mon_host`` is accepted.
+
+    librados waits its whole mount timeout for a monitor that refuses connections; this says
+    so at once. Addresses it cannot parse (a DNS name, a DNS SRV setup) count as answering and
+    are left to librados.
+    """
+    import re
+    import socket
+
+    found = re.findall(r"(\d+\.\d+\.\d+\.\d+|\[[0-9A-Fa-f:]+\]):(\d+)", mon_host)
+    if not found:
+        return True
+    for host, port in found:
+        try:
+            with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout):
+                return True
+        except OSError:
+            continue
+    return False
 
 
 def _zero_args_swapped(ioctx: Any) -> bool:
