@@ -231,3 +231,14 @@ async def test_a_stopped_osd_fails_requests_with_eio_then_recovers(ceph: CephClu
     finally:
         osd.send_signal(signal.SIGCONT)
         await b.close()
+
+
+async def test_a_read_past_a_stripes_end_is_zeroes(backend: RadosBackend) -> None:
+    """python-rados hands back its whole, uninitialised buffer when a read returns 0 bytes."""
+    st = backend.storage("v")
+    await st.write("short", 0, b"s" * 100)
+    junk = [os.urandom(n) for n in range(64, 4096, 97)]  # dirty the heap a little
+    for length in range(64, 4096, 97):
+        assert await st.read("short", 200, length) == bytes(length), length
+        assert await st.read("short", 50, length) == b"s" * 50 + bytes(length - 50), length
+    assert junk

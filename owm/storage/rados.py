@@ -402,7 +402,9 @@ class RadosStorage:
                 err = _error(rv, f"reading {name}", self._backend.op_timeout)
                 log.error("%s", err, extra={"volume": self.volume})
                 raise err
-            data = data or b""
+            # The return value is the length read: when it is 0, python-rados (16) hands back
+            # its whole buffer, uninitialised, instead of an empty one.
+            data = (data or b"")[:max(rv, 0)]
             out += data
             if len(data) < n:
                 out += bytes(n - len(data))
