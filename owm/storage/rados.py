@@ -128,11 +128,18 @@ class RadosBackend:
                                    "installs python3-rados)") from None
         if not conf_path.is_file():
             raise RadosUnavailable(f"the Ceph configuration {conf_path} does not exist")
-        cluster = rados.Rados(conffile=str(conf_path), conf={
-            "rados_osd_op_timeout": str(op_timeout),
-            "rados_mon_op_timeout": str(op_timeout),
-            "client_mount_timeout": str(int(timeout)),
-        })
+        try:
+            cluster = rados.Rados(conffile=str(conf_path), conf={
+                "rados_osd_op_timeout": str(op_timeout),
+                "rados_mon_op_timeout": str(op_timeout),
+                "client_mount_timeout": str(int(timeout)),
+                # librados's own complaints would land on the daemon's stderr beside owm's
+                # one-line log; what went wrong is raised as one sentence instead.
+                "log_to_stderr": "false", "err_to_stderr": "false",
+            })
+        except rados.Error as exc:
+            raise RadosUnavailable(f"cannot use the Ceph configuration {conf_path}: "
+                                   f"{exc}") from None
         try:
             mons = cluster.conf_get("mon_host") or "(none configured)"
         except rados.Error:
@@ -146,9 +153,10 @@ class RadosBackend:
             cluster.connect(timeout=int(timeout))
         except rados.Error as exc:
             cluster.shutdown()
-            raise RadosUnavailable(
-                f"cannot reach the Ceph monitor at {mons} (from {conf_path}) within "
-                f"{timeout:.0f} s: {exc}") from None
+            timed_out = isinstance(exc, rados.TimedOut | rados.InterruptedOrTimeoutError)
+            within = f" within {timeout:.0f} s" if timed_out else ""
+            raise RadosUnavailable(f"cannot reach the Ceph monitor at {mons} (from {conf_path})"
+                                   f"{within}: {exc}") from None
         return cluster
 
     @classmethod
@@ -372,10 +380,14 @@ class RadosStorage:
 
     async def _ensure_head(self, name: str, named: _Named) -> None:
         if not named.head:
-            named.head = True
+            named.head = True  # at once, so that concurrent writes create it only once
             oid = _head(self.volume, name)
-            await self._do(lambda io, cb: io.aio_write_full(oid, b"", oncomplete=cb),
-                           f"creating {name}")
+            try:
+                await self._do(lambda io, cb: io.aio_write_full(oid, b"", oncomplete=cb),
+                               f"creating {name}")
+            except BaseException:
+                named.head = False
+                raise
 
     # -- the Storage protocol ---------------------------------------------------------------
     async def read(self, name: str, offset: int, length: int) -> bytes:
