@@ -24,7 +24,7 @@ from typing import Any
 
 import pytest
 
-pytest_plugins = ["etcd_fixtures"]
+pytest_plugins = ["etcd_fixtures", "ceph_fixtures"]  # throw-away etcd and Ceph of the run
 
 REPO = Path(__file__).resolve().parent.parent
 OWM = [sys.executable, "-m", "owm"]

@@ -180,12 +180,19 @@ def parse_endpoint(text: str, what: str) -> tuple[str, int] | None:
               help="Also serve /metrics (Prometheus, read-only, no token) on TCP.")
 @click.option("--ready-file", metavar="PATH", type=click.Path(path_type=Path),
               help="Create PATH (holding the pid) once serving; removed when stopping.")
+@click.option("--ceph-conf", metavar="FILE", type=click.Path(path_type=Path),
+              help="Keep the pool's data in Ceph RADOS: the cluster's ceph.conf "
+                   "(needs --rados-pool).")
+@click.option("--rados-pool", metavar="NAME", help="The RADOS pool that holds the data.")
+@click.option("--stripe-size", type=SIZE, metavar="SIZE",
+              help="RADOS object size of a new pool's data [default: 4M].")
 def serve(listen: str, nbd_socket: Path | None, control_listen: str | None,
           control_token_file: Path | None, grace: float, tls_mode: str | None,
           tls_cert: Path | None, tls_key: Path | None, tls_ca: Path | None,
           tls_verify_peer: bool, access_file: Path | None, socket_group: str | None,
           etcd: str | None, etcd_prefix: str | None, log_level: str,
-          metrics_listen: str | None, ready_file: Path | None) -> None:
+          metrics_listen: str | None, ready_file: Path | None, ceph_conf: Path | None,
+          rados_pool: str | None, stripe_size: int | None) -> None:
     """Run the daemon (NBD and the control API) in the foreground.
 
     NBD is served on HOST:PORT and POOL/nbd.sock, the control API on POOL/control.sock.
@@ -209,11 +216,16 @@ def serve(listen: str, nbd_socket: Path | None, control_listen: str | None,
         raise click.UsageError(f"--tls={tls_mode} needs --tls-cert and --tls-key")
     if tls_verify_peer and tls_ca is None:
         raise click.UsageError("--tls-verify-peer needs --tls-ca")
+    if (ceph_conf is None) != (rados_pool is None):
+        raise click.UsageError("--ceph-conf and --rados-pool go together")
+    if stripe_size is not None and ceph_conf is None:
+        raise click.UsageError("--stripe-size needs --ceph-conf and --rados-pool")
     config = DaemonConfig(
         pool=state().pool, nbd_listen=parse_endpoint(listen, "--listen"), nbd_socket=nbd_socket,
         control_listen=control_tcp, control_token_file=control_token_file, grace=grace,
         tls=TlsSettings(tls_mode, tls_cert, tls_key, tls_ca, tls_verify_peer),
         access_file=access_file, socket_group=socket_group, etcd=etcd, etcd_prefix=etcd_prefix,
+        ceph_conf=ceph_conf, rados_pool=rados_pool, stripe_size=stripe_size,
     )
     if metrics_listen:
         config.metrics_listen = parse_endpoint(metrics_listen, "--metrics-listen")
@@ -370,16 +382,24 @@ def status(name: str | None, as_json: bool) -> None:
 
     def call(c: Any) -> tuple[list[JSON], JSON]:
         volumes = [c.volume(name)] if name else c.volumes()
-        return volumes, c.health().get("catalog") or {}
+        return volumes, c.health()
 
-    volumes, catalog = quick(call)
+    volumes, health = quick(call)
+    catalog = health.get("catalog") or {}
+    where = health.get("storage") or {}
     if as_json:
-        # Where the catalog lives, on every entry: the answer stays a list of volumes.
+        # Where the catalog lives, on every entry: the answer stays a list of volumes (each
+        # volume of a pool on RADOS says so in its "storage").
         print_json([{**v, "catalog": catalog} for v in volumes] if catalog else volumes)
         return
     if catalog.get("kind") == "etcd":
         state().out.print(f"Catalog in etcd at {','.join(catalog.get('endpoints') or [])}, "
                           f"prefix {catalog.get('prefix')}.", markup=False)
+    if where.get("kind") == "rados":
+        state().out.print(
+            f"Data in RADOS pool '{where.get('rados_pool')}' (namespace {where.get('namespace')}, "
+            f"{format_size(int(where.get('stripe_size') or 0))} objects, Ceph configuration "
+            f"{where.get('ceph_conf')}).", markup=False)
     if not volumes:
         state().out.print(f"No volumes in pool {state().pool.absolute()}.", markup=False)
     else:

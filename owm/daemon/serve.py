@@ -94,6 +94,9 @@ class DaemonConfig:
     socket_group: str | None = None  # the NBD Unix socket becomes 0660 for this group
     metrics_listen: tuple[str, int] | None = None  # read-only /metrics on TCP, no token
     ready_file: Path | None = None  # created once serving, removed when stopping
+    ceph_conf: Path | None = None  # with rados_pool: the pool's data lives in RADOS
+    rados_pool: str | None = None
+    stripe_size: int | None = None  # RADOS stripe size of a new pool (default 4 MiB)
 
     @property
     def control_socket(self) -> Path:
@@ -275,7 +278,6 @@ async def _serve_locked(
     from owm.control.app import create_app
     from owm.control.metrics import MetricsListener, MetricsSources, build_registry
     from owm.daemon.notify import Notifier, remove_ready_file, write_ready_file
-    from owm.pool.pool import Pool
 
     if socket_in_use(config.control_socket):
         raise WrongState(f"a daemon is already serving pool {pool_dir}")
@@ -300,7 +302,8 @@ async def _serve_locked(
         remove_ready_file(config.ready_file)  # a stale one from a crash must not say ready
     started = time.monotonic()
     ready = False
-    pool = await Pool.open(pool_dir, catalog_factory=etcd_catalog_factory(config, pool_dir))
+    backends: list[Any] = []
+    pool = await _open_pool(config, pool_dir, backends)
     nbd: Any = None
     ctx = ControlContext(pool=pool, app_locks=LockService.for_pool(pool_dir),
                          connect_source=connect_restore_source)
@@ -335,6 +338,7 @@ async def _serve_locked(
             "control": {"unix": str(config.control_socket.absolute()), "tcp": None},
             "catalog": pool.catalog_info,
             "metrics": None,
+            "storage": pool.storage_where,
         })
         if config.metrics_listen is not None:
             await metrics.start(*config.metrics_listen, app_factory=create_app, token=token)
@@ -379,12 +383,41 @@ async def _serve_locked(
                 await metrics.stop()
                 await control.stop()
             finally:
-                await pool.close()
+                try:
+                    await pool.close()
+                finally:
+                    for backend in backends:
+                        await backend.close()
             if watchdog is not None:
                 watchdog.cancel()
         if ready:
             # Whether the pool closed cleanly is logged by the pool itself, once and truly.
             log.info("stopped")
+
+
+async def _open_pool(config: DaemonConfig, pool_dir: Path, backends: list[Any]) -> Any:
+    """Open the pool, on RADOS when the config says so (``backends`` gets what to close)."""
+    from owm.pool.pool import Pool
+
+    catalog_factory = etcd_catalog_factory(config, pool_dir)
+    if config.ceph_conf is None or config.rados_pool is None:
+        return await Pool.open(pool_dir, catalog_factory=catalog_factory)
+    from owm.storage.rados import open_for_pool
+
+    conf, rados_pool, stripe = config.ceph_conf.absolute(), config.rados_pool, config.stripe_size
+
+    async def opener(recorded: dict[str, Any] | None, has_volumes: bool) -> tuple[Any, Any]:
+        backend = await open_for_pool(conf, rados_pool, stripe, recorded, has_volumes)
+        backends.append(backend)
+        return backend.storage, backend.describe()
+
+    try:
+        return await Pool.open(pool_dir, catalog_factory=catalog_factory, storage_opener=opener)
+    except BaseException:
+        for backend in backends:
+            await backend.close()
+        backends.clear()
+        raise
 
 
 def run(config: DaemonConfig, log_level: str = "INFO") -> None:

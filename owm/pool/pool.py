@@ -9,11 +9,12 @@ server serves: ``NAME`` opens a session of the newest generation, ``NAME@N`` ima
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import shutil
 import sqlite3
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
@@ -36,6 +37,11 @@ log = logging.getLogger("owm.pool.pool")
 
 StorageFactory = Callable[[str], Storage]
 CatalogFactory = Callable[[], Catalog]  # called on the catalog's thread; None: POOL/catalog.sqlite
+# Given where the catalog says the pool's data lives (None: nothing recorded, i.e. local files)
+# and whether the pool has volumes, opens that storage: its factory and what to record.
+StorageOpener = Callable[[dict[str, Any] | None, bool],
+                         Awaitable[tuple[StorageFactory, dict[str, Any]]]]
+STORAGE_KEY = "storage"
 MAX_PAYLOAD = 32 * 1024 * 1024
 RESTORE_SUFFIX = "+restore"  # the storage of a live restore's filled bits ('+': no volume name)
 
@@ -48,12 +54,15 @@ def _record_digest(c: Catalog) -> None:
 
 class Pool:
     def __init__(self, root: Path, storage_factory: StorageFactory | None,
-                 catalog_factory: CatalogFactory | None = None) -> None:
+                 catalog_factory: CatalogFactory | None = None,
+                 storage_opener: StorageOpener | None = None) -> None:
         self.root = root
         self._factory = storage_factory or (lambda name: LocalStorage(root / "volumes" / name))
         self._catalog_factory = catalog_factory
         self.catalog_info: dict[str, Any] = {"kind": "sqlite",
                                              "path": str(root / "catalog.sqlite")}
+        self._opener = storage_opener
+        self.storage_where: dict[str, Any] = {"kind": "local"}
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="owm-catalog")
         self.catalog: Catalog | None = None
         self.volumes: dict[str, Volume] = {}
@@ -64,8 +73,9 @@ class Pool:
     async def open(
         cls, root: Path | str, *, storage_factory: StorageFactory | None = None,
         catalog_factory: CatalogFactory | None = None,
+        storage_opener: StorageOpener | None = None,
     ) -> Pool:
-        pool = cls(Path(root), storage_factory, catalog_factory)
+        pool = cls(Path(root), storage_factory, catalog_factory, storage_opener)
         try:
             await pool._open()
         except BaseException:
@@ -114,11 +124,37 @@ class Pool:
         if self.was_clean:
             recorded = await self.db(lambda c: c.get_meta(integrity.DIGEST_KEY))
             integrity.check_digest(path, recorded, rows, images)
+        await self._open_storage(bool(rows))
         if not self.was_clean:
             log.warning("pool %s was not shut down cleanly: recovering", self.root)
         await self.db(lambda c: c.set_meta("clean", "0"))
         for row in rows:
             await self._start_volume(row, self.was_clean)
+
+    async def _open_storage(self, has_volumes: bool) -> None:
+        """Check where the catalog says the data lives against how the pool is being opened.
+
+        A pool whose data is elsewhere (RADOS) is refused when opened without it, before
+        anything is written, rather than served as empty volumes."""
+        text = await self.db(lambda c: c.get_meta(STORAGE_KEY))
+        recorded = json.loads(text) if text else None
+        try:
+            if self._opener is None:
+                if recorded and recorded.get("kind", "local") != "local":
+                    raise WrongState(
+                        f"pool {self.root} keeps its data in RADOS pool "
+                        f"'{recorded.get('rados_pool')}' (Ceph configuration "
+                        f"{recorded.get('ceph_conf')}); serve it with --ceph-conf and "
+                        "--rados-pool")
+                return
+            self._factory, where = await self._opener(recorded, has_volumes)
+        except BaseException:
+            await self.db(lambda c: c.close())
+            self.catalog = None
+            raise
+        if where != recorded:
+            await self.db(lambda c: c.set_meta(STORAGE_KEY, json.dumps(where, sort_keys=True)))
+        self.storage_where = where
 
     async def _start_volume(self, row: VolumeRow, clean: bool) -> Volume:
         engine = make_engine(row.method, self._factory(row.name), row.size, row.chunk_size,
@@ -187,9 +223,11 @@ class Pool:
         return volume
 
     def status(self, name: str | None = None) -> list[dict[str, Any]]:
-        if name is not None:
-            return [self.volume(name).status()]
-        return [v.status() for _, v in sorted(self.volumes.items())]
+        volumes = [self.volume(name)] if name is not None else [
+            v for _, v in sorted(self.volumes.items())]
+        if self.storage_where.get("kind", "local") == "local":
+            return [v.status() for v in volumes]
+        return [{**v.status(), "storage": self.storage_where} for v in volumes]
 
     async def create_volume(
         self,
