@@ -27,9 +27,12 @@ _COMPACT = 64  # a queue drops its finished front once it is at least this long
 
 
 class _Request:
-    __slots__ = ("done", "exclusive", "first", "future", "last", "missing", "queued", "ready_on")
+    __slots__ = (
+        "done", "exclusive", "first", "future", "last", "missing", "queued", "ready_on", "seq"
+    )
 
-    def __init__(self, first: int, last: int, exclusive: bool) -> None:
+    def __init__(self, seq: int, first: int, last: int, exclusive: bool) -> None:
+        self.seq = seq  # arrival order
         self.first = first
         self.last = last
         self.exclusive = exclusive
@@ -63,6 +66,8 @@ class RangeLockManager:
         # here behind it, in order.
         self._later: deque[_Request | asyncio.Future[None]] = deque()
         self._barrier: asyncio.Future[None] | None = None
+        self._seq = 0
+        self._woken: list[_Request] = []  # granted waiters not told yet (see _wake_up)
 
     # ------------------------------------------------------------------------ internals
 
@@ -119,7 +124,7 @@ class RangeLockManager:
             if fut.done():
                 return  # cancelled: its done callback (already scheduled) lets go of it
             self._waiting -= 1
-            fut.set_result(None)
+            self._woken.append(req)
         key = (req.first, req.last)
         holders = self._held.get(key)
         if holders is None:
@@ -157,6 +162,30 @@ class RangeLockManager:
             req.done = True  # still behind a barrier: it is skipped there
             return
         self._finish(req, (req.ready_on or set()) if req.missing else None)
+        self._wake_up()
+
+    def _wake_up(self) -> None:
+        """Tell the waiters granted by one operation, in arrival order (as one FIFO queue
+        would), whatever order their chunks were freed in."""
+        woken = self._woken
+        if not woken:
+            return
+        self._woken = []
+        if len(woken) > 1:
+            woken.sort(key=lambda r: r.seq)
+        for req in woken:
+            assert req.future is not None
+            if not req.future.done():
+                req.future.set_result(None)
+            else:  # cancelled meanwhile: let go of what it was granted
+                self._release_request(req)
+
+    def _release_request(self, req: _Request) -> None:
+        holders = self._held[(req.first, req.last)]
+        holders.remove(req)
+        if not holders:
+            del self._held[(req.first, req.last)]
+        self._finish(req)
 
     def _wait(self, req: _Request) -> asyncio.Future[None]:
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -189,7 +218,8 @@ class RangeLockManager:
 
     def try_acquire(self, first: int, last: int, exclusive: bool) -> asyncio.Future[None] | None:
         """Take chunks first..last now (returns None) or queue and return a future to await."""
-        req = _Request(first, last, exclusive)
+        self._seq += 1
+        req = _Request(self._seq, first, last, exclusive)
         if self._barrier is not None:
             fut = self._wait(req)
             self._later.append(req)
@@ -209,6 +239,7 @@ class RangeLockManager:
         if not holders:
             del self._held[key]
         self._finish(req)
+        self._wake_up()
 
     async def acquire(self, first: int, last: int, exclusive: bool) -> None:
         fut = self.try_acquire(first, last, exclusive)
@@ -241,6 +272,7 @@ class RangeLockManager:
                 self._barrier = None
                 self._admit_later()
                 self._pass_barriers()
+                self._wake_up()
             raise
 
     @asynccontextmanager
