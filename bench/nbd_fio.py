@@ -1,25 +1,32 @@
 #!/usr/bin/env python3
-"""NBD speed side by side in one run: owm, nbdkit and qemu-nbd, all through fio's nbd engine.
+"""NBD write speed side by side in one run: owm and the peers that do the same job, all through
+fio's nbd engine at queue depth 16, with the server's CPU time per I/O beside every figure.
 
-Every target serves the same kind of disk on tmpfs (so storage speed is not what is measured)
-and is driven by the same fio jobs, one at a time:
+Every target serves the same kind of disk on tmpfs (so storage speed is not what is measured),
+pre-filled with data, and gets a fresh snapshot (preserve, overlay, fleece) before every job:
 
-* 4K random writes, queue depth 16;
-* 4K random reads, queue depth 16;
-* 1M sequential writes, queue depth 16.
+* W1: 4K writes, each the first to its chunk (a replayed fio iolog: one write in each of up
+  to ``--w1-count`` chunks picked at random, in random order; fio's own random map cannot
+  promise that once the block size is below the chunk size);
+* W2: time-based 4K random writes;
+* W3: time-based 1M sequential writes.
 
-Peers: nbdkit's file plugin, qemu-nbd on the raw file, qemu-nbd on a qcow2 overlay of it (its
-snapshot path), nbdkit's cow filter, and nbdkit's Python plugin (Python doing pread/pwrite
-inside nbdkit).  owm rows: each method with no preserve; ``cow`` and ``log`` with a preserve
-active and every write a first write (4 KiB chunks, a fresh preserve before each write job, the
-volume pre-filled, fio's random map so no block is written twice); and after the release.
-Snapshot-style peers get a fresh overlay per job for the same reason.  Each job is bounded by
-``--runtime``; the whole run takes about (rows x 3 x runtime).
+Rows, for each chunk size of ``--chunks`` (owm's chunk = qcow2's cluster = nbdkit's cow block,
+so every snapshot copies the same amount per first write):
 
-    .venv/bin/python bench/nbd_fio.py [--runtime 10] [--size 1G] [--only owm,qemu-nbd]
+* ``owm cow, preserve active`` against QEMU's copy-before-write filter (fleecing, served by
+  qemu-storage-daemon) with a qcow2 and with a raw fleece target (qemu 7.2 copies at least
+  64K per first write whatever the cluster size);
+* ``owm log, preserve active`` against qemu-nbd on a qcow2 overlay and nbdkit's cow filter;
 
-The table gives IOPS (4K) and GB/s (1M), the server's CPU use, and each figure as a ratio to
-owm with no preserve on the same job; the aims of issue 3 are checked at the end.
+and once: ``owm cow`` and ``owm mirror`` with no preserve against nbdkit's file plugin (C, the
+practical limit) and qemu-nbd on the raw file.
+
+    .venv/bin/python bench/nbd_fio.py [--runtime 10] [--size 1G] [--chunks 4096,65536]
+                                      [--only owm,qemu,nbdkit]
+
+The run takes about (rows x 3 x runtime) plus the fills; the aims of issue 11 are checked at
+the end.  On a shared machine every figure is noisy.
 """
 
 from __future__ import annotations
@@ -29,53 +36,20 @@ import asyncio
 import contextlib
 import json
 import os
+import random
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-JOBS = [
-    ("4K randwrite", "randwrite", "4k"),
-    ("4K randread", "randread", "4k"),
-    ("1M write", "write", "1M"),
-]
-NBDKIT_PYTHON_PLUGIN = """
-import os
-API_VERSION = 2
-
-def config(key, value):
-    global path
-    if key == "file":
-        path = value
-
-def open(readonly):
-    return os.open(path, os.O_RDONLY if readonly else os.O_RDWR)
-
-def get_size(h):
-    return os.fstat(h).st_size
-
-def can_multi_conn(h):
-    return True
-
-def pread(h, buf, offset, flags):
-    n = os.preadv(h, [buf], offset)
-    assert n == len(buf)
-
-def pwrite(h, buf, offset, flags):
-    os.pwrite(h, buf, offset)
-
-def flush(h, flags):
-    os.fdatasync(h)
-
-def close(h):
-    os.close(h)
-"""
+JOBS = ["W1", "W2", "W3"]
+DEPTH = 16
 
 
 # ----------------------------------------------------------------------------- owm server
@@ -113,6 +87,9 @@ def owm_server_main(root: str, sock: str) -> None:
                     reply = await pool.preserve(args[0])
                 elif cmd == "release":
                     await pool.release(args[0])
+                    reply = "ok"
+                elif cmd == "delete":  # frees the tmpfs space before the next volume
+                    await pool.delete_volume(args[0], force=True)
                     reply = "ok"
                 elif cmd == "quit":
                     break
@@ -204,52 +181,50 @@ def cpu_seconds(pid: int) -> float:
 @dataclass
 class Result:
     value: float  # IOPS for 4K jobs, bytes/s for 1M
-    cpu: float  # server CPU, fraction of one core
+    cpu_per_io: float  # server CPU seconds per I/O
 
 
-def fio(uri: str, rw: str, bs: str, runtime: int, size: int, pid: int | None) -> Result:
-    argv = [
-        "fio",
-        "--name=bench",
-        "--ioengine=nbd",
-        f"--uri={uri}",
-        f"--rw={rw}",
-        f"--bs={bs}",
-        "--iodepth=16",
-        "--numjobs=1",
-        f"--runtime={runtime}",
-        "--time_based",
-        f"--size={size}",
-        "--output-format=json",
-    ]
-    cpu0 = cpu_seconds(pid) if pid else 0.0
-    start = time.monotonic()
-    out = subprocess.run(argv, capture_output=True, text=True, timeout=runtime * 3 + 60)
-    elapsed = time.monotonic() - start
-    cpu = (cpu_seconds(pid) - cpu0) / elapsed if pid else 0.0
+def w1_iolog(path: Path, size: int, chunk: int, count: int, seed: int = 1) -> int:
+    """An fio iolog of 4K writes, each in its own chunk, in random order; returns the count."""
+    chunks = size // chunk
+    rng = random.Random(seed)
+    picked = rng.sample(range(chunks), min(count, chunks))
+    lines = ["fio version 2 iolog", "nbd add", "nbd open"]
+    for n in picked:
+        within = rng.randrange(0, chunk // 4096) * 4096 if chunk > 4096 else 0
+        lines.append(f"nbd write {n * chunk + within} 4096")
+    lines.append("nbd close")
+    path.write_text("\n".join(lines) + "\n")
+    return len(picked)
+
+
+def fio(uri: str, job: str, runtime: int, size: int, pid: int, iolog: Path) -> Result:
+    argv = ["fio", "--name=bench", "--ioengine=nbd", f"--uri={uri}", f"--iodepth={DEPTH}",
+            "--numjobs=1", "--output-format=json"]
+    if job == "W1":
+        argv += [f"--read_iolog={iolog}"]
+    elif job == "W2":
+        argv += ["--rw=randwrite", "--bs=4k", f"--runtime={runtime}", "--time_based",
+                 f"--size={size}"]
+    else:
+        argv += ["--rw=write", "--bs=1M", f"--runtime={runtime}", "--time_based",
+                 f"--size={size}"]
+    cpu0 = cpu_seconds(pid)
+    out = subprocess.run(argv, capture_output=True, text=True, timeout=runtime * 3 + 600)
+    cpu = cpu_seconds(pid) - cpu0
     if out.returncode != 0:
         raise RuntimeError(f"fio failed: {out.stderr.strip() or out.stdout[-500:]}")
-    job = json.loads(out.stdout[out.stdout.index("{") :])["jobs"][0]
-    side = job["read"] if "read" in rw else job["write"]
-    value = side["iops"] if bs != "1M" else side["bw_bytes"]
-    return Result(float(value), cpu)
+    side = json.loads(out.stdout[out.stdout.index("{") :])["jobs"][0]["write"]
+    ios = max(1, int(side["total_ios"]))
+    value = side["iops"] if job != "W3" else side["bw_bytes"]
+    return Result(float(value), cpu / ios)
 
 
 def fill(uri: str, size: int) -> None:
-    """Write every byte once so reads and copies see data, not holes."""
+    """Write every byte once so copies and reads see data, not holes."""
     subprocess.run(
-        [
-            "fio",
-            "--name=fill",
-            "--ioengine=nbd",
-            f"--uri={uri}",
-            "--rw=write",
-            "--bs=1M",
-            "--iodepth=8",
-            f"--size={size}",
-            "--output-format=terse",
-            "--refill_buffers",
-        ],
+        ["fio", "--name=fill", "--ioengine=nbd", f"--uri={uri}", "--rw=write", "--bs=1M",
+         "--iodepth=8", f"--size={size}", "--output-format=terse", "--refill_buffers"],
         check=True,
         capture_output=True,
         timeout=600,
@@ -262,173 +237,205 @@ def fill(uri: str, size: int) -> None:
 @dataclass
 class Row:
     name: str
-    group: str  # "owm", "owm-preserve", "owm-released" or "peer"
+    chunk: int  # 0: no snapshot, the chunk size does not apply
     results: dict[str, Result] = field(default_factory=dict)
 
 
-def fmt(job: str, value: float) -> str:
-    return f"{value / 1e9:.2f} GB/s" if job == "1M write" else f"{value / 1000:.1f}K"
+def fmt(job: str, res: Result) -> str:
+    value = f"{res.value / 1e9:.2f}GB/s" if job == "W3" else f"{res.value / 1000:.1f}K"
+    return f"{value} {res.cpu_per_io * 1e6:5.0f}us"
 
 
 def print_table(rows: list[Row]) -> None:
-    base = {
-        job: next((r.results.get(job) for r in rows if r.name == "owm cow"), None)
-        for job, _, _ in JOBS
-    }
-    header = f"{'target':<40}" + "".join(f"{job:>26}" for job, _, _ in JOBS)
-    print()
+    print("\nIOPS (W1, W2) or GB/s (W3), and the server's CPU time per I/O; shared machine: noisy")
+    header = f"{'target':<34}{'chunk':>7}" + "".join(f"{job:>20}" for job in JOBS)
     print(header)
     print("-" * len(header))
     for row in rows:
-        cells = []
-        for job, _, _ in JOBS:
-            res = row.results.get(job)
-            if res is None:
-                cells.append(f"{'-':>26}")
-                continue
-            b = base[job]
-            ratio = f" {res.value / b.value:4.2f}x" if b and b.value else ""
-            cells.append(f"{fmt(job, res.value):>12} {res.cpu * 100:3.0f}%cpu{ratio:>6}")
-        print(f"{row.name:<40}" + "".join(cells))
-    print("\nratios are to 'owm cow' (no preserve) on the same job; cpu is the server's.")
+        chunk = f"{row.chunk // 1024}K" if row.chunk else "-"
+        cells = "".join(
+            f"{fmt(job, row.results[job]) if job in row.results else '-':>20}" for job in JOBS
+        )
+        print(f"{row.name:<34}{chunk:>7}{cells}")
 
 
 def check_aims(rows: list[Row]) -> None:
-    by_name = {r.name: r for r in rows}
+    def find(name: str, chunk: int) -> Row | None:
+        return next((r for r in rows if r.name == name and r.chunk == chunk), None)
 
-    def cmp(owm_row: str, peer_row: str, what: str) -> None:
-        a, b = by_name.get(owm_row), by_name.get(peer_row)
+    def cmp(owm_row: str, peer_row: str, chunk: int, jobs: list[str] = JOBS) -> None:
+        a, b = find(owm_row, chunk), find(peer_row, chunk)
         if not a or not b:
             return
-        for job, _, _ in JOBS:
-            if job in a.results and job in b.results:
+        for job in jobs:
+            if job in a.results and job in b.results and b.results[job].value:
                 ratio = a.results[job].value / b.results[job].value
-                verdict = "ok " if ratio >= 1 else "BELOW"
-                print(f"  {verdict} {owm_row:<34} {job:<13} {ratio:5.2f}x {what} ({peer_row})")
+                verdict = "ok   " if ratio >= 1 else "BELOW"
+                size = f"{chunk // 1024}K" if chunk else "-"
+                print(f"  {verdict} {owm_row:<26} {size:>4} {job} {ratio:5.2f}x {peer_row}")
 
-    print("\naims (issue 3):")
-    for method in ("cow", "log", "mirror"):
-        cmp(f"owm {method}", "qemu-nbd raw", ">= qemu-nbd raw")
-    for method in ("cow", "log"):
-        cmp(f"owm {method}, preserve active", "qemu-nbd qcow2 overlay", ">= qcow2 overlay")
-    for row in rows:
-        if row.group != "peer":
-            cmp(row.name, "nbdkit python plugin", "never below nbdkit python")
+    print("\naims (issue 11), owm / peer:")
+    for chunk in sorted({r.chunk for r in rows if r.chunk}):
+        cmp("owm cow, preserve active", "QEMU cbw, qcow2 fleece", chunk)
+        cmp("owm cow, preserve active", "QEMU cbw, raw fleece", chunk)
+        cmp("owm log, preserve active", "qemu-nbd qcow2 overlay", chunk)
+        cmp("owm log, preserve active", "nbdkit cow filter", chunk)
+    cmp("owm mirror", "qemu-nbd raw", 0, ["W2"])
+    a, b = find("owm cow", 0), find("nbdkit file", 0)
+    if a and b:
+        for job in JOBS:
+            if job in a.results and job in b.results and b.results[job].cpu_per_io:
+                ratio = a.results[job].cpu_per_io / b.results[job].cpu_per_io
+                verdict = "ok   " if ratio <= 1.5 else "ABOVE"
+                print(f"  {verdict} owm cow CPU per I/O {job} {ratio:5.2f}x nbdkit file's "
+                      "(aim <= 1.5x)")
+
+
+class Peer:
+    """How to serve one peer: its command line, its export name, and what to make fresh
+    before each job (an overlay or fleece file)."""
+
+    def __init__(self, name: str, chunk: int, argv: list[str], export: str = "",
+                 fresh: Callable[[], None] | None = None) -> None:
+        self.name, self.chunk, self.argv, self.export, self.fresh = name, chunk, argv, export, fresh
+
+
+def qemu_img(*args: str) -> None:
+    subprocess.run(["qemu-img", *args], check=True, capture_output=True)
+
+
+def peers(work: Path, disk: Path, size: int, chunks: list[int], sock: Path) -> list[Peer]:
+    nbdkit = ["nbdkit", "--foreground", "--exit-with-parent", "-U", str(sock)]
+    qemu_nbd = ["qemu-nbd", "-k", str(sock), "--persistent", "--shared=16",
+                "--cache=writeback", "--aio=threads", "-x", "disk"]
+    out = [
+        Peer("nbdkit file", 0, [*nbdkit, "file", f"file={disk}"]),
+        Peer("qemu-nbd raw", 0, [*qemu_nbd, "-f", "raw", str(disk)], "disk"),
+    ]
+    for chunk in chunks:
+        overlay = work / f"overlay-{chunk}.qcow2"
+        fleece_q = work / f"fleece-{chunk}.qcow2"
+        fleece_r = work / f"fleece-{chunk}.raw"
+
+        def fresh_overlay(o: Path = overlay, c: int = chunk) -> None:
+            o.unlink(missing_ok=True)
+            qemu_img("create", "-q", "-f", "qcow2", "-o", f"cluster_size={c}", "-b", str(disk),
+                     "-F", "raw", str(o))
+
+        def fresh_qcow2_fleece(f: Path = fleece_q, c: int = chunk) -> None:
+            f.unlink(missing_ok=True)
+            qemu_img("create", "-q", "-f", "qcow2", "-o", f"cluster_size={c}", str(f), str(size))
+
+        def fresh_raw_fleece(f: Path = fleece_r) -> None:
+            f.unlink(missing_ok=True)
+            with open(f, "wb") as fh:
+                fh.truncate(size)
+
+        def cbw(target: Path, fmt: str) -> list[str]:
+            return [
+                "qemu-storage-daemon",
+                "--blockdev", f"driver=file,node-name=sf,filename={disk}",
+                "--blockdev", "driver=raw,node-name=src,file=sf",
+                "--blockdev", f"driver=file,node-name=tf,filename={target}",
+                "--blockdev", f"driver={fmt},node-name=tgt,file=tf",
+                "--blockdev", "driver=copy-before-write,node-name=cbw,file=src,target=tgt",
+                "--nbd-server", f"addr.type=unix,addr.path={sock}",
+                "--export", "type=nbd,id=e,node-name=cbw,name=disk,writable=on",
+            ]
+
+        out += [
+            Peer("QEMU cbw, qcow2 fleece", chunk, cbw(fleece_q, "qcow2"), "disk",
+                 fresh_qcow2_fleece),
+            Peer("QEMU cbw, raw fleece", chunk, cbw(fleece_r, "raw"), "disk", fresh_raw_fleece),
+            Peer("qemu-nbd qcow2 overlay", chunk, [*qemu_nbd, "-f", "qcow2", str(overlay)],
+                 "disk", fresh_overlay),
+            Peer("nbdkit cow filter", chunk,
+                 [*nbdkit, "--filter=cow", "file", f"file={disk}", f"cow-block-size={chunk}"]),
+        ]
+    return out
 
 
 def run(args: argparse.Namespace) -> list[Row]:
     size = args.size
     only = set(args.only.split(",")) if args.only else None
-    base = Path(args.tmpfs)
-    work = Path(tempfile.mkdtemp(prefix="owm-bench-", dir=base))
+    work = Path(tempfile.mkdtemp(prefix="owm-bench-", dir=args.tmpfs))
     rows: list[Row] = []
+    iologs: dict[int, Path] = {}
     try:
+        for chunk in [*args.chunks, 65536]:
+            iologs[chunk] = work / f"w1-{chunk}.log"
+            n = w1_iolog(iologs[chunk], size, chunk, args.w1_count)
+        print(f"W1 replays {n} first writes per job", flush=True)
+        iologs[0] = iologs[65536]
         disk = work / "disk.raw"
         with open(disk, "wb") as f:
             f.truncate(size)
-        plugin = work / "file_plugin.py"
-        plugin.write_text(NBDKIT_PYTHON_PLUGIN)
         sock = work / "peer.sock"
-        nbdkit = ["nbdkit", "--foreground", "--exit-with-parent", "-U", str(sock)]
-        qemu_nbd = [
-            "qemu-nbd",
-            "-k",
-            str(sock),
-            "--persistent",
-            "--shared=16",
-            "--cache=writeback",
-            "--aio=threads",
-            "-x",
-            "disk",
-        ]
-        overlay = work / "overlay.qcow2"
-        peers: list[tuple[str, list[str], str, bool]] = [
-            ("nbdkit file", [*nbdkit, "file", f"file={disk}"], "", False),
-            ("qemu-nbd raw", [*qemu_nbd, "-f", "raw", str(disk)], "disk", False),
-            ("qemu-nbd qcow2 overlay", [*qemu_nbd, "-f", "qcow2", str(overlay)], "disk", True),
-            ("nbdkit cow filter", [*nbdkit, "--filter=cow", "file", f"file={disk}"], "", False),
-            ("nbdkit python plugin", [*nbdkit, "python", str(plugin), f"file={disk}"], "", False),
-        ]
-        wanted_peers = [p for p in peers if only is None or any(o in p[0] for o in only)]
-        if wanted_peers:
+        wanted = [p for p in peers(work, disk, size, args.chunks, sock)
+                  if only is None or any(o in p.name for o in only)]
+        if wanted:
             print(f"filling {disk} ({size} bytes) ...", flush=True)
-            with peer_server([*nbdkit, "file", f"file={disk}"], sock):
+            with peer_server(["nbdkit", "--foreground", "--exit-with-parent", "-U", str(sock),
+                              "file", f"file={disk}"], sock):
                 fill(f"nbd+unix:///?socket={sock}", size)
-        for name, argv, export, fresh_overlay in wanted_peers:
-            row = Row(name, "peer")
+        for peer in wanted:
+            row = Row(peer.name, peer.chunk)
             rows.append(row)
-            for job, rw, bs in JOBS:
-                if fresh_overlay:
-                    with contextlib.suppress(FileNotFoundError):
-                        overlay.unlink()
-                    subprocess.run(
-                        [
-                            "qemu-img",
-                            "create",
-                            "-q",
-                            "-f",
-                            "qcow2",
-                            "-b",
-                            str(disk),
-                            "-F",
-                            "raw",
-                            str(overlay),
-                        ],
-                        check=True,
-                    )
-                with peer_server(argv, sock) as pid:
-                    uri = f"nbd+unix:///{export}?socket={sock}"
-                    row.results[job] = fio(uri, rw, bs, args.runtime, size, pid)
-                print(f"  {name:<32} {job:<13} {fmt(job, row.results[job].value)}", flush=True)
+            for job in JOBS:
+                if peer.fresh is not None:
+                    peer.fresh()
+                with peer_server(peer.argv, sock) as pid:
+                    uri = f"nbd+unix:///{peer.export}?socket={sock}"
+                    row.results[job] = fio(uri, job, args.runtime, size, pid,
+                                           iologs[peer.chunk])
+                print(f"  {peer.name:<30} {peer.chunk:>6} {job} {fmt(job, row.results[job])}",
+                      flush=True)
         if only is None or "owm" in only:
-            rows.extend(run_owm(work, size, args.runtime))
+            rows.extend(run_owm(work, size, args.runtime, args.chunks, iologs))
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return rows
 
 
-def run_owm(work: Path, size: int, runtime: int) -> list[Row]:
+def run_owm(
+    work: Path, size: int, runtime: int, chunks: list[int], iologs: dict[int, Path]
+) -> list[Row]:
     rows: list[Row] = []
     server = OwmServer(work)
     pid = server.proc.pid
     try:
-        for method in ("cow", "log", "mirror"):
+        for method in ("cow", "mirror"):
             server.ask("create", method, str(size), method, "65536")
             print(f"filling owm {method} ...", flush=True)
             fill(server.uri(method), size)
-            row = Row(f"owm {method}", "owm")
+            row = Row(f"owm {method}", 0)
             rows.append(row)
-            for job, rw, bs in JOBS:
-                row.results[job] = fio(server.uri(method), rw, bs, runtime, size, pid)
-                print(f"  {row.name:<32} {job:<13} {fmt(job, row.results[job].value)}", flush=True)
-        for method in ("cow", "log"):
-            name = f"first-{method}"
-            server.ask("create", name, str(size), method, "4096")
-            print(f"filling owm {name} ...", flush=True)
-            fill(server.uri(name), size)
-            active = Row(f"owm {method}, preserve active", "owm-preserve")
-            released = Row(f"owm {method}, after release", "owm-released")
-            rows += [active, released]
-            image = None
-            for job, rw, bs in JOBS:
-                # A fresh preserve per job: every chunk is shared again, so every write
-                # (4 KiB chunks, fio's random map) is the first write to its chunk.
-                if image is not None:
-                    server.ask("release", image)
-                image = server.ask("preserve", name)
-                active.results[job] = fio(server.uri(name), rw, bs, runtime, size, pid)
-                print(
-                    f"  {active.name:<32} {job:<13} {fmt(job, active.results[job].value)}",
-                    flush=True,
-                )
-            assert image is not None
-            server.ask("release", image)
-            for job, rw, bs in JOBS:
-                released.results[job] = fio(server.uri(name), rw, bs, runtime, size, pid)
-                print(
-                    f"  {released.name:<32} {job:<13} {fmt(job, released.results[job].value)}",
-                    flush=True,
-                )
+            for job in JOBS:
+                row.results[job] = fio(server.uri(method), job, runtime, size, pid, iologs[0])
+                print(f"  {row.name:<30} {'-':>6} {job} {fmt(job, row.results[job])}",
+                      flush=True)
+            server.ask("delete", method)
+        for chunk in chunks:
+            for method in ("cow", "log"):
+                name = f"{method}-{chunk}"
+                server.ask("create", name, str(size), method, str(chunk))
+                print(f"filling owm {name} ...", flush=True)
+                fill(server.uri(name), size)
+                row = Row(f"owm {method}, preserve active", chunk)
+                rows.append(row)
+                image = None
+                for job in JOBS:
+                    # A fresh preserve per job: every chunk is shared again.
+                    if image is not None:
+                        server.ask("release", image)
+                    image = server.ask("preserve", name)
+                    row.results[job] = fio(server.uri(name), job, runtime, size, pid,
+                                           iologs[chunk])
+                    print(f"  {row.name:<30} {chunk:>6} {job} {fmt(job, row.results[job])}",
+                          flush=True)
+                assert image is not None
+                server.ask("release", image)
+                server.ask("delete", name)
     finally:
         server.close()
     return rows
@@ -439,8 +446,10 @@ def main() -> None:
         owm_server_main(sys.argv[2], sys.argv[3])
         return
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--runtime", type=int, default=10, help="seconds per fio job")
+    parser.add_argument("--runtime", type=int, default=10, help="seconds per W2/W3 job")
     parser.add_argument("--size", default="1G", help="disk size (K/M/G suffixes)")
+    parser.add_argument("--chunks", default="4096,65536", help="chunk/cluster sizes, bytes")
+    parser.add_argument("--w1-count", type=int, default=20000, help="first writes per W1 job")
     parser.add_argument("--tmpfs", default="/dev/shm", help="where the disks live")
     parser.add_argument("--only", help="comma-separated substrings of the targets to run")
     args = parser.parse_args()
@@ -448,9 +457,11 @@ def main() -> None:
     from owm.common.sizes import parse_size
 
     args.size = parse_size(args.size)
-    for tool in ("fio", "nbdkit", "qemu-nbd", "qemu-img"):
+    args.chunks = [int(c) for c in args.chunks.split(",")]
+    for tool in ("fio", "nbdkit", "qemu-nbd", "qemu-img", "qemu-storage-daemon"):
         if shutil.which(tool) is None:
-            sys.exit(f"{tool} is not installed (scripts/setup installs it)")
+            sys.exit(f"{tool} is not installed (scripts/setup installs it; qemu-storage-daemon "
+                     "comes with Debian's qemu-system-common)")
     rows = run(args)
     print_table(rows)
     check_aims(rows)

@@ -5,6 +5,14 @@ for as long as its data and table updates take.  A request that conflicts with a
 an earlier waiter whose range overlaps its own, suspends on a future (FIFO, no spinning, no
 polling); requests on disjoint ranges never wait for each other.  The locks live outside the
 images and are never part of a backup.
+
+How: every chunk that is locked or awaited has a queue of the requests on it in arrival order.
+The front of a queue that may run together (one exclusive request, or a run of shared ones) is
+its *ready* part; a request is granted once it is ready on every chunk it touches.  The ready
+part only grows at its end, so each request enters it once per chunk, and a release only looks
+at the requests that become ready because of it: acquire and release cost O(chunks touched),
+amortised, however many requests wait.  As every queue is in the one arrival order, a request
+only ever waits for earlier ones, so multi-chunk requests cannot deadlock.
 """
 
 from __future__ import annotations
@@ -13,96 +21,225 @@ import asyncio
 from collections import deque
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 
 SHARED, EXCLUSIVE = False, True
+_COMPACT = 64  # a queue drops its finished front once it is at least this long
 
 
-@dataclass(slots=True)
-class _Waiter:
-    first: int
-    last: int
-    exclusive: bool
-    future: asyncio.Future[None]
-    barrier: bool = False  # waits for every holder to leave; is granted nothing
+class _Request:
+    __slots__ = (
+        "done", "exclusive", "first", "future", "last", "missing", "queued", "ready_on", "seq"
+    )
+
+    def __init__(self, seq: int, first: int, last: int, exclusive: bool) -> None:
+        self.seq = seq  # arrival order
+        self.first = first
+        self.last = last
+        self.exclusive = exclusive
+        self.future: asyncio.Future[None] | None = None  # set only when it has to wait
+        self.missing = last - first + 1  # chunks on which it is not ready yet
+        self.ready_on: set[int] | None = None  # chunks on which it is ready, while missing > 0
+        self.queued = False  # in the chunk queues (not behind a barrier)
+        self.done = False  # released, or abandoned by a cancelled waiter
+
+
+class _Chunk:
+    """The queue of one chunk: ``queue[head:ready]`` is its ready part (done ones included)."""
+
+    __slots__ = ("exclusive", "head", "live", "queue", "ready")
+
+    def __init__(self) -> None:
+        self.queue: list[_Request] = []
+        self.head = 0
+        self.ready = 0
+        self.live = 0  # requests of the ready part not done yet
+        self.exclusive = False  # the ready part is one exclusive request
 
 
 class RangeLockManager:
     def __init__(self) -> None:
-        # chunk -> (exclusive?, holder count); an exclusive chunk has count 1.
-        self._held: dict[int, list[int]] = {}
-        self._waiters: deque[_Waiter] = deque()
+        self._chunks: dict[int, _Chunk] = {}
+        self._held: dict[tuple[int, int], list[_Request]] = {}  # granted, by range
+        self._live = 0  # requests in the chunk queues not done yet
+        self._waiting = 0
+        # While a barrier waits, later requests (and later barriers, as bare futures) queue
+        # here behind it, in order.
+        self._later: deque[_Request | asyncio.Future[None]] = deque()
+        self._barrier: asyncio.Future[None] | None = None
+        self._seq = 0
+        self._woken: list[_Request] = []  # granted waiters not told yet (see _wake_up)
 
-    def _conflicts_held(self, first: int, last: int, exclusive: bool) -> bool:
-        held = self._held
-        if not held:
-            return False
-        if last - first + 1 > len(held):
-            return any(
-                first <= c <= last and (exclusive or state[0]) for c, state in held.items()
-            )
-        for c in range(first, last + 1):
-            state = held.get(c)
-            if state is not None and (exclusive or state[0]):
-                return True
-        return False
+    # ------------------------------------------------------------------------ internals
 
-    def _grant(self, first: int, last: int, exclusive: bool) -> None:
-        held = self._held
-        for c in range(first, last + 1):
-            state = held.get(c)
-            if state is None:
-                held[c] = [1 if exclusive else 0, 1]
+    def _enqueue(self, req: _Request) -> None:
+        """Put ``req`` at the end of each chunk's queue; it becomes ready where nothing earlier
+        conflicts, and is granted if that is everywhere."""
+        req.queued = True
+        self._live += 1
+        chunks = self._chunks
+        for c in range(req.first, req.last + 1):
+            ch = chunks.get(c)
+            if ch is None:
+                ch = chunks[c] = _Chunk()
+            ch.queue.append(req)
+            self._advance(c, ch)
+
+    def _advance(self, c: int, ch: _Chunk) -> None:
+        """Extend the ready part of chunk ``c`` as far as FIFO order lets it go."""
+        queue = ch.queue
+        n = len(queue)
+        while ch.ready < n:
+            req = queue[ch.ready]
+            if req.done:  # abandoned while waiting: it holds nothing back
+                ch.ready += 1
+                continue
+            if ch.live:
+                if ch.exclusive or req.exclusive:
+                    break
             else:
-                state[1] += 1
+                ch.exclusive = req.exclusive
+            ch.live += 1
+            ch.ready += 1
+            self._ready(req, c)
+            if ch.exclusive:
+                break
+        if ch.live == 0:  # every request on the chunk is done: forget it
+            del self._chunks[c]
+            return
+        if ch.head >= _COMPACT and ch.head * 2 >= n:
+            del queue[: ch.head]
+            ch.ready -= ch.head
+            ch.head = 0
+
+    def _ready(self, req: _Request, c: int) -> None:
+        req.missing -= 1
+        if req.missing:
+            if req.ready_on is None:
+                req.ready_on = set()
+            req.ready_on.add(c)
+            return
+        req.ready_on = None
+        fut = req.future
+        if fut is not None:
+            if fut.done():
+                return  # cancelled: its done callback (already scheduled) lets go of it
+            self._waiting -= 1
+            self._woken.append(req)
+        key = (req.first, req.last)
+        holders = self._held.get(key)
+        if holders is None:
+            self._held[key] = [req]
+        else:
+            holders.append(req)
+
+    def _finish(self, req: _Request, ready_on: set[int] | None = None) -> None:
+        """``req`` lets go of its chunks (all of them, or those in ``ready_on``): on each, the
+        requests behind it may become ready."""
+        req.done = True
+        self._live -= 1
+        chunks = self._chunks
+        for c in range(req.first, req.last + 1):
+            ch = chunks[c]
+            if ready_on is not None and c not in ready_on:
+                # Not ready there; if it was first in line, the ones behind may move up.
+                if ch.ready < len(ch.queue) and ch.queue[ch.ready] is req:
+                    self._advance(c, ch)
+                continue
+            ch.live -= 1
+            if ch.live == 0:
+                ch.exclusive = False
+                ch.head = ch.ready
+                self._advance(c, ch)
+        if self._barrier is not None and self._live == 0:
+            self._pass_barriers()
+
+    def _abandoned(self, req: _Request, fut: asyncio.Future[None]) -> None:
+        """Done callback of a waiter's future: a cancelled waiter leaves its queues."""
+        if not fut.cancelled() or req.done:
+            return
+        self._waiting -= 1
+        if not req.queued:
+            req.done = True  # still behind a barrier: it is skipped there
+            return
+        self._finish(req, (req.ready_on or set()) if req.missing else None)
+        self._wake_up()
+
+    def _wake_up(self) -> None:
+        """Tell the waiters granted by one operation, in arrival order (as one FIFO queue
+        would), whatever order their chunks were freed in."""
+        woken = self._woken
+        if not woken:
+            return
+        self._woken = []
+        if len(woken) > 1:
+            woken.sort(key=lambda r: r.seq)
+        for req in woken:
+            assert req.future is not None
+            if not req.future.done():
+                req.future.set_result(None)
+            else:  # cancelled meanwhile: let go of what it was granted
+                self._release_request(req)
+
+    def _release_request(self, req: _Request) -> None:
+        holders = self._held[(req.first, req.last)]
+        holders.remove(req)
+        if not holders:
+            del self._held[(req.first, req.last)]
+        self._finish(req)
+
+    def _wait(self, req: _Request) -> asyncio.Future[None]:
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        req.future = fut
+        self._waiting += 1
+        fut.add_done_callback(lambda f: self._abandoned(req, f))
+        return fut
+
+    def _admit_later(self) -> None:
+        """No barrier is pending: queue the requests held back, up to the next barrier."""
+        later = self._later
+        while later:
+            item = later.popleft()
+            if isinstance(item, _Request):
+                if not item.done:
+                    self._enqueue(item)
+            elif not item.done():
+                self._barrier = item
+                return
+
+    def _pass_barriers(self) -> None:
+        """Nothing before the pending barrier is left: let it go, and what came after it."""
+        while self._barrier is not None and self._live == 0:
+            barrier, self._barrier = self._barrier, None
+            if not barrier.done():
+                barrier.set_result(None)
+            self._admit_later()
+
+    # -------------------------------------------------------------------------- the API
 
     def try_acquire(self, first: int, last: int, exclusive: bool) -> asyncio.Future[None] | None:
         """Take chunks first..last now (returns None) or queue and return a future to await."""
-        if not self._waiters and not self._conflicts_held(first, last, exclusive):
-            self._grant(first, last, exclusive)
+        self._seq += 1
+        req = _Request(self._seq, first, last, exclusive)
+        if self._barrier is not None:
+            fut = self._wait(req)
+            self._later.append(req)
+            return fut
+        self._enqueue(req)
+        if req.missing == 0:
             return None
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._waiters.append(_Waiter(first, last, exclusive, fut))
-        # A queue with no conflicting holder may still admit it (behind disjoint waiters).
-        self._wake()
-        return fut
+        return self._wait(req)
 
     def release(self, first: int, last: int) -> None:
-        held = self._held
-        for c in range(first, last + 1):
-            state = held[c]
-            state[1] -= 1
-            if state[1] == 0:
-                del held[c]
-        if self._waiters:
-            self._wake()
-
-    def _wake(self) -> None:
-        """Grant, in FIFO order, every waiter that conflicts neither with holders nor with an
-        earlier waiter still queued over the same chunks."""
-        blocked: list[_Waiter] = []
-        remaining: deque[_Waiter] = deque()
-        for w in self._waiters:
-            if w.future.cancelled():
-                continue
-            behind = any(
-                w.first <= b.last and b.first <= w.last and (w.exclusive or b.exclusive)
-                for b in blocked
-            )
-            if w.barrier:
-                if not behind and not self._held:
-                    w.future.set_result(None)
-                else:
-                    blocked.append(w)
-                    remaining.append(w)
-                continue
-            if not behind and not self._conflicts_held(w.first, w.last, w.exclusive):
-                self._grant(w.first, w.last, w.exclusive)
-                w.future.set_result(None)
-            else:
-                blocked.append(w)
-                remaining.append(w)
-        self._waiters = remaining
+        """Let go of chunks first..last, granted to a request of exactly that range."""
+        key = (first, last)
+        holders = self._held.get(key)
+        if not holders:
+            raise RuntimeError(f"chunks {first}..{last} are released but not held")
+        req = holders.pop()
+        if not holders:
+            del self._held[key]
+        self._finish(req)
+        self._wake_up()
 
     async def acquire(self, first: int, last: int, exclusive: bool) -> None:
         fut = self.try_acquire(first, last, exclusive)
@@ -113,8 +250,6 @@ class RangeLockManager:
         except asyncio.CancelledError:
             if fut.done() and not fut.cancelled():
                 self.release(first, last)  # granted just as we were cancelled
-            else:
-                self._wake()
             raise
 
     async def barrier(self) -> None:
@@ -123,12 +258,22 @@ class RangeLockManager:
         Requests that arrive meanwhile queue behind the barrier (FIFO) and proceed once it
         passes; nothing is held afterwards, so it costs no per-chunk state on any volume size.
         """
-        if not self._waiters and not self._held:
-            return
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._waiters.append(_Waiter(0, 1 << 62, True, fut, barrier=True))
-        await fut
-        self._wake()  # let the requests queued behind it go
+        if self._barrier is None:
+            if self._live == 0:
+                return
+            self._barrier = fut
+        else:
+            self._later.append(fut)
+        try:
+            await fut
+        except asyncio.CancelledError:
+            if self._barrier is fut:
+                self._barrier = None
+                self._admit_later()
+                self._pass_barriers()
+                self._wake_up()
+            raise
 
     @asynccontextmanager
     async def locked(self, first: int, last: int, exclusive: bool) -> AsyncIterator[None]:
@@ -140,8 +285,12 @@ class RangeLockManager:
 
     @property
     def waiting(self) -> int:
-        return len(self._waiters)
+        """Requests waiting for their chunks (or behind a barrier)."""
+        return self._waiting
 
     @property
     def held_chunks(self) -> int:
-        return len(self._held)
+        """Chunks that some granted request holds."""
+        return len(
+            {c for reqs in self._held.values() for r in reqs for c in range(r.first, r.last + 1)}
+        )

@@ -36,7 +36,9 @@ options are read and discarded so the stream stays in step.
 from __future__ import annotations
 
 import enum
+import mmap
 import struct
+from collections import deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -65,6 +67,10 @@ _ZEROES_124 = bytes(124)
 _META_CONTEXT_ID = 1  # the id base:allocation gets when a client selects it
 _MAX_EXTENTS = 65536  # descriptors in one BLOCK_STATUS reply; the client asks again for the rest
 _HOLE_MIN = 4096  # reads at least this long that are all zero go out as one OFFSET_HOLE chunk
+# WRITE payloads still missing at least this much are collected in an anonymous mapping, whose
+# pages the kernel provides only as bytes are written into them: a WRITE header whose payload
+# never comes costs no memory, and a slow one costs what has arrived.
+_LAZY_BODY = 64 * 1024
 
 _ALLOWED_FLAGS = {
     c.CMD_READ: c.CMD_FLAG_FUA | c.CMD_FLAG_DF,
@@ -188,7 +194,7 @@ class AbortRequest:
 class Request:
     """A valid transmission request, ready to execute.
 
-    ``payload`` is the WRITE data (a read-only view into received bytes, or a bytearray the
+    ``payload`` is the WRITE data (a read-only view into received bytes, or a buffer the
     machine filled); it is None for other commands.
     """
 
@@ -273,6 +279,15 @@ def _zeroes(n: int) -> bytes:
     return z
 
 
+def _lazy_buffer(n: int) -> bytearray | mmap.mmap:
+    """``n`` writable bytes whose memory is provided as they are written (an anonymous
+    mapping), or an ordinary bytearray if no mapping can be had."""
+    try:
+        return mmap.mmap(-1, n)
+    except OSError:
+        return bytearray(n)
+
+
 class ServerConnection:
     """The protocol state of one client connection, server side."""
 
@@ -294,13 +309,16 @@ class ServerConnection:
             ListExports | ExportInfoRequest | ExportNameRequest | MetaContextRequest | None
         ) = None
         self._pending_option = 0
-        # Receive buffer: an immutable bytes object and a read position in it.
-        self._buf = b""
+        # Receive buffer: the received bytes objects not parsed yet, in order, a read position
+        # in the first, and the count of unread bytes.  Each byte is appended once and parsed
+        # once, so receiving costs O(bytes) however much is queued unparsed.
+        self._chunks: deque[bytes] = deque()
         self._pos = 0
+        self._avail = 0
         self._eof = False
         self._eof_reported = False
         # A message body being collected: an option's data or a WRITE payload.
-        self._body: bytearray | None = None
+        self._body: bytearray | mmap.mmap | None = None
         self._body_filled = 0
         self._body_kind = 0  # 0 none, 1 option data, 2 write payload
         self._option = 0
@@ -343,11 +361,68 @@ class ServerConnection:
             if n == len(data):
                 return
             data = data[n:]
-        if self._pos >= len(self._buf):
-            self._buf = data
-        else:
-            self._buf = self._buf[self._pos :] + data
+        if not self._avail:
+            self._chunks.clear()
+            self._pos = 0
+        self._chunks.append(data)
+        self._avail += len(data)
+
+    # The receive buffer: the parsers read it only through these.
+
+    def _unpack(self, fmt: struct.Struct) -> tuple[int, ...]:
+        """Parse (and consume) the next ``fmt.size`` (<= available) bytes."""
+        n = fmt.size
+        first = self._chunks[0]
+        pos = self._pos
+        if len(first) - pos >= n:
+            self._consume(n)
+            return fmt.unpack_from(first, pos)
+        # A header split over receives: join its bytes (only its own).
+        return fmt.unpack_from(self._take_bytes(n))
+
+    def _consume(self, n: int) -> None:
+        """Drop the next ``n`` (<= available) bytes."""
+        self._avail -= n
+        chunks = self._chunks
+        pos = self._pos + n
+        while pos and chunks and pos >= len(chunks[0]):
+            pos -= len(chunks.popleft())
+        self._pos = pos
+
+    def _take_bytes(self, n: int) -> bytes:
+        """The next ``n`` (<= available) bytes, as a new object."""
+        out = bytearray()
+        chunks = self._chunks
+        pos = self._pos
+        self._avail -= n
+        while n:
+            first = chunks[0]
+            piece = min(n, len(first) - pos)
+            out += memoryview(first)[pos : pos + piece]
+            n -= piece
+            pos += piece
+            if pos == len(first):
+                chunks.popleft()
+                pos = 0
+        self._pos = pos
+        return bytes(out)
+
+    def _take_view(self, n: int) -> memoryview:
+        """The next ``n`` (<= available) bytes: a view into what was received when they lie in
+        one piece (no copy), else a copy."""
+        if not n:
+            return memoryview(b"")
+        first = self._chunks[0]
+        pos = self._pos
+        if len(first) - pos >= n:
+            self._consume(n)
+            return memoryview(first)[pos : pos + n]
+        return memoryview(self._take_bytes(n))
+
+    def _clear(self) -> None:
+        self._chunks.clear()
         self._pos = 0
+        self._avail = 0
 
     def body_buffer(self) -> memoryview | None:
         """Where the rest of a message body being collected (a WRITE payload, an option's data)
@@ -369,9 +444,10 @@ class ServerConnection:
 
     @property
     def buffered(self) -> int:
-        """Bytes the machine holds on to (unparsed input plus a message body being filled)."""
-        body = len(self._body) if self._body is not None else 0
-        return len(self._buf) - self._pos + body
+        """Bytes the machine holds on to (unparsed input plus the part of a message body that
+        has arrived)."""
+        body = self._body_filled if self._body is not None else 0
+        return self._avail + body
 
     def next_event(self) -> Event | _Sentinel:
         """The next event, or NEED_DATA, or PAUSED while an option waits for its answer."""
@@ -392,32 +468,29 @@ class ServerConnection:
 
     def _fail(self, message: str) -> ProtocolError:
         self.state = State.FAILED
-        self._buf = b""
-        self._pos = 0
+        self._clear()
         self._body = None
         return ProtocolError(message)
 
     def _eof_event(self, partial: int) -> ConnectionClosed | _Sentinel:
         if self._eof and not self._eof_reported:
             self._eof_reported = True
-            self._buf = b""
-            self._pos = 0
+            self._clear()
             self._body = None
             return ConnectionClosed(partial)
         return NEED_DATA
 
     def _need(self) -> ConnectionClosed | _Sentinel:
         """Not enough bytes for the next message."""
-        partial = len(self._buf) - self._pos
+        partial = self._avail
         if self._body is not None:
             partial += self._body_filled
         return self._eof_event(partial + (1 if self._drain else 0))
 
     def _client_flags(self) -> Event | _Sentinel:
-        if len(self._buf) - self._pos < 4:
+        if self._avail < 4:
             return self._need()
-        (flags,) = _U32.unpack_from(self._buf, self._pos)
-        self._pos += 4
+        (flags,) = self._unpack(_U32)
         if flags & ~(c.FLAG_C_FIXED_NEWSTYLE | c.FLAG_C_NO_ZEROES):
             raise self._fail(f"The client sent unknown handshake flags {flags:#x}.")
         self.client_flags = flags
@@ -446,18 +519,16 @@ class ServerConnection:
             body = bytes(self._body)
             self._body = None
             return self._option_event(self._option, body)
-        buf, pos = self._buf, self._pos
-        if len(buf) - pos < _OPTION_HEADER.size:
+        if self._avail < _OPTION_HEADER.size:
             return self._need()
-        magic, option, length = _OPTION_HEADER.unpack_from(buf, pos)
-        pos += _OPTION_HEADER.size
+        magic, option, length = self._unpack(_OPTION_HEADER)
         if magic != c.IHAVEOPT:
             raise self._fail("The client sent an option without the IHAVEOPT magic.")
         if length > c.MAX_OPTION_DATA:
             if length > c.MAX_OPTION_DRAIN or option == c.OPT_EXPORT_NAME:
                 raise self._fail(f"The client sent an option of {length} bytes.")
-            have = min(length, len(buf) - pos)
-            self._pos = pos + have
+            have = min(length, self._avail)
+            self._consume(have)
             self._drain = length - have
             if self.tls_mode == TLS_REQUIRE and not self.tls_active:
                 # Before TLS, FORCEDTLS answers every option this way, however long.
@@ -472,16 +543,13 @@ class ServerConnection:
                     option_reply(option, c.REP_ERR_TOO_BIG, b"The option is too large."),
                 )
             return self._next_option()
-        if len(buf) - pos >= length:
-            self._pos = pos + length
-            return self._option_event(option, buf[pos : pos + length])
+        if self._avail >= length:
+            return self._option_event(option, self._take_bytes(length))
         self._option = option
         self._body = bytearray(length)
-        have = len(buf) - pos
-        self._body[:have] = buf[pos:]
+        have = self._avail
+        self._body[:have] = self._take_bytes(have)
         self._body_filled = have
-        self._buf = b""
-        self._pos = 0
         return self._need()
 
     def _handled(self, option: int, reply_type: int, message: str = "") -> OptionHandled:
@@ -786,26 +854,24 @@ class ServerConnection:
                 return self._need()
             header = self._header
             assert header is not None
-            payload = self._body
+            filled = self._body
+            payload = filled if isinstance(filled, bytearray) else memoryview(filled)
             self._body = None
             self._header = None
             return Request(header[0], header[1], header[2], header[3], header[4], payload)
-        buf = self._buf
-        pos = self._pos
-        if len(buf) - pos < 28:
+        if self._avail < 28:
             return self._need()
-        magic, flags, cmd, handle, offset, length = _REQUEST.unpack_from(buf, pos)
-        pos += 28
+        magic, flags, cmd, handle, offset, length = self._unpack(_REQUEST)
         if magic != c.REQUEST_MAGIC:
             raise self._fail(f"The client sent a request with bad magic {magic:#x}.")
         if cmd == c.CMD_WRITE:
             problem = self._check(cmd, flags, offset, length)
-            avail = len(buf) - pos
+            avail = self._avail
             if problem is not None:
                 if length > c.MAX_WRITE_DRAIN:
                     raise self._fail(f"The client sent a WRITE of {length} bytes.")
                 have = min(avail, length)
-                self._pos = pos + have
+                self._consume(have)
                 rejected = self._rejected(handle, cmd, *problem)
                 if have == length:
                     return rejected
@@ -813,23 +879,17 @@ class ServerConnection:
                 self._after_drain = rejected
                 return self._need()
             if avail >= length:
-                self._pos = pos + length
-                return Request(
-                    handle, cmd, flags, offset, length, memoryview(buf)[pos : pos + length]
-                )
-            body = bytearray(length)
-            body[:avail] = memoryview(buf)[pos:]
+                return Request(handle, cmd, flags, offset, length, self._take_view(length))
+            body = _lazy_buffer(length) if length - avail >= _LAZY_BODY else bytearray(length)
+            if avail:
+                body[:avail] = self._take_bytes(avail)
             self._body = body
             self._body_filled = avail
             self._header = (handle, cmd, flags, offset, length)
-            self._buf = b""
-            self._pos = 0
             return self._need()
-        self._pos = pos
         if cmd == c.CMD_DISC:
             self.state = State.CLOSED
-            self._buf = b""
-            self._pos = 0
+            self._clear()
             return Disconnect()
         problem = self._check(cmd, flags, offset, length)
         if problem is not None:

@@ -26,6 +26,14 @@ every queued reply: ``MAX_BUFFERED_BYTES``).  A connection over either stops rea
 until its writes drain or the server's total falls below the cap.  A connection with no request
 in flight may always start one (unless its replies are over the transport's high-water mark),
 so clients that read their replies keep being served beside clients that never do.
+
+Fairness between sessions: a connection alone may keep ``MAX_INFLIGHT_REQUESTS`` requests in
+flight, but while other sessions are busy too (sent a request within ``ACTIVE_WINDOW``) each
+keeps at most ``FAIR_INFLIGHT_REQUESTS``, so a deep queue from one client cannot fill the
+shared resources (the I/O threads, the engine's chunk queues) ahead of everybody else.  One
+read's worth of requests is started ``DISPATCH_BATCH`` at a time, the other connections' events
+running in between.  Bytes a connection has received but not turned into requests yet (a
+WRITE payload still arriving, say) count toward the server's budget as they arrive.
 """
 
 from __future__ import annotations
@@ -54,6 +62,10 @@ from owm.nbd.tls import peer_identity
 log = logging.getLogger("owm.nbd.server")
 
 MAX_INFLIGHT_REQUESTS = 256
+FAIR_INFLIGHT_REQUESTS = 32  # per connection while other sessions are busy too
+ACTIVE_WINDOW = 1.0  # seconds after its last request that a session counts as busy
+SHARE_RECHECK = 0.1  # seconds between recounts of the busy sessions
+DISPATCH_BATCH = 64  # requests started in one go before the other connections get a turn
 MAX_INFLIGHT_BYTES = 128 * 1024 * 1024
 MAX_CONNECTION_REPLY_BYTES = 32 * 1024 * 1024
 MAX_BUFFERED_BYTES = 256 * 1024 * 1024
@@ -165,6 +177,9 @@ class _Connection(asyncio.BufferedProtocol):
         self._deadline: asyncio.TimerHandle | None = None
         self._stopping = False
         self._finishing = False
+        self._last_request = float("-inf")  # loop time of the last request started
+        self._process_scheduled = False
+        self._held_input = 0  # the machine's buffered bytes, as counted in the server's total
 
     # ------------------------------------------------------------------ asyncio callbacks
 
@@ -215,6 +230,16 @@ class _Connection(asyncio.BufferedProtocol):
             self.machine.receive_data(bytes(self._scratch[:nbytes]))
         self._process()
 
+    def _account_input(self) -> None:
+        """Count what the machine holds (unparsed input, a payload arriving) in the server's
+        total, as it changes."""
+        if self._lost:
+            return
+        held = self.machine.buffered
+        if held != self._held_input:
+            self.server._buffered += held - self._held_input
+            self._held_input = held
+
     def eof_received(self) -> bool | None:
         return None  # close our side too; connection_lost follows
 
@@ -237,8 +262,9 @@ class _Connection(asyncio.BufferedProtocol):
         self._out.clear()
         self.server._connections.discard(self)
         self.server._waiting.discard(self)
-        self.server._buffered -= self._queued
+        self.server._buffered -= self._queued + self._held_input
         self._queued = 0
+        self._held_input = 0
         log.debug("connection from %s lost (%s)", self.peer, exc or "closed")
         if not self._disconnecting and not self._option_busy:
             self._loop.create_task(self._finish(clean=False))
@@ -316,7 +342,7 @@ class _Connection(asyncio.BufferedProtocol):
 
     def _busy(self) -> bool:
         """Too much in flight (or unread by the client) to start more requests now."""
-        if self._inflight >= MAX_INFLIGHT_REQUESTS or self._write_paused:
+        if self._inflight >= self.server._request_limit() or self._write_paused:
             return True
         queued = self._refresh_queued()
         if self._inflight == 0 and queued < WRITE_HIGH_WATER:
@@ -338,9 +364,24 @@ class _Connection(asyncio.BufferedProtocol):
         self._unstall()
 
     def _process(self) -> None:
+        self._process_events()
+        self._account_input()
+
+    def _process_later(self) -> None:
+        self._process_scheduled = False
+        self._process()
+
+    def _process_events(self) -> None:
         machine = self.machine
         request_type = p.Request
+        started = 0
         while not self._option_busy:
+            if started >= DISPATCH_BATCH:
+                # Let the other connections' events run before the rest of this read.
+                if not self._process_scheduled:
+                    self._process_scheduled = True
+                    self._loop.call_soon(self._process_later)
+                return
             if self._busy():
                 # Leave the rest parsed later: one read can hold thousands of requests.
                 self._stalled = True
@@ -355,6 +396,7 @@ class _Connection(asyncio.BufferedProtocol):
             kind = type(event)
             if kind is request_type:
                 assert isinstance(event, p.Request)
+                started += 1
                 self._start_request(event)
             elif event is p.NEED_DATA or event is p.PAUSED:
                 return
@@ -613,6 +655,7 @@ class _Connection(asyncio.BufferedProtocol):
             self._send(self.machine.reply_error(req.handle, c.ESHUTDOWN, "The server is stopping."))
             return
         self._inflight += 1
+        self._last_request = self._loop.time()
         if req.command <= c.CMD_WRITE:  # READ and WRITE hold their length in memory
             self._inflight_bytes += req.length
             self.server._buffered += req.length
@@ -829,6 +872,8 @@ class NbdServer:
         self._buffered = 0
         self._waiting: set[_Connection] = set()  # stopped at MAX_BUFFERED_BYTES
         self._recheck: asyncio.TimerHandle | None = None
+        self._busy_sessions = 0  # sessions that sent a request within ACTIVE_WINDOW
+        self._busy_counted = float("-inf")
         self.refused_connections = 0
         self.accepted_connections = 0  # since start, for the daemon's metrics
         self._refusal_logged = -10.0
@@ -840,6 +885,16 @@ class NbdServer:
             self._refusal_logged = now
             log.warning("refused a connection from %s: %d connections are open already "
                         "(%d refused so far)", peer, MAX_CONNECTIONS, self.refused_connections)
+
+    def _request_limit(self) -> int:
+        """Requests one connection may have in flight now: all of them while it is the only
+        busy session, a fair share while others are busy too."""
+        now = asyncio.get_running_loop().time()
+        if now - self._busy_counted >= SHARE_RECHECK:
+            self._busy_counted = now
+            since = now - ACTIVE_WINDOW
+            self._busy_sessions = sum(1 for conn in self._connections if conn._last_request > since)
+        return MAX_INFLIGHT_REQUESTS if self._busy_sessions <= 1 else FAIR_INFLIGHT_REQUESTS
 
     @property
     def buffered_bytes(self) -> int:
