@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
+from owm.cli import group as groups
 from owm.cli.backup import backup, restore
 from owm.cli.common import (
     DEFAULT_POOL,
@@ -263,6 +264,9 @@ def preserve(name: str, instant: bool, as_json: bool) -> None:
     Sessions open now finish on NAME@N (their writes also reach the live volume); sessions
     opened from now on use the live volume only.
     """
+    if groups.is_group(name):
+        groups.preserve_set(name, instant, as_json)
+        return
     result = talk(lambda c: c.preserve(name, instant=instant))
     if as_json:
         print_json(result)
@@ -291,6 +295,10 @@ def status(name: str | None, as_json: bool) -> None:
     For every volume, or just NAME.
     """
 
+    if name and groups.is_group(name):
+        groups.status_group(name, as_json)
+        return
+
     async def call(c: ControlClient) -> list[JSON]:
         return [await c.volume(name)] if name else await c.volumes()
 
@@ -314,6 +322,9 @@ def wait(image: str, timeout: float | None, as_json: bool) -> None:
 
     On a timeout it names the sessions still holding the image.
     """
+    if groups.is_group(image):
+        groups.wait_set(image, timeout, as_json)
+        return
     err = state().err
     show_progress = err.is_terminal and not as_json
 
@@ -361,6 +372,9 @@ def cutover(image: str, as_json: bool) -> None:
 
     IMAGE stops changing at once and is then only crash-consistent.
     """
+    if groups.is_group(image):
+        groups.cutover_set(image, as_json)
+        return
     result = talk(lambda c: c.cutover(image))
     if as_json:
         print_json(result)
@@ -382,6 +396,9 @@ def cutover(image: str, as_json: bool) -> None:
 @json_option
 def release(image: str, as_json: bool) -> None:
     """Discard the drained IMAGE and reclaim its storage."""
+    if groups.is_group(image):
+        groups.release_set(image, as_json)
+        return
     err = state().err
     show_progress = err.is_terminal and not as_json
 
@@ -419,6 +436,7 @@ def release(image: str, as_json: bool) -> None:
 # Backups: `owm backup NAME@N --to PATH ...`, `owm backup list|verify|delete` and
 # `owm restore REPO ID --to PATH|NAME` live in owm/cli/backup.py.
 
+cli.add_command(groups.group)
 cli.add_command(backup)
 cli.add_command(restore)
 
