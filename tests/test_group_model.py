@@ -294,3 +294,23 @@ def test_the_cut_is_one_instant_across_members(tmp_path: Path) -> None:
             await pool.close()
 
     asyncio.run(go())
+
+
+def test_a_member_that_cannot_be_preserved_stops_the_group_before_any_cut(
+        tmp_path: Path) -> None:
+    async def go() -> None:
+        pool = await Pool.open(tmp_path, storage_factory=lambda n: SimulatedStorage())
+        try:
+            await pool.create_volume("a", SIZE, "cow", CHUNK)
+            await pool.create_volume("m", SIZE, "mirror", CHUNK, legs=2)
+            await pool.preserve("m")  # the only spare leg now holds m@0
+            await pool.groups.create("g", ["a", "m"])
+            with pytest.raises(OwmError, match="spare leg"):
+                await pool.groups.preserve("g")
+            assert pool.volume("a").live == 0 and not pool.volume("a").images
+            assert pool.volume("m").live == 1
+            assert pool.groups.status("g")["sets"] == []
+        finally:
+            await pool.close()
+
+    asyncio.run(go())

@@ -40,6 +40,7 @@ from owm.common.errors import (
 from owm.common.view import Extent
 from owm.engine import Engine
 from owm.engine.base import Progress
+from owm.engine.mirror import MirrorEngine
 from owm.storage import Buffer
 
 if TYPE_CHECKING:
@@ -414,6 +415,11 @@ class Volume:
         if self.live in self.engine.damaged:
             raise ImageDamaged(f"volume {self.name} is damaged ({self.engine.damaged[self.live]});"
                                " it cannot be preserved")
+        # The one refusal an engine makes in its split: checked here too, so that a group
+        # preserve refuses before any member has split (a split cannot be undone).
+        if isinstance(self.engine, MirrorEngine) and len(self.engine._sync_legs()) < 2:
+            raise WrongState(f"every spare leg of mirror volume {self.name} already holds a "
+                             "preserved image; release one first")
 
     def begin_preserve(self) -> None:
         """The cut: from here on no session of this volume binds until ``end_preserve``; the
