@@ -24,7 +24,14 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from owm.catalog import ImageRow, now
-from owm.common.errors import AlreadyExists, InvalidRequest, NoSpace, NotFound, WrongState
+from owm.common.errors import (
+    AlreadyExists,
+    InvalidRequest,
+    NoSpace,
+    NotFound,
+    OwmError,
+    WrongState,
+)
 from owm.common.names import check_volume_name, parse_image_name
 from owm.engine.base import Progress
 from owm.pool.volume import Volume
@@ -239,7 +246,9 @@ class Groups:
 
     # -- the set ------------------------------------------------------------------------------
     def _members(self, gset: GroupSet) -> list[tuple[Volume, int]]:
-        return [(self.volumes[m], g) for m, g in sorted(gset.images.items())]
+        """The member images still there (a release a crash interrupted may have taken some)."""
+        return [(self.volumes[m], g) for m, g in sorted(gset.images.items())
+                if m in self.volumes and g in self.volumes[m].images]
 
     async def cutover(self, image: str) -> None:
         _, gset = self._set(image)
@@ -273,7 +282,13 @@ class Groups:
         async with self._lock:
             groups = {k: dataclasses.replace(v, sets=dict(v.sets)) for k, v in self.groups.items()}
             groups[group.name].sets.pop(gset.number, None)
-            await self._save(groups)
+            try:
+                await self._save(groups)
+            except OwmError as exc:
+                # Every member image is gone already: the set is forgotten in memory now, and
+                # the next start forgets it in the catalog too (``load``).
+                log.error("set %s is released but that could not be recorded (%s)", image, exc)
+                self.groups = groups
         log.info("released set %s", image)
 
     # -- reporting ----------------------------------------------------------------------------
