@@ -3,16 +3,19 @@ preserves (the set is all or nothing after the restart)."""
 
 from __future__ import annotations
 
+import contextlib
+import http.client
 import json
 import random
 import signal
 import subprocess
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from conftest import OWM, Daemon, cli_env, start_daemon
+from conftest import Daemon, start_daemon
 
 Holder = Callable[[Daemon, str], Any]
 
@@ -113,15 +116,21 @@ def test_kill_9_during_group_preserves_is_all_or_nothing(short_tmp: Path) -> Non
         rounds = 0
         while rounds < 6 and time.monotonic() < deadline:
             rounds += 1
-            # Several preserves in flight from separate processes, then SIGKILL at a random
-            # moment among them.
-            procs = [subprocess.Popen([*OWM, "--pool", str(pool), "preserve", "g"],
-                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                      env=cli_env()) for _ in range(3)]
-            time.sleep(rng.uniform(0.2, 0.9))  # the CLI's own start-up takes a good part
+            # Group preserves in a loop over the control socket from two threads (no CLI
+            # start-up, so the kill lands among them however loaded the machine is), then
+            # SIGKILL at a random moment.
+            def preserve_until_killed(daemon: Daemon = d) -> None:
+                with contextlib.suppress(OSError, http.client.HTTPException):
+                    for _ in range(500):
+                        daemon.api("POST", "/v1/groups/g/preserve", {})
+
+            threads = [threading.Thread(target=preserve_until_killed) for _ in range(2)]
+            for t in threads:
+                t.start()
+            time.sleep(rng.uniform(0.05, 0.4))
             d.stop(signal.SIGKILL)
-            for p in procs:
-                p.wait(timeout=30)
+            for t in threads:
+                t.join(timeout=30)
             d = start_daemon(pool)
             _check_all_or_nothing(d)
         sets = _check_all_or_nothing(d)
