@@ -25,6 +25,15 @@ Runs of the three methods are interleaved so that drift hits them alike.  ``--me
 owm-gate`` adds the coordinator's gate handover (nothing starts from the preserve until the
 first new session is open), whose no-start time is the preserve plus one connection.
 
+The two-volume bank (``owm.txn.ledger``: accounts on one volume, an append-only ledger of
+transfers on another; a transfer debits, appends its entry, works, credits) runs the same way
+with ``--methods owm-2vol,quiesce-2vol,instant-2vol``: **owm-2vol** is a group preserve of
+both volumes through the coordinator (one session per volume per worker); **quiesce-2vol**
+stops both, waits, takes an instant image of each, resumes; **instant-2vol** takes
+``preserve --instant`` of the accounts volume and then of the ledger volume, one after the
+other, the way most tools snapshot several volumes.  The checker (``check_set``) reads the two
+backups against each other: every ledger entry applied on both accounts, nothing else.
+
     .venv/bin/python bench/disruption.py [--runs 20] [--workers 16] [--rate 300] [--json FILE]
 """
 
@@ -58,8 +67,9 @@ from owm.nbd.client import NbdClient  # noqa: E402
 from owm.txn.bank import Bank, Durations, arrivals  # noqa: E402
 from owm.txn.checker import check_image, read_file  # noqa: E402
 from owm.txn.coordinator import Coordinator, TxnRecord  # noqa: E402
+from owm.txn.ledger import LedgerBank, check_set  # noqa: E402
 
-METHODS = ("owm", "quiesce", "instant", "owm-gate")
+METHODS = ("owm", "quiesce", "instant", "owm-gate", "owm-2vol", "quiesce-2vol", "instant-2vol")
 DEFAULT_METHODS = "owm,quiesce,instant"
 JSON = dict[str, Any]
 
@@ -223,6 +233,113 @@ async def one_run(control: ControlClient, sock: str, method: str, index: int,
     return run
 
 
+async def _finish(coordinator: Coordinator, driver: asyncio.Task[Any], t0: float,
+                  window: float) -> None:
+    """Stop the arrivals at the end of the window, as ``one_run`` does."""
+    tasks = await driver
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and any(
+        r.started is None and r.ok is None for r in coordinator.records if r.arrived < t0 + window
+    ):
+        await asyncio.sleep(0.01)
+    grace = asyncio.gather(*tasks, return_exceptions=True)
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(asyncio.shield(grace), 0.2)
+    for task in tasks:
+        task.cancel()
+    await grace
+    await coordinator.close(timeout=10)
+
+
+async def one_run_two_volumes(control: ControlClient, sock: str, method: str, index: int,
+                              args: argparse.Namespace, workdir: Path) -> Run:
+    """One run of the two-volume bank: a group preserve, a quiesce of both, or instant
+    images of the two volumes one after the other."""
+    run = Run(method, index)
+    accounts, ledger, group = (f"{k}-{method}-{index}" for k in ("acct", "ledg", "g"))
+    capacity = int(args.rate * (args.warmup + args.window + args.long_seconds + 10)) + 100
+    bank = LedgerBank(args.accounts, durations=Durations(
+        args.short_min, args.short_max, args.long_fraction, args.long_seconds),
+        seed=index * 7919 + METHODS.index(method), accounts_volume=accounts,
+        ledger_volume=ledger, capacity=capacity)
+    await control.create_volume(accounts, bank.size, chunk_size=args.chunk_size)
+    await control.create_volume(ledger, bank.ledger_size, chunk_size=args.chunk_size)
+    await control.request("POST", "/v1/groups", {"name": group, "members": [accounts, ledger]})
+    coordinator = Coordinator(
+        {accounts: lambda: NbdClient.connect(accounts, unix_path=sock),
+         ledger: lambda: NbdClient.connect(ledger, unix_path=sock)}, LockSpace(), args.workers)
+    await coordinator.start()
+    stop = False
+    driver = asyncio.create_task(arrivals(coordinator, bank.random_transfer, args.rate,
+                                          lambda: stop, random.Random(index)))
+    await asyncio.sleep(args.warmup)
+
+    async def instant(volume: str) -> str:
+        return str((await control.preserve(volume, instant=True))["image"])
+
+    t0 = coordinator.clock()
+    run.running_at_backup = coordinator.running
+    set_name: str | None = None
+    if method == "owm-2vol":
+        async def split() -> str:
+            return str((await control.request("POST", f"/v1/groups/{group}/preserve",
+                                              {}))["name"])
+
+        handover = await coordinator.preserve(split)
+        set_name = handover.image
+        run.no_start_ms = handover.no_start_s * 1000
+        run.preserve_ms = handover.preserve_ms
+        await handover.wait_old_closed(args.long_seconds + 30)
+        waited = await control.request("POST", f"/v1/sets/{set_name}/wait", {"timeout": 30})
+        images = {m["volume"]: m["name"] for m in waited["status"]["members"]}
+        run.ready_after_s = coordinator.clock() - t0
+    elif method == "quiesce-2vol":
+        async def copy() -> dict[str, str]:
+            return {accounts: await instant(accounts), ledger: await instant(ledger)}
+
+        quiesce = await coordinator.quiesce(copy)
+        images = quiesce.result
+        run.no_start_ms = quiesce.no_start_s * 1000
+        run.ready_after_s = quiesce.resumed - t0
+    else:
+        started = coordinator.clock()
+        images = {accounts: await instant(accounts)}
+        images[ledger] = await instant(ledger)
+        run.preserve_ms = (coordinator.clock() - started) * 1000
+        run.ready_after_s = coordinator.clock() - t0
+
+    rest = t0 + args.window - coordinator.clock()
+    if rest > 0:
+        await asyncio.sleep(rest)
+    stop = True
+    await _finish(coordinator, driver, t0, args.window)
+    measure(run, coordinator.records, t0, args.window)
+
+    data = {}
+    for volume, image in images.items():
+        raw = workdir / f"{volume}.raw"
+        await run_backup(control, image, raw, fmt="raw", force=True)
+        size = bank.size if volume == accounts else bank.ledger_size
+        data[volume] = read_file(raw, size)
+        raw.unlink()
+    report = check_set(data[accounts], data[ledger], bank.accounts, bank.opening)
+    run.consistent = report.ok
+    if method == "owm-2vol":  # and exactly the transfers that started before the cut
+        run.consistent = report.ok and set(report.applied) == {
+            t.id for t in bank.ledger.values() if t.generation == 0}
+    run.checker = report.summary()
+    run.torn = len(report.torn)
+    if set_name is not None:
+        await control.request("POST", f"/v1/sets/{set_name}/release", timeout=None)
+    else:
+        for image in images.values():
+            await control.release(image)
+    await control.request("DELETE", f"/v1/groups/{group}")
+    await control.delete_volume(accounts)
+    await control.delete_volume(ledger)
+    return run
+
+
 def summarise(runs: list[Run]) -> list[JSON]:
     rows = []
     for method in METHODS:
@@ -295,7 +412,8 @@ async def main_async(args: argparse.Namespace) -> list[Run]:
                 sock = str(health["nbd"]["unix"])
                 for index in range(args.runs):
                     for method in methods:
-                        run = await one_run(control, sock, method, index, args, workdir)
+                        one = one_run_two_volumes if method.endswith("-2vol") else one_run
+                        run = await one(control, sock, method, index, args, workdir)
                         runs.append(run)
                         print(f"[{time.monotonic() - started:6.1f}s] {method:8} run {index + 1:2}:"
                               f" longest wait {run.longest_wait_ms:7.1f} ms, p99 "

@@ -105,6 +105,26 @@ def test_images_and_release(opener: Opener) -> None:
     assert c.images("other") == []
 
 
+def test_group_preserve_is_one_change_for_every_member(opener: Opener) -> None:
+    c = opener()
+    c.add_volume(volume("a"))
+    c.add_volume(volume("b"))
+    c.record_group_preserve([(image("a", 0), 1, {"a": 1}), (image("b", 0), 1, {"b": 1})],
+                            '{"g": ["a", "b"]}')
+    assert {v.name: (v.live_generation, v.engine_state) for v in c.volumes()} == {
+        "a": (1, {"a": 1}), "b": (1, {"b": 1})}
+    assert [i.generation for i in c.images("a")] == [0] == [i.generation for i in c.images("b")]
+    assert c.get_meta("groups") == '{"g": ["a", "b"]}'
+    # One member's image exists already: nothing of the set is recorded.
+    c.record_preserve(image("b", 1), 2, {"b": 2})
+    with pytest.raises(OwmError):
+        c.record_group_preserve([(image("a", 1), 2, {"a": 2}), (image("b", 1), 2, {"b": 3})],
+                                '{"g": ["a", "b"], "n": 1}')
+    assert [i.generation for i in c.images("a")] == [0]
+    assert c.volumes()[0].engine_state == {"a": 1}
+    assert c.get_meta("groups") == '{"g": ["a", "b"]}'
+
+
 def test_sessions(opener: Opener) -> None:
     c = opener()
     c.add_volume(volume())

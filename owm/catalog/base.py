@@ -79,6 +79,13 @@ class Catalog(Protocol):
     def record_preserve(self, image: ImageRow, live: int, state: dict[str, Any]) -> None:
         ...
 
+    def record_group_preserve(
+        self, cuts: Sequence[tuple[ImageRow, int, dict[str, Any]]], groups: str
+    ) -> None:
+        """One group preserve, all or nothing: for every member its new image, new live
+        generation and engine state (as ``record_preserve``), and the pool's group record
+        (``groups``, stored as the meta key ``groups``), in one transaction."""
+
     def update_image(self, image: ImageRow) -> None:
         ...
 

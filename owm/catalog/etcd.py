@@ -573,6 +573,36 @@ class EtcdCatalog:
 
         self._change(what, [image.volume], [vk, ik], [], build)
 
+    def record_group_preserve(
+        self, cuts: Sequence[tuple[ImageRow, int, dict[str, Any]]], groups: str
+    ) -> None:
+        """Every member's new image and live generation, and the group record, in one guarded
+        transaction: after a crash either every member is cut or none is."""
+        names = ", ".join(f"{i.volume}@{i.generation}" for i, _, _ in cuts)
+        what = f"record the group preserve of {names}"
+        gk = self._key("meta", "groups")
+        keys = [(self._key("volumes", i.volume), self._image_key(i.volume, i.generation))
+                for i, _, _ in cuts]
+
+        def build(seen: _Read) -> _Change:
+            puts: dict[bytes, bytes] = {gk: groups.encode()}
+            for (image, live, state), (vk, ik) in zip(cuts, keys, strict=True):
+                raw = seen.value(vk)
+                if raw is None:
+                    raise OwmError(f"the pool's catalog could not {what}: volume "
+                                   f"{image.volume} is not in it")
+                if seen.value(ik) is not None:
+                    raise OwmError(f"the pool's catalog could not {what}: image "
+                                   f"{image.volume}@{image.generation} exists")
+                row = _volume_row(vk, raw)
+                row.live_generation, row.engine_state = live, state
+                puts[ik] = _json(dataclasses.asdict(image))
+                puts[vk] = _json(dataclasses.asdict(row))
+            return _Change(puts=puts)
+
+        self._change(what, ["-pool", *(i.volume for i, _, _ in cuts)],
+                     [gk, *(k for pair in keys for k in pair)], [], build)
+
     def _image_puts(self, seen: _Read, images: Sequence[ImageRow]) -> dict[bytes, bytes]:
         """New values of ``images`` (the fields an update changes), those that exist only."""
         puts: dict[bytes, bytes] = {}

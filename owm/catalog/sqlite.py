@@ -341,6 +341,30 @@ class SqliteCatalog:
 
         self._change(f"record the preserve of {image.volume}@{image.generation}", change)
 
+    def record_group_preserve(
+        self, cuts: Sequence[tuple[ImageRow, int, dict[str, Any]]], groups: str
+    ) -> None:
+        """Every member's new image and live generation, and the group record, atomically:
+        after a crash either every member is cut or none is."""
+        def change() -> None:
+            with self.db:
+                self.db.execute("BEGIN")
+                for image, live, state in cuts:
+                    self.db.execute(
+                        "INSERT INTO images VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                        (image.volume, image.generation, image.state, image.consistency,
+                         image.preserved_at, image.drained_at, image.unclean_sessions,
+                         image.broken_reason),
+                    )
+                    self.db.execute(
+                        "UPDATE volumes SET live_generation=?, engine_state=? WHERE name=?",
+                        (live, json.dumps(state), image.volume),
+                    )
+                self.db.execute("INSERT OR REPLACE INTO meta VALUES ('groups', ?)", (groups,))
+
+        names = ", ".join(f"{i.volume}@{i.generation}" for i, _, _ in cuts)
+        self._change(f"record the group preserve of {names}", change)
+
     def _update_image(self, image: ImageRow) -> None:
         self.db.execute(
             "UPDATE images SET state=?, consistency=?, drained_at=?, unclean_sessions=?, "

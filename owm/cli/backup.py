@@ -271,6 +271,7 @@ def create(image: str, to: Path, fmt: str | None, verify: bool, encrypt: bool, r
     A draining image is waited for (--timeout), naming the sessions that hold it.
     """
     from owm.backup.run import BackupResult, run_backup
+    from owm.backup.sets import is_set, run_set_backup
 
     err = _err()
     from owm.backup.repo import is_repository
@@ -289,13 +290,21 @@ def create(image: str, to: Path, fmt: str | None, verify: bool, encrypt: bool, r
     def notify(message: str) -> None:
         click.echo(message + ".", err=True)
 
-    async def call(control: ControlClient) -> BackupResult:
+    async def call(control: ControlClient) -> BackupResult | JSON:
+        if await is_set(control, image):
+            if fmt not in (None, "owm"):
+                raise _fail("a backup set goes into an owm repository (--format owm)", 2)
+            return await run_set_backup(control, image, to, verify=verify, release=release,
+                                        timeout=timeout, force=force, notify=notify)
         with progress_bar(f"backing up {image}", not as_json) as bar:
             return await run_backup(control, image, to, fmt=fmt, verify=verify,
                                     release=release, timeout=timeout, force=force,
                                     progress=bar, notify=notify)
 
     result = with_daemon(call)
+    if isinstance(result, dict):
+        _print_set_backup(result, as_json)
+        return
     if as_json:
         _echo_json(result.to_json())
         return
@@ -323,6 +332,21 @@ def create(image: str, to: Path, fmt: str | None, verify: bool, encrypt: bool, r
     if not result.transaction_consistent:
         err.print(f"Note: this backup is {result.consistency}, not transaction-consistent"
                   f"{' (forced)' if result.forced else ''}.", markup=False)
+
+
+def _print_set_backup(result: JSON, as_json: bool) -> None:
+    if as_json:
+        _echo_json(result)
+        return
+    lines = [f"Backed up set {result['set']} to {result.get('id')}: "
+             f"{len(result['members'])} member backups, {result['consistency']}"
+             f"{', verified together' if result.get('verified') else ''}."]
+    for m in result["members"]:
+        kind = f"incremental from {m['parent']}" if m.get("incremental") else "full"
+        lines.append(f"  {m['image']}: backup {m['backup']} ({kind})")
+    if result.get("released"):
+        lines.append(f"Released {result['set']}.")
+    _out().print("\n".join(lines), markup=False)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -353,6 +377,16 @@ def backup_list(repo: Path, as_json: bool, key_file: Path | None) -> None:
             row["state"] = "running"
         rows.append(row)
     rows += [{"id": i, "state": "damaged", "error": reason} for i, reason in damaged]
+    from owm.backup.sets import list_sets
+
+    sets = _guarded(lambda: list_sets(repo))
+    for s in sets:
+        # A set: its members' backups are listed above; this row names them together.
+        rows.append({"id": s.get("id"), "image": s.get("set"), "time": s.get("time", ""),
+                     "size": int(s.get("size") or 0), "state": s.get("state", "complete"),
+                     "consistency": s.get("consistency", "?"), "forced": bool(s.get("forced")),
+                     "incremental": any(m.get("incremental") for m in s.get("members", [])),
+                     "set": True, "members": [m.get("backup") for m in s.get("members", [])]})
     if as_json:
         _echo_json(rows)
         return
@@ -370,10 +404,12 @@ def backup_list(repo: Path, as_json: bool, key_file: Path | None) -> None:
             continue
         consistency = str(row["consistency"]) + (" (forced)" if row["forced"] else "")
         shown = row["state"] + (" (unverified)" if row.get("manifest") == "unverified" else "")
-        table.add_row(Text(row["id"]), Text(row["image"]),
+        kind = "incremental" if row["incremental"] else "full"
+        if row.get("set"):
+            kind = f"set of {len(row['members'])}"
+        table.add_row(Text(str(row["id"])), Text(str(row["image"])),
                       str(row["time"]).replace("T", " ").rstrip("Z"),
-                      format_size(int(row["size"])), shown, consistency,
-                      "incremental" if row["incremental"] else "full")
+                      format_size(int(row["size"])), shown, consistency, kind)
     _out().print(table)
 
 
@@ -627,7 +663,11 @@ def restore(repo: Path, backup_id: str, to: str, method: str, live: bool, pace: 
     Into a new raw file, or into a new volume created through the daemon.
     """
     from owm.backup.restore import RestoreResult, parse_target, restore_backup
+    from owm.backup.sets import find_set
 
+    if _guarded(lambda: find_set(repo, backup_id)) is not None:
+        _restore_set(repo, backup_id, to, method, as_json)
+        return
     kind, _ = _guarded(lambda: parse_target(to))
 
     def notify(message: str) -> None:
@@ -647,3 +687,28 @@ def restore(repo: Path, backup_id: str, to: str, method: str, live: bool, pace: 
     _out().print(f"Restored backup {result.backup_id} ({result.image}, "
                  f"{format_size(result.size)}) into {where}: {format_size(result.bytes_written)}"
                  f" written in {result.seconds:.2f}s.", markup=False)
+
+
+def _restore_set(repo: Path, ref: str, to: str, method: str, as_json: bool) -> None:
+    """``owm restore REPO G@N|SET-ID --to DIR|PREFIX``: every member of a backup set."""
+    from owm.backup.sets import find_set, restore_set, set_targets
+
+    manifest = find_set(repo, ref)
+    assert manifest is not None
+    targets = _guarded(lambda: set_targets(manifest, to))
+
+    async def call(control: ControlClient | None) -> JSON:
+        return await restore_set(repo, ref, to, control=control, method=method)
+
+    if any(t.startswith("volume:") for t in targets.values()):
+        result = with_daemon(call)
+    else:
+        result = _guarded(lambda: _run(call(None)))
+    if as_json:
+        _echo_json(result)
+        return
+    lines = [f"Restored backup set {result['set']} ({result['id']}, {result['consistency']}):"]
+    for m in result["members"]:
+        where = f"file {m['target']}" if m["to"] == "file" else f"new volume {m['target']}"
+        lines.append(f"  {m['volume']} into {where}")
+    _out().print("\n".join(lines), markup=False)

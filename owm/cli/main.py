@@ -56,6 +56,34 @@ def quick(call: Callable[[QuickClient], T]) -> T:
         raise Fail(str(exc), 1) from None
 
 
+def _is_group(name: str) -> bool:
+    """Whether ``name`` (or the G of ``G@N``) names a group of the daemon's pool."""
+    from urllib.parse import quote
+
+    from owm.cli.quick import QuickError
+
+    group = name.partition("@")[0]
+    if not group:
+        return False
+    try:
+        quick_raw(lambda c: c.request("GET", f"/v1/groups/{quote(group, safe='')}", timeout=30))
+    except QuickError as exc:
+        if exc.status in (400, 404):
+            return False
+        raise Fail(str(exc), 1) from None
+    return True
+
+
+def quick_raw(call: Callable[[QuickClient], T]) -> T:
+    """Like ``quick`` but lets the daemon's refusals through as QuickError."""
+    from owm.cli.quick import QuickClient
+
+    try:
+        return call(QuickClient(state().pool))
+    except DaemonNotRunning as exc:
+        raise Fail(str(exc), 2) from None
+
+
 def talk(call: Callable[[ControlClient], Awaitable[T]]) -> T:
     """Run one exchange with the pool's daemon over asyncio (for commands that show progress
     while they wait); map its failures to exit codes."""
@@ -89,9 +117,10 @@ class OrderedGroup(click.Group):
 
 
 class RootGroup(OrderedGroup):
-    """The top group: ``backup``, ``restore`` and ``repo`` are loaded only when used or listed."""
+    """The top group: ``backup``, ``restore``, ``repo`` and ``group`` load only when used or
+    listed."""
 
-    LAZY = ("backup", "restore", "repo")
+    LAZY = ("backup", "restore", "repo", "group")
 
     def list_commands(self, ctx: click.Context) -> list[str]:
         names = [n for n in self.commands if n not in self.LAZY]
@@ -101,10 +130,12 @@ class RootGroup(OrderedGroup):
     def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
         if name in self.LAZY and name not in self.commands:
             from owm.cli.backup import backup, repo, restore
+            from owm.cli.group import group
 
             self.add_command(backup)
             self.add_command(restore)
             self.add_command(repo)
+            self.add_command(group)
         return super().get_command(ctx, name)
 
 
@@ -350,6 +381,11 @@ def preserve(name: str, instant: bool, as_json: bool) -> None:
     Sessions open now finish on NAME@N (their writes also reach the live volume); sessions
     opened from now on use the live volume only.
     """
+    if _is_group(name):
+        from owm.cli import group as groups
+
+        groups.preserve_set(name, instant, as_json)
+        return
     result = quick(lambda c: c.preserve(name, instant=instant))
     if as_json:
         print_json(result)
@@ -379,6 +415,12 @@ def status(name: str | None, as_json: bool) -> None:
 
     For every volume, or just NAME.
     """
+
+    if name and _is_group(name):
+        from owm.cli import group as groups
+
+        groups.status_group(name, as_json)
+        return
 
     def call(c: Any) -> tuple[list[JSON], JSON]:
         volumes = [c.volume(name)] if name else c.volumes()
@@ -419,6 +461,11 @@ def wait(image: str, timeout: float | None, as_json: bool) -> None:
 
     On a timeout it names the sessions still holding the image.
     """
+    if _is_group(image):
+        from owm.cli import group as groups
+
+        groups.wait_set(image, timeout, as_json)
+        return
     if not sys.stderr.isatty() or as_json:
         result = quick(lambda c: c.wait(image, timeout))
         return _waited(image, timeout, as_json, result)
@@ -475,6 +522,11 @@ def cutover(image: str, as_json: bool) -> None:
 
     IMAGE stops changing at once and is then only crash-consistent.
     """
+    if _is_group(image):
+        from owm.cli import group as groups
+
+        groups.cutover_set(image, as_json)
+        return
     result = quick(lambda c: c.cutover(image))
     if as_json:
         print_json(result)
@@ -498,6 +550,11 @@ def cutover(image: str, as_json: bool) -> None:
 @json_option
 def release(image: str, as_json: bool) -> None:
     """Discard the drained IMAGE and reclaim its storage."""
+    if _is_group(image):
+        from owm.cli import group as groups
+
+        groups.release_set(image, as_json)
+        return
     if not sys.stderr.isatty() or as_json:
         return _released(image, as_json, quick(lambda c: c.release(image)))
     err = state().err

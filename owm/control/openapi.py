@@ -12,7 +12,7 @@ from typing import Any
 from aiohttp import web
 
 import owm
-from owm.control import backup_routes, lock_routes
+from owm.control import backup_routes, group_routes, lock_routes
 from owm.control.common import json_content as _json
 from owm.control.common import ok
 from owm.control.common import schema_ref as _ref
@@ -272,7 +272,8 @@ def openapi_document() -> JSON:
                 "is a 4xx (5xx only for daemon bugs or shutdown) with {\"error\": sentence}."
             ),
         },
-        "paths": {**_paths(), **lock_routes.OPENAPI_PATHS, **backup_routes.OPENAPI_PATHS},
+        "paths": {**_paths(), **lock_routes.OPENAPI_PATHS, **backup_routes.OPENAPI_PATHS,
+                  **group_routes.OPENAPI_PATHS},
         "components": {
             "schemas": {**_SCHEMAS, **lock_routes.OPENAPI_SCHEMAS,
                         **backup_routes.OPENAPI_SCHEMAS},

@@ -60,3 +60,45 @@ class Model:
         for session, generation in self.sessions.items():
             if generation <= image:
                 self.sessions[session] = successor
+
+
+@dataclass
+class GroupModel:
+    """Consistency groups over several volumes' models, the rules of DESIGN.md literally.
+
+    A group preserve is one cut: every member's model is preserved at the same instant (no
+    session opens between two members' preserves), so a session opened before the cut is of
+    its volume's old generation and every later one of the new.  Set ``G@N`` names one image
+    per member; it is drained when every member image is.
+    """
+
+    volumes: dict[str, Model] = field(default_factory=dict)
+    groups: dict[str, list[str]] = field(default_factory=dict)  # group -> member volumes
+    sets: dict[str, dict[int, dict[str, int]]] = field(default_factory=dict)  # G -> N -> images
+    next_set: dict[str, int] = field(default_factory=dict)
+
+    def create_group(self, name: str, members: list[str]) -> None:
+        assert all(m in self.volumes for m in members)
+        assert not any(m in ms for ms in self.groups.values() for m in members)
+        self.groups[name] = sorted(members)
+        self.sets[name] = {}
+        self.next_set.setdefault(name, 0)
+
+    def preserve_group(self, name: str) -> tuple[int, dict[str, int]]:
+        number = self.next_set[name]
+        self.next_set[name] += 1
+        images = {m: self.volumes[m].preserve() for m in self.groups[name]}
+        self.sets[name][number] = images
+        return number, images
+
+    def set_drained(self, name: str, number: int) -> bool:
+        return all(self.volumes[m].drained(g) for m, g in self.sets[name][number].items())
+
+    def cutover_set(self, name: str, number: int) -> None:
+        for m, g in self.sets[name][number].items():
+            self.volumes[m].cutover(g)
+
+    def release_set(self, name: str, number: int) -> None:
+        assert self.set_drained(name, number), "only a drained set may be released"
+        for m, g in self.sets[name].pop(number).items():
+            self.volumes[m].release(g)

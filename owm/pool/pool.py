@@ -28,6 +28,7 @@ from owm.engine import ENGINES, make_engine
 from owm.engine.base import ENOSPC_POLICIES, Progress, check_chunk_size
 from owm.pool import integrity
 from owm.pool.clone import Fetch, LiveRestore
+from owm.pool.groups import Groups
 from owm.pool.volume import Volume
 from owm.storage import Storage
 from owm.storage.local import LocalStorage
@@ -66,6 +67,7 @@ class Pool:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="owm-catalog")
         self.catalog: Catalog | None = None
         self.volumes: dict[str, Volume] = {}
+        self.groups = Groups(self.volumes, self.db)
         self.was_clean = True
         self.closed_cleanly: bool | None = None  # set by close(): whether it marked the pool clean
 
@@ -130,6 +132,7 @@ class Pool:
         await self.db(lambda c: c.set_meta("clean", "0"))
         for row in rows:
             await self._start_volume(row, self.was_clean)
+        await self.groups.load()
 
     async def _open_storage(self, has_volumes: bool) -> None:
         """Check where the catalog says the data lives against how the pool is being opened.
@@ -245,6 +248,8 @@ class Pool:
         check_volume_name(name)
         if name in self.volumes:
             raise AlreadyExists(f"a volume named '{name}' already exists")
+        if name in self.groups.groups:
+            raise AlreadyExists(f"'{name}' is a group; a volume needs a name of its own")
         if method not in ENGINES:
             raise InvalidRequest(f"unknown method '{method}'; choose one of cow, log, mirror")
         check_chunk_size(chunk_size)
@@ -281,6 +286,10 @@ class Pool:
         """Delete a volume; refused while it has preserved images (they would be lost, never
         backed up perhaps) unless ``force``."""
         volume = self.volume(name)
+        group = self.groups.group_of(name)
+        if group is not None:
+            raise WrongState(f"volume '{name}' is a member of group '{group}'; delete the group "
+                             "first")
         if volume.sessions or any(volume.readers.values()):
             raise WrongState(
                 f"volume '{name}' still has {len(volume.sessions)} sessions and "
@@ -376,6 +385,10 @@ class Pool:
 
     async def release(self, image: str, progress: Progress | None = None) -> None:
         volume, gen = self._image(image)
+        gset = self.groups.set_of(volume.name, gen)
+        if gset is not None:
+            raise WrongState(f"image {image} belongs to set {gset}; release the set with "
+                             f"'owm release {gset}'")
         await volume.release(gen, progress)
 
     def changed_chunks(self, image: str, since: int) -> list[int] | None:

@@ -43,6 +43,7 @@ from owm.common.errors import (
 from owm.common.view import Extent
 from owm.engine import Engine
 from owm.engine.base import Progress
+from owm.engine.mirror import MirrorEngine
 from owm.pool.clone import LiveRestore
 from owm.storage import Buffer
 
@@ -308,6 +309,7 @@ class Volume:
         engine.on_broken = self._image_broken
         self.stats = VolumeStats()
         self._preserved_perf: dict[int, float] = {}  # when each image of this run was preserved
+        self._split_started = 0.0
 
     def writing(self, offset: int, length: int) -> AbstractAsyncContextManager[None]:
         """What surrounds a client write: a live restore's first-write work, else nothing."""
@@ -403,6 +405,12 @@ class Volume:
             await self._preserving.wait()
         gen = self.live
         sid = await self._db(lambda c: c.open_session(self.name, gen, peer))
+        # The session is bound below, with no await after this loop.  A (group) preserve that
+        # began while the catalog was written is waited for, so that no session binds while a
+        # group's members are being split one after the other: the cut stays one instant
+        # across every member (see owm.pool.groups).
+        while self._preserving is not None:
+            await self._preserving.wait()
         # A preserve that completed while the catalog was written did not count this session
         # among its holders: it opened after that preserve, so it belongs to the newest
         # generation (the catalog row is corrected when the session closes).
@@ -518,13 +526,62 @@ class Volume:
         self.readers[gen] += 1
         return reader
 
-    async def preserve(self, instant: bool = False) -> int:
+    def check_preservable(self) -> None:
+        """Refuse a preserve of a volume that cannot be preserved now, before anything moves."""
         if self.row.restore:
             raise WrongState(f"volume {self.name} is an incomplete restore of "
                              f"{self.row.restore.get('from')}; finish that restore first")
         if self.live in self.engine.damaged:
             raise ImageDamaged(f"volume {self.name} is damaged ({self.engine.damaged[self.live]});"
                                " it cannot be preserved")
+        # The one refusal an engine makes in its split: checked here too, so that a group
+        # preserve refuses before any member has split (a split cannot be undone).
+        if isinstance(self.engine, MirrorEngine) and len(self.engine._sync_legs()) < 2:
+            raise WrongState(f"every spare leg of mirror volume {self.name} already holds a "
+                             "preserved image; release one first")
+
+    def begin_preserve(self) -> None:
+        """The cut: from here on no session of this volume binds until ``end_preserve``; the
+        caller holds ``_control``.  No await happens here, so a group can cut all members at
+        one instant."""
+        assert self._preserving is None
+        self._preserving = asyncio.Event()
+
+    def end_preserve(self) -> None:
+        if self._preserving is not None:
+            self._preserving.set()
+            self._preserving = None
+
+    async def split(self) -> ImageRow:
+        """Split the engine (between ``begin_preserve`` and ``end_preserve``); the image row
+        to record.  Nothing is recorded or adopted in memory yet."""
+        # An image drained from birth must, like any drained image, be durable first.
+        # Flush before the split when no session is open (none can open meanwhile):
+        # a flush failing on a full disk then leaves nothing half-done.
+        flushed = not self.holders(self.live)
+        if flushed:
+            await self.engine.flush()
+        self._split_started = time.perf_counter()  # the drain time (metrics) counts from here
+        preserved = await self.engine.preserve()
+        holders = self.holders(preserved)
+        if not holders and not flushed:
+            await self.engine.flush()
+        return ImageRow(self.name, preserved, "draining" if holders else "drained",
+                        "transaction-consistent", now(), None if holders else now(), 0, None)
+
+    async def adopt(self, image: ImageRow) -> None:
+        """Take a recorded preserve into memory."""
+        self.images[image.generation] = image
+        self._drained[image.generation] = asyncio.Event()
+        self.stats.preserves += 1
+        self._preserved_perf[image.generation] = self._split_started
+        if image.state != "draining":
+            self._drained[image.generation].set()
+            self._note_drained(image.generation)
+        await self.engine.prune_changed()
+
+    async def preserve(self, instant: bool = False) -> int:
+        self.check_preservable()
         async with self._control:
             # The engine splits in memory first and the catalog records it after; a record that
             # then failed could not be undone.  Refuse up front while the catalog has no room.
@@ -533,41 +590,21 @@ class Volume:
                     f"the pool's disk is full: {self.name} was not preserved, as the catalog "
                     "could not record it; free some space and preserve again"
                 )
-            self._preserving = asyncio.Event()
+            self.begin_preserve()
             try:
-                # An image drained from birth must, like any drained image, be durable first.
-                # Flush before the split when no session is open (none can open meanwhile):
-                # a flush failing on a full disk then leaves nothing half-done.
-                flushed = not self.holders(self.live)
-                if flushed:
-                    await self.engine.flush()
-                preserve_started = time.perf_counter()
-                preserved = await self.engine.preserve()
-                holders = self.holders(preserved)
-                if not holders and not flushed:
-                    await self.engine.flush()
-                image = ImageRow(self.name, preserved, "draining" if holders else "drained",
-                                 "transaction-consistent", now(),
-                                 None if holders else now(), 0, None)
+                image = await self.split()
                 try:
                     await self._db(lambda c: c.record_preserve(image, self.live,
                                                                self.engine.state))
                 except BaseException:
                     log.error("could not record the preserve of %s; restart to recover", self.name)
                     raise
-                self.images[preserved] = image
-                await self.engine.prune_changed()
-                self._drained[preserved] = asyncio.Event()
-                self.stats.preserves += 1
-                self._preserved_perf[preserved] = preserve_started
-                if not holders:
-                    self._drained[preserved].set()
-                    self._note_drained(preserved)
+                await self.adopt(image)
             finally:
-                self._preserving.set()
-                self._preserving = None
+                self.end_preserve()
+            preserved = image.generation
             log.info("preserved %s@%d with %d sessions draining", self.name, preserved,
-                     len(holders))
+                     len(self.holders(preserved)))
             if instant:
                 await self._cutover(preserved)
             return preserved

@@ -30,6 +30,15 @@ worker second makes "running on an old worker" imply "held every lock before the
 
 ``quiesce`` is the prior art of Figure 3B, kept for comparison: stop starting transactions,
 wait for every running one, take a point-in-time copy, resume.
+
+Several volumes (``connect`` a mapping of volume name to connect function): every worker holds
+one session per volume, all opened before it takes a transaction, and a transaction reaches
+them as ``ctx.sessions``.  With a group preserve as ``split``, a worker's sessions are either
+all of the old cut (opened before the preserve was asked for) or all of the new one (opened
+after it returned), so a running transaction finishes on its old sessions on every volume and
+a new one starts on new sessions everywhere.  A worker whose sessions were being opened while
+a preserve began (a replacement for a broken worker, a late joiner) could straddle the cut, one
+volume old and another new: it is closed instead of put in service.
 """
 
 from __future__ import annotations
@@ -40,7 +49,7 @@ import itertools
 import logging
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Generic, Literal, TypeVar
 
@@ -113,6 +122,7 @@ class TxnContext:
     worker: str
     record: TxnRecord
     fencing_token: int | None = None
+    sessions: Mapping[str, NbdClient] = field(default_factory=dict)  # by volume (several)
 
 
 @dataclass(frozen=True)
@@ -134,6 +144,8 @@ class Worker:
     busy: bool = False
     transactions: int = 0
     state: str = "idle"
+    sessions: dict[str, NbdClient] = field(default_factory=dict)  # by volume (several)
+    cuts: int = 0  # the coordinator's preserve count when its sessions began to open
 
 
 @dataclass(eq=False)
@@ -208,7 +220,7 @@ class Coordinator:
 
     def __init__(
         self,
-        connect: Connect,
+        connect: Connect | Mapping[str, Connect],
         locks: Locks,
         workers: int = 4,
         *,
@@ -218,7 +230,15 @@ class Coordinator:
     ) -> None:
         if workers < 1:
             raise ValueError("a coordinator needs at least one worker")
-        self._connect = connect
+        if isinstance(connect, Mapping):
+            if not connect:
+                raise ValueError("a coordinator of several volumes needs at least one")
+            self._volume_connects: dict[str, Connect] = dict(connect)
+            self._connect = next(iter(connect.values()))
+        else:
+            self._volume_connects = {}
+            self._connect = connect
+        self._cuts = 0  # preserves begun: a worker opened across one may straddle the cut
         self.locks = locks
         self.size = workers
         self.lock_timeout = lock_timeout
@@ -315,7 +335,8 @@ class Coordinator:
             worker.state = f"running {txn.name}"
             try:
                 result = await txn.body(TxnContext(worker.client, worker.generation,
-                                                   worker.name, record, token))
+                                                   worker.name, record, token,
+                                                   worker.sessions))
             except BaseException as exc:
                 record.ok, record.error = False, _describe(exc)
                 self._give_back(worker, broken=isinstance(exc, NbdError))
@@ -377,10 +398,35 @@ class Coordinator:
         self._dispatch()
 
     async def _connect_one(self, generation: int) -> Worker:
-        client = await self._connect()
-        worker = Worker(f"{self.name}{next(self._worker_ids)}", generation, client)
+        cuts = self._cuts
+        sessions: dict[str, NbdClient] = {}
+        if self._volume_connects:
+            sessions = await self._connect_volumes()
+            client = next(iter(sessions.values()))
+        else:
+            client = await self._connect()
+        worker = Worker(f"{self.name}{next(self._worker_ids)}", generation, client,
+                        sessions=sessions, cuts=cuts)
         self._open_sessions[generation] = self._open_sessions.get(generation, 0) + 1
         return worker
+
+    async def _connect_volumes(self) -> dict[str, NbdClient]:
+        """One session per volume, all of them or none."""
+        names = list(self._volume_connects)
+        results = await asyncio.gather(*(self._volume_connects[n]() for n in names),
+                                       return_exceptions=True)
+        opened = {n: r for n, r in zip(names, results, strict=True) if isinstance(r, NbdClient)}
+        failed = [r for r in results if not isinstance(r, NbdClient)]
+        if failed:
+            for client in opened.values():
+                with contextlib.suppress(OwmError, OSError):
+                    await client.disconnect(timeout=10)
+            raise failed[0]
+        return opened
+
+    def _straddles(self, worker: Worker) -> bool:
+        """Whether a preserve began while ``worker``'s sessions of several volumes opened."""
+        return bool(self._volume_connects) and worker.cuts != self._cuts
 
     async def _connect_many(self, generation: int, count: int) -> list[Worker]:
         results = await asyncio.gather(
@@ -400,7 +446,7 @@ class Coordinator:
         except OwmError as exc:
             log.warning("could not replace a broken worker: %s", exc)
             return
-        if generation == self.generation and not self._closing:
+        if generation == self.generation and not self._closing and not self._straddles(worker):
             self._add(worker)
         else:
             self._close_session(worker)
@@ -418,10 +464,12 @@ class Coordinator:
 
         async def close() -> None:
             try:
-                await worker.client.disconnect(timeout=30)
-            except (OwmError, OSError) as exc:
-                log.warning("closing the session of %s failed: %s", worker.name, exc)
-                worker.client.abort()
+                for client in worker.sessions.values() or [worker.client]:
+                    try:
+                        await client.disconnect(timeout=30)
+                    except (OwmError, OSError) as exc:
+                        log.warning("closing a session of %s failed: %s", worker.name, exc)
+                        client.abort()
             finally:
                 worker.state = "closed"
                 self._open_sessions[worker.generation] -= 1
@@ -462,6 +510,7 @@ class Coordinator:
         if mode not in ("overlap", "gate"):
             raise ValueError(f"unknown handover mode {mode!r}")
         self._switching = True
+        self._cuts += 1
         requested = self.clock()
         if mode == "gate":
             self._paused = True
@@ -543,7 +592,8 @@ class Coordinator:
             log.warning("a new session could not be opened: %s", exc)
             return
         worker = task.result()
-        if worker.generation == self.generation and not self._closing:
+        if (worker.generation == self.generation and not self._closing
+                and not self._straddles(worker)):
             self._add(worker)
         else:
             self._close_session(worker)
