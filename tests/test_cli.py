@@ -402,6 +402,23 @@ def test_demo_runs_and_verifies() -> None:
     assert summary["seconds"] < 60
 
 
+def test_demo_on_ceph_runs_on_rados_and_etcd() -> None:
+    """``owm demo --ceph``: the same story with the data in RADOS and the catalog in etcd, on a
+    cluster the demo starts and removes itself."""
+    from owm.testbed import ceph, etcd
+
+    why = ceph.missing() or (None if etcd.etcd_binary() else "etcd is not installed")
+    if why:
+        if os.environ.get("CI"):
+            pytest.fail(f"CI must run the Ceph demo, but {why}", pytrace=False)
+        pytest.skip(f"no throw-away Ceph cluster: {why}")
+    result = run_owm("demo", "--ceph", "--writers", "2", "--new-writers", "2", "--json",
+                     timeout=180)
+    summary = json.loads(ok(result))
+    assert summary["image_verified"] is True and summary["live_verified"] is True
+    assert "RADOS pool" in summary["pool_on"] and "etcd" in summary["pool_on"]
+
+
 def test_demo_prints_the_story_when_piped() -> None:
     out = ok(run_owm("demo", timeout=120))
     assert "preserve demo -> demo@0" in out

@@ -25,7 +25,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+import uuid
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -76,12 +77,13 @@ def _short_tempdir() -> Path:
 
 
 @contextlib.contextmanager
-def _daemon(pool: Path, log_path: Path) -> Iterator[subprocess.Popen[bytes]]:
+def _daemon(pool: Path, log_path: Path,
+            extra: list[str]) -> Iterator[subprocess.Popen[bytes]]:
     """Run ``owm serve`` on ``pool`` (Unix sockets only) and stop it cleanly afterwards."""
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(
             [sys.executable, "-m", "owm", "--pool", str(pool), "serve", "--listen", "none",
-             "--log-level", "warning", "--grace", "5"],
+             "--log-level", "warning", "--grace", "5", *extra],
             stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
         )
         try:
@@ -156,7 +158,8 @@ class DemoView:
         return Group(table, image, *(Text(e) for e in self.events[-6:]))
 
 
-async def _demo(old_count: int, new_count: int, console: Console | None) -> JSON:
+async def _demo(old_count: int, new_count: int, console: Console | None,
+                cluster: Cluster | None = None) -> JSON:
     from owm.backup import run_backup
     from owm.control.lock_client import RemoteLocks
     from owm.nbd.client import NbdClient
@@ -185,11 +188,13 @@ async def _demo(old_count: int, new_count: int, console: Console | None) -> JSON
         live = Live(view, console=console, refresh_per_second=4, transient=False)
     stop = False
     try:
-        with _daemon(pool, log_path) as proc, live or contextlib.nullcontext():
+        extra = cluster.serve_args if cluster is not None else []
+        with _daemon(pool, log_path, extra) as proc, live or contextlib.nullcontext():
             async with ControlClient(pool) as control:
                 health = await _wait_ready(control, proc, log_path)
                 sock = str(Path(health["nbd"]["unix"]))
-                event(f"daemon up on the throw-away pool {pool}")
+                event(f"daemon up on the throw-away pool {pool}"
+                      + (f" ({cluster.where})" if cluster is not None else ""))
                 await control.create_volume(VOLUME, bank.size, method="cow")
                 event(f"volume {VOLUME}: a bank of {ACCOUNTS} accounts of {bank.opening}, one "
                       f"per {SECTOR}-byte sector; account locks served by the daemon")
@@ -361,25 +366,71 @@ def _summary_table(s: JSON) -> Table:
     return table
 
 
-async def _bounded(old_count: int, new_count: int, console: Console | None) -> JSON:
+@dataclass
+class Cluster:
+    """The throw-away Ceph cluster and etcd of ``owm demo --ceph``, and how to serve on them."""
+
+    serve_args: list[str]
+    where: str
+    stop: Callable[[], None]
+
+
+def _start_cluster(console: Console | None) -> Cluster:
+    """One monitor + one OSD and one etcd on loopback: data in RADOS, the catalog in etcd."""
+    from owm.testbed import ceph, etcd
+
+    started = time.perf_counter()
+    cluster = ceph.start()
+    try:
+        server = etcd.start()
+    except BaseException:
+        cluster.stop()
+        raise
+
+    def stop() -> None:
+        try:
+            server.stop()
+        finally:
+            cluster.stop()
+
+    where = f"data in RADOS pool '{cluster.pool}', catalog in etcd at {server.url}"
+    if console is not None:
+        console.print(f"started a throw-away Ceph cluster (1 monitor, 1 OSD) and etcd in "
+                      f"{time.perf_counter() - started:.1f}s: {where}", highlight=False)
+    return Cluster(["--ceph-conf", str(cluster.conf_path), "--rados-pool", cluster.pool,
+                    "--etcd", server.url, "--etcd-prefix", f"/owm-demo/{uuid.uuid4().hex}/"],
+                   where, stop)
+
+
+async def _bounded(old_count: int, new_count: int, console: Console | None,
+                   cluster: Cluster | None = None) -> JSON:
     """The demo, stopped with a plain error if it ever hangs (a broken daemon, say)."""
     try:
         async with asyncio.timeout(DEMO_TIME_LIMIT):
-            return await _demo(old_count, new_count, console)
+            return await _demo(old_count, new_count, console, cluster)
     except TimeoutError:
         raise DemoFailed(f"the demo did not finish within {DEMO_TIME_LIMIT:.0f} seconds") from None
 
 
-def run_demo(old_sessions: int = 4, new_sessions: int = 3, quiet: bool = False) -> JSON:
-    """Run the demo (blocking); print it unless ``quiet``; return the summary."""
+def run_demo(old_sessions: int = 4, new_sessions: int = 3, quiet: bool = False,
+             on_ceph: bool = False) -> JSON:
+    """Run the demo (blocking); print it unless ``quiet``; return the summary.  ``on_ceph``:
+    on a throw-away Ceph cluster (data) and etcd (catalog) instead of local files."""
     wide = not sys.stdout.isatty() and "COLUMNS" not in os.environ
     console = None if quiet else Console(highlight=False, width=120 if wide else None)
+    cluster = _start_cluster(console) if on_ceph else None
     try:
-        import uvloop
-    except ImportError:  # pragma: no cover
-        summary = asyncio.run(_bounded(old_sessions, new_sessions, console))
-    else:
-        summary = uvloop.run(_bounded(old_sessions, new_sessions, console))
+        try:
+            import uvloop
+        except ImportError:  # pragma: no cover
+            summary = asyncio.run(_bounded(old_sessions, new_sessions, console, cluster))
+        else:
+            summary = uvloop.run(_bounded(old_sessions, new_sessions, console, cluster))
+    finally:
+        if cluster is not None:
+            cluster.stop()
+    if cluster is not None:
+        summary["pool_on"] = cluster.where
     if console is not None:
         console.print(_summary_table(summary))
     return dict(summary)

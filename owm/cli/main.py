@@ -607,8 +607,11 @@ def _released(image: str, as_json: bool, result: JSON) -> None:
                    "the preserved image).")
 @click.option("--new-writers", type=click.IntRange(1, 16), default=3, show_default=True,
               help="Worker sessions opened at the preserve (they use the live volume).")
+@click.option("--ceph", "on_ceph", is_flag=True,
+              help="Run it on a throw-away Ceph cluster (data in RADOS) and etcd (the catalog), "
+                   "started and removed by the demo.")
 @json_option
-def demo(writers: int, new_writers: int, as_json: bool) -> None:
+def demo(writers: int, new_writers: int, on_ceph: bool, as_json: bool) -> None:
     """Run the end-to-end story on a throw-away pool.
 
     A bank workload runs transfers on worker sessions; the volume is preserved mid-work; the
@@ -619,7 +622,8 @@ def demo(writers: int, new_writers: int, as_json: bool) -> None:
     from owm.cli.demo import run_demo
 
     try:
-        summary = run_demo(old_sessions=writers, new_sessions=new_writers, quiet=as_json)
+        summary = run_demo(old_sessions=writers, new_sessions=new_writers, quiet=as_json,
+                           on_ceph=on_ceph)
     except OwmError as exc:
         raise Fail(f"the demo failed: {exc}", 1) from None
     if as_json:
