@@ -27,6 +27,7 @@ BrokenCallback = Callable[[int, str], Awaitable[None]]
 StepHook = Callable[[str, int], Awaitable[None]]
 
 MIN_CHUNK, MAX_CHUNK = 4096, 1 << 20
+WRITEBACK_CAP = 32 << 20  # bytes of overwrites an engine may hold before writers wait
 KEEP_CHANGED_MAPS = 64  # generations whose changed-chunk maps are kept
 ENOSPC_POLICIES = ("fail-write", "break-image")
 
@@ -153,6 +154,9 @@ class Engine(ABC):
     # The engine's ``_flush`` is exactly "sync its data objects, then commit its tables", so
     # once a full flush ran, a flush may visit only what changed since (see ``flush``).
     generic_flush: ClassVar[bool] = False
+    # The engine holds some overwrites in memory until a group commit orders them after what
+    # they depend on (``commit_writeback``); FUA, FLUSH and a full backlog wait for it.
+    writeback: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -190,6 +194,8 @@ class Engine(ABC):
         # Chunks written by each generation >= 1, for incremental backups.  Committed with every
         # flush; after a crash the maps of generations still being written are untrusted.
         self.changed: dict[int, ChunkTable] = {}
+        self.held_bytes = 0  # memory held by a write-back engine's overwrites
+        self.held_cap = WRITEBACK_CAP
 
     # -- lifecycle (engine-specific) ----------------------------------------------------------
     @abstractmethod
@@ -210,6 +216,15 @@ class Engine(ABC):
         await self.flush()
         for table in self.changed.values():
             await table.checkpoint()
+
+    def abandon(self) -> None:
+        """Drop what is held in memory without writing it (a crash)."""
+        return None
+
+    async def commit_writeback(self) -> None:
+        """Write-back engines: make every overwrite held so far reach its storage, in order
+        (the copies and entries it depends on durable first).  Others hold nothing."""
+        return None
 
     async def destroy(self) -> None:
         for name in self.storage.names():
@@ -363,6 +378,10 @@ class Engine(ABC):
         self._check(offset, len(data))
         self._check_view(gen)
         self._refuse_damaged(gen, writing=True)
+        if self.writeback:
+            # A full backlog waits here, before taking any lock (a commit takes none).
+            while self.held_bytes >= self.held_cap:
+                await self.commit_writeback()
         first, last = self.chunk_range(offset, len(data))
         fut = self.locks.try_acquire(first, last, EXCLUSIVE)
         if fut is not None:
@@ -373,6 +392,8 @@ class Engine(ABC):
         finally:
             self.locks.release(first, last)
         if fua:
+            if self.held_bytes:
+                await self.commit_writeback()  # a held overwrite reaches live.data first
             await self.sync_objects(touched)
 
     async def zero(
@@ -381,11 +402,16 @@ class Engine(ABC):
         self._check(offset, length)
         self._check_view(gen)
         self._refuse_damaged(gen, writing=True)
+        if self.writeback:
+            while self.held_bytes >= self.held_cap:
+                await self.commit_writeback()
         first, last = self.chunk_range(offset, length)
         async with self.locks.locked(first, last, EXCLUSIVE):
             self._mark_changed(gen, first, last)
             touched = await self._zero(gen, offset, length, punch)
         if fua:
+            if self.held_bytes:
+                await self.commit_writeback()
             await self.sync_objects(touched)
 
     async def extents(self, view: int, offset: int, length: int) -> list[Extent]:
@@ -434,6 +460,8 @@ class Engine(ABC):
 
         The cost follows what changed since the last flush, not the number of objects or
         tables (a thousand outstanding images must not make every flush visit each)."""
+        if self.writeback:
+            await self.commit_writeback()  # held overwrites reach the storage first
         storage = self.storage
         if self.generic_flush and storage.settled:
             # Data first, then table entries (which only ever point at durable data).

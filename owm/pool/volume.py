@@ -606,6 +606,7 @@ class Volume:
             if task is not None:
                 task.cancel()
         self.sessions.clear()
+        self.engine.abandon()  # held write-back is lost, as a page cache is
 
     async def close(self) -> None:
         self.closing = True
