@@ -21,8 +21,9 @@ import asyncio
 import pytest
 from faults import VOLUME, Run, Scenario, crash_matrix, run_once
 
-from owm.engine import cow
+from owm.engine import base
 from owm.engine.cow import CowEngine
+from owm.engine.log import LogEngine
 from owm.storage.simulated import PowerLost
 
 CHUNK = 4096
@@ -95,20 +96,23 @@ async def _operation(run: Run) -> None:
     await asyncio.sleep(0)
 
 
-def _scenario(name: str) -> Scenario:
-    return Scenario(name, "cow", SIZE, _setup, _operation, chunk_size=CHUNK)
+def _scenario(name: str, method: str = "cow") -> Scenario:
+    return Scenario(f"{name}-{method}", method, SIZE, _setup, _operation, chunk_size=CHUNK)
+
+
+METHODS = ["cow", "log"]
 
 
 @pytest.fixture
 def held(monkeypatch: pytest.MonkeyPatch) -> None:
     """Only FUA, FLUSH, drains, releases and full backlogs commit (no timer)."""
-    monkeypatch.setattr(cow, "WRITEBACK_DELAY", 3600.0)
+    monkeypatch.setattr(base, "WRITEBACK_DELAY", 3600.0)
 
 
-async def test_a_first_write_is_acknowledged_before_any_sync(held: None) -> None:
+@pytest.mark.parametrize("method", METHODS)
+async def test_a_first_write_is_acknowledged_before_any_sync(held: None, method: str) -> None:
     async def operation(run: Run) -> None:
         engine = run.pool.volume(VOLUME).engine
-        assert isinstance(engine, CowEngine)
         before = run.storage.syncs
         await run.write(run.state["old"], 0, 0x10, CHUNK)
         await run.write(run.state["old"], CHUNK, 0x11, 1024)
@@ -118,7 +122,7 @@ async def test_a_first_write_is_acknowledged_before_any_sync(held: None) -> None
         await run.flush(run.state["old"])
         assert engine.held_bytes == 0
 
-    await run_once(Scenario("ack", "cow", SIZE, _setup, operation, chunk_size=CHUNK), None)
+    await run_once(Scenario("ack", method, SIZE, _setup, operation, chunk_size=CHUNK), None)
 
 
 async def test_a_full_backlog_makes_writers_wait_for_a_commit(held: None) -> None:
@@ -133,18 +137,20 @@ async def test_a_full_backlog_makes_writers_wait_for_a_commit(held: None) -> Non
     await run_once(Scenario("cap", "cow", SIZE, _setup, operation, chunk_size=CHUNK), None)
 
 
-async def test_power_loss_at_every_point_of_held_write_back(held: None) -> None:
-    assert await crash_matrix(_scenario("writeback-held"), LIMIT)
+@pytest.mark.parametrize("method", METHODS)
+async def test_power_loss_at_every_point_of_held_write_back(held: None, method: str) -> None:
+    assert await crash_matrix(_scenario("writeback-held", method), LIMIT)
 
 
-async def test_power_loss_with_background_commits() -> None:
+@pytest.mark.parametrize("method", METHODS)
+async def test_power_loss_with_background_commits(method: str) -> None:
     """The timer commits on its own (after no delay), between and during the steps."""
-    saved = cow.WRITEBACK_DELAY
-    cow.WRITEBACK_DELAY = 0.0
+    saved = base.WRITEBACK_DELAY
+    base.WRITEBACK_DELAY = 0.0
     try:
-        assert await crash_matrix(_scenario("writeback-timer"), LIMIT // 2)
+        assert await crash_matrix(_scenario("writeback-timer", method), LIMIT // 2)
     finally:
-        cow.WRITEBACK_DELAY = saved
+        base.WRITEBACK_DELAY = saved
 
 
 async def test_a_planted_reordering_is_caught(held: None, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -159,3 +165,22 @@ async def test_a_planted_reordering_is_caught(held: None, monkeypatch: pytest.Mo
     monkeypatch.setattr(CowEngine, "_commit_batch", reordered)
     with pytest.raises(AssertionError, match=r"durable|ever written"):
         await crash_matrix(_scenario("writeback-reordered"), LIMIT)
+
+
+async def test_log_entries_before_their_data_are_caught(
+        held: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The log's planted reordering: pending entries put in their tables (and so committed by
+    the next flush or FUA) before the deltas they point into are synced."""
+
+    async def reordered(self: LogEngine) -> None:
+        for layer in self.layers:
+            if layer.pending and layer.table is not None:
+                for chunk in layer.pending:
+                    layer.table.set(chunk)
+                await layer.table.commit()
+        await original(self)
+
+    original = LogEngine._commit_batch
+    monkeypatch.setattr(LogEngine, "_commit_batch", reordered)
+    with pytest.raises(AssertionError, match=r"durable|ever written"):
+        await crash_matrix(_scenario("writeback-reordered", "log"), LIMIT)

@@ -11,6 +11,7 @@ which may assume they own the chunks they touch.
 from __future__ import annotations
 
 import asyncio
+import logging
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any, ClassVar
@@ -28,6 +29,9 @@ StepHook = Callable[[str, int], Awaitable[None]]
 
 MIN_CHUNK, MAX_CHUNK = 4096, 1 << 20
 WRITEBACK_CAP = 32 << 20  # bytes of overwrites an engine may hold before writers wait
+WRITEBACK_DELAY = 0.003  # seconds held work waits for company before its group commit
+
+log = logging.getLogger(__name__)
 KEEP_CHANGED_MAPS = 64  # generations whose changed-chunk maps are kept
 ENOSPC_POLICIES = ("fail-write", "break-image")
 
@@ -196,6 +200,9 @@ class Engine(ABC):
         self.changed: dict[int, ChunkTable] = {}
         self.held_bytes = 0  # memory held by a write-back engine's overwrites
         self.held_cap = WRITEBACK_CAP
+        self._committer = GroupSync(self._commit_batch)
+        self._wb_timer: asyncio.TimerHandle | None = None
+        self._wb_task: asyncio.Task[None] | None = None
 
     # -- lifecycle (engine-specific) ----------------------------------------------------------
     @abstractmethod
@@ -214,17 +221,54 @@ class Engine(ABC):
 
     async def close(self) -> None:
         await self.flush()
+        if self._wb_timer is not None:
+            self._wb_timer.cancel()
+            self._wb_timer = None
         for table in self.changed.values():
             await table.checkpoint()
 
+    # -- ordered write-back ([writeback engines]) ---------------------------------------------
     def abandon(self) -> None:
         """Drop what is held in memory without writing it (a crash)."""
+        if self._wb_timer is not None:
+            self._wb_timer.cancel()
+            self._wb_timer = None
+        if self._wb_task is not None:
+            self._wb_task.cancel()
+        self.held_bytes = 0
+
+    def writeback_pending(self) -> bool:
+        """Is anything held that a commit would make durable or release?"""
+        return False
+
+    async def _commit_batch(self) -> None:
+        """One group commit of what is held (write-back engines)."""
         return None
 
     async def commit_writeback(self) -> None:
-        """Write-back engines: make every overwrite held so far reach its storage, in order
-        (the copies and entries it depends on durable first).  Others hold nothing."""
-        return None
+        """Make everything held so far reach its storage in order (what it depends on durable
+        first); group-committed: it waits for a commit that started after the call."""
+        if self.writeback_pending():
+            await self._committer()
+
+    def schedule_writeback(self) -> None:
+        """A commit soon, shared by whatever is held meanwhile."""
+        if self._wb_timer is None:
+            self._wb_timer = asyncio.get_running_loop().call_later(
+                WRITEBACK_DELAY, self._start_writeback)
+
+    def _start_writeback(self) -> None:
+        self._wb_timer = None
+        self._wb_task = asyncio.get_running_loop().create_task(self._background_commit())
+
+    async def _background_commit(self) -> None:
+        try:
+            await self.commit_writeback()
+        except Exception as exc:  # the next FLUSH, FUA or full backlog retries and reports it
+            log.warning("write-back commit failed, retried at the next flush: %s", exc)
+            return
+        if self.writeback_pending():
+            self.schedule_writeback()
 
     async def destroy(self) -> None:
         for name in self.storage.names():
@@ -392,8 +436,8 @@ class Engine(ABC):
         finally:
             self.locks.release(first, last)
         if fua:
-            if self.held_bytes:
-                await self.commit_writeback()  # a held overwrite reaches live.data first
+            if self.writeback:
+                await self.commit_writeback()  # what it left held reaches the storage first
             await self.sync_objects(touched)
 
     async def zero(
@@ -410,7 +454,7 @@ class Engine(ABC):
             self._mark_changed(gen, first, last)
             touched = await self._zero(gen, offset, length, punch)
         if fua:
-            if self.held_bytes:
+            if self.writeback:
                 await self.commit_writeback()
             await self.sync_objects(touched)
 

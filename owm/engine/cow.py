@@ -25,22 +25,17 @@ so that no move-down fills a table another one is emptying).
 from __future__ import annotations
 
 import asyncio
-import logging
 from collections.abc import Iterator
 
 from owm.common.errors import ImageBroken, NoSpace
 from owm.common.view import Extent
 from owm.engine.base import Engine, Progress
 from owm.engine.chunktable import ChunkTable
-from owm.engine.groupsync import GroupSync
 from owm.locks.ranges import EXCLUSIVE
 from owm.storage import Buffer
 
 LIVE = "live.data"
-WRITEBACK_DELAY = 0.003  # seconds a held overwrite waits for company before its group commit
 ZERO_OP_BYTES = 64  # what a held zeroing counts against the backlog's cap
-
-log = logging.getLogger(__name__)
 
 # A held overwrite of live.data: offset, bytes (None: zeroes), length, punch (zeroes only).
 HeldOp = tuple[int, memoryview | None, int, bool]
@@ -65,9 +60,6 @@ class CowEngine(Engine):
         # Per chunk: overwrites of live.data held until the copies they follow are durable.
         self._held: dict[int, list[HeldOp]] = {}
         self._unsettled: set[int] = set()  # images with entries set but not yet committed
-        self._committer = GroupSync(self._commit_batch)
-        self._timer: asyncio.TimerHandle | None = None
-        self._background: asyncio.Task[None] | None = None
 
     def _table(self, view: int) -> ChunkTable:
         return ChunkTable(self.storage, f"img-{view}.table", self.chunks)
@@ -303,26 +295,10 @@ class CowEngine(Engine):
             piece = None if data is None else data[done : done + n]
             held.setdefault(chunk, []).append((offset + done, piece, n, punch))
             self.held_bytes += ZERO_OP_BYTES if data is None else n
-        if self._timer is None:
-            self._timer = asyncio.get_running_loop().call_later(
-                WRITEBACK_DELAY, self._start_background)
+        self.schedule_writeback()
 
-    def _start_background(self) -> None:
-        self._timer = None
-        self._background = asyncio.get_running_loop().create_task(self._background_commit())
-
-    async def _background_commit(self) -> None:
-        try:
-            await self._committer()
-        except Exception as exc:  # the next FLUSH, FUA or full backlog retries and reports it
-            log.warning("write-back commit failed, retried at the next flush: %s", exc)
-        if self._held and self._timer is None:
-            self._timer = asyncio.get_running_loop().call_later(
-                WRITEBACK_DELAY, self._start_background)
-
-    async def commit_writeback(self) -> None:
-        if self._held or self._pending or self._unsettled:
-            await self._committer()
+    def writeback_pending(self) -> bool:
+        return bool(self._held or self._pending or self._unsettled)
 
     async def _commit_batch(self) -> None:
         """One group commit: copies durable, then their entries, then the held overwrites."""
@@ -367,11 +343,7 @@ class CowEngine(Engine):
             del self._held[chunk]
 
     def abandon(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        if self._background is not None:
-            self._background.cancel()
+        super().abandon()
         self._held.clear()
         self._pending.clear()
         self.held_bytes = 0
@@ -388,9 +360,6 @@ class CowEngine(Engine):
 
     async def close(self) -> None:
         await super().close()  # its flush commits the write-back
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
         for table in self.tables.values():
             await table.checkpoint()
 
