@@ -11,6 +11,7 @@ which may assume they own the chunks they touch.
 from __future__ import annotations
 
 import asyncio
+import logging
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any, ClassVar
@@ -27,6 +28,10 @@ BrokenCallback = Callable[[int, str], Awaitable[None]]
 StepHook = Callable[[str, int], Awaitable[None]]
 
 MIN_CHUNK, MAX_CHUNK = 4096, 1 << 20
+WRITEBACK_CAP = 32 << 20  # bytes of overwrites an engine may hold before writers wait
+WRITEBACK_DELAY = 0.003  # seconds held work waits for company before its group commit
+
+log = logging.getLogger(__name__)
 KEEP_CHANGED_MAPS = 64  # generations whose changed-chunk maps are kept
 ENOSPC_POLICIES = ("fail-write", "break-image")
 
@@ -153,6 +158,9 @@ class Engine(ABC):
     # The engine's ``_flush`` is exactly "sync its data objects, then commit its tables", so
     # once a full flush ran, a flush may visit only what changed since (see ``flush``).
     generic_flush: ClassVar[bool] = False
+    # The engine holds some overwrites in memory until a group commit orders them after what
+    # they depend on (``commit_writeback``); FUA, FLUSH and a full backlog wait for it.
+    writeback: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -198,6 +206,11 @@ class Engine(ABC):
         # Generations whose last write-ahead commit failed: the bits it held are set in memory
         # but maybe not on storage, so the next write to any chunk of them commits again.
         self._changed_unsure: set[int] = set()
+        self.held_bytes = 0  # memory held by a write-back engine's overwrites
+        self.held_cap = WRITEBACK_CAP
+        self._committer = GroupSync(self._commit_batch)
+        self._wb_timer: asyncio.TimerHandle | None = None
+        self._wb_task: asyncio.Task[None] | None = None
 
     # -- lifecycle (engine-specific) ----------------------------------------------------------
     @abstractmethod
@@ -216,8 +229,54 @@ class Engine(ABC):
 
     async def close(self) -> None:
         await self.flush()
+        if self._wb_timer is not None:
+            self._wb_timer.cancel()
+            self._wb_timer = None
         for table in self.changed.values():
             await table.checkpoint()
+
+    # -- ordered write-back ([writeback engines]) ---------------------------------------------
+    def abandon(self) -> None:
+        """Drop what is held in memory without writing it (a crash)."""
+        if self._wb_timer is not None:
+            self._wb_timer.cancel()
+            self._wb_timer = None
+        if self._wb_task is not None:
+            self._wb_task.cancel()
+        self.held_bytes = 0
+
+    def writeback_pending(self) -> bool:
+        """Is anything held that a commit would make durable or release?"""
+        return False
+
+    async def _commit_batch(self) -> None:
+        """One group commit of what is held (write-back engines)."""
+        return None
+
+    async def commit_writeback(self) -> None:
+        """Make everything held so far reach its storage in order (what it depends on durable
+        first); group-committed: it waits for a commit that started after the call."""
+        if self.writeback_pending():
+            await self._committer()
+
+    def schedule_writeback(self) -> None:
+        """A commit soon, shared by whatever is held meanwhile."""
+        if self._wb_timer is None:
+            self._wb_timer = asyncio.get_running_loop().call_later(
+                WRITEBACK_DELAY, self._start_writeback)
+
+    def _start_writeback(self) -> None:
+        self._wb_timer = None
+        self._wb_task = asyncio.get_running_loop().create_task(self._background_commit())
+
+    async def _background_commit(self) -> None:
+        try:
+            await self.commit_writeback()
+        except Exception as exc:  # the next FLUSH, FUA or full backlog retries and reports it
+            log.warning("write-back commit failed, retried at the next flush: %s", exc)
+            return
+        if self.writeback_pending():
+            self.schedule_writeback()
 
     async def destroy(self) -> None:
         for name in self.storage.names():
@@ -399,6 +458,10 @@ class Engine(ABC):
         self._check(offset, len(data))
         self._check_view(gen)
         self._refuse_damaged(gen, writing=True)
+        if self.writeback:
+            # A full backlog waits here, before taking any lock (a commit takes none).
+            while self.held_bytes >= self.held_cap:
+                await self.commit_writeback()
         first, last = self.chunk_range(offset, len(data))
         fut = self.locks.try_acquire(first, last, EXCLUSIVE)
         if fut is not None:
@@ -411,6 +474,8 @@ class Engine(ABC):
         finally:
             self.locks.release(first, last)
         if fua:
+            if self.writeback:
+                await self.commit_writeback()  # what it left held reaches the storage first
             await self.sync_objects(touched)
 
     async def zero(
@@ -419,6 +484,9 @@ class Engine(ABC):
         self._check(offset, length)
         self._check_view(gen)
         self._refuse_damaged(gen, writing=True)
+        if self.writeback:
+            while self.held_bytes >= self.held_cap:
+                await self.commit_writeback()
         first, last = self.chunk_range(offset, length)
         async with self.locks.locked(first, last, EXCLUSIVE):
             durable = self._mark_changed(gen, first, last)
@@ -426,6 +494,8 @@ class Engine(ABC):
                 await durable
             touched = await self._zero(gen, offset, length, punch)
         if fua:
+            if self.writeback:
+                await self.commit_writeback()
             await self.sync_objects(touched)
 
     async def extents(self, view: int, offset: int, length: int) -> list[Extent]:
@@ -474,6 +544,8 @@ class Engine(ABC):
 
         The cost follows what changed since the last flush, not the number of objects or
         tables (a thousand outstanding images must not make every flush visit each)."""
+        if self.writeback:
+            await self.commit_writeback()  # held overwrites reach the storage first
         storage = self.storage
         if self.generic_flush and storage.settled:
             # Data first, then table entries (which only ever point at durable data).

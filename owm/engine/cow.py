@@ -5,11 +5,21 @@ copies at their natural offsets.  View v reads chunk c from the first image j >=
 whose table has c, else from ``live.data``.  Before a write by generation k touches chunk c, the
 newest image older than k must own c: if it does not, the chunk's current content is copied into
 it, the copy is made durable, then its table entry, and only then is the shared chunk touched
-(dm-snapshot's order, with group commit).  Images at or after k that own a copy of c get the
-write too, so a partial write keeps both copies right.  Releasing an image drops its table and
-data; if an older image still resolves through it, those chunks move down first, into the
-nearest older table (one release at a time, so that no move-down fills a table another one is
-emptying).
+(dm-snapshot's order, with group commit).
+
+That order is kept without making the writer wait for it (ordered write-back): the copy goes to
+the page cache and its entry is *pending* (reads of the image already resolve to the copy), the
+overwrite of ``live.data`` is *held* in memory (reads of live.data see it), and the write is
+acknowledged.  A group commit a few milliseconds later, or at FLUSH, FUA, a full backlog or a
+release, syncs the copies of a whole batch, commits their entries, and only then lets the held
+overwrites reach ``live.data``.  A crash before that leaves live.data and the tables as they
+were: the held writes were never flushed, so losing them is allowed.  Later writes to a chunk
+that still has held overwrites are held behind them, so they reach live.data in order.
+
+Images at or after k that own a copy of c get the write too, so a partial write keeps both
+copies right.  Releasing an image drops its table and data; if an older image still resolves
+through it, those chunks move down first, into the nearest older table (one release at a time,
+so that no move-down fills a table another one is emptying).
 """
 
 from __future__ import annotations
@@ -18,12 +28,17 @@ import asyncio
 from collections.abc import Iterator
 
 from owm.common.errors import ImageBroken, NoSpace
+from owm.common.view import Extent
 from owm.engine.base import Engine, Progress
 from owm.engine.chunktable import ChunkTable
 from owm.locks.ranges import EXCLUSIVE
 from owm.storage import Buffer
 
 LIVE = "live.data"
+ZERO_OP_BYTES = 64  # what a held zeroing counts against the backlog's cap
+
+# A held overwrite of live.data: offset, bytes (None: zeroes), length, punch (zeroes only).
+HeldOp = tuple[int, memoryview | None, int, bool]
 
 
 def _data(view: int) -> str:
@@ -33,12 +48,18 @@ def _data(view: int) -> str:
 class CowEngine(Engine):
     method = "cow"
     generic_flush = True
+    writeback = True
 
     def __init__(self, *args: object, **kwargs: object) -> None:
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
         # Tables of preserved images, oldest first; released-but-not-yet-merged ones included.
         self.tables: dict[int, ChunkTable] = {}
         self._release_lock = asyncio.Lock()
+        # Per image: chunks copied into its data whose entry waits for the next commit.
+        self._pending: dict[int, set[int]] = {}
+        # Per chunk: overwrites of live.data held until the copies they follow are durable.
+        self._held: dict[int, list[HeldOp]] = {}
+        self._unsettled: set[int] = set()  # images with entries set but not yet committed
 
     def _table(self, view: int) -> ChunkTable:
         return ChunkTable(self.storage, f"img-{view}.table", self.chunks)
@@ -84,13 +105,16 @@ class CowEngine(Engine):
 
     # -- resolution -------------------------------------------------------------------------
     def _owner(self, view: int, chunk: int) -> str:
+        pending = self._pending
         for j, table in self.tables.items():
-            if j >= view and table.has(chunk):
+            if j >= view and (table.has(chunk) or (pending and chunk in pending.get(j, ()))):
                 return _data(j)
         return LIVE
 
     def _placement(self, view: int, offset: int, length: int) -> Iterator[tuple[str, int, int]]:
-        if view == self.views[-1] or not any(t.count for j, t in self.tables.items() if j >= view):
+        if view == self.views[-1] or not any(
+            t.count or j in self._pending for j, t in self.tables.items() if j >= view
+        ):
             yield LIVE, offset, length
             return
         run: tuple[str, int, int] | None = None
@@ -110,7 +134,33 @@ class CowEngine(Engine):
     async def _read(self, view: int, offset: int, length: int) -> bytes:
         if view in self.broken:
             raise ImageBroken(f"preserved image {view} is broken and cannot be read")
-        return await super()._read(view, offset, length)
+        if not self._held:
+            return await super()._read(view, offset, length)
+        parts = [
+            await (self._read_live(start, n) if name == LIVE else
+                   self.storage.read(name, start, n))
+            for name, start, n in self._placement(view, offset, length)
+        ]
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    async def _read_live(self, offset: int, length: int) -> bytes:
+        """live.data as its views see it: the storage with the held overwrites on top."""
+        held = self._held
+        first, last = self.chunk_range(offset, length)
+        # Taken before the read: an overwrite the commit removes meanwhile may not be in what
+        # the read returns.  (None can be added: that takes the chunk's exclusive lock.)
+        ops = [op for c in range(first, last + 1) for op in held.get(c, ())] if held else []
+        content = await self.storage.read(LIVE, offset, length)
+        if not ops:
+            return content
+        buf = bytearray(content)
+        end = offset + length
+        for at, piece, n, _punch in ops:
+            lo, hi = max(at, offset), min(at + n, end)
+            if lo < hi:
+                buf[lo - offset : hi - offset] = (
+                    bytes(hi - lo) if piece is None else piece[lo - at : hi - at])
+        return bytes(buf)
 
     # -- writes -----------------------------------------------------------------------------
     def _previous(self, gen: int) -> int | None:
@@ -122,27 +172,37 @@ class CowEngine(Engine):
             return views[-2]
         return max(v for v in views if v < gen)
 
-    async def _preserve_chunks(self, gen: int, first: int, last: int) -> None:
-        """Make the newest image older than ``gen`` own chunks first..last before they change."""
+    async def _preserve_chunks(self, gen: int, first: int, last: int) -> bool:
+        """Make the newest image older than ``gen`` own chunks first..last before they change.
+
+        Copies what it lacks into its data and marks those entries pending.  Returns True when
+        the write's overwrite of live.data must be held: a chunk's copy is not durable yet."""
         prev = self._previous(gen)
         if prev is None or prev in self.broken:
-            return
+            return False
         table = self.tables[prev]
+        pending = self._pending.get(prev)
         if first == last:
             if table.has(first):
-                return
+                return False
+            if pending is not None and first in pending:
+                return True
             missing = [first]
         else:
-            missing = [c for c in range(first, last + 1) if not table.has(c)]
+            missing = [c for c in range(first, last + 1)
+                       if not table.has(c) and (pending is None or c not in pending)]
             if not missing:
-                return
+                return pending is not None and any(
+                    c in pending for c in range(first, last + 1))
         target = _data(prev)
         try:
             for source, start, n in self._copy_runs(prev, missing):
-                content = await self.storage.read(source, start, n)
+                if source == LIVE:
+                    content = await self._read_live(start, n)
+                else:
+                    content = await self.storage.read(source, start, n)
                 await self.put(target, start, content)
                 self.cow_copy_bytes += n
-            await self.group_sync(target)()
         except NoSpace as exc:
             if self.enospc_policy == "fail-write":
                 raise NoSpace(
@@ -150,11 +210,12 @@ class CowEngine(Engine):
                     f"preserved image {prev} stays intact"
                 ) from exc
             await self._break(prev, f"the disk filled up while preserving chunk data ({exc})")
-            return
-        for chunk in missing:
-            table.set(chunk)
-        await table.commit()
+            return False
+        # Reads of prev now resolve to the copy; the entry reaches the table, and its journal,
+        # only once a commit has made the copy durable.
+        self._pending.setdefault(prev, set()).update(missing)
         self.cow_copies += len(missing)
+        return True
 
     def _copy_runs(self, prev: int, missing: list[int]) -> Iterator[tuple[str, int, int]]:
         """Consecutive missing chunks with the same source, as (source, offset, length) runs:
@@ -182,32 +243,117 @@ class CowEngine(Engine):
 
     def _copies(self, gen: int, chunk: int) -> list[str]:
         """Data objects besides live.data holding a copy of chunk that a write by gen updates."""
-        return [_data(j) for j, t in self.tables.items() if j >= gen and t.has(chunk)]
+        pending = self._pending
+        return [_data(j) for j, t in self.tables.items()
+                if j >= gen and (t.has(chunk) or (pending and chunk in pending.get(j, ())))]
+
+    def _has_copies(self, gen: int) -> bool:
+        return any(t.count or j in self._pending for j, t in self.tables.items() if j >= gen)
+
+    def _must_hold(self, first: int, last: int) -> bool:
+        held = self._held
+        if not held:
+            return False
+        if first == last:
+            return first in held
+        return any(c in held for c in range(first, last + 1))
 
     async def _write(self, gen: int, offset: int, data: Buffer) -> set[str]:
         first, last = self.chunk_range(offset, len(data))
-        await self._preserve_chunks(gen, first, last)
+        hold = await self._preserve_chunks(gen, first, last) or self._must_hold(first, last)
         touched = {LIVE}
-        if gen != self.views[-1] and any(t.count for j, t in self.tables.items() if j >= gen):
+        if gen != self.views[-1] and self._has_copies(gen):
             view = memoryview(data)
             for chunk, _within, n, done in self.pieces(offset, len(data)):
                 for name in self._copies(gen, chunk):
                     await self.storage.write(name, offset + done, view[done : done + n])
                     touched.add(name)
-        await self.storage.write(LIVE, offset, data)
+        if hold:
+            self._hold(offset, memoryview(bytes(data)), len(data), False)
+        else:
+            await self.storage.write(LIVE, offset, data)
         return touched
 
     async def _zero(self, gen: int, offset: int, length: int, punch: bool) -> set[str]:
         first, last = self.chunk_range(offset, length)
-        await self._preserve_chunks(gen, first, last)
+        hold = await self._preserve_chunks(gen, first, last) or self._must_hold(first, last)
         touched = {LIVE}
-        if any(t.count for j, t in self.tables.items() if j >= gen):
+        if self._has_copies(gen):
             for chunk, _within, n, done in self.pieces(offset, length):
                 for name in self._copies(gen, chunk):
                     await self.put_zero(name, offset + done, n, punch)
                     touched.add(name)
-        await self.put_zero(LIVE, offset, length, punch)
+        if hold:
+            self._hold(offset, None, length, punch)
+        else:
+            await self.put_zero(LIVE, offset, length, punch)
         return touched
+
+    # -- ordered write-back -----------------------------------------------------------------
+    def _hold(self, offset: int, data: memoryview | None, length: int, punch: bool) -> None:
+        """Keep an overwrite of live.data in memory, chunk by chunk, behind earlier ones."""
+        held = self._held
+        for chunk, _within, n, done in self.pieces(offset, length):
+            piece = None if data is None else data[done : done + n]
+            held.setdefault(chunk, []).append((offset + done, piece, n, punch))
+            self.held_bytes += ZERO_OP_BYTES if data is None else n
+        self.schedule_writeback()
+
+    def writeback_pending(self) -> bool:
+        return bool(self._held or self._pending or self._unsettled)
+
+    async def _commit_batch(self) -> None:
+        """One group commit: copies durable, then their entries, then the held overwrites."""
+        # Both taken at one instant: a held overwrite was held after the copy it follows was
+        # marked pending, so each overwrite taken here follows a copy taken here (or earlier).
+        batch = {v: set(chunks) for v, chunks in self._pending.items()}
+        counts = {c: len(ops) for c, ops in self._held.items()}
+        if batch:
+            await self.sync_objects([_data(v) for v in batch if v in self.tables])
+        for v, chunks in batch.items():
+            left = self._pending.get(v)
+            if left is not None:
+                left -= chunks
+                if not left:
+                    del self._pending[v]
+            table = self.tables.get(v)
+            if table is not None:
+                for chunk in chunks:
+                    table.set(chunk)
+                self._unsettled.add(v)
+        if self._unsettled:
+            await asyncio.gather(*(self.tables[v].commit() for v in sorted(self._unsettled)
+                                   if v in self.tables))
+            self._unsettled.clear()
+        # Only now may the overwrites touch the shared chunks.
+        if counts:
+            await asyncio.gather(*(self._release_held(c, k) for c, k in counts.items()))
+
+    async def _release_held(self, chunk: int, count: int) -> None:
+        """Write a chunk's first ``count`` held overwrites to live.data, in order.  They stay
+        held (and visible to reads) until written; writing one twice after an error is
+        harmless, as the later ones follow it again."""
+        ops = self._held[chunk]
+        for at, piece, n, punch in ops[:count]:
+            if piece is None:
+                await self.put_zero(LIVE, at, n, punch)
+            else:
+                await self.storage.write(LIVE, at, piece)
+        self.held_bytes -= sum(ZERO_OP_BYTES if p is None else n for _a, p, n, _z in ops[:count])
+        del ops[:count]
+        if not ops:
+            del self._held[chunk]
+
+    def abandon(self) -> None:
+        super().abandon()
+        self._held.clear()
+        self._pending.clear()
+        self.held_bytes = 0
+
+    async def extents(self, view: int, offset: int, length: int) -> list[Extent]:
+        # The storage knows nothing of held overwrites: let them reach it first.
+        await self.commit_writeback()
+        return await super().extents(view, offset, length)
 
     async def _flush(self) -> None:
         names = [LIVE] + [_data(v) for v in self.tables if self.storage.exists(_data(v))]
@@ -215,7 +361,7 @@ class CowEngine(Engine):
         await asyncio.gather(*(t.commit() for t in self.tables.values()))
 
     async def close(self) -> None:
-        await super().close()
+        await super().close()  # its flush commits the write-back
         for table in self.tables.values():
             await table.checkpoint()
 
@@ -223,8 +369,10 @@ class CowEngine(Engine):
     async def release(self, view: int, progress: Progress | None = None) -> None:
         if view in self.views:
             self.views.remove(view)
-        # A write that chose its copy target before the view list changed must finish first.
+        # A write that chose its copy target before the view list changed must finish first,
+        # and so must the commit of its copies: the move-down below reads committed entries.
         await self.locks.barrier()
+        await self.commit_writeback()
         # One release at a time: a move-down lists its source's chunks once, and another
         # move-down into that source meanwhile (two releases, or two resumed after a crash)
         # would add chunks that are then deleted with it.

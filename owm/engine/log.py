@@ -8,7 +8,12 @@ newer view.  View v reads chunk c from the topmost layer at or below its own top
 
 A write by generation k goes into the topmost of k's own layers that holds the chunk (the base
 counts), else creates an entry in k's lowest delta (reading the chunk from below first when the
-write is partial; the data is durable before the entry is journaled).  Newer layers that hold a
+write is partial; the data is durable before the entry is journaled).  The write does not wait
+for that (ordered write-back): the new entry is *pending* in its layer, where reads already find
+it, and a group commit a few milliseconds later (or at FLUSH, FUA, a full backlog or a release)
+syncs the deltas of a whole batch and only then puts the entries in their tables.  A crash
+before that loses the entries, so the view reads what lies below: the unflushed write is lost,
+as it may be.  Newer layers that hold a
 copy of the chunk get the write too.  No write ever touches a layer owned by an older view.
 
 Release folds: when a view owns two layers the upper one is merged into the lower, a batch of
@@ -24,7 +29,7 @@ from __future__ import annotations
 import asyncio
 import re
 from collections.abc import Awaitable, Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from owm.engine.base import Engine, Progress
@@ -44,18 +49,29 @@ MERGE_BATCH, MERGE_BATCH_BYTES = 64, 4 << 20
 class Layer:
     gen: int  # the generation that created it (-1 for the base)
     table: ChunkTable | None  # None for the base, which holds every chunk
+    # Chunks written into this delta whose entry waits for the next commit (data not durable).
+    pending: set[int] = field(default_factory=set)
 
     @property
     def data(self) -> str:
         return BASE if self.table is None else f"delta-{self.gen}.data"
 
     def has(self, chunk: int) -> bool:
-        return self.table is None or self.table.has(chunk)
+        return self.table is None or self.table.has(chunk) or chunk in self.pending
+
+    @property
+    def used(self) -> bool:
+        """Does this delta hold anything (entries, or pending ones)?"""
+        return self.table is not None and bool(self.table.count or self.pending)
+
+
+ENTRY_BYTES = 64  # what a pending entry counts against the write-back cap
 
 
 class LogEngine(Engine):
     method = "log"
     generic_flush = True
+    writeback = True
 
     def __init__(self, *args: object, **kwargs: object) -> None:
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
@@ -140,7 +156,7 @@ class LogEngine(Engine):
         # (an empty one, once every chunk of it is in the layer below): resolve in a copy of the
         # stack, not by index into the live list.
         stack = self.layers[: top + 1]
-        if not any(layer.table.count for layer in stack[1:] if layer.table):
+        if not any(layer.used for layer in stack[1:]):
             yield BASE, offset, length
             return
         run: tuple[str, int, int] | None = None
@@ -180,7 +196,7 @@ class LogEngine(Engine):
     async def _apply(self, gen: int, offset: int, length: int, writer: Writer) -> set[str]:
         """Route every chunk piece of a request; ``writer(name, pos, done, n)`` does the I/O."""
         lo, hi = self._own_range(gen)
-        if lo == 0 and not any(layer.table.count for layer in self.layers if layer.table):
+        if lo == 0 and not any(layer.used for layer in self.layers):
             await writer(BASE, offset, 0, length)  # no delta holds anything: all in the base
             return {BASE}
         newer = self.layers[hi + 1 :]
@@ -207,12 +223,36 @@ class LogEngine(Engine):
         if run is not None:
             await writer(*run)
         if fresh:
-            # The new delta chunks must be durable before any entry points at them.
-            await self.sync_objects({layer.data for layer, _ in fresh})
+            # The new delta chunks must be durable before any entry points at them: the
+            # entries wait for the next commit, which syncs the deltas first.
             for layer, chunk in fresh:
-                assert layer.table is not None
-                layer.table.set(chunk)
+                if chunk not in layer.pending:
+                    layer.pending.add(chunk)
+                    self.held_bytes += ENTRY_BYTES
+            self.schedule_writeback()
         return touched
+
+    def writeback_pending(self) -> bool:
+        return any(layer.pending for layer in self.layers)
+
+    def abandon(self) -> None:
+        super().abandon()
+        for layer in self.layers:
+            layer.pending.clear()
+
+    async def _commit_batch(self) -> None:
+        """Sync the deltas holding pending entries, then put those entries in their tables
+        (which the next flush, or a FUA write to them, commits)."""
+        batch = [(layer, set(layer.pending)) for layer in self.layers if layer.pending]
+        if not batch:
+            return
+        await Engine.sync_objects(self, [layer.data for layer, _ in batch])
+        for layer, chunks in batch:
+            assert layer.table is not None
+            for chunk in chunks:
+                layer.table.set(chunk)
+            layer.pending -= chunks
+            self.held_bytes -= ENTRY_BYTES * len(chunks)
 
     async def _write(self, gen: int, offset: int, data: Buffer) -> set[str]:
         view = memoryview(data)
@@ -250,6 +290,7 @@ class LogEngine(Engine):
         if view in self.views:
             self.views.remove(view)
         await self.locks.barrier()  # writes routed by the old ownership finish first
+        await self.commit_writeback()  # a fold lists table entries, not pending ones
         async with self._fold_lock:
             await self._fold_all(progress)
         if progress is not None:
@@ -294,7 +335,8 @@ class LogEngine(Engine):
             # A write that chose upper before the ownership changed has finished once this
             # passes; if one added an entry after the listing, merge again.
             await self.locks.barrier()
-            if not upper.table.count:
+            await self.commit_writeback()
+            if not upper.used:
                 break
         await self._step("fold-drop", -1)
         # Every chunk of upper now lives in lower; reads through upper find nothing.

@@ -792,6 +792,7 @@ class Volume:
         if self.live_restore is not None:
             self.live_restore.abandon()
         self.sessions.clear()
+        self.engine.abandon()  # held write-back is lost, as a page cache is
 
     async def close(self) -> None:
         self.closing = True
