@@ -479,8 +479,8 @@ class ChunkTable:
         # The parts go one by one, and a crash between two deletions would leave an older slot
         # beside a journal of a newer epoch: read as a damaged table, which damages every view
         # resolving through it.  A durable tombstone first makes the leftovers read as "gone".
-        await self.storage.write(self.name + GONE, 0, b"gone")
-        await self.storage.sync(self.name + GONE)
+        # An empty object, created durably (no data: it needs no room on a full disk).
+        await self.storage.allocate(self.name + GONE, 0)
         for suffix in (".ckpt0", ".ckpt1", ".journal"):
             await self.storage.delete(self.name + suffix)
         await self.storage.delete(self.name + GONE)
