@@ -323,21 +323,24 @@ class SqliteCatalog:
         ).fetchall()
         return [ImageRow(*r) for r in rows]
 
+    def _insert_cut(self, image: ImageRow, live: int, state: dict[str, Any]) -> None:
+        """One volume's part of a preserve (inside the caller's transaction)."""
+        self.db.execute(
+            "INSERT INTO images VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (image.volume, image.generation, image.state, image.consistency,
+             image.preserved_at, image.drained_at, image.unclean_sessions, image.broken_reason),
+        )
+        self.db.execute(
+            "UPDATE volumes SET live_generation=?, engine_state=? WHERE name=?",
+            (live, json.dumps(state), image.volume),
+        )
+
     def record_preserve(self, image: ImageRow, live: int, state: dict[str, Any]) -> None:
         """The new image and the new live generation, atomically."""
         def change() -> None:
             with self.db:
                 self.db.execute("BEGIN")
-                self.db.execute(
-                    "INSERT INTO images VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                    (image.volume, image.generation, image.state, image.consistency,
-                     image.preserved_at, image.drained_at, image.unclean_sessions,
-                     image.broken_reason),
-                )
-                self.db.execute(
-                    "UPDATE volumes SET live_generation=?, engine_state=? WHERE name=?",
-                    (live, json.dumps(state), image.volume),
-                )
+                self._insert_cut(image, live, state)
 
         self._change(f"record the preserve of {image.volume}@{image.generation}", change)
 
@@ -350,16 +353,7 @@ class SqliteCatalog:
             with self.db:
                 self.db.execute("BEGIN")
                 for image, live, state in cuts:
-                    self.db.execute(
-                        "INSERT INTO images VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                        (image.volume, image.generation, image.state, image.consistency,
-                         image.preserved_at, image.drained_at, image.unclean_sessions,
-                         image.broken_reason),
-                    )
-                    self.db.execute(
-                        "UPDATE volumes SET live_generation=?, engine_state=? WHERE name=?",
-                        (live, json.dumps(state), image.volume),
-                    )
+                    self._insert_cut(image, live, state)
                 self.db.execute("INSERT OR REPLACE INTO meta VALUES ('groups', ?)", (groups,))
 
         names = ", ".join(f"{i.volume}@{i.generation}" for i, _, _ in cuts)
