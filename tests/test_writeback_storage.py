@@ -34,6 +34,12 @@ async def test_queued_writes_land_in_order_and_whole(tmp_path: Path) -> None:
         for off, data in ops:
             want[off : off + len(data)] = data
         assert await storage.read("obj", 0, size) == bytes(want)
+        # The pool thread settles the last batch, then looks once more and finds the queue
+        # empty: idle a moment after the last write returned, not necessarily at once.
+        for _ in range(200):
+            if not storage._queue and not storage._queue_busy:
+                break
+            await asyncio.sleep(0.01)
         assert not storage._queue and not storage._queue_busy
 
         task = asyncio.ensure_future(storage.write("obj", 0, b"\xee" * 4096))
