@@ -91,15 +91,17 @@ def owm(pool: Path, *args: str | Path, deadline: Deadline) -> str:
 
 
 def start_daemon(pool: Path, log: Path, deadline: Deadline) -> subprocess.Popen[bytes]:
+    # The ready file, not the sockets: a daemon killed with SIGKILL leaves its socket files.
+    ready = log.with_suffix(".ready")
     with open(log, "wb") as out:
-        proc = subprocess.Popen([*OWM, "--pool", str(pool), "serve", "--listen", "none"],
+        proc = subprocess.Popen([*OWM, "--pool", str(pool), "serve", "--listen", "none",
+                                 "--ready-file", str(ready)],
                                 stdout=out, stderr=subprocess.STDOUT, env=env(), cwd=REPO)
-    while not (pool / "control.sock").exists() or not (pool / "nbd.sock").exists():
+    while not ready.exists():
         if proc.poll() is not None:
             raise SystemExit(f"owm serve failed:\n{log.read_text()}")
         deadline.left()
         time.sleep(0.05)
-    time.sleep(0.2)
     return proc
 
 
