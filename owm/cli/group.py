@@ -1,12 +1,13 @@
 """``owm group create|list|show|delete`` and the set forms of preserve, status, wait, cutover and
 release: ``owm preserve G`` cuts every member of group G at one instant and prints ``G@N`` (then
 each member's image, one a line); ``owm wait|cutover|release G@N`` and ``owm status G`` act on
-the set as a whole.  ``main`` asks ``is_group`` before treating a name as a volume's.
+the set as a whole.  ``main`` asks the daemon whether a name is a group (``_is_group``, with
+the quick client) before treating it as a volume's.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 from urllib.parse import quote
 
 import click
@@ -16,32 +17,11 @@ from owm.cli.common import Fail, json_option, pool_option, print_json, state
 from owm.cli.output import plural
 from owm.common.sizes import format_size
 
-if TYPE_CHECKING:
-    from owm.control.client import ControlClient
-
 JSON = dict[str, Any]
 
 
 def _q(name: str) -> str:
     return quote(name, safe="@")
-
-
-def is_group(name: str) -> bool:
-    """Whether ``name`` (or the G of ``G@N``) names a group of the daemon's pool."""
-    group = name.partition("@")[0]
-
-    async def call(c: ControlClient) -> bool:
-        from owm.control.client import ControlError
-
-        try:
-            await c.request("GET", f"/v1/groups/{_q(group)}", timeout=30)
-        except ControlError as exc:
-            if exc.status in (400, 404):
-                return False
-            raise
-        return True
-
-    return bool(group) and with_daemon(call)
 
 
 def _member_line(m: JSON) -> str:

@@ -63,25 +63,17 @@ def _is_group(name: str) -> bool:
     from owm.cli.quick import QuickError
 
     group = name.partition("@")[0]
-    if not group:
-        return False
-    try:
-        quick_raw(lambda c: c.request("GET", f"/v1/groups/{quote(group, safe='')}", timeout=30))
-    except QuickError as exc:
-        if exc.status in (400, 404):
-            return False
-        raise Fail(str(exc), 1) from None
-    return True
 
+    def ask(c: QuickClient) -> bool:
+        try:
+            c.request("GET", f"/v1/groups/{quote(group, safe='')}", timeout=30)
+        except QuickError as exc:
+            if exc.status in (400, 404):
+                return False
+            raise
+        return True
 
-def quick_raw(call: Callable[[QuickClient], T]) -> T:
-    """Like ``quick`` but lets the daemon's refusals through as QuickError."""
-    from owm.cli.quick import QuickClient
-
-    try:
-        return call(QuickClient(state().pool))
-    except DaemonNotRunning as exc:
-        raise Fail(str(exc), 2) from None
+    return bool(group) and quick(ask)
 
 
 def talk(call: Callable[[ControlClient], Awaitable[T]]) -> T:
