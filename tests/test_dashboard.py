@@ -279,3 +279,55 @@ def test_dashboard_shows_backups_of_a_repository(
     if shot:  # how docs/dashboard.png is made
         browser.set_window_size(1200, 1000)
         browser.save_screenshot(shot)
+
+
+def test_listing_pages_thousands_of_backups_reading_only_each_page(
+    short_tmp: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """1,500 backups: pages of 500, newest first, each page reading only its own manifests."""
+    import time
+
+    import blake3
+
+    from owm.backup.listing import RepoListing
+    from owm.backup.manifest import COMPLETE, ChunkMap, Manifest, map_name
+    from owm.backup.repo import Repository
+
+    repo = Repository.open(short_tmp / "repo", create=True)
+    packed, digest = ChunkMap(1).pack()
+    ids = []
+    for i in range(1500):  # written as Repository.save would, less its syncs (only the listing
+        # reads them, and it never opens a chunk map)
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(1_790_000_000 + i))
+        backup_id = f"v@{i}-{stamp}"
+        m = Manifest(id=backup_id, volume="v", image=f"v@{i}", generation=i, size=65536,
+                     chunk_size=65536, state=COMPLETE, consistency="transaction-consistent",
+                     started_at=stamp, map_file=map_name(backup_id, digest), map_blake3=digest,
+                     map_file_blake3=blake3.blake3(packed).hexdigest())
+        (repo.root / "backups" / f"{backup_id}.json").write_bytes(m.dumps())
+        ids.append(backup_id)
+    junk = "v@9999-20000101T000000Z"  # the oldest stamp: last; a manifest that is not one
+    (repo.root / "backups" / f"{junk}.json").write_bytes(b"{not json")
+
+    loads: list[str] = []
+    real_load = Repository.load
+
+    def counting_load(self: Repository, backup_id: str) -> Manifest:
+        loads.append(backup_id)
+        return real_load(self, backup_id)
+
+    monkeypatch.setattr(Repository, "load", counting_load)
+    listing = RepoListing.open([repo.root])
+    assert listing.repositories()[0]["count"] == 1501
+    seen: list[str] = []
+    for offset in (0, 500, 1000, 1500):
+        page = listing.backups(0, offset, 500)
+        assert page["count"] == 1501
+        seen += [row["id"] for row in page["backups"]]
+    assert seen == [*reversed(ids), junk]
+    assert len(loads) == 1501  # every manifest read once, by the page that shows it
+    assert page["backups"][-1]["label"] == "damaged"
+    loads.clear()
+    page = listing.backups(0, 700, 10)
+    assert [r["id"] for r in page["backups"]] == list(reversed(ids))[700:710] and len(loads) == 10
+    assert {r["label"] for r in page["backups"]} == {"transaction-consistent"}
