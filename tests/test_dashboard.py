@@ -331,3 +331,24 @@ def test_listing_pages_thousands_of_backups_reading_only_each_page(
     page = listing.backups(0, 700, 10)
     assert [r["id"] for r in page["backups"]] == list(reversed(ids))[700:710] and len(loads) == 10
     assert {r["label"] for r in page["backups"]} == {"transaction-consistent"}
+
+
+@pytest.mark.parametrize("image_state, consistency, forced, label", [
+    ("drained", "transaction-consistent", False, "transaction-consistent"),
+    ("drained", "crash-consistent", False, "crash-consistent"),  # drained after a cutover
+    ("drained-unclean", "crash-consistent", True, "drained-unclean"),
+    ("broken", "broken", True, "broken"),
+    ("damaged", "crash-consistent", True, "damaged"),
+    ("drained", "damaged", False, "damaged"),
+    ("drained", "transaction-consistent", True, "crash-consistent"),  # forced: never more
+    ("drained", "quantum-consistent", False, "unknown"),  # unknown to this owm: claim nothing
+])
+def test_backup_label_is_the_weakest_claim(image_state: str, consistency: str, forced: bool,
+                                           label: str) -> None:
+    from owm.backup.listing import backup_label
+    from owm.backup.manifest import COMPLETE, Manifest
+
+    m = Manifest(id="v@0-20260101T000000Z", volume="v", image="v@0", generation=0,
+                 size=65536, chunk_size=65536, state=COMPLETE, consistency=consistency,
+                 started_at="2026-01-01T00:00:00Z", image_state=image_state, forced=forced)
+    assert backup_label(m) == label

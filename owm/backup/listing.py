@@ -40,13 +40,15 @@ def backup_label(m: Manifest) -> str:
     """What a backup can claim to be, never more than its manifest proves: the weakest fits."""
     if "broken" in (m.image_state, m.consistency):
         return "broken"
-    if m.consistency == "damaged":
+    if "damaged" in (m.image_state, m.consistency):
         return "damaged"
     if m.image_state == "drained-unclean":
         return "drained-unclean"
     if m.transaction_consistent and m.image_state == "drained":
         return "transaction-consistent"
-    return "crash-consistent"
+    if m.consistency in ("crash-consistent", "transaction-consistent"):
+        return "crash-consistent"
+    return "unknown"  # a consistency this owm does not know: claim nothing
 
 
 def _newest_first(ids: list[str]) -> list[str]:

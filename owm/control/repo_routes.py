@@ -102,7 +102,7 @@ _BACKUP = {
         "id": {"type": "string"}, "volume": {"type": "string"}, "image": {"type": "string"},
         "state": {"enum": ["complete", "incomplete", "running", "damaged"]},
         "label": {"enum": ["transaction-consistent", "drained-unclean", "crash-consistent",
-                           "broken", "damaged"],
+                           "broken", "damaged", "unknown"],
                   "description": "The weakest claim the manifest supports."},
         "consistency": {"type": "string"}, "image_state": {"type": "string"},
         "forced": {"type": "boolean"},
