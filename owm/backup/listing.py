@@ -63,8 +63,11 @@ def _newest_first(ids: list[str]) -> list[str]:
 
 def _row(repo: Repository, m: Manifest) -> JSON:
     state = m.state
-    if not m.complete and repo.running(m.id):
-        state = "running"
+    try:
+        if not m.complete and repo.running(m.id):
+            state = "running"
+    except OSError:
+        pass  # its lock file cannot be opened: "incomplete" is all that is known
     stored = m.stats.get("bytes_written")
     return {
         "id": m.id, "volume": m.volume, "image": m.image, "state": state,
