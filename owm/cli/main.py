@@ -209,13 +209,22 @@ def parse_endpoint(text: str, what: str) -> tuple[str, int] | None:
 @click.option("--rados-pool", metavar="NAME", help="The RADOS pool that holds the data.")
 @click.option("--stripe-size", type=SIZE, metavar="SIZE",
               help="RADOS object size of a new pool's data [default: 4M].")
+@click.option("--backup-repo", "backup_repos", metavar="PATH", multiple=True,
+              type=click.Path(path_type=Path),
+              help="Show this backup repository's backups on the dashboard and at /v1/repos "
+                   "(repeatable).")
+@click.option("--backup-key-file", "backup_key_files", metavar="FILE", multiple=True,
+              type=click.Path(path_type=Path),
+              help="Key file of an encrypted --backup-repo (repeatable; each is tried on "
+                   "each; else the passphrase in $OWM_REPO_PASSWORD).")
 def serve(listen: str, nbd_socket: Path | None, control_listen: str | None,
           control_token_file: Path | None, grace: float, tls_mode: str | None,
           tls_cert: Path | None, tls_key: Path | None, tls_ca: Path | None,
           tls_verify_peer: bool, access_file: Path | None, socket_group: str | None,
           etcd: str | None, etcd_prefix: str | None, log_level: str,
           metrics_listen: str | None, ready_file: Path | None, ceph_conf: Path | None,
-          rados_pool: str | None, stripe_size: int | None) -> None:
+          rados_pool: str | None, stripe_size: int | None, backup_repos: tuple[Path, ...],
+          backup_key_files: tuple[Path, ...]) -> None:
     """Run the daemon (NBD and the control API) in the foreground.
 
     NBD is served on HOST:PORT and POOL/nbd.sock, the control API on POOL/control.sock.
@@ -253,6 +262,15 @@ def serve(listen: str, nbd_socket: Path | None, control_listen: str | None,
     if metrics_listen:
         config.metrics_listen = parse_endpoint(metrics_listen, "--metrics-listen")
     config.ready_file = ready_file
+    if backup_key_files and not backup_repos:
+        raise click.UsageError("--backup-key-file needs --backup-repo")
+    if backup_repos:
+        from owm.backup.listing import RepoListing
+
+        try:
+            config.backup_repos = RepoListing.open(backup_repos, backup_key_files)
+        except OwmError as exc:
+            raise Fail(f"the daemon did not start: {exc}", 1) from None
     try:
         run(config, log_level)
     except OwmError as exc:

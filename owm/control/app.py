@@ -21,6 +21,7 @@ from owm.control.context import CONTEXT, ControlContext
 from owm.control.group_routes import routes as group_routes
 from owm.control.lock_routes import routes as lock_routes
 from owm.control.openapi import routes as openapi_routes
+from owm.control.repo_routes import routes as repo_routes
 from owm.control.routes import routes as volume_routes
 from owm.locks.app import LeaseGone, LockLimit
 
@@ -29,7 +30,7 @@ log = logging.getLogger("owm.control")
 # Every route table the daemon serves. Application locks (served to transaction workers in
 # other processes) and backup endpoints each bring their own table and join this tuple.
 ROUTE_TABLES: tuple[web.RouteTableDef, ...] = (
-    volume_routes, lock_routes, backup_routes, group_routes, openapi_routes,
+    volume_routes, lock_routes, backup_routes, group_routes, openapi_routes, repo_routes,
 )
 
 # Most specific first: OutOfRange is an InvalidRequest, so order matters.

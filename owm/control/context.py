@@ -20,6 +20,8 @@ from owm.locks.app import LockService
 if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
 
+    from owm.control.repo_routes import BackupRepos
+
 JSON = dict[str, Any]
 
 
@@ -71,6 +73,9 @@ class ControlContext:
     connect_source: SourceConnector | None = None
     # The daemon's own Prometheus registry (owm.control.metrics.build_registry), if any.
     metrics: CollectorRegistry | None = None
+    # The backups of the repositories ``owm serve --backup-repo`` names, listed by the CLI's
+    # owm.backup.listing (this package may not read repositories itself).  Set by the daemon.
+    backup_repos: BackupRepos | None = None
 
     def volume(self, name: str) -> JSON:
         """The status dict of one volume, NotFound if there is none of that name."""

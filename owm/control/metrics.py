@@ -282,6 +282,7 @@ def health_answer(ctx: ControlContext) -> web.Response:
 READ_ONLY = frozenset({
     "/", "/dashboard.js", "/dashboard.css", "/metrics", "/v1/health", "/v1/openapi.json",
     "/v1/volumes", "/v1/volumes/{name}", "/v1/images/{image}",
+    "/v1/repos", "/v1/repos/{n}/backups",
 })
 ACTIONS = frozenset({
     "/v1/volumes/{name}/preserve", "/v1/images/{image}/cutover", "/v1/images/{image}/release",

@@ -12,7 +12,7 @@ from typing import Any
 from aiohttp import web
 
 import owm
-from owm.control import backup_routes, group_routes, lock_routes
+from owm.control import backup_routes, group_routes, lock_routes, repo_routes
 from owm.control.common import json_content as _json
 from owm.control.common import ok
 from owm.control.common import schema_ref as _ref
@@ -273,10 +273,10 @@ def openapi_document() -> JSON:
             ),
         },
         "paths": {**_paths(), **lock_routes.OPENAPI_PATHS, **backup_routes.OPENAPI_PATHS,
-                  **group_routes.OPENAPI_PATHS},
+                  **group_routes.OPENAPI_PATHS, **repo_routes.OPENAPI_PATHS},
         "components": {
             "schemas": {**_SCHEMAS, **lock_routes.OPENAPI_SCHEMAS,
-                        **backup_routes.OPENAPI_SCHEMAS},
+                        **backup_routes.OPENAPI_SCHEMAS, **repo_routes.OPENAPI_SCHEMAS},
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer",
                                            "description": "Only on the TCP listener."}},
         },

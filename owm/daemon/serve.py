@@ -40,6 +40,7 @@ from owm.nbd.tls import TlsSettings, server_context
 
 if TYPE_CHECKING:
     from owm.catalog.etcd import EtcdCatalog
+    from owm.control.repo_routes import BackupRepos
     from owm.nbd.server import NbdServer
 
 log = logging.getLogger("owm.daemon.serve")
@@ -97,6 +98,8 @@ class DaemonConfig:
     ceph_conf: Path | None = None  # with rados_pool: the pool's data lives in RADOS
     rados_pool: str | None = None
     stripe_size: int | None = None  # RADOS stripe size of a new pool (default 4 MiB)
+    # The repositories of --backup-repo, opened by the CLI (the daemon cannot read them).
+    backup_repos: BackupRepos | None = None
 
     @property
     def control_socket(self) -> Path:
@@ -306,7 +309,8 @@ async def _serve_locked(
     pool = await _open_pool(config, pool_dir, backends)
     nbd: Any = None
     ctx = ControlContext(pool=pool, app_locks=LockService.for_pool(pool_dir),
-                         connect_source=connect_restore_source)
+                         connect_source=connect_restore_source,
+                         backup_repos=config.backup_repos)
     control = ControlServer(ctx)
     metrics = MetricsListener(ctx)
     ctx.daemon["ready"] = False

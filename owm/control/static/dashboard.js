@@ -270,6 +270,116 @@ async function poll() {
   }
 }
 
+// -- backups of the repositories given to owm serve --backup-repo ---------------------------
+
+const REPO_POLL_EVERY = 5; // volume polls per repository poll
+const PAGE = 50; // backups shown per repository page (the API pages them, newest first)
+const repoOffsets = new Map(); // repository index -> offset of the page shown
+const repoKeys = new Map(); // repository index -> what its panel was drawn from
+let repoTick = 0;
+
+function when(text) {
+  return text ? String(text).replace("T", " ").replace(/Z$/, "") : "-";
+}
+
+function backupRow(b) {
+  if (b.state === "damaged") {
+    return el("tr", { "data-backup": b.id, "data-label": "damaged" },
+      el("td", {}, b.id), el("td", { colSpan: 8 },
+        el("span", { class: "badge damaged" }, "damaged"), ` ${b.error || ""}`));
+  }
+  const label = el("span", { class: `badge ${b.label}` }, b.label);
+  const state = b.state === "complete" ? null : el("span", { class: `badge ${b.state}` }, b.state);
+  return el("tr", { "data-backup": b.id, "data-label": b.label },
+    el("td", {}, b.id),
+    el("td", {}, b.volume),
+    el("td", {}, b.image),
+    el("td", {}, when(b.preserved_at)),
+    el("td", { class: "label" }, label, state ? " " : null, state),
+    el("td", { class: "num" }, size(b.size)),
+    el("td", { class: "num" }, b.stored_bytes === null ? "-" : size(b.stored_bytes)),
+    el("td", {}, b.incremental ? `incremental of ${b.parent || "?"}` : "full"),
+    el("td", { class: "verified" }, b.verified ? "checksummed" : "unverified"));
+}
+
+function repoPanel(page) {
+  const facts = [`${page.count ?? "?"} backup(s)`];
+  if (page.encrypted) facts.push(page.locked ? "encrypted, locked" : "encrypted");
+  const panel = el("section", { class: "repo", "data-repo": String(page.index) },
+    el("h2", {}, `Backups in ${page.path}`, el("span", { class: "facts" }, facts.join(" · "))));
+  if (page.error) {
+    panel.append(el("p", { class: "note error" }, page.error));
+    return panel;
+  }
+  if (page.locked) {
+    panel.append(el("p", { class: "note locked" },
+      `${page.note || "encrypted, no key given"}: ${page.count ?? "?"} backup(s), ` +
+      "not listed (owm serve --backup-key-file FILE shows them)"));
+    return panel;
+  }
+  const rows = page.backups || [];
+  if (!rows.length) {
+    panel.append(el("p", { class: "note" }, "No backups yet: owm backup NAME@N --to " + page.path));
+    return panel;
+  }
+  const head = ["id", "volume", "image", "preserved (UTC)", "label", "size", "stored",
+    "parent", "manifest"];
+  panel.append(el("table", { class: "backups" },
+    el("thead", {}, el("tr", {}, ...head.map((h) => el("th", {}, h)))),
+    el("tbody", {}, ...rows.map(backupRow))));
+  if (page.count > page.limit) {
+    const last = Math.min(page.count, page.offset + rows.length);
+    const turn = (offset) => { repoOffsets.set(page.index, Math.max(0, offset)); pollRepos(); };
+    panel.append(el("div", { class: "pager" },
+      el("button", { class: "newer", textContent: "newer", disabled: page.offset === 0,
+        onclick: () => turn(page.offset - PAGE) }),
+      `${page.offset + 1}–${last} of ${page.count}, newest first`,
+      el("button", { class: "older", textContent: "older", disabled: last >= page.count,
+        onclick: () => turn(page.offset + PAGE) })));
+  }
+  return panel;
+}
+
+let repoPolling = false;
+async function pollRepos() {
+  if (repoPolling) return;
+  repoPolling = true;
+  const section = document.getElementById("repos");
+  try {
+    const answer = await fetch("/v1/repos").then((r) => (r.ok ? r.json() : { repos: [] }));
+    const repos = answer.repos || [];
+    section.hidden = repos.length === 0;
+    const pages = await Promise.all(repos.map(async (repo) => {
+      if (repo.locked || repo.error) return repo;
+      const offset = repoOffsets.get(repo.index) || 0;
+      const r = await fetch(`/v1/repos/${repo.index}/backups?offset=${offset}&limit=${PAGE}`);
+      const body = await r.json().catch(() => ({}));
+      return r.ok ? body : { ...repo, error: body.error || `listing failed (${r.status})` };
+    }));
+    section.querySelector(":scope > p.note.error")?.remove();
+    const seen = new Set();
+    for (const page of pages) {
+      seen.add(page.index);
+      const key = JSON.stringify(page);
+      if (repoKeys.get(page.index) === key) continue;
+      repoKeys.set(page.index, key);
+      const panel = repoPanel(page);
+      const old = section.querySelector(`section.repo[data-repo="${page.index}"]`);
+      if (old) old.replaceWith(panel); else section.append(panel);
+    }
+    for (const old of section.querySelectorAll("section.repo")) {
+      const index = Number(old.getAttribute("data-repo"));
+      if (!seen.has(index)) { old.remove(); repoKeys.delete(index); }
+    }
+  } catch (error) {
+    section.hidden = false;
+    section.replaceChildren(el("p", { class: "note error" }, `cannot list backups (${error})`));
+    repoKeys.clear();
+  } finally {
+    repoPolling = false;
+  }
+}
+
 document.getElementById("token-form").addEventListener("submit", (event) => {
   event.preventDefault();
   token = document.getElementById("token").value.trim();
@@ -278,4 +388,9 @@ document.getElementById("token-form").addEventListener("submit", (event) => {
   poll();
 });
 poll();
-setInterval(poll, POLL_MS);
+pollRepos();
+setInterval(() => {
+  poll();
+  repoTick = (repoTick + 1) % REPO_POLL_EVERY;
+  if (repoTick === 0) pollRepos();
+}, POLL_MS);
