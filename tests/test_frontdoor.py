@@ -310,3 +310,29 @@ async def test_bound_exceeded_fails_the_session_only(cluster: Cluster) -> None:
         async with await NbdClient.connect(export, port=cluster.port) as fine:
             await fine.write(0, b"z" * 4096, fua=True)
             assert await fine.read(0, 4096) == b"z" * 4096
+
+
+async def test_a_paused_owner_replaced_in_the_directory(cluster: Cluster) -> None:
+    """SIGSTOP keeps the upstream connection open but silent: once the directory names another
+    owner, the proxy gives the silent one up and carries on there."""
+    assert cluster.server.forwarder is not None
+    cluster.server.forwarder.stall_after = 0.5
+    first = await cluster.owner("first", "vol")
+    second = await cluster.owner("second")
+    await asyncio.to_thread(create_volume, second, "vol")
+    async with await NbdClient.connect("vol", port=cluster.port) as client:
+        await client.write(0, b"1" * 4096, fua=True)
+        first.proc.send_signal(signal.SIGSTOP)
+        try:
+            writer = asyncio.ensure_future(client.write(4096, b"2" * 4096, fua=True))
+            await asyncio.sleep(1.0)
+            assert not writer.done()  # the paused owner holds it
+            cluster.directory.owners["vol"] = remote_of(second, "second")
+            await asyncio.wait_for(writer, 10)
+            assert proxied_view(cluster).remote == cluster.directory.owners["vol"]
+        finally:
+            first.proc.send_signal(signal.SIGCONT)
+    async with await NbdClient.connect(
+        "vol", port=int(second.nbd_tcp.rsplit(":", 1)[1])
+    ) as direct:
+        assert await direct.read(4096, 4096) == b"2" * 4096

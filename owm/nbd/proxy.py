@@ -58,6 +58,7 @@ RELOCATE_FIRST_DELAY = 0.05  # first wait between attempts; doubles up to the ne
 RELOCATE_MAX_DELAY = 1.0
 CONNECT_TIMEOUT = 5.0  # one attempt to reach an owner
 OPEN_TOTAL = 10.0  # an owner unreachable while a client opens its export: retried this long
+STALL_AFTER = 2.0  # no answer for this long with requests waiting: ask whether the owner moved
 
 T = TypeVar("T")
 
@@ -142,11 +143,13 @@ class Forwarder:
         *,
         relocate_total: float = RELOCATE_TOTAL,
         open_total: float = OPEN_TOTAL,
+        stall_after: float = STALL_AFTER,
     ) -> None:
         self.directory = directory
         self.local = local
         self.relocate_total = relocate_total
         self.open_total = open_total
+        self.stall_after = stall_after
         # Per volume: how many upstream connections ended holding writes acknowledged without
         # FUA and not flushed (see the module's docstring).  Only grows, one int per volume.
         self._lost_writes: dict[str, int] = {}
@@ -255,6 +258,11 @@ class ProxyView:
         self._unforced = 0
         self._flushed = 0
         self._lost_seen = forwarder.lost_writes(volume)
+        # Requests waiting on the upstream, and when it last answered one: an owner that was
+        # paused and replaced keeps its connection open, so silence is checked too (_watch).
+        self._waiting = 0
+        self._answered = 0.0
+        self._watcher: asyncio.Task[None] | None = None
 
     @property
     def remote(self) -> Remote | None:
@@ -275,6 +283,11 @@ class ProxyView:
                 continue
             target, generation = self._target, self._generation
             covered = self._unforced
+            if self._waiting == 0:
+                self._answered = asyncio.get_running_loop().time()
+                if self._watcher is None and isinstance(target, _Upstream):
+                    self._watcher = asyncio.get_running_loop().create_task(self._watch())
+            self._waiting += 1
             try:
                 result = await op(target)
             except NbdError as e:
@@ -282,6 +295,9 @@ class ProxyView:
                     raise
                 self._lost(generation, e)
                 continue
+            finally:
+                self._waiting -= 1
+                self._answered = asyncio.get_running_loop().time()
             if kind == _WRITE:
                 if generation == self._generation:
                     self._unforced += 1
@@ -299,6 +315,34 @@ class ProxyView:
                         "changed may have been lost; this flush cannot vouch for them."
                     )
             return result
+
+    async def _watch(self) -> None:
+        """While requests wait, ask the directory whether the owner changed once the upstream
+        has been silent for ``stall_after`` seconds (a paused owner that the cluster fenced and
+        replaced never closes its connection); if it did, give the upstream up."""
+        loop = asyncio.get_running_loop()
+        stall = self._forwarder.stall_after
+        try:
+            while not self._closed and self._waiting:
+                await asyncio.sleep(max(0.05, self._answered + stall - loop.time()))
+                target, generation = self._target, self._generation
+                if (self._closed or not self._waiting or self._relocating is not None
+                        or loop.time() - self._answered < stall
+                        or not isinstance(target, _Upstream)):
+                    continue
+                try:
+                    now = await self._forwarder.owner(self.export_name)
+                except Exception as e:
+                    log.warning("%s: locating %r failed: %s", self._peer, self.export_name, e)
+                    now = target.remote
+                if now != target.remote and generation == self._generation:
+                    self._lost(generation, ConnectionLost(
+                        f"no answer for {loop.time() - self._answered:.1f} s and the "
+                        f"directory names {_describe(now) if now else 'this daemon'} now"))
+                else:
+                    self._answered = loop.time()  # the same owner, just slow: look again later
+        finally:
+            self._watcher = None
 
     def _lost(self, generation: int, error: NbdError) -> None:
         """The upstream of ``generation`` is gone: give it up and find the owner again."""
@@ -402,6 +446,8 @@ class ProxyView:
     async def close(self, clean: bool = True) -> None:
         """End the upstream session the way the client ended its own (clean or not)."""
         self._closed = True
+        if self._watcher is not None:
+            self._watcher.cancel()
         relocating = self._relocating
         if relocating is not None:
             relocating.cancel()
