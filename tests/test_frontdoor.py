@@ -20,6 +20,7 @@ from conftest import Daemon, start_daemon
 from nbd_fixtures import have, run
 
 from owm.common.cluster import Remote
+from owm.nbd.access import AccessRules
 from owm.nbd.client import NbdClient, NbdError
 from owm.nbd.proxy import ProxyView
 from owm.nbd.server import NbdServer
@@ -336,3 +337,29 @@ async def test_a_paused_owner_replaced_in_the_directory(cluster: Cluster) -> Non
         "vol", port=int(second.nbd_tcp.rsplit(":", 1)[1])
     ) as direct:
         assert await direct.read(4096, 4096) == b"2" * 4096
+
+
+async def test_front_door_access_rules_apply_to_forwarded_exports(cluster: Cluster) -> None:
+    rules = AccessRules.parse(
+        '[[rule]]\nclient = "any"\nexports = ["open"]\naccess = "rw"\n'
+        '[[rule]]\nclient = "any"\nexports = ["look"]\naccess = "ro"\n'
+    )
+    await cluster.owner("owner", "open", "look", "secret")
+    guarded = NbdServer(cluster.pool, directory=cluster.directory, access=rules)
+    await guarded.start(tcp=("127.0.0.1", 0))
+    try:
+        port = guarded.tcp_port
+        listed = await NbdClient.list_exports(port=port)
+        assert sorted(name for name, _ in listed) == ["look", "open"]
+        with pytest.raises(NbdError, match="not allowed"):
+            await NbdClient.connect("secret", port=port)
+        with pytest.raises(NbdError, match="not allowed"):
+            await NbdClient.query("secret", port=port)
+        async with await NbdClient.connect("look", port=port) as ro:
+            assert ro.read_only
+            with pytest.raises(NbdError, match="EPERM"):
+                await ro.write(0, b"w" * 4096)
+        async with await NbdClient.connect("open", port=port) as rw:
+            await rw.write(0, b"w" * 4096, fua=True)
+    finally:
+        await guarded.stop()

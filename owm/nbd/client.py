@@ -101,6 +101,10 @@ class NbdClient:
         self._reader_task: asyncio.Task[None] | None = None
         self._broken: NbdError | None = None
         self._closed = False
+        # Requests sent in one event-loop turn go out in one writelines call (one syscall
+        # instead of one per request when many are in flight).
+        self._out: list[bytes | bytearray | memoryview] = []
+        self._flush_scheduled = False
 
     # ------------------------------------------------------------------------ properties
 
@@ -449,14 +453,15 @@ class NbdClient:
         header = _REQUEST.pack(c.REQUEST_MAGIC, flags, command, handle, offset, length)
         try:
             if payload is None:
-                self._writer.write(header)
+                self._queue(header)
             else:
                 assert isinstance(payload, bytes | bytearray | memoryview)
                 if length <= 65536:
-                    self._writer.write(header + bytes(payload))
+                    self._queue(header + bytes(payload))
                 else:
-                    self._writer.writelines([header, payload])
-                await self._writer.drain()
+                    self._queue(header, payload)
+                    self._flush_out()
+                    await self._writer.drain()
         except (OSError, RuntimeError) as e:
             # The transport is gone (reset, or closed under us): the request never left.
             self._pending.pop(handle, None)
@@ -464,6 +469,25 @@ class NbdClient:
                 future.cancel()
             raise ConnectionLost(f"The connection broke: {e}.", c.EIO) from None
         return await future
+
+    def _queue(self, *data: bytes | bytearray | memoryview) -> None:
+        self._out.extend(data)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush_out)
+
+    def _flush_out(self) -> None:
+        self._flush_scheduled = False
+        out, self._out = self._out, []
+        if not out or self._writer.transport.is_closing():
+            return  # a closed connection: the reader fails what is pending
+        try:
+            if len(out) == 1:
+                self._writer.write(out[0])
+            else:
+                self._writer.writelines(out)
+        except (OSError, RuntimeError):
+            pass  # the reader sees the broken connection and fails what is pending
 
     async def read(self, offset: int, length: int) -> bytes:
         """``length`` bytes from ``offset``."""
@@ -568,6 +592,7 @@ class NbdClient:
         if pending:
             await asyncio.wait(pending, timeout=timeout)
         self._closed = True
+        self._flush_out()
         if self._broken is None:
             with contextlib.suppress(OSError):
                 self._writer.write(_REQUEST.pack(c.REQUEST_MAGIC, 0, c.CMD_DISC, 0, 0, 0))
