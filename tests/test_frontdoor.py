@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 from conftest import Daemon, start_daemon
-from nbd_fixtures import have, run
+from nbd_fixtures import have, run, wait_for
 
 from owm.common.cluster import Remote
 from owm.nbd.access import AccessRules
@@ -363,3 +363,10 @@ async def test_front_door_access_rules_apply_to_forwarded_exports(cluster: Clust
             await rw.write(0, b"w" * 4096, fua=True)
     finally:
         await guarded.stop()
+
+
+async def test_a_directory_naming_the_front_door_itself_fails_plainly(cluster: Cluster) -> None:
+    cluster.directory.owners["loop"] = Remote("front", ("127.0.0.1", cluster.port), None)
+    with pytest.raises(NbdError, match="Too many forwarded exports"):
+        await NbdClient.connect("loop", port=cluster.port, timeout=30)
+    await wait_for(lambda: cluster.server.connection_count == 0, timeout=10)

@@ -58,6 +58,10 @@ RELOCATE_FIRST_DELAY = 0.05  # first wait between attempts; doubles up to the ne
 RELOCATE_MAX_DELAY = 1.0
 CONNECT_TIMEOUT = 5.0  # one attempt to reach an owner
 OPEN_TOTAL = 10.0  # an owner unreachable while a client opens its export: retried this long
+# Forwarded opens waiting on an owner at once.  A directory that names this daemon itself, or
+# two daemons that each name the other mid-failover, would chain connections without end;
+# past this many the open is refused and the whole chain unwinds with errors.
+MAX_OPENING = 64
 STALL_AFTER = 2.0  # no answer for this long with requests waiting: ask whether the owner moved
 
 T = TypeVar("T")
@@ -150,6 +154,7 @@ class Forwarder:
         self.relocate_total = relocate_total
         self.open_total = open_total
         self.stall_after = stall_after
+        self._opening = 0
         # Per volume: how many upstream connections ended holding writes acknowledged without
         # FUA and not flushed (see the module's docstring).  Only grows, one int per volume.
         self._lost_writes: dict[str, int] = {}
@@ -173,6 +178,16 @@ class Forwarder:
     async def _reach(self, name: str, remote: Remote, *, info_only: bool) -> NbdClient:
         """Connect to the owner, retrying (bounded) while it cannot be reached or is stopping;
         a definite refusal (no such export, not allowed) is raised at once."""
+        if self._opening >= MAX_OPENING:
+            raise Unavailable(f"Too many forwarded exports are being opened at once; does the "
+                              f"directory name this daemon as the owner of {name!r}?")
+        self._opening += 1
+        try:
+            return await self._reach_owner(name, remote, info_only=info_only)
+        finally:
+            self._opening -= 1
+
+    async def _reach_owner(self, name: str, remote: Remote, *, info_only: bool) -> NbdClient:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.open_total
         delay = RELOCATE_FIRST_DELAY
