@@ -370,3 +370,31 @@ async def test_a_directory_naming_the_front_door_itself_fails_plainly(cluster: C
     with pytest.raises(NbdError, match="Too many forwarded exports"):
         await NbdClient.connect("loop", port=cluster.port, timeout=30)
     await wait_for(lambda: cluster.server.connection_count == 0, timeout=10)
+
+
+async def test_front_door_tls_applies_to_forwarded_exports(cluster: Cluster,
+                                                           tmp_path: Path) -> None:
+    """TLS is the front door's business: a TLS client's certificate CN meets the front door's
+    rules; the upstream hop to the owner is plain NBD on the cluster's network."""
+    from test_tls import make_pki, nbds_uri, qemu_io_tls
+
+    from owm.nbd.tls import TlsSettings, server_context
+
+    pki = make_pki(tmp_path / "pki")
+    await cluster.owner("owner", "vol")
+    rules = AccessRules.parse('[[rule]]\nclient = "alice"\nexports = ["vol"]\naccess = "rw"\n')
+    settings = TlsSettings("require", pki.server_cert, pki.server_key, pki.ca, verify_peer=True)
+    tls = NbdServer(cluster.pool, directory=cluster.directory, access=rules,
+                    tls_context=server_context(settings), tls_mode="require")
+    await tls.start(tcp=("127.0.0.1", 0))
+    try:
+        address = f"127.0.0.1:{tls.tcp_port}"
+        await run(*qemu_io_tls(address, "vol", pki.client_dir("alice"), "write -P 0x5a 0 64k",
+                               "read -P 0x5a 0 64k"))
+        bob = await run("nbdinfo", nbds_uri(address, "vol", pki.client_dir("bob")), check=False)
+        assert bob.returncode != 0
+        plain = await run("nbdinfo", f"nbd://{address}/vol", check=False)
+        assert plain.returncode != 0
+    finally:
+        await tls.stop()
+    await qemu_io(cluster.uri("vol"), "read -P 0x5a 0 64k", read_only=True)
