@@ -530,6 +530,11 @@ class _Connection(asyncio.BufferedProtocol):
         if self._lost:
             await self._finish(clean=False)
             return
+        if self._stopping:  # the server began to stop while the directory was asked
+            self._close_transport()
+            if not self._finished.done():
+                self._finished.set_result(None)
+            return
         self._update_reading()
         self._process()
 
