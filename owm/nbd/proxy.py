@@ -33,7 +33,12 @@ the reconnection would make that flush lie.  The proxy therefore counts writes a
 without FUA and not yet covered by a completed flush; if an upstream connection ends with any,
 the next FLUSH of every session of that volume through this front door (the export says
 CAN_MULTI_CONN, so a flush on one connection speaks for all) fails with EIO once, as an fsync
-does after lost write-back, and only later flushes succeed again.
+does after lost write-back, and only later flushes succeed again.  (Keeping those writes to
+replay them on the new owner would not be safe: another session may have written the same
+blocks there since, and a replay would put older data over newer.)  Requests that had no answer
+are sent again as they are: the client had no acknowledgement of them, so nothing it sent after
+them may depend on their order.  A paused owner that resumes after being replaced must be kept
+from writing by the cluster's fencing; the proxy has dropped its connection by then.
 """
 
 from __future__ import annotations
