@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from conftest import REPO, Daemon, cli_env, start_daemon
+from conftest import REPO, Daemon, UnixHTTPConnection, cli_env, http_call, start_daemon
 from test_frontdoor import SIZE, FakeDirectory, create_volume, remote_of
 
 from owm.control.context import ControlContext
@@ -93,9 +93,17 @@ async def test_cli_through_the_front_door(front: Front) -> None:
     assert "vol@0" in out and "here" in out
 
     await front.owm("wait", "vol@0", "--timeout", "10")
+    _, out, err = await front.owm("cutover", "vol@0")
+    assert "already" in out + err  # the owner's answer: it had drained, nothing cut over
     _, out, _ = await front.owm("release", "vol@0")
     status, body = await asyncio.to_thread(front.owner.api, "GET", "/v1/images/vol@0")
     assert status == 404  # released on the owner
+
+    # A route naming a path on this host is not forwarded, and says so.
+    status, body = await asyncio.to_thread(
+        http_call, UnixHTTPConnection(front.pool_dir / "control.sock"), "POST",
+        "/v1/volumes/vol/restore/source", {"from": "repo 1", "socket": "/tmp/x.sock"})
+    assert status == 409 and "must be done on that daemon's host" in body["error"]
 
     # A volume's errors come back from its owner as they are: one sentence, exit 1.
     code, _, err = await front.owm("release", "vol@7", check=False)

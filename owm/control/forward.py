@@ -25,7 +25,7 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 
 from owm.common.cluster import Remote
-from owm.common.errors import InvalidRequest, Unavailable
+from owm.common.errors import InvalidRequest, Unavailable, WrongState
 from owm.common.names import parse_image_name
 from owm.control.context import CONTEXT, ControlContext
 
@@ -39,6 +39,10 @@ STATUS_TIMEOUT = 10.0  # each owner's part of a cluster-wide status
 PASSED_HEADERS = ("Content-Type", "Accept", "User-Agent")
 
 JSON = dict[str, Any]
+
+# Routes that name a path on this host (a live restore's source socket): they cannot be
+# forwarded, the owner would look for that path on its own host.
+LOCAL_ONLY = {"/v1/volumes/{name}/restore/source": "attaching a live restore's source socket"}
 
 
 def _volume_of(request: web.Request) -> str | None:
@@ -138,6 +142,11 @@ async def forward_to_owner(request: web.Request, handler: Handler) -> web.Stream
     remote = await _owner(ctx, volume)
     if remote is None:
         return await handler(request)  # served here (or nowhere: the local 404)
+    resource = request.match_info.route.resource
+    what = LOCAL_ONLY.get(resource.canonical if resource is not None else "")
+    if what is not None:
+        raise WrongState(f"volume {volume} is served by {_where(remote)}; {what} must be done "
+                         "on that daemon's host")
     return await forward(request, ctx, volume, remote)
 
 
