@@ -394,6 +394,9 @@ class ProxyView:
                 except (OwmError, OSError, TimeoutError, asyncio.IncompleteReadError) as e:
                     why = str(e) or type(e).__name__
                 else:
+                    if self._closed:
+                        await _quietly_close(target)
+                        return
                     if target.size != self.size or (target.read_only and not self.read_only):
                         await _quietly_close(target)
                         self._fail(f"Export {self.export_name!r} changed its size or became "
@@ -408,6 +411,8 @@ class ProxyView:
                     break
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, RELOCATE_MAX_DELAY)
+            if self._closed:
+                return
             self._fail(f"The owner of {self.export_name!r} could not be found again within "
                        f"{self._forwarder.relocate_total:g} s: {why.rstrip('.')}.")
         finally:
