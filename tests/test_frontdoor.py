@@ -398,3 +398,23 @@ async def test_front_door_tls_applies_to_forwarded_exports(cluster: Cluster,
     finally:
         await tls.stop()
     await qemu_io(cluster.uri("vol"), "read -P 0x5a 0 64k", read_only=True)
+
+
+async def test_the_front_door_becoming_the_owner_serves_the_session_here(cluster: Cluster) -> None:
+    """The directory says None once this daemon serves the volume itself (it took it over):
+    the session goes on on the local pool."""
+    owner = await cluster.owner("owner", "vol")
+    async with await NbdClient.connect("vol", port=cluster.port) as client:
+        await client.write(0, b"o" * 4096, fua=True)
+        await cluster.pool.create_volume("vol", SIZE)  # this daemon takes the volume over
+        del cluster.directory.owners["vol"]
+        owner.proc.send_signal(signal.SIGKILL)
+        await asyncio.to_thread(owner.proc.wait)
+        await client.write(4096, b"h" * 4096, fua=True)
+        assert proxied_view(cluster).remote is None
+        assert await client.read(4096, 4096) == b"h" * 4096
+    view = await cluster.pool.open_export("vol", "test")
+    try:
+        assert await view.read(4096, 4096) == b"h" * 4096
+    finally:
+        await view.close()
