@@ -18,6 +18,7 @@ from owm.common import errors
 from owm.control.backup_routes import routes as backup_routes
 from owm.control.common import ShuttingDown
 from owm.control.context import CONTEXT, ControlContext
+from owm.control.forward import forward_to_owner
 from owm.control.group_routes import routes as group_routes
 from owm.control.lock_routes import routes as lock_routes
 from owm.control.openapi import routes as openapi_routes
@@ -115,7 +116,7 @@ def bearer_token_check(token: str) -> Middleware:
 
 def create_app(ctx: ControlContext, token: str | None = None) -> web.Application:
     """The control application over ``ctx``; with ``token``, every request must present it."""
-    middlewares: list[Middleware] = [json_errors]
+    middlewares: list[Middleware] = [json_errors, forward_to_owner]
     if token is not None:
         middlewares.insert(0, bearer_token_check(token))
     app = web.Application(middlewares=middlewares, client_max_size=1 << 20)

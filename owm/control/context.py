@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from aiohttp import web
 
+from owm.common.cluster import Directory
 from owm.common.errors import NotFound
 from owm.common.names import parse_image_name
 from owm.locks.app import LockService
@@ -76,6 +77,10 @@ class ControlContext:
     # The backups of the repositories ``owm serve --backup-repo`` names, listed by the CLI's
     # owm.backup.listing (this package may not read repositories itself).  Set by the daemon.
     backup_repos: BackupRepos | None = None
+    # In a cluster: where each volume is served (requests about volumes owned by another daemon
+    # are forwarded there, owm.control.forward) and the control token the cluster shares.
+    directory: Directory | None = None
+    cluster_token: str | None = None
 
     def volume(self, name: str) -> JSON:
         """The status dict of one volume, NotFound if there is none of that name."""

@@ -21,6 +21,7 @@ from owm.control.body import Body
 from owm.control.common import ShuttingDown, completed, ctx_of, name_arg, no_body, ok
 from owm.control.context import ControlContext, holding_sessions
 from owm.control.dashboard import STATIC, static_file
+from owm.control.forward import cluster_status, is_forwarded
 from owm.control.metrics import health_answer, metrics_endpoint
 
 log = logging.getLogger("owm.control")
@@ -52,7 +53,10 @@ for _path in STATIC:
 
 @routes.get("/v1/volumes")
 async def list_volumes(request: web.Request) -> web.Response:
-    return ok(ctx_of(request).pool.status())
+    ctx = ctx_of(request)
+    if ctx.directory is not None and not is_forwarded(request):
+        return ok(await cluster_status(ctx, ctx.pool.status()))
+    return ok(ctx.pool.status())
 
 
 @routes.post("/v1/volumes")

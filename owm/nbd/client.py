@@ -61,6 +61,11 @@ class NbdError(OwmError):
         self.reply_type = reply_type
 
 
+class ConnectionLost(NbdError):
+    """The connection ended (closed, reset, or broken by a reply the client could not parse)
+    before the request was answered: the server may or may not have carried it out."""
+
+
 @dataclass(slots=True)
 class _Pending:
     command: int
@@ -96,6 +101,10 @@ class NbdClient:
         self._reader_task: asyncio.Task[None] | None = None
         self._broken: NbdError | None = None
         self._closed = False
+        # Requests sent in one event-loop turn go out in one writelines call (one syscall
+        # instead of one per request when many are in flight).
+        self._out: list[bytes | bytearray | memoryview] = []
+        self._flush_scheduled = False
 
     # ------------------------------------------------------------------------ properties
 
@@ -163,6 +172,37 @@ class NbdClient:
             with contextlib.suppress(Exception):
                 await writer.wait_closed()
 
+    @classmethod
+    async def query(
+        cls,
+        export: str,
+        *,
+        unix_path: str | None = None,
+        host: str | None = None,
+        port: int = 10809,
+        timeout: float | None = 30.0,
+    ) -> NbdClient:
+        """What the server tells about ``export`` (NBD_OPT_INFO: size, flags, description, block
+        sizes) without opening it; the connection is closed again, so the answer only carries
+        those attributes."""
+        reader, writer = await asyncio.wait_for(cls._open(unix_path, host, port), timeout)
+        client = cls(reader, writer, export)
+        try:
+            async def ask() -> None:
+                await client._greet()
+                await client._describe(c.OPT_INFO)
+                client._send_option(c.OPT_ABORT)
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(client._option_reply(c.OPT_ABORT), 1.0)
+
+            await asyncio.wait_for(ask(), timeout)
+        finally:
+            client._closed = True
+            writer.close()
+            with contextlib.suppress(Exception):
+                await writer.wait_closed()
+        return client
+
     async def _greet(self) -> None:
         magic, ihaveopt, flags = _GREETING.unpack(await self._reader.readexactly(_GREETING.size))
         if magic != c.NBDMAGIC or ihaveopt != c.IHAVEOPT:
@@ -229,18 +269,23 @@ class NbdClient:
                         (self.meta_context_id,) = _U32.unpack_from(payload)
                 elif reply_type == c.REP_ACK or reply_type & c.REP_ERR_BIT:
                     break
+        await self._describe(c.OPT_GO)
+
+    async def _describe(self, option: int) -> None:
+        """Send GO or INFO for the export and take in what the server tells about it."""
+        name = self.export.encode("utf-8")
         infos = (c.INFO_NAME, c.INFO_DESCRIPTION, c.INFO_BLOCK_SIZE)
         data = _U32.pack(len(name)) + name + _U16.pack(len(infos))
         data += b"".join(_U16.pack(i) for i in infos)
-        self._send_option(c.OPT_GO, data)
+        self._send_option(option, data)
         got_export = False
         while True:
-            reply_type, payload = await self._option_reply(c.OPT_GO)
+            reply_type, payload = await self._option_reply(option)
             if reply_type == c.REP_ACK:
                 if not got_export:
                     raise NbdError("The server accepted GO without describing the export.")
                 return
-            if reply_type == c.REP_ERR_UNSUP:
+            if reply_type == c.REP_ERR_UNSUP and option == c.OPT_GO:
                 await self._export_name_fallback(name)
                 return
             if reply_type & c.REP_ERR_BIT:
@@ -287,7 +332,7 @@ class NbdClient:
                 except asyncio.IncompleteReadError as e:
                     if e.partial:
                         raise
-                    self._fail_all(NbdError("The server closed the connection.", c.ESHUTDOWN))
+                    self._fail_all(ConnectionLost("The server closed the connection.", c.ESHUTDOWN))
                     return
                 (magic,) = _U32.unpack(head)
                 if magic == c.SIMPLE_REPLY_MAGIC:
@@ -318,10 +363,10 @@ class NbdClient:
                 else:
                     raise NbdError(f"The server sent a reply with bad magic {magic:#x}.")
         except NbdError as e:
-            self._fail_all(e)
+            self._fail_all(e if isinstance(e, ConnectionLost) else ConnectionLost(str(e), e.errno))
             self._writer.close()
         except (OSError, asyncio.IncompleteReadError) as e:
-            self._fail_all(NbdError(f"The connection broke: {e}.", c.EIO))
+            self._fail_all(ConnectionLost(f"The connection broke: {e}.", c.EIO))
             self._writer.close()
 
     def _chunk(self, p: _Pending, rtype: int, payload: bytes) -> None:
@@ -406,16 +451,43 @@ class NbdClient:
         future: asyncio.Future[object] = asyncio.get_running_loop().create_future()
         self._pending[handle] = _Pending(command, offset, length, future)
         header = _REQUEST.pack(c.REQUEST_MAGIC, flags, command, handle, offset, length)
-        if payload is None:
-            self._writer.write(header)
-        else:
-            assert isinstance(payload, bytes | bytearray | memoryview)
-            if length <= 65536:
-                self._writer.write(header + bytes(payload))
+        try:
+            if payload is None:
+                self._queue(header)
             else:
-                self._writer.writelines([header, payload])
-            await self._writer.drain()
+                assert isinstance(payload, bytes | bytearray | memoryview)
+                if length <= 65536:
+                    self._queue(header + bytes(payload))
+                else:
+                    self._queue(header, payload)
+                    self._flush_out()
+                    await self._writer.drain()
+        except (OSError, RuntimeError) as e:
+            # The transport is gone (reset, or closed under us): the request never left.
+            self._pending.pop(handle, None)
+            if not future.done():
+                future.cancel()
+            raise ConnectionLost(f"The connection broke: {e}.", c.EIO) from None
         return await future
+
+    def _queue(self, *data: bytes | bytearray | memoryview) -> None:
+        self._out.extend(data)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush_out)
+
+    def _flush_out(self) -> None:
+        self._flush_scheduled = False
+        out, self._out = self._out, []
+        if not out or self._writer.transport.is_closing():
+            return  # a closed connection: the reader fails what is pending
+        try:
+            if len(out) == 1:
+                self._writer.write(out[0])
+            else:
+                self._writer.writelines(out)
+        except (OSError, RuntimeError):
+            pass  # the reader sees the broken connection and fails what is pending
 
     async def read(self, offset: int, length: int) -> bytes:
         """``length`` bytes from ``offset``."""
@@ -520,6 +592,7 @@ class NbdClient:
         if pending:
             await asyncio.wait(pending, timeout=timeout)
         self._closed = True
+        self._flush_out()
         if self._broken is None:
             with contextlib.suppress(OSError):
                 self._writer.write(_REQUEST.pack(c.REQUEST_MAGIC, 0, c.CMD_DISC, 0, 0, 0))
@@ -537,7 +610,7 @@ class NbdClient:
         self._closed = True
         transport = self._writer.transport
         transport.abort()
-        self._fail_all(NbdError("The client aborted the connection.", c.ESHUTDOWN))
+        self._fail_all(ConnectionLost("The client aborted the connection.", c.ESHUTDOWN))
         if self._reader_task is not None:
             self._reader_task.cancel()
 

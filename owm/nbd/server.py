@@ -51,12 +51,14 @@ import time
 from collections.abc import Callable, Coroutine
 from typing import Any, cast
 
+from owm.common.cluster import Directory, Remote
 from owm.common.errors import InvalidRequest, NotFound, OwmError
 from owm.common.names import parse_export_name
 from owm.common.view import ExportInfo, Exports, View
 from owm.nbd import constants as c
 from owm.nbd import protocol as p
 from owm.nbd.access import READ_ONLY, AccessRules, Client
+from owm.nbd.proxy import Forwarder
 from owm.nbd.tls import peer_identity
 
 log = logging.getLogger("owm.nbd.server")
@@ -419,6 +421,9 @@ class _Connection(asyncio.BufferedProtocol):
                     machine.reply_option_error(c.REP_ERR_SHUTDOWN, "The server is stopping.")
                 )
                 return
+            if self.server.forwarder is not None:
+                self._begin_cluster_option(self._list_cluster())
+                return
             try:
                 exports = [
                     (i.name, i.description)
@@ -447,7 +452,9 @@ class _Connection(asyncio.BufferedProtocol):
                 self._begin_open(event.name, go=False)
         elif isinstance(event, p.MetaContextRequest):
             info = self._lookup(event.export_name)
-            if info is not None and self._access(info.name) is None:
+            if info is None and self.server.forwarder is not None:
+                self._begin_cluster_option(self._meta_context_remote(event.export_name))
+            elif info is not None and self._access(info.name) is None:
                 self._send(machine.reply_option_error(c.REP_ERR_POLICY, self._denied(info.name)))
             else:
                 self._send(machine.reply_meta_context(info is not None))
@@ -495,6 +502,9 @@ class _Connection(asyncio.BufferedProtocol):
 
     def _answer_info(self, name: str) -> None:
         info, why = self._find(name)
+        if info is None and self.server.forwarder is not None:
+            self._begin_cluster_option(self._answer_info_remote(name, why))
+            return
         if info is None:
             self._send(self.machine.reply_option_error(c.REP_ERR_UNKNOWN, why))
             return
@@ -505,6 +515,80 @@ class _Connection(asyncio.BufferedProtocol):
         if access == READ_ONLY:
             info = dataclasses.replace(info, read_only=True)
         self._send(self.machine.reply_info(info))
+
+    # ----------------------------------------------- the cluster's front door (owm.nbd.proxy)
+
+    def _begin_cluster_option(self, answer: Coroutine[Any, Any, None]) -> None:
+        """Answer an option that needs the cluster's directory, as a task (like GO)."""
+        self._option_busy = True
+        self._update_reading()
+        self._loop.create_task(self._open(self._after_cluster_option(answer)))
+
+    async def _after_cluster_option(self, answer: Coroutine[Any, Any, None]) -> None:
+        await answer
+        self._option_busy = False
+        if self._lost:
+            await self._finish(clean=False)
+            return
+        if self._stopping:  # the server began to stop while the directory was asked
+            self._close_transport()
+            if not self._finished.done():
+                self._finished.set_result(None)
+            return
+        self._update_reading()
+        self._process()
+
+    def _forward_failed(self) -> None:
+        """The owner of a forwarded export could not be found again: answer what is in flight
+        (EIO) and close the connection."""
+        self._loop.create_task(self._finish(clean=False))
+
+    async def _owner(self, name: str) -> Remote | None:
+        forwarder = self.server.forwarder
+        if forwarder is None:
+            return None
+        try:
+            return await forwarder.owner(name)
+        except Exception:
+            log.exception("locating export %r in the cluster failed", name)
+            return None
+
+    async def _list_cluster(self) -> None:
+        assert self.server.forwarder is not None
+        try:
+            local = [(i.name, i.description) for i in self.server.exports.list_exports()]
+            exports = await self.server.forwarder.list_exports(local)
+        except Exception:
+            log.exception("listing the cluster's exports failed")
+            self._send(self.machine.reply_option_error(c.REP_ERR_UNSUP, "Listing failed."))
+            return
+        self._send(self.machine.reply_list([e for e in exports if self._access(e[0]) is not None]))
+
+    async def _meta_context_remote(self, name: str) -> None:
+        remote = await self._owner(name)
+        if remote is not None and self._access(name) is None:
+            self._send(self.machine.reply_option_error(c.REP_ERR_POLICY, self._denied(name)))
+        else:
+            self._send(self.machine.reply_meta_context(remote is not None))
+
+    async def _answer_info_remote(self, name: str, why: str) -> None:
+        assert self.server.forwarder is not None
+        remote = await self._owner(name)
+        access = self._access(name) if remote is not None else None
+        if remote is None:
+            self._send(self.machine.reply_option_error(c.REP_ERR_UNKNOWN, why))
+        elif access is None:
+            self._send(self.machine.reply_option_error(c.REP_ERR_POLICY, self._denied(name)))
+        else:
+            try:
+                info = await self.server.forwarder.info(name, remote)
+            except OwmError as e:
+                reply = getattr(e, "reply_type", 0) or c.REP_ERR_UNKNOWN
+                self._send(self.machine.reply_option_error(reply, str(e)))
+                return
+            if access == READ_ONLY:
+                info = dataclasses.replace(info, read_only=True)
+            self._send(self.machine.reply_info(info))
 
     # ------------------------------------------------------------------ access and TLS
 
@@ -583,15 +667,15 @@ class _Connection(asyncio.BufferedProtocol):
     def _begin_open(self, name: str, go: bool) -> None:
         self._option_busy = True
         self._update_reading()
-        self._loop.create_task(self._open(name, go))
+        self._loop.create_task(self._open(self._open_export(name, go)))
 
-    async def _open(self, name: str, go: bool) -> None:
+    async def _open(self, answer: Coroutine[Any, Any, None]) -> None:
         try:
-            await self._open_export(name, go)
+            await answer
         except Exception:
             # A bug, not a client mistake; still, the option must not stay unanswered with the
             # socket open: drop the connection.
-            log.exception("%s: answering the option for export %r failed", self.peer, name)
+            log.exception("%s: answering an option failed", self.peer)
             self._option_busy = False
             self._close_transport(abort=True)
             if self._lost:
@@ -602,18 +686,28 @@ class _Connection(asyncio.BufferedProtocol):
         view: View | None = None
         error: tuple[int, str] | None = None
         info, why = self._find(name)
-        access = self._access(info.name) if info is not None else None
-        if info is None:
+        remote = await self._owner(name) if info is None else None
+        access = self._access(info.name if info is not None else name)
+        if info is None and remote is None:
             error = (c.REP_ERR_UNKNOWN, why)
         elif access is None:
-            error = (c.REP_ERR_POLICY, self._denied(info.name))
+            error = (c.REP_ERR_POLICY, self._denied(info.name if info is not None else name))
         else:
-            if access == READ_ONLY:
-                info = dataclasses.replace(info, read_only=True)
             try:
-                view = await self.server.exports.open_export(info.name, self.peer)
+                if remote is not None:
+                    assert self.server.forwarder is not None
+                    proxied = await self.server.forwarder.open(
+                        name, remote, self.peer, self._forward_failed)
+                    view, info = proxied, proxied.info
+                else:
+                    assert info is not None
+                    view = await self.server.exports.open_export(info.name, self.peer)
+                if access == READ_ONLY:
+                    info = dataclasses.replace(info, read_only=True)
             except OwmError as e:
-                error = (_OPTION_ERRORS.get(type(e).__name__, c.REP_ERR_UNKNOWN), str(e))
+                reply = getattr(e, "reply_type", 0) or _OPTION_ERRORS.get(
+                    type(e).__name__, c.REP_ERR_UNKNOWN)
+                error = (reply, str(e))
             except Exception:
                 log.exception("opening export %r failed", name)
                 error = (c.REP_ERR_UNKNOWN, "The export could not be opened.")
@@ -852,6 +946,7 @@ class NbdServer:
         tls_context: ssl.SSLContext | None = None,
         tls_mode: str = p.TLS_OFF,
         access: AccessRules | None = None,
+        directory: Directory | None = None,
     ) -> None:
         if tls_mode not in p.TLS_MODES:
             raise ValueError(f"unknown TLS mode {tls_mode!r}")
@@ -861,6 +956,8 @@ class NbdServer:
         self.tls_context = tls_context if tls_mode != p.TLS_OFF else None
         self.tls_mode = tls_mode
         self.access = access
+        # With a cluster's directory, exports served by other daemons are forwarded there.
+        self.forwarder = Forwarder(directory, exports) if directory is not None else None
         self._connections: set[_Connection] = set()
         self._servers: list[asyncio.AbstractServer] = []
         self._unix_path: str | None = None
