@@ -271,3 +271,88 @@ def test_kill_owner_under_fua_writes_fails_over(cluster: Cluster) -> None:
     worst = max(timings)
     print(f"failover times (s): {[round(t, 2) for t in timings]}")
     assert worst <= FAILOVER_BOUND, f"failover took {worst:.1f} s (bound {FAILOVER_BOUND} s)"
+
+
+def test_paused_owner_is_fenced(cluster: Cluster) -> None:
+    """SIGSTOP the owner until its lease ends; another daemon takes the volume over (fencing
+    the paused one) and writes; SIGCONT the first, whose client (still connected) then sends a
+    FUA write: refused, never acknowledged, and the data stays the new owner's.  The paused
+    daemon then stops by itself with one sentence."""
+    a, b = cluster.start("a"), cluster.start("b")
+    ok(a.owm("volume", "create", "vol", "--size", "4M"))
+
+    async def scenario() -> None:
+        stale = await nbd(a, "vol")
+        await stale.write(0, pattern(1, 1), fua=True)
+        os.kill(a.proc.pid, signal.SIGSTOP)
+        try:
+            await asyncio.to_thread(wait_until, "b owns vol", lambda: "vol" in cluster.owned("b"),
+                                    TTL * 5 + 10)
+            fresh = await nbd(b, "vol")
+            await fresh.write(0, pattern(2, 2), fua=True)
+            await fresh.disconnect()
+            # Sent while a is still paused: the first thing it finds when it wakes up.
+            late = asyncio.create_task(stale.write(0, pattern(3, 3), fua=True))
+            await asyncio.sleep(0.2)
+        finally:
+            os.kill(a.proc.pid, signal.SIGCONT)
+        try:
+            await asyncio.wait_for(late, 30)
+            acknowledged = True
+        except Exception:  # EIO from the daemon, or its connection closed as it stops
+            acknowledged = False
+        stale.abort()
+        assert not acknowledged, "the fenced daemon acknowledged a write"
+        data = await read_all(b, "vol", BLOCK)
+        assert data == pattern(2, 2), "the new owner's data was overwritten"
+
+    asyncio.run(scenario())
+    code = a.proc.wait(timeout=30)
+    assert code == 75, a.log_text()
+    lost = [line for line in a.log_text().splitlines() if "stops at once" in line]
+    assert len(lost) == 1, a.log_text()
+    assert "blocklisted" in b.log_text() or "fenced daemon a" in b.log_text(), b.log_text()
+
+
+def test_planned_move(cluster: Cluster, hold_session: Any) -> None:
+    """``owm volume move``: refused with one sentence while an image drains; with the image
+    drained the volume moves (no fencing: it was closed cleanly), its data and images intact,
+    served by the target; ``--force`` moves it while draining and the image ends
+    drained-unclean; ``owm cluster status`` shows who owns what from any daemon."""
+    a, b = cluster.start("a"), cluster.start("b")
+    ok(a.owm("volume", "create", "vol", "--size", "4M"))
+    holder = hold_session(a, "vol")  # writes 4K of "h" at 0 and flushes
+    image = ok(a.owm("preserve", "vol")).strip()
+    line = one_sentence(b.owm("volume", "move", "vol", "--to", "b"))
+    assert f"wait for {image} to drain, or cut it over" in line.lower(), line
+    assert "vol" in cluster.owned("a") and "vol" not in cluster.owned("b")
+    holder.disconnect()  # a clean end: the image drains, transaction-consistent
+    ok(a.owm("wait", image, "--timeout", "10"))
+    before = asyncio.run(read_all(a, "vol", 2 * BLOCK))
+    assert before == b"h" * BLOCK + bytes(BLOCK)
+    ok(b.owm("volume", "move", "vol", "--to", "b"))
+    wait_until("b serves vol", lambda: "vol" in cluster.owned("b"), 10)
+    assert "vol" not in cluster.owned("a")
+    assert "fenced" not in b.log_text()
+    assert asyncio.run(read_all(b, "vol", 2 * BLOCK)) == before
+    assert asyncio.run(read_all(b, image, 2 * BLOCK)) == before
+    status, shown = b.api("GET", "/v1/volumes/vol")
+    assert status == 200 and [i["state"] for i in shown["images"]] == ["drained"], shown
+    for via in ("a", "b"):
+        st = cluster.status(via)
+        assert {d["id"]: d["volumes"] for d in st["daemons"]} == {"a": [], "b": ["vol"]}, st
+        assert all(0 <= d["lease_left"] <= TTL for d in st["daemons"]), st
+    text = ok(run_owm("--pool", a.pool, "cluster", "status"))
+    assert "b: NBD" in text and "owns vol" in text, text
+
+    # --force while a session holds a new image draining: the session ends, the label is true.
+    hold_session(b, "vol")
+    second = ok(b.owm("preserve", "vol")).strip()
+    one_sentence(a.owm("volume", "move", "vol", "--to", "a"))
+    ok(a.owm("volume", "move", "vol", "--to", "a", "--force"))
+    wait_until("a serves vol", lambda: "vol" in cluster.owned("a"), 10)
+    status, shown = a.api("GET", "/v1/volumes/vol")
+    states = {f"vol@{i['generation']}": i["state"] for i in shown["images"]}
+    assert states == {image: "drained", second: "drained-unclean"}, states
+    line = one_sentence(a.owm("volume", "move", "vol", "--to", "nobody"))
+    assert "there is no daemon 'nobody'" in line.lower(), line

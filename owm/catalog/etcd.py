@@ -1261,7 +1261,7 @@ class EtcdCatalog:
             if owner is None:
                 raise WrongState(f"volume '{name}' has no owner right now; try again in a "
                                  "few seconds")
-            value = _json({"to": to, "force": force, "at": now()})
+            value = _json({"to": to, "force": force, "at": now(), "id": uuid.uuid4().hex})
             await self._commit(f"ask for the move of volume {name}", seen, [],
                                _Change(puts={mk: value}))
 

@@ -202,7 +202,7 @@ class Member:
     async def _answer_move(self, name: str, move: dict[str, Any],
                            daemons: dict[str, Any]) -> None:
         target = str(move.get("to"))
-        stamp = str(move.get("at"))
+        stamp = str(move.get("id"))
         refusal = None
         if target == self.daemon_id:
             refusal = f"volume {name} is already served by daemon {target}"
