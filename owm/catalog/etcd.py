@@ -519,10 +519,11 @@ class EtcdCatalog:
         stamps = [self._key("stamp", s) for s in scopes]
 
         async def run() -> Any:
-            # Several daemons share the pool's counters and meta in cluster mode: a change that
-            # lost a compare to another daemon's change (not its ownership) is read and built
-            # again, a bounded number of times.
-            tries = 5 if self.daemon_id is not None else 1
+            # In cluster mode a change of volumes this daemon owns can lose a compare only to
+            # another daemon's change of what they share (the session counter): it is read and
+            # built again, a bounded number of times.  Pool-wide changes are not retried (a
+            # blind retry of set_meta would overwrite what the other daemon recorded).
+            tries = 5 if self.daemon_id is not None and "-pool" not in scopes else 1
             for attempt in range(tries):
                 seen = await self._read([*singles, *stamps], prefixes)
                 change = build(seen)
