@@ -96,3 +96,39 @@ def test_a_daemon_that_lost_its_lease_cannot_change_the_catalog(
     assert b.cluster_view()["owners"]["vol"]["daemon"] == "b"
     sid = b.open_session("vol", 0, "fresh")
     assert b.open_sessions("vol") == [(sid, 0)]
+
+
+def test_directory_locates_the_owner(members: list[EtcdCatalog]) -> None:
+    """``EtcdDirectory`` (what the front door asks): another daemon's volume is a Remote with
+    that daemon's registered addresses; its own volume, and an unknown name, are None."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from owm.cluster.directory import EtcdDirectory
+    from owm.common.cluster import Remote
+
+    a, b = members
+    a.add_volume(row("mine"))
+    b.add_volume(row("theirs"))
+    # b registered no addresses: re-join a third member with them, owning "far".
+    c = EtcdCatalog(a.urls, a.prefix)
+    try:
+        c.join("c", {"nbd": "127.0.0.1:10900", "control": "[::1]:7000"}, ttl=2)
+        c.add_volume(row("far"))
+
+        async def db(fn: Any) -> Any:
+            return await asyncio.to_thread(fn, None)
+
+        member = SimpleNamespace(catalog=a, daemon_id="a", pool=SimpleNamespace(db=db))
+        directory = EtcdDirectory(member)  # type: ignore[arg-type]
+
+        async def ask() -> tuple[Any, ...]:
+            return (await directory.locate("mine"), await directory.locate("nothing"),
+                    await directory.locate("far"), await directory.exports())
+
+        mine, nothing, far, exports = asyncio.run(ask())
+        assert mine is None and nothing is None
+        assert far == Remote("c", ("127.0.0.1", 10900), ("::1", 7000))
+        assert exports == ["far", "mine", "theirs"]
+    finally:
+        c.abandon()

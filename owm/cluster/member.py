@@ -120,6 +120,10 @@ class Member:
                 if not failing:
                     log.warning("could not look at the cluster's owners: %s", exc)
                 failing = True
+            except Exception:  # a bug must not silently end the watch: say it, keep going
+                if not failing:
+                    log.exception("looking at the cluster's owners failed")
+                failing = True
             await asyncio.sleep(self.config.poll)
 
     async def stop(self) -> None:
