@@ -41,6 +41,7 @@ log = logging.getLogger("owm.cluster.member")
 
 DEFAULT_TTL = 5  # seconds of a member's lease
 DEFAULT_POLL = 0.5  # seconds between two looks at the owners
+STOP_WAIT = 30.0  # seconds a stop waits for the look under way to finish
 
 
 @dataclass
@@ -70,6 +71,7 @@ class Member:
         self._pending: dict[str, tuple[bool, list[str], str]] = {}
         self._refused: set[tuple[str, str]] = set()  # (volume, move stamp) already answered
         self.lost: str | None = None
+        self._stopping = asyncio.Event()
         self.last_view: dict[str, Any] = {}
 
     @property
@@ -108,7 +110,7 @@ class Member:
 
     async def _run(self) -> None:
         failing = False
-        while self.lost is None:
+        while self.lost is None and not self._stopping.is_set():
             try:
                 await self.step()
                 if failing:
@@ -124,13 +126,20 @@ class Member:
                 if not failing:
                     log.exception("looking at the cluster's owners failed")
                 failing = True
-            await asyncio.sleep(self.config.poll)
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), self.config.poll)
 
     async def stop(self) -> None:
+        """End the watch after the step under way (a volume half opened or half handed back
+        would be worse than a wait), cancelling it only if it takes too long."""
+        self._stopping.set()
         if self._task is not None:
-            self._task.cancel()
             with contextlib.suppress(BaseException):
-                await self._task
+                await asyncio.wait_for(asyncio.shield(self._task), STOP_WAIT)
+            if not self._task.done():
+                self._task.cancel()
+                with contextlib.suppress(BaseException):
+                    await self._task
             self._task = None
 
     async def step(self) -> None:
