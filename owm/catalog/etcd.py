@@ -26,6 +26,10 @@ Keys (all under the pool's prefix ``P``, ``/owm/<pool-id>/`` by default)::
     P counters/session            the last session id given out (ids never repeat)
     P stamp/<name>, stamp/-pool   bumped by every change of that scope (see below)
     P owner                       the daemon serving the pool, on its lease
+    P daemons/<id>                cluster mode: a member daemon, on its lease
+    P owners/<name>               cluster mode: the volume's owner, on the owner's lease
+    P holder/<name>               cluster mode: who last owned it, epoch, closed cleanly or not
+    P moves/<name>                cluster mode: a planned move to one named daemon
 
 The guard.  Every change reads what it depends on at one revision R (one read transaction),
 then commits one transaction whose compares say that nothing it read has changed: each key
@@ -36,10 +40,16 @@ When the pool is claimed, the owner key must still hold this daemon's value.  So
 can never both win, and an interrupted change leaves the old state or the new one.  A lost
 compare raises ``CatalogConflict`` naming the change; nothing was changed.
 
-Ownership (for several daemons later).  ``claim`` puts ``P owner`` on a lease kept alive by the
-loop; a second daemon is refused with a sentence naming the holder.  Per-volume ownership can
-use ``P owners/<name>`` the same way, and the scope stamps already let changes of different
-volumes commit without conflicting with each other.
+Ownership.  Alone, ``claim`` puts ``P owner`` on a lease kept alive by the loop; a second
+daemon is refused with a sentence naming the holder.  In cluster mode (``join``) there is no
+pool owner: each daemon registers ``P daemons/<id>`` on a lease of its own and owns volumes one
+by one, ``P owners/<name>`` on that same lease, claimed by a transaction that succeeds only if
+the key is absent.  Every change of a volume's scope then also compares that the owner key
+still holds this daemon's value, and every change at all that the daemon's own key does, so a
+daemon whose lease ended (or whose volume was taken over) cannot change anything; it is told
+through ``on_lost`` and must stop serving.  ``P holder/<name>`` (no lease) keeps the last
+owner, its RADOS client address, an epoch raised at every change of owner and whether that
+owner closed the volume cleanly: what a taker needs to know whom to fence.
 
 Space.  etcd has its own quota: once its backend is full it raises the NOSPACE alarm and
 refuses writes with "mvcc: database space exceeded".  That is reported as ``NoSpace`` (the same
@@ -67,6 +77,7 @@ from owm.common.errors import (
     AlreadyExists,
     InvalidRequest,
     NoSpace,
+    NotFound,
     OwmError,
     Unavailable,
     WrongState,
@@ -168,6 +179,9 @@ class _Change:
     deletes: list[bytes] = field(default_factory=list)
     delete_prefixes: list[bytes] = field(default_factory=list)
     result: Any = None
+    # cluster mode: volumes this change makes this daemon the owner of (name -> owner value):
+    # each owner key must be absent and is put on the daemon's lease
+    claims: dict[str, bytes] = field(default_factory=dict)
 
 
 def _decode(key: bytes, raw: bytes, kind: str) -> dict[str, Any]:
@@ -223,6 +237,16 @@ class EtcdCatalog:
         self._owner_lost = False
         self._keepalive: asyncio.Task[None] | None = None
         self._sessions: dict[int, str] = {}  # open session id -> volume, for close_session
+        # Cluster mode (``join``): this daemon's id, its member key's value and lease, the
+        # owner-key values of the volumes it owns, and whom to tell once it lost them.
+        self.daemon_id: str | None = None
+        self._member_value: bytes | None = None
+        self._member_lease = 0
+        self._member_keepalive: asyncio.Task[None] | None = None
+        self._owned: dict[str, bytes] = {}
+        self.lost: str | None = None
+        self.rados_address: str | None = None  # this daemon's RADOS client (for fencing)
+        self.on_lost: Callable[[str], None] | None = None  # called on the catalog's own thread
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True,
                                         name="owm-etcd")
@@ -372,20 +396,57 @@ class EtcdCatalog:
                 seen.keys[bytes(kv.key)] = (bytes(kv.value), int(kv.mod_revision))
         return seen
 
-    def _fence(self) -> list[Any]:
+    def _fence(self, scopes: Sequence[str] = (), claims: Sequence[str] = ()) -> list[Any]:
+        """The compares that say this daemon may still change ``scopes``: alone, that it still
+        owns the pool; in cluster mode, that its member key and the owner key of every volume
+        in ``scopes`` (but those it is claiming now) still hold its values."""
         from aetcd import rpc
 
-        if self._owner_value is None:
-            return []
-        return [rpc.Compare(key=self._key("owner"), target=rpc.Compare.VALUE,
-                            result=rpc.Compare.EQUAL, value=self._owner_value)]
+        if self.daemon_id is None:
+            if self._owner_value is None:
+                return []
+            return [rpc.Compare(key=self._key("owner"), target=rpc.Compare.VALUE,
+                                result=rpc.Compare.EQUAL, value=self._owner_value)]
+        if self.lost is not None:
+            raise CatalogConflict(self.lost)
+        compares = []
+        if self._member_value is not None:
+            compares.append(rpc.Compare(key=self._key("daemons", self.daemon_id),
+                                        target=rpc.Compare.VALUE, result=rpc.Compare.EQUAL,
+                                        value=self._member_value))
+        for scope in scopes:
+            if scope == "-pool" or scope in claims:
+                continue
+            value = self._owned.get(scope)
+            if value is None:
+                raise CatalogConflict(f"volume {scope} is not served by this daemon "
+                                      f"({self.daemon_id}); nothing was changed")
+            compares.append(rpc.Compare(key=self._key("owners", scope),
+                                        target=rpc.Compare.VALUE, result=rpc.Compare.EQUAL,
+                                        value=value))
+        return compares
+
+    def _lose(self, sentence: str) -> None:
+        """Cluster mode: this daemon lost its lease or a volume; say so once, refuse all else."""
+        if self.lost is not None:
+            return
+        self.lost = sentence
+        log.error("%s", sentence)
+        if self.on_lost is not None:
+            try:
+                self.on_lost(sentence)
+            except Exception:  # the catalog's loop must survive a bad callback
+                log.exception("on_lost failed")
 
     async def _commit(self, what: str, seen: _Read, scopes: Sequence[str],
                       change: _Change) -> None:
         """Apply ``change`` if nothing ``seen`` (and no change of ``scopes``) moved since."""
         from aetcd import rpc
 
-        compares = list(self._fence())
+        compares = list(self._fence(scopes, list(change.claims)))
+        for name in change.claims:
+            compares.append(rpc.Compare(key=self._key("owners", name), target=rpc.Compare.CREATE,
+                                        result=rpc.Compare.EQUAL, create_revision=0))
         for key in seen.singles:
             hit = seen.keys.get(key)
             compares.append(rpc.Compare(key=key, target=rpc.Compare.MOD,
@@ -401,6 +462,9 @@ class EtcdCatalog:
                 for k in change.deletes]
         ops += [rpc.RequestOp(request_delete_range=rpc.DeleteRangeRequest(
             key=p, range_end=_range_end(p))) for p in change.delete_prefixes]
+        ops += [rpc.RequestOp(request_put=rpc.PutRequest(
+            key=self._key("owners", name), value=value, lease=self._member_lease))
+            for name, value in change.claims.items()]
         stamp = _json({"change": what, "at": now()})
         ops += [rpc.RequestOp(request_put=rpc.PutRequest(key=self._key("stamp", s), value=stamp))
                 for s in scopes]
@@ -411,7 +475,10 @@ class EtcdCatalog:
         answer = await client.kvstub.Txn(rpc.TxnRequest(compare=compares, success=ops),
                                          timeout=self.call_timeout)
         if answer.succeeded:
+            self._owned.update(change.claims)
             return
+        if self.daemon_id is not None:
+            await self._check_membership(what, scopes, change)
         if self._owner_value is not None:
             owner = await self._read([self._key("owner")])
             if owner.value(self._key("owner")) != self._owner_value:
@@ -424,18 +491,52 @@ class EtcdCatalog:
             f"the pool's catalog in etcd was changed by another writer while this daemon was "
             f"about to {what}; nothing was changed")
 
+    async def _check_membership(self, what: str, scopes: Sequence[str],
+                                change: _Change) -> None:
+        """After a lost compare in cluster mode: if this daemon's member key or the owner key
+        of a volume it changes no longer holds its value, it has lost them (fatal)."""
+        keys = [self._key("daemons", str(self.daemon_id))]
+        keys += [self._key("owners", s) for s in scopes if s in self._owned]
+        seen = await self._read(keys)
+        if self._member_value is not None and seen.value(keys[0]) != self._member_value:
+            self._lose(f"daemon {self.daemon_id} lost its lease in etcd (it ended, or etcd "
+                       "was out of reach too long): it stops serving, since another daemon "
+                       "may take its volumes over")
+        else:
+            for key, scope in zip(keys[1:], [s for s in scopes if s in self._owned],
+                                  strict=True):
+                if seen.value(key) != self._owned[scope]:
+                    self._lose(f"daemon {self.daemon_id} no longer owns volume {scope} in "
+                               "etcd (another daemon took it over): it stops serving")
+                    break
+        if self.lost is not None:
+            raise CatalogConflict(f"{self.lost}; so it could not {what}, and nothing was "
+                                  "changed")
+
     def _change(self, what: str, scopes: Sequence[str], singles: Sequence[bytes],
                 prefixes: Sequence[bytes], build: Callable[[_Read], _Change | None]) -> Any:
         """Read, build the change from what was read (None: nothing to do), commit guarded."""
         stamps = [self._key("stamp", s) for s in scopes]
 
         async def run() -> Any:
-            seen = await self._read([*singles, *stamps], prefixes)
-            change = build(seen)
-            if change is None:
-                return None
-            await self._commit(what, seen, scopes, change)
-            return change.result
+            # In cluster mode a change of volumes this daemon owns can lose a compare only to
+            # another daemon's change of what they share (the session counter): it is read and
+            # built again, a bounded number of times.  Pool-wide changes are not retried (a
+            # blind retry of set_meta would overwrite what the other daemon recorded).
+            tries = 5 if self.daemon_id is not None and "-pool" not in scopes else 1
+            for attempt in range(tries):
+                seen = await self._read([*singles, *stamps], prefixes)
+                change = build(seen)
+                if change is None:
+                    return None
+                try:
+                    await self._commit(what, seen, scopes, change)
+                except CatalogConflict:
+                    if attempt + 1 >= tries or change.claims or self.lost is not None:
+                        raise
+                    continue
+                return change.result
+            return None
 
         return self._call(what, run)
 
@@ -444,7 +545,26 @@ class EtcdCatalog:
         if self._owner_lease:
             with contextlib.suppress(OwmError):
                 self._run(self._release_owner(), 3.0, "release the pool")
+        if self._member_lease:
+            with contextlib.suppress(OwmError):
+                self._run(self._leave(), 3.0, "leave the cluster")
         self._shutdown()
+
+    async def _leave(self) -> None:
+        """Cluster mode: drop the member lease (and with it any owner key still on it)."""
+        from aetcd import rpc
+
+        if self._member_keepalive is not None:
+            self._member_keepalive.cancel()
+            with contextlib.suppress(BaseException):
+                await self._member_keepalive
+            self._member_keepalive = None
+        lease, self._member_lease = self._member_lease, 0
+        self._member_value = None
+        client = await self._stub()
+        with contextlib.suppress(rpc.AioRpcError):
+            await client.leasestub.LeaseRevoke(rpc.LeaseRevokeRequest(ID=lease),
+                                               timeout=self.call_timeout)
 
     def abandon(self) -> None:
         """Stop the way a crashed daemon stops: the owner lease is left to expire."""
@@ -452,10 +572,11 @@ class EtcdCatalog:
 
     def _shutdown(self) -> None:
         async def stop() -> None:
-            if self._keepalive is not None:
-                self._keepalive.cancel()
-                with contextlib.suppress(BaseException):
-                    await self._keepalive
+            for task in (self._keepalive, self._member_keepalive):
+                if task is not None:
+                    task.cancel()
+                    with contextlib.suppress(BaseException):
+                        await task
             if self._client is not None:
                 with contextlib.suppress(Exception):
                     await self._client.close()
@@ -502,10 +623,20 @@ class EtcdCatalog:
                 raise AlreadyExists(f"a volume named '{v.name}' already exists")
             # Leftovers of an earlier volume of that name cannot be there (delete removes
             # them), but a new volume must never inherit any: clear them in the same change.
-            return _Change(puts={k: _json(dataclasses.asdict(row))},
-                           delete_prefixes=[self._key("images", v.name, ""),
-                                            self._key("sessions", v.name, "")])
+            change = _Change(puts={k: _json(dataclasses.asdict(row))},
+                             delete_prefixes=[self._key("images", v.name, ""),
+                                              self._key("sessions", v.name, "")])
+            if self.daemon_id is not None:
+                # In a cluster the daemon that creates a volume owns it from the start.
+                holder = {"daemon": self.daemon_id, "rados": self.rados_address, "epoch": 1,
+                          "clean": False, "since": now()}
+                change.puts[self._key("holder", v.name)] = _json(holder)
+                change.deletes.append(self._key("moves", v.name))
+                change.claims[v.name] = self._owner_value_for(1)
+            return change
 
+        if self.daemon_id is not None and self._member_value is None:
+            raise WrongState("this daemon has not joined its cluster yet; try again")
         self._change(f"record the new volume {v.name}", [v.name], [k], [], build)
 
     def _update_volume(self, name: str, what: str, edit: Callable[[VolumeRow], None]) -> None:
@@ -535,11 +666,14 @@ class EtcdCatalog:
 
     def delete_volume(self, name: str) -> None:
         k = self._key("volumes", name)
+        extra = [self._key(kind, name) for kind in ("owners", "holder", "moves")] \
+            if self.daemon_id is not None else []
         self._change(f"record the deletion of volume {name}", [name], [k], [],
-                     lambda seen: _Change(deletes=[k], delete_prefixes=[
+                     lambda seen: _Change(deletes=[k, *extra], delete_prefixes=[
                          self._key("images", name, ""), self._key("sessions", name, ""),
                          self._key("closed", name, "")]))
         self._sessions = {s: v for s, v in self._sessions.items() if v != name}
+        self._owned.pop(name, None)
 
     # -- images -------------------------------------------------------------------------------
     def _image_key(self, volume: str, generation: int) -> bytes:
@@ -906,6 +1040,247 @@ class EtcdCatalog:
                 failing = True
                 with contextlib.suppress(Exception):
                     await self._rotate()
+
+    # -- cluster mode ---------------------------------------------------------------------------
+    def join(self, daemon_id: str, record: dict[str, Any], *, ttl: int,
+             wait: float | None = None) -> None:
+        """Become member ``daemon_id`` of the cluster: ``P daemons/<id>`` on a lease of its own,
+        kept alive by the loop.  A key left by a dead daemon of the same id is waited for (it
+        ends with its lease, within ``wait``, default the ttl and 2 s); a live one refuses."""
+        self._run(self._guarded("join the cluster", self._join(
+            daemon_id, record, ttl, ttl + 2.0 if wait is None else wait)),
+            self.call_timeout * 3 + ttl + 2.0 + (wait or 0), "join the cluster")
+
+    async def _join(self, daemon_id: str, record: dict[str, Any], ttl: int,
+                    wait: float) -> None:
+        from aetcd import rpc
+
+        client = await self._stub()
+        key = self._key("daemons", daemon_id)
+        grant = await client.leasestub.LeaseGrant(rpc.LeaseGrantRequest(TTL=ttl),
+                                                  timeout=self.call_timeout)
+        lease = int(grant.ID)
+        value = _json({**record, "id": daemon_id, "lease": lease, "ttl": ttl,
+                       "token": uuid.uuid4().hex, "since": now()})
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + wait
+        try:
+            while True:
+                answer = await client.kvstub.Txn(rpc.TxnRequest(
+                    compare=[rpc.Compare(key=key, target=rpc.Compare.CREATE,
+                                         result=rpc.Compare.EQUAL, create_revision=0)],
+                    success=[rpc.RequestOp(request_put=rpc.PutRequest(key=key, value=value,
+                                                                      lease=lease))],
+                    failure=[rpc.RequestOp(request_range=rpc.RangeRequest(key=key))]),
+                    timeout=self.call_timeout)
+                if answer.succeeded:
+                    break
+                if loop.time() >= deadline:
+                    kvs = answer.responses[0].response_range.kvs
+                    other: dict[str, Any] = {}
+                    with contextlib.suppress(ValueError, IndexError):
+                        loaded = json.loads(bytes(kvs[0].value))
+                        other = loaded if isinstance(loaded, dict) else {}
+                    who = ", ".join(f"{k} {other[k]}" for k in ("host", "pid", "since")
+                                    if k in other) or "unknown holder"
+                    raise WrongState(f"daemon id {daemon_id} is already in use in the cluster "
+                                     f"{self.prefix} ({who}); this one did not start and "
+                                     "changed nothing")
+                await asyncio.sleep(0.5)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await client.leasestub.LeaseRevoke(rpc.LeaseRevokeRequest(ID=lease),
+                                                   timeout=self.call_timeout)
+            raise
+        self.daemon_id, self._member_value, self._member_lease = daemon_id, value, lease
+        self._member_keepalive = loop.create_task(self._keep_member(ttl))
+
+    async def _keep_member(self, ttl: int) -> None:
+        """Refresh the member lease every third of its ttl.  When etcd says it has ended, or no
+        refresh got through for a whole ttl (etcd has let it end by then, or will before any
+        change of ours could commit), the daemon has lost its volumes: ``_lose``."""
+        from aetcd import rpc
+
+        loop = asyncio.get_running_loop()
+        last_ok = loop.time()
+        while self.lost is None:
+            await asyncio.sleep(max(0.2, ttl / 3))
+            try:
+                client = await self._stub()
+                alive = 0
+                async for reply in client.leasestub.LeaseKeepAlive(
+                        [rpc.LeaseKeepAliveRequest(ID=self._member_lease)],
+                        timeout=min(self.call_timeout, max(0.5, ttl / 3))):
+                    alive = int(reply.TTL)
+                    break
+                if alive <= 0:
+                    self._lose(f"daemon {self.daemon_id} found its lease in etcd ended (it "
+                               "was paused or cut off for longer than the lease): it stops "
+                               "serving, since another daemon may own its volumes now")
+                    return
+                last_ok = loop.time()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                if loop.time() - last_ok >= ttl:
+                    self._lose(f"daemon {self.daemon_id} could not renew its lease in etcd "
+                               f"for {ttl} s ({type(exc).__name__}): it stops serving, since "
+                               "another daemon may own its volumes now")
+                    return
+                with contextlib.suppress(Exception):
+                    await self._rotate()
+
+    def owned(self) -> list[str]:
+        return sorted(self._owned)
+
+    def owns(self, name: str) -> bool:
+        return name in self._owned
+
+    def cluster_view(self) -> dict[str, Any]:
+        """One consistent read of the cluster: volume names, daemons, owners, holders, moves
+        (each a dict by name of the decoded records) and the etcd revision it was read at."""
+        prefixes = {kind: self._key(kind, "") for kind in
+                    ("volumes", "daemons", "owners", "holder", "moves")}
+
+        async def run() -> dict[str, Any]:
+            from aetcd import rpc
+
+            client = await self._stub()
+            ops = [rpc.RequestOp(request_range=rpc.RangeRequest(
+                key=p, range_end=_range_end(p), keys_only=kind == "volumes"))
+                for kind, p in prefixes.items()]
+            answer = await client.kvstub.Txn(rpc.TxnRequest(compare=[], success=ops),
+                                             timeout=self.call_timeout)
+            view: dict[str, Any] = {"revision": int(answer.header.revision)}
+            for (kind, p), response in zip(prefixes.items(), answer.responses, strict=True):
+                found: dict[str, Any] = {}
+                for kv in response.response_range.kvs:
+                    name = bytes(kv.key)[len(p):].decode(errors="replace")
+                    if kind == "volumes":
+                        found[name] = {}
+                        continue
+                    with contextlib.suppress(ValueError, UnicodeDecodeError):
+                        value = json.loads(bytes(kv.value))
+                        found[name] = value if isinstance(value, dict) else {}
+                    if kind in ("daemons", "owners") and kv.lease:
+                        found.setdefault(name, {})["lease_id"] = int(kv.lease)
+                view[kind] = found
+            return view
+
+        return self._call("read the cluster's members and owners", run)
+
+    def lease_left(self, lease: int) -> int:
+        """Seconds left on ``lease`` (-1: it has ended)."""
+        async def run() -> int:
+            from aetcd import rpc
+
+            client = await self._stub()
+            answer = await client.leasestub.LeaseTimeToLive(
+                rpc.LeaseTimeToLiveRequest(ID=lease), timeout=self.call_timeout)
+            return int(answer.TTL)
+
+        return int(self._call("read a lease", run))
+
+    def _owner_value_for(self, epoch: int) -> bytes:
+        return _json({"daemon": self.daemon_id, "epoch": epoch, "token": uuid.uuid4().hex,
+                      "since": now()})
+
+    def claim_volume(self, name: str, rados: str | None) -> dict[str, Any] | None:
+        """Own volume ``name`` if nobody does: ``P owners/<name>`` on this daemon's lease and a
+        new epoch in ``P holder/<name>``, in one transaction that needs the owner key absent.
+        Returns the previous holder record ({} if none: never owned); CatalogConflict if another
+        daemon owns it (or claimed it first); None if there is no such volume."""
+        vk, hk = self._key("volumes", name), self._key("holder", name)
+        mk = self._key("moves", name)
+
+        def build(seen: _Read) -> _Change | None:
+            if seen.value(vk) is None:
+                return None
+            raw = seen.value(hk)
+            before = _decode(hk, raw, "holder") if raw is not None else {}
+            epoch = int(before.get("epoch", 0)) + 1
+            # Whom the new owner must fence before it opens the volume: the last owner if it
+            # did not close it cleanly, and any an earlier taker had not fenced yet.
+            fence = {str(a) for a in before.get("fence") or [] if a}
+            if before and not before.get("clean") and before.get("rados"):
+                fence.add(str(before["rados"]))
+            fence.discard(str(rados))
+            holder = {"daemon": self.daemon_id, "rados": rados, "epoch": epoch,
+                      "clean": False, "since": now(), "fence": sorted(fence)}
+            change = _Change(puts={hk: _json(holder)}, deletes=[mk],
+                             claims={name: self._owner_value_for(epoch)})
+            change.result = {**before, "fence": sorted(fence)}
+            return change
+
+        if self.daemon_id is None:
+            raise WrongState("this daemon is not a member of a cluster")
+        result = self._change(f"take volume {name} over", [name], [vk, hk, mk], [], build)
+        return None if result is None else dict(result)
+
+    def mark_fenced(self, name: str) -> None:
+        """Every earlier owner of ``name`` is fenced: nobody needs fencing for it any more."""
+        hk = self._key("holder", name)
+
+        def build(seen: _Read) -> _Change | None:
+            raw = seen.value(hk)
+            if raw is None:
+                return None
+            holder = _decode(hk, raw, "holder")
+            holder["fence"] = []
+            return _Change(puts={hk: _json(holder)})
+
+        self._change(f"record the fencing for volume {name}", [name], [hk], [], build)
+
+    def release_volume(self, name: str, clean: bool) -> None:
+        """Stop owning ``name``: record whether it was closed cleanly (a clean close needs no
+        fencing by the next owner) and drop the owner key, in one transaction."""
+        hk, ok_ = self._key("holder", name), self._key("owners", name)
+
+        def build(seen: _Read) -> _Change:
+            raw = seen.value(hk)
+            holder = _decode(hk, raw, "holder") if raw is not None else {}
+            holder.update(clean=clean, closed_at=now())
+            return _Change(puts={hk: _json(holder)}, deletes=[ok_])
+
+        if name not in self._owned:
+            return
+        self._change(f"hand volume {name} back", [name], [hk], [], build)
+        self._owned.pop(name, None)
+
+    def request_move(self, name: str, to: str, force: bool) -> None:
+        """Ask the owner of ``name`` to hand it to daemon ``to`` (``P moves/<name>``)."""
+        mk = self._key("moves", name)
+        vk, dk = self._key("volumes", name), self._key("daemons", to)
+
+        async def run() -> None:
+            seen = await self._read([vk, dk, self._key("owners", name)])
+            if seen.value(vk) is None:
+                raise NotFound(f"there is no volume named '{name}' in the cluster")
+            if seen.value(dk) is None:
+                raise InvalidRequest(f"there is no daemon '{to}' in the cluster")
+            owner = seen.value(self._key("owners", name))
+            if owner is None:
+                raise WrongState(f"volume '{name}' has no owner right now; try again in a "
+                                 "few seconds")
+            value = _json({"to": to, "force": force, "at": now(), "id": uuid.uuid4().hex})
+            await self._commit(f"ask for the move of volume {name}", seen, [],
+                               _Change(puts={mk: value}))
+
+        self._call(f"ask for the move of volume {name}", run)
+
+    def answer_move(self, name: str, refused: str) -> None:
+        """The owner refuses a requested move: the reason goes into the move record."""
+        mk = self._key("moves", name)
+
+        def build(seen: _Read) -> _Change | None:
+            raw = seen.value(mk)
+            if raw is None:
+                return None
+            record = _decode(mk, raw, "move")
+            record["refused"] = refused
+            return _Change(puts={mk: _json(record)})
+
+        self._change(f"refuse the move of volume {name}", [name], [mk], [], build)
 
     async def _release_owner(self) -> None:
         from aetcd import rpc

@@ -217,6 +217,13 @@ def parse_endpoint(text: str, what: str) -> tuple[str, int] | None:
               type=click.Path(path_type=Path),
               help="Key file of an encrypted --backup-repo (repeatable; each is tried on "
                    "each; else the passphrase in $OWM_REPO_PASSWORD).")
+@click.option("--daemon-id", metavar="ID",
+              help="Cluster mode: serve, as daemon ID, the volumes this daemon owns among "
+                   "several daemons sharing the pool (needs --etcd and the RADOS options).")
+@click.option("--lease-ttl", type=click.IntRange(min=2, max=600), default=5, show_default=True,
+              metavar="SECONDS",
+              help="Cluster mode: seconds of this daemon's lease; another daemon takes its "
+                   "volumes over once it has ended.")
 def serve(listen: str, nbd_socket: Path | None, control_listen: str | None,
           control_token_file: Path | None, grace: float, tls_mode: str | None,
           tls_cert: Path | None, tls_key: Path | None, tls_ca: Path | None,
@@ -224,7 +231,8 @@ def serve(listen: str, nbd_socket: Path | None, control_listen: str | None,
           etcd: str | None, etcd_prefix: str | None, log_level: str,
           metrics_listen: str | None, ready_file: Path | None, ceph_conf: Path | None,
           rados_pool: str | None, stripe_size: int | None, backup_repos: tuple[Path, ...],
-          backup_key_files: tuple[Path, ...]) -> None:
+          backup_key_files: tuple[Path, ...], daemon_id: str | None,
+          lease_ttl: int) -> None:
     """Run the daemon (NBD and the control API) in the foreground.
 
     NBD is served on HOST:PORT and POOL/nbd.sock, the control API on POOL/control.sock.
@@ -252,12 +260,20 @@ def serve(listen: str, nbd_socket: Path | None, control_listen: str | None,
         raise click.UsageError("--ceph-conf and --rados-pool go together")
     if stripe_size is not None and ceph_conf is None:
         raise click.UsageError("--stripe-size needs --ceph-conf and --rados-pool")
+    if daemon_id is not None:
+        if etcd is None or ceph_conf is None:
+            raise click.UsageError("--daemon-id needs --etcd, --ceph-conf and --rados-pool")
+        if not daemon_id or "/" in daemon_id or not daemon_id.isprintable() or \
+                any(c.isspace() for c in daemon_id) or len(daemon_id) > 64:
+            raise click.UsageError("--daemon-id takes up to 64 printable characters, no '/' "
+                                   "or blanks")
     config = DaemonConfig(
         pool=state().pool, nbd_listen=parse_endpoint(listen, "--listen"), nbd_socket=nbd_socket,
         control_listen=control_tcp, control_token_file=control_token_file, grace=grace,
         tls=TlsSettings(tls_mode, tls_cert, tls_key, tls_ca, tls_verify_peer),
         access_file=access_file, socket_group=socket_group, etcd=etcd, etcd_prefix=etcd_prefix,
         ceph_conf=ceph_conf, rados_pool=rados_pool, stripe_size=stripe_size,
+        daemon_id=daemon_id, lease_ttl=lease_ttl,
     )
     if metrics_listen:
         config.metrics_listen = parse_endpoint(metrics_listen, "--metrics-listen")
@@ -373,6 +389,81 @@ def volume_delete(name: str, force: bool, as_json: bool) -> None:
         print_json(result)
     else:
         state().out.print(f"Deleted volume {name}.", markup=False)
+
+
+@volume.command("move")
+@pool_option
+@click.argument("name")
+@click.option("--to", "to", required=True, metavar="DAEMON-ID",
+              help="The daemon of the cluster that is to serve the volume.")
+@click.option("--force", is_flag=True,
+              help="Move it even while a preserved image drains: the sessions holding it end "
+                   "unclean (it becomes drained-unclean).")
+@json_option
+def volume_move(name: str, to: str, force: bool, as_json: bool) -> None:
+    """Hand volume NAME over to daemon DAEMON-ID of the cluster (a planned move).
+
+    The owner closes the volume (its sessions end; everything is flushed), marks it cleanly
+    closed and lets it go; the target takes it. Refused while an image of it drains, unless
+    --force. Clients reconnect to the volume's new owner.
+    """
+    endpoints, prefix = _cluster_catalog()
+    from owm.daemon.serve import cluster_move
+
+    try:
+        result = cluster_move(endpoints, prefix, name, to, force)
+    except OwmError as exc:
+        raise Fail(str(exc), 1) from None
+    if as_json:
+        print_json(result)
+    elif result["moved"]:
+        state().out.print(f"Volume {name} moved from daemon {result['from']} to {to}.",
+                          markup=False)
+    else:
+        state().out.print(f"Volume {name} is served by daemon {to} already.", markup=False)
+
+
+def _cluster_catalog() -> tuple[list[str], str]:
+    """The etcd endpoints and prefix of the cluster the pool's daemon belongs to."""
+    health = quick(lambda c: c.health())
+    catalog = health.get("catalog") or {}
+    if not health.get("cluster") or catalog.get("kind") != "etcd":
+        raise Fail(f"the daemon of pool {state().pool} is not part of a cluster (serve it with "
+                   "--daemon-id)", 1)
+    return list(catalog.get("endpoints") or []), str(catalog.get("prefix"))
+
+
+@cli.group("cluster", cls=OrderedGroup)
+def cluster_group() -> None:
+    """The cluster of daemons sharing this pool (owm serve --daemon-id)."""
+
+
+@cluster_group.command("status")
+@pool_option
+@json_option
+def cluster_status(as_json: bool) -> None:
+    """Show the cluster's daemons, their addresses and leases, and the volumes each owns."""
+    endpoints, prefix = _cluster_catalog()
+    from owm.daemon.serve import cluster_status as read_status
+
+    try:
+        result = read_status(endpoints, prefix)
+    except OwmError as exc:
+        raise Fail(str(exc), 1) from None
+    if as_json:
+        print_json(result)
+        return
+    out = state().out
+    out.print(f"Cluster {prefix} in etcd: {len(result['daemons'])} daemon(s).", markup=False)
+    for d in result["daemons"]:
+        left = d["lease_left"]
+        lease = f"lease {left} of {d['lease_ttl']} s left" if left >= 0 else "lease ended"
+        age = f", up {d['age_seconds']:.0f} s" if d.get("age_seconds") is not None else ""
+        vols = ", ".join(d["volumes"]) or "no volumes"
+        out.print(f"  {d['id']}: NBD {d['nbd']}, control {d['control'] or '-'}, pid "
+                  f"{d['pid']} on {d['host']}{age}, {lease}; owns {vols}", markup=False)
+    if result["unowned"]:
+        out.print(f"  not served right now: {', '.join(result['unowned'])}", markup=False)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -9,6 +9,13 @@ POOL/control.sock. TLS settings and access rules are read before the pool is eve
 wrong certificate path or a bad rules file stops the daemon at once with one sentence. SIGTERM
 or SIGINT stops it the careful way: refuse new work, let requests in flight finish, sync, close
 the pool so that the next start on the same directory finds every volume and image as it was.
+
+Cluster mode (``--daemon-id ID``, with ``--etcd`` and the RADOS options): this daemon is one of
+several sharing the pool; POOL/ holds only its own sockets and lock.  It opens no volume at
+start: once listening it joins the cluster (``P daemons/ID`` on a lease of ``--lease-ttl``
+seconds) and serves the volumes it owns (``owm.cluster.member``).  When it finds it has lost its
+lease or a volume, or RADOS refuses it (blocklisted), it logs one sentence and exits at once
+(code 75), acknowledging nothing more; a restart (systemd) joins anew with a new RADOS client.
 """
 
 from __future__ import annotations
@@ -100,6 +107,8 @@ class DaemonConfig:
     stripe_size: int | None = None  # RADOS stripe size of a new pool (default 4 MiB)
     # The repositories of --backup-repo, opened by the CLI (the daemon cannot read them).
     backup_repos: BackupRepos | None = None
+    daemon_id: str | None = None  # cluster mode: this daemon's id among the pool's daemons
+    lease_ttl: int = 5  # cluster mode: seconds of the member lease
 
     @property
     def control_socket(self) -> Path:
@@ -179,6 +188,8 @@ def etcd_catalog_factory(
 
     def open_catalog() -> EtcdCatalog:
         catalog = EtcdCatalog(endpoints, prefix)
+        if config.daemon_id is not None:
+            return catalog  # a cluster has no pool owner: the member joins once listening
         try:
             catalog.claim(me, may_take_over=dead)
         except BaseException:
@@ -307,6 +318,7 @@ async def _serve_locked(
     ready = False
     backends: list[Any] = []
     pool = await _open_pool(config, pool_dir, backends)
+    member: Any = None
     nbd: Any = None
     ctx = ControlContext(pool=pool, app_locks=LockService.for_pool(pool_dir),
                          connect_source=connect_restore_source,
@@ -349,6 +361,14 @@ async def _serve_locked(
             ctx.daemon["metrics"] = _endpoint(metrics.address)
         await control.start(config.control_socket, tcp=config.control_listen, token=token)
         ctx.daemon["control"]["tcp"] = _endpoint(control.tcp_address)
+        if config.daemon_id is not None:
+            # ``directory`` (owm.common.cluster.Directory): the lead passes it to the NBD
+            # server and the control API at merge (the front door).
+            member, _directory = await _join_cluster(config, pool, backends, {
+                "host": socket.gethostname(), "pid": os.getpid(), "pool": str(pool_dir),
+                "nbd": _endpoint(nbd_tcp), "control": _endpoint(control.tcp_address)})
+            ctx.daemon["cluster"] = {"daemon_id": config.daemon_id,
+                                     "lease_ttl": config.lease_ttl}
         volumes = pool.status()
         log.info(
             "serving pool %s with %d volume(s): NBD on %s (TLS %s%s) and %s (mode %04o), "
@@ -379,6 +399,8 @@ async def _serve_locked(
             notifier.stopping()
             log.info("stopping: finishing requests in flight")
         ctx.closing.set()
+        if member is not None:
+            await member.stop()  # no more claims while stopping
         try:
             if nbd is not None:
                 await nbd.stop(config.grace)
@@ -388,6 +410,8 @@ async def _serve_locked(
                 await control.stop()
             finally:
                 try:
+                    if member is not None:
+                        await member.shutdown()  # each volume closed and handed back cleanly
                     await pool.close()
                 finally:
                     for backend in backends:
@@ -399,13 +423,63 @@ async def _serve_locked(
             log.info("stopped")
 
 
+def cluster_status(endpoints: list[str], prefix: str) -> dict[str, Any]:
+    """``owm cluster status``: daemons, their addresses and leases, owned volumes (from etcd)."""
+    from owm.cluster import admin
+
+    return admin.status(endpoints, prefix)
+
+
+def cluster_move(endpoints: list[str], prefix: str, name: str, to: str,
+                 force: bool) -> dict[str, Any]:
+    """``owm volume move``: ask the owner to hand ``name`` to daemon ``to``, and wait."""
+    from owm.cluster import admin
+
+    return admin.move(endpoints, prefix, name, to, force)
+
+
+EXIT_LOST = 75  # cluster mode: the daemon lost its lease or volumes and stopped at once
+
+
+def _exit_lost(daemon_id: str, sentence: str) -> None:
+    """Stop at once: nothing more may be acknowledged (another daemon may own the volumes)."""
+    log.critical("daemon %s stops at once: %s", daemon_id, sentence)
+    logging.shutdown()
+    os._exit(EXIT_LOST)
+
+
+async def _join_cluster(config: DaemonConfig, pool: Any, backends: list[Any],
+                        record: dict[str, Any]) -> tuple[Any, Any]:
+    """Cluster mode: join, take what has no owner, and keep watching (the member and the
+    Directory of the front door)."""
+    from owm.cluster.directory import EtcdDirectory
+    from owm.cluster.fence import RadosFencer
+    from owm.cluster.member import Member, MemberConfig
+
+    daemon_id = str(config.daemon_id)
+    backend = backends[0] if backends else None
+    fencer = RadosFencer(backend.cluster_handle) if backend is not None else None
+    address = backend.client_address if backend is not None else None
+    member = Member(pool, MemberConfig(daemon_id, ttl=config.lease_ttl), fencer=fencer,
+                    rados_address=address,
+                    on_lost=lambda sentence: _exit_lost(daemon_id, sentence))
+    if backend is not None:
+        backend.on_fenced = member.lose
+        pool.before_open = backend.reload
+    await member.join(record)
+    await member.step()
+    member.start()
+    return member, EtcdDirectory(member)
+
+
 async def _open_pool(config: DaemonConfig, pool_dir: Path, backends: list[Any]) -> Any:
     """Open the pool, on RADOS when the config says so (``backends`` gets what to close)."""
     from owm.pool.pool import Pool
 
     catalog_factory = etcd_catalog_factory(config, pool_dir)
+    cluster = config.daemon_id is not None
     if config.ceph_conf is None or config.rados_pool is None:
-        return await Pool.open(pool_dir, catalog_factory=catalog_factory)
+        return await Pool.open(pool_dir, catalog_factory=catalog_factory, cluster=cluster)
     from owm.storage.rados import open_for_pool
 
     conf, rados_pool, stripe = config.ceph_conf.absolute(), config.rados_pool, config.stripe_size
@@ -416,7 +490,8 @@ async def _open_pool(config: DaemonConfig, pool_dir: Path, backends: list[Any]) 
         return backend.storage, backend.describe()
 
     try:
-        return await Pool.open(pool_dir, catalog_factory=catalog_factory, storage_opener=opener)
+        return await Pool.open(pool_dir, catalog_factory=catalog_factory, storage_opener=opener,
+                               cluster=cluster)
     except BaseException:
         for backend in backends:
             await backend.close()

@@ -4,6 +4,12 @@ Layout: ``POOL/catalog.sqlite`` and ``POOL/volumes/NAME/`` (the volume's storage
 a pool after any kind of stop recovers it: sessions the crash cut off are ended as unclean, their
 images settle as drained-unclean, interrupted releases resume.  The pool is also what the NBD
 server serves: ``NAME`` opens a session of the newest generation, ``NAME@N`` image N read-only.
+
+In a cluster (``cluster=True``: several daemons on one shared pool, see ``owm.cluster``) the pool
+opens no volume at start: it serves only the volumes this daemon owns, opened one by one with
+``open_volume`` (recovered as after a crash unless their last owner closed them cleanly) and
+closed with ``close_volume``; the pool-wide clean flag and rows digest are not used there (other
+daemons change the catalog meanwhile; each volume's clean close is recorded with its owner).
 """
 
 from __future__ import annotations
@@ -56,8 +62,11 @@ def _record_digest(c: Catalog) -> None:
 class Pool:
     def __init__(self, root: Path, storage_factory: StorageFactory | None,
                  catalog_factory: CatalogFactory | None = None,
-                 storage_opener: StorageOpener | None = None) -> None:
+                 storage_opener: StorageOpener | None = None, cluster: bool = False) -> None:
         self.root = root
+        self.cluster = cluster
+        # Called with a volume's name before it is opened at run time (RADOS: reload its index).
+        self.before_open: Callable[[str], Awaitable[None]] | None = None
         self._factory = storage_factory or (lambda name: LocalStorage(root / "volumes" / name))
         self._catalog_factory = catalog_factory
         self.catalog_info: dict[str, Any] = {"kind": "sqlite",
@@ -75,9 +84,9 @@ class Pool:
     async def open(
         cls, root: Path | str, *, storage_factory: StorageFactory | None = None,
         catalog_factory: CatalogFactory | None = None,
-        storage_opener: StorageOpener | None = None,
+        storage_opener: StorageOpener | None = None, cluster: bool = False,
     ) -> Pool:
-        pool = cls(Path(root), storage_factory, catalog_factory, storage_opener)
+        pool = cls(Path(root), storage_factory, catalog_factory, storage_opener, cluster)
         try:
             await pool._open()
         except BaseException:
@@ -111,7 +120,8 @@ class Pool:
             if describe is not None:
                 self.catalog_info = dict(describe())
                 path = str(getattr(self.catalog, "location", path))
-            self.was_clean = await self.db(lambda c: c.get_meta("clean", "1")) == "1"
+            self.was_clean = self.cluster or \
+                await self.db(lambda c: c.get_meta("clean", "1")) == "1"
             rows = await self.db(lambda c: c.volumes())
             images = {r.name: await self.db(lambda c, n=r.name: c.images(n))  # type: ignore[misc]
                       for r in rows}
@@ -123,16 +133,54 @@ class Pool:
                 f"the catalog {path} is corrupt ({exc}); the daemon did not start and changed "
                 "nothing (restore the file from a copy, or move the pool aside)") from None
         integrity.check_rows(path, rows, images)
-        if self.was_clean:
+        if self.was_clean and not self.cluster:
             recorded = await self.db(lambda c: c.get_meta(integrity.DIGEST_KEY))
             integrity.check_digest(path, recorded, rows, images)
         await self._open_storage(bool(rows))
+        if self.cluster:
+            await self.groups.load()
+            return
         if not self.was_clean:
             log.warning("pool %s was not shut down cleanly: recovering", self.root)
         await self.db(lambda c: c.set_meta("clean", "0"))
         for row in rows:
             await self._start_volume(row, self.was_clean)
         await self.groups.load()
+
+    async def open_volume(self, name: str, clean: bool) -> Volume | None:
+        """Start serving volume ``name`` at run time (cluster mode: once this daemon owns it).
+
+        Recovered as at a start after a crash unless ``clean`` (its last owner closed it
+        cleanly): the sessions recorded open end unclean, so the images they held settle
+        drained-unclean; the engine's tables are read from storage; a release resumes.
+        None if the catalog has no such volume."""
+        if name in self.volumes:
+            return self.volumes[name]
+        rows = [r for r in await self.db(lambda c: c.volumes()) if r.name == name]
+        if not rows:
+            return None
+        if self.before_open is not None:
+            await self.before_open(name)
+        volume = await self._start_volume(rows[0], clean)
+        log.info("serving volume %s%s", name, "" if clean else " (recovered)",
+                 extra={"volume": name})
+        return volume
+
+    async def close_volume(self, name: str) -> bool:
+        """Stop serving volume ``name``: its sessions end (unclean, so the images they held stay
+        honest), what is held is flushed and its tables persisted.  Returns whether it closed
+        cleanly (False: a storage error; the next owner then recovers it as after a crash)."""
+        volume = self.volumes.pop(name, None)
+        if volume is None:
+            return True
+        try:
+            await volume.close()
+        except OwmError as exc:
+            log.error("volume %s did not close cleanly: %s", name, exc, extra={"volume": name})
+            await volume.engine.storage.close()
+            return False
+        log.info("stopped serving volume %s", name, extra={"volume": name})
+        return True
 
     async def _open_storage(self, has_volumes: bool) -> None:
         """Check where the catalog says the data lives against how the pool is being opened.
@@ -191,7 +239,7 @@ class Pool:
         if self.catalog is not None:
             try:
                 await self.db(lambda c: c.prune_sessions())
-                if clean:
+                if clean and not self.cluster:
                     # The digest first: a pool marked clean without one is trusted unchecked.
                     await self.db(_record_digest)
                     await self.db(lambda c: c.set_meta("clean", "1"))

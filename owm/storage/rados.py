@@ -27,6 +27,7 @@ May import ``owm.common`` only.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import logging
 import os
@@ -52,6 +53,10 @@ class RadosUnavailable(OwmError):
     """The cluster cannot be reached, or the rados binding is missing."""
 
 
+class RadosFenced(OwmError):
+    """The cluster refuses this client: it was blocklisted (another daemon took over)."""
+
+
 def check_stripe_size(size: int) -> None:
     if size & (size - 1) or not MIN_STRIPE <= size <= MAX_STRIPE:
         raise InvalidRequest("a stripe size must be a power of two between 64K and 64M")
@@ -61,6 +66,9 @@ def _error(rv: int, what: str, timeout: float = OP_TIMEOUT) -> OwmError:
     code = -rv
     if code in (errno.ENOSPC, errno.EDQUOT):
         return NoSpace(f"the RADOS pool is full while {what}")
+    if code == errno.ESHUTDOWN:  # EBLOCKLISTED in Ceph
+        return RadosFenced(f"storage error while {what}: the Ceph cluster refuses this daemon "
+                           "(it was blocklisted: another daemon took its volumes over)")
     if code == errno.ETIMEDOUT:
         return OwmError(f"storage error while {what}: the Ceph cluster did not answer within "
                         f"{timeout:g} s")
@@ -116,6 +124,54 @@ class RadosBackend:
         self.op_timeout: float = OP_TIMEOUT
         self.zero_swapped = False
         self.index: dict[str, dict[str, _Named]] = {}
+        self.on_fenced: Callable[[str], None] | None = None  # told once a write is refused
+
+    @property
+    def client_address(self) -> str:
+        """This connection's RADOS client address, what ``osd blocklist add`` takes."""
+        return str(self._cluster.get_addrs()) if self._cluster is not None else ""
+
+    @property
+    def cluster_handle(self) -> Any:
+        """The ``rados.Rados`` connection itself (for monitor commands), None once closed."""
+        return self._cluster
+
+    def fenced(self, error: OwmError) -> None:
+        if isinstance(error, RadosFenced) and self.on_fenced is not None:
+            self.on_fenced(str(error))
+
+    async def reload(self, volume: str) -> None:
+        """Load the index of one volume anew from RADOS: another daemon may have written it
+        since this one opened (cluster mode: before taking a volume over)."""
+        loop = asyncio.get_running_loop()
+        prefix = volume + "/"
+
+        def blocking() -> tuple[dict[str, _Named], list[tuple[str, str, int]]]:
+            import rados
+
+            found: dict[str, _Named] = {}
+            stripes: list[tuple[str, str, int]] = []
+            try:
+                for obj in self.ioctx.list_objects():
+                    if not obj.key.startswith(prefix):
+                        continue
+                    parts = obj.key.split("/")
+                    if len(parts) == 2:
+                        found.setdefault(parts[1], _Named()).head = True
+                    elif len(parts) == 3:
+                        with contextlib.suppress(ValueError):
+                            stripes.append((parts[0], parts[1], int(parts[2], 16)))
+                            found.setdefault(parts[1], _Named())
+            except rados.Error as exc:
+                raise _error(-getattr(exc, "errno", errno.EIO) or -errno.EIO,
+                             f"listing the objects of volume {volume}") from None
+            return found, stripes
+
+        found, stripes = await loop.run_in_executor(None, blocking)
+        index = self.index.setdefault(volume, {})
+        index.clear()
+        index.update(found)
+        await self._load_sizes(stripes)
 
     @staticmethod
     def connect_blocking(conf_path: Path, *, timeout: float = CONNECT_TIMEOUT,
@@ -347,6 +403,7 @@ class RadosStorage:
         if rv < 0 and not (missing_ok and rv == -errno.ENOENT):
             err = _error(rv, what, self._backend.op_timeout)
             log.error("%s", err, extra={"volume": self.volume})
+            self._backend.fenced(err)
             raise err
         return data if rv >= 0 else None
 
@@ -413,6 +470,7 @@ class RadosStorage:
             elif rv < 0:
                 err = _error(rv, f"reading {name}", self._backend.op_timeout)
                 log.error("%s", err, extra={"volume": self.volume})
+                self._backend.fenced(err)
                 raise err
             # The return value is the length read: when it is 0, python-rados (16) hands back
             # its whole buffer, uninitialised, instead of an empty one.
