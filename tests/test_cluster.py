@@ -67,7 +67,7 @@ class Cluster:
     def owned(self, daemon_id: str) -> set[str]:
         status, volumes = self.daemons[daemon_id].api("GET", "/v1/volumes")
         assert status == 200, volumes
-        return {v["name"] for v in volumes}
+        return {v["name"] for v in volumes if "owner" not in v}  # not those served elsewhere
 
     def status(self, via: str) -> dict[str, Any]:
         out = run_owm("--pool", self.daemons[via].pool, "cluster", "status", "--json")
@@ -356,3 +356,59 @@ def test_planned_move(cluster: Cluster, hold_session: Any) -> None:
     assert states == {image: "drained", second: "drained-unclean"}, states
     line = one_sentence(a.owm("volume", "move", "vol", "--to", "nobody"))
     assert "there is no daemon 'nobody'" in line.lower(), line
+
+
+def test_client_through_a_front_door_keeps_working_while_the_owner_moves(cluster: Cluster) -> None:
+    """A client connected to a daemon that does not own the volume (the front door, which
+    forwards to the owner) writes with FUA while the volume moves from daemon to daemon: a
+    planned move, then a kill -9 of the new owner.  The client never sees an error, every
+    acknowledged write is there at the end, and ``nbdinfo --list`` on the front door lists the
+    cluster's volume although the front door does not own it."""
+    a, b, c = cluster.start("a"), cluster.start("b"), cluster.start("c")
+    ok(a.owm("volume", "create", "vol", "--size", "4M"))
+    listed = subprocess.run(["nbdinfo", "--list", "--json", f"nbd+unix:///?socket={c.nbd_socket}"],
+                            capture_output=True, text=True, timeout=30)
+    assert listed.returncode == 0, listed.stderr
+    assert "vol" in {e["export-name"] for e in json.loads(listed.stdout)["exports"]}
+
+    async def run() -> None:
+        client = await nbd(c, "vol")
+        acked: dict[int, int] = {}
+        stop = asyncio.Event()
+
+        async def writer() -> None:
+            seq = 0
+            while not stop.is_set():
+                seq += 1
+                block = seq % 64
+                await client.write(block * BLOCK, pattern(7, seq), fua=True)  # no error allowed
+                acked[block] = seq
+
+        async def progress(what: str) -> None:
+            seen = sum(acked.values())
+            deadline = time.monotonic() + 30
+            while sum(acked.values()) <= seen:
+                assert not task.done(), f"the writer failed {what}: {task.exception()}"
+                assert time.monotonic() < deadline, f"no write acknowledged {what}"
+                await asyncio.sleep(0.05)
+
+        task = asyncio.create_task(writer())
+        await progress("before the move")
+        out = await asyncio.to_thread(c.owm, "volume", "move", "vol", "--to", "b")
+        assert out.returncode == 0, out.stderr
+        await asyncio.to_thread(wait_until, "b serves vol", lambda: "vol" in cluster.owned("b"), 15)
+        await progress("after the planned move")
+        b.proc.kill()  # SIGKILL the new owner: a or c takes the volume over
+        b.proc.wait()
+        await progress("after the owner was killed")
+        stop.set()
+        await task
+        data = await client.read(0, 64 * BLOCK)
+        await client.disconnect()
+        for block, seq in acked.items():
+            got = data[block * BLOCK:(block + 1) * BLOCK]
+            assert got == pattern(7, seq), f"block {block}: an acknowledged FUA write is lost"
+
+    asyncio.run(run())
+    owners = {d["id"]: d["volumes"] for d in cluster.status("a")["daemons"]}
+    assert sum(v.count("vol") for v in owners.values()) == 1, owners

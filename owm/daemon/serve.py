@@ -362,11 +362,13 @@ async def _serve_locked(
         await control.start(config.control_socket, tcp=config.control_listen, token=token)
         ctx.daemon["control"]["tcp"] = _endpoint(control.tcp_address)
         if config.daemon_id is not None:
-            # ``directory`` (owm.common.cluster.Directory): the lead passes it to the NBD
-            # server and the control API at merge (the front door).
-            member, _directory = await _join_cluster(config, pool, backends, {
+            pool.before_close = nbd.drop_volume
+            member, directory = await _join_cluster(config, pool, backends, {
                 "host": socket.gethostname(), "pid": os.getpid(), "pool": str(pool_dir),
                 "nbd": _endpoint(nbd_tcp), "control": _endpoint(control.tcp_address)})
+            # The front door: what another daemon owns is forwarded to it (NBD and control).
+            nbd.use_directory(directory)
+            ctx.directory, ctx.cluster_token = directory, token
             ctx.daemon["cluster"] = {"daemon_id": config.daemon_id,
                                      "lease_ttl": config.lease_ttl}
         volumes = pool.status()

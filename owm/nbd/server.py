@@ -58,7 +58,7 @@ from owm.common.view import ExportInfo, Exports, View
 from owm.nbd import constants as c
 from owm.nbd import protocol as p
 from owm.nbd.access import READ_ONLY, AccessRules, Client
-from owm.nbd.proxy import Forwarder
+from owm.nbd.proxy import Forwarder, ProxyView
 from owm.nbd.tls import peer_identity
 
 log = logging.getLogger("owm.nbd.server")
@@ -974,6 +974,30 @@ class NbdServer:
         self.refused_connections = 0
         self.accepted_connections = 0  # since start, for the daemon's metrics
         self._refusal_logged = -10.0
+
+    def use_directory(self, directory: Directory) -> None:
+        """Forward exports served by other daemons of the cluster from now on (the daemon
+        calls this once it has joined its cluster, when its own addresses are known)."""
+        self.forwarder = Forwarder(directory, self.exports)
+
+    def drop_volume(self, volume: str) -> int:
+        """Close at once every connection to ``volume`` or one of its images, because this
+        daemon no longer serves it (it moved to another daemon).  Requests in flight get no
+        reply, so the client or front door that reconnects sends them again to the new owner;
+        a reply of "this session is closed" would reach the client as an I/O error instead."""
+        dropped = 0
+        for conn in list(self._connections):
+            view = conn.view
+            if view is None or isinstance(view, ProxyView):
+                continue
+            name = view.export_name
+            if name == volume or name.startswith(volume + "@"):
+                conn.force_close()
+                dropped += 1
+        if dropped:
+            log.info("closed %d connection(s) to %s, which is no longer served here",
+                     dropped, volume)
+        return dropped
 
     def _refused_connection(self, peer: str) -> None:
         self.refused_connections += 1

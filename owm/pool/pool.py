@@ -67,6 +67,9 @@ class Pool:
         self.cluster = cluster
         # Called with a volume's name before it is opened at run time (RADOS: reload its index).
         self.before_open: Callable[[str], Awaitable[None]] | None = None
+        # Cluster mode: told a volume is about to stop being served here (the daemon closes
+        # its NBD connections, so that their requests go again to the next owner).
+        self.before_close: Callable[[str], object] | None = None
         self._factory = storage_factory or (lambda name: LocalStorage(root / "volumes" / name))
         self._catalog_factory = catalog_factory
         self.catalog_info: dict[str, Any] = {"kind": "sqlite",
@@ -173,6 +176,8 @@ class Pool:
         volume = self.volumes.pop(name, None)
         if volume is None:
             return True
+        if self.before_close is not None:
+            self.before_close(name)
         try:
             await volume.close()
         except OwmError as exc:
