@@ -154,6 +154,30 @@ def _ask_passphrase(confirm: bool) -> Callable[[], str | None]:
     return ask
 
 
+DEST_PASSWORD_ENV = "OWM_DEST_REPO_PASSWORD"
+
+
+def _ask_dest_passphrase() -> Callable[[], str | None]:
+    """The passphrase of ``backup copy``'s destination: $OWM_DEST_REPO_PASSWORD, else
+    $OWM_REPO_PASSWORD (the same passphrase as the source), else asked on a terminal."""
+    import os
+    import sys
+
+    from owm.backup.crypto import PASSWORD_ENV
+
+    def ask() -> str | None:
+        for name in (DEST_PASSWORD_ENV, PASSWORD_ENV):
+            if os.environ.get(name):
+                return os.environ[name]
+        if not sys.stdin.isatty():
+            return None
+        value: str = click.prompt("Destination repository passphrase", hide_input=True,
+                                  err=True)
+        return value or None
+
+    return ask
+
+
 def _set_key(ctx: click.Context, _: click.Parameter, value: Path | None) -> Path | None:
     from owm.backup.crypto import KeySource, set_default_key
 
@@ -528,30 +552,61 @@ def backup_prune(repo: Path, last: int, hourly: int, daily: int, weekly: int, mo
 
 @backup.command("copy")
 @pool_option
+@key_option
 @click.argument("source", metavar="SRC", type=click.Path(path_type=Path))
 @click.argument("destination", metavar="DST", type=click.Path(path_type=Path))
 @click.argument("backup_ids", metavar="[ID...]", nargs=-1)
+@click.option("--dest-key-file", "dest_key_file", metavar="FILE", type=click.Path(path_type=Path),
+              help="Key file of an encrypted DST (default: --key-file, unless "
+                   "$OWM_DEST_REPO_PASSWORD is set; else the passphrase in "
+                   "$OWM_DEST_REPO_PASSWORD or $OWM_REPO_PASSWORD, or asked on a terminal).  "
+                   "Created when missing, for a DST this command creates.")
+@click.option("--encrypt", is_flag=True,
+              help="A DST this command creates is encrypted with a new key of its own.")
+@click.option("--plain", is_flag=True,
+              help="A DST this command creates is not encrypted (an encrypted SRC's chunks "
+                   "are stored decrypted).")
 @json_option
 def backup_copy(source: Path, destination: Path, backup_ids: tuple[str, ...],
-                as_json: bool) -> None:
+                dest_key_file: Path | None, encrypt: bool, plain: bool, as_json: bool,
+                key_file: Path | None) -> None:
     """Copy backups ID... (default: every complete backup) from the repository SRC into DST.
 
-    DST is created when missing.  Only the chunks DST lacks move, each checked against its
-    hash when read and again once stored; every backup comes with the chain of parents SRC
-    holds; backups DST already has are skipped.
+    DST is created when missing: as SRC is (plain, or encrypted with SRC's own master key
+    wrapped by DST's key, so chunk files move as they are), or with --encrypt / --plain.
+    Only the chunks DST lacks are written, each checked when read and again once stored;
+    between different keys (or plain and encrypted) chunks are decrypted, renamed by DST's
+    hash and sealed again.  Every backup comes with the chain of parents SRC holds; backups
+    DST already has are skipped.  A wrong key for either side stops the copy before it writes
+    anything.
     """
     from owm.backup.copy import CopyResult, copy_backups
+    from owm.backup.crypto import KeySource, default_key
+
+    if encrypt and plain:
+        raise _fail("--encrypt and --plain cannot go together", 2)
+    import os
+
+    # Without --dest-key-file, DST's key is --key-file's, unless a passphrase is set for it.
+    fallback = None if os.environ.get(DEST_PASSWORD_ENV) else key_file
+    dest_key = KeySource(key_file=dest_key_file or fallback, passphrase=_ask_dest_passphrase(),
+                         option="--dest-key-file", password_env=DEST_PASSWORD_ENV)
+    create_as = "encrypted" if encrypt else "plain" if plain else "source"
 
     with progress_bar("copying", not as_json) as bar:
         result: CopyResult = _guarded(
-            lambda: copy_backups(source, destination, list(backup_ids), progress=bar))
+            lambda: copy_backups(source, destination, list(backup_ids), progress=bar,
+                                 key=default_key(), dest_key=dest_key, create_as=create_as,
+                                 dest_key_given=dest_key_file is not None))
     if as_json:
         _echo_json(result.to_json())
         return
     n = len(result.copied)
+    recoded = " (renamed and sealed again for the destination's key)" if result.recoded else ""
     lines = [f"Copied {n} backup{'' if n == 1 else 's'} into {result.destination}: "
              f"{result.chunks_copied} chunks moved ({format_size(result.bytes_written)} "
-             f"written), {result.chunks_present} already there; {result.seconds:.2f}s."]
+             f"written), {result.chunks_present} already there{recoded}; "
+             f"{result.seconds:.2f}s."]
     lines += [f"  skipped {row['id']}: {row['why']}" for row in result.skipped]
     _out().print("\n".join(lines), markup=False)
 
