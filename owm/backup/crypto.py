@@ -26,13 +26,28 @@ import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import blake3
-from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 
 from owm.common.errors import InvalidRequest, OwmError
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
+
+
+def _aead(key: bytes) -> ChaCha20Poly1305:
+    # Imported on first use: only encrypted repositories pay for loading cryptography (about
+    # 50 ms of every command's start-up).
+    from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
+
+    return ChaCha20Poly1305(key)
+
+
+def _invalid_tag() -> type[Exception]:
+    from cryptography.exceptions import InvalidTag
+
+    return InvalidTag
 
 MAGIC = b"owmE"
 VERSION = 1
@@ -102,7 +117,7 @@ class RepoCipher:
         if len(master) != KEY_SIZE:
             raise ValueError("a master key is 32 bytes")
         self._master = master
-        self._aead = ChaCha20Poly1305(blake3.blake3(master, derive_key_context=_OBJECT_CONTEXT)
+        self._aead = _aead(blake3.blake3(master, derive_key_context=_OBJECT_CONTEXT)
                                       .digest())
         self._id_key = blake3.blake3(master, derive_key_context=_ID_CONTEXT).digest()
 
@@ -128,7 +143,7 @@ class RepoCipher:
         nonce = sealed[5:HEADER_SIZE]
         try:
             return self._aead.decrypt(nonce, sealed[HEADER_SIZE:], _aad(kind, name))
-        except InvalidTag:
+        except _invalid_tag():
             return None
 
 
@@ -192,7 +207,7 @@ def new_encryption(source: KeySource, where: str,
                      p=SCRYPT_P)
         wrapping = _scrypt(passphrase, salt, SCRYPT_N, SCRYPT_R, SCRYPT_P)
     nonce = secrets.token_bytes(NONCE_SIZE)
-    block["wrapped"] = (nonce + ChaCha20Poly1305(wrapping).encrypt(nonce, master,
+    block["wrapped"] = (nonce + _aead(wrapping).encrypt(nonce, master,
                                                                    _wrap_aad(block))).hex()
     return block, RepoCipher(master)
 
@@ -230,9 +245,9 @@ def open_encryption(block: Any, source: KeySource, where: str) -> RepoCipher:
             raise InvalidRequest(f"the encryption settings of {where} are damaged")
         wrapping = _scrypt(passphrase, salt, n, r, p)
     try:
-        master = ChaCha20Poly1305(wrapping).decrypt(wrapped[:NONCE_SIZE], wrapped[NONCE_SIZE:],
+        master = _aead(wrapping).decrypt(wrapped[:NONCE_SIZE], wrapped[NONCE_SIZE:],
                                                     _wrap_aad(block))
-    except (InvalidTag, ValueError):
+    except (_invalid_tag(), ValueError):
         raise WrongKey(f"the key does not open the repository {where} (wrong passphrase or "
                        "key file)") from None
     return RepoCipher(master)

@@ -313,11 +313,19 @@ class Repository:
             except FileNotFoundError:
                 raise ChunkDamaged("its chunk file is missing") from None
         try:
-            with os.fdopen(fd, "rb", buffering=0) as f:
-                packed = f.read()
+            # One fstat and (almost always) one read: no file object per chunk.
+            size = os.fstat(fd).st_size
+            parts = [os.read(fd, size)]
+            while parts[-1]:
+                size -= len(parts[-1])
+                if size <= 0:
+                    break
+                parts.append(os.read(fd, size))
         except OSError as exc:
             raise ChunkDamaged(f"its chunk file cannot be read ({exc.strerror})") from None
-        return packed
+        finally:
+            os.close(fd)
+        return parts[0] if len(parts) == 1 else b"".join(parts)
 
     def decode(self, digest: bytes, packed: bytes, length: int) -> bytes:
         """The content of chunk ``digest`` from its file's bytes, checked (ChunkDamaged)."""

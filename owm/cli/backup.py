@@ -17,10 +17,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
-from rich import box
-from rich.console import Console
-from rich.table import Table
-from rich.text import Text
 
 from owm.cli.common import Fail, json_option, pool_option, state
 from owm.common.errors import DaemonNotRunning, InvalidRequest, OwmError
@@ -28,6 +24,8 @@ from owm.common.names import parse_image_name as split_image
 from owm.common.sizes import format_size
 
 if TYPE_CHECKING:
+    from rich.console import Console
+
     from owm.control.client import ControlClient
 
 T = TypeVar("T")
@@ -48,6 +46,9 @@ def _fail(message: str, code: int = 1) -> Exception:
 
 
 def _err() -> Console:
+    # rich is imported where output is drawn: ``--json`` runs (scripts) never load it.
+    from rich.console import Console
+
     return Console(stderr=True, highlight=False)
 
 
@@ -107,8 +108,13 @@ def with_daemon(call: Callable[[ControlClient], Awaitable[T]]) -> T:
 @contextlib.contextmanager
 def progress_bar(what: str, enabled: bool) -> Iterator[Progress | None]:
     """A bar with bytes, rate and ETA on a terminal; nothing (None) otherwise."""
+    import sys
+
+    if not enabled or not sys.stderr.isatty():
+        yield None
+        return
     err = _err()
-    if not enabled or not err.is_terminal:
+    if not err.is_terminal:
         yield None
         return
     from rich.progress import (
@@ -417,6 +423,10 @@ def backup_list(repo: Path, as_json: bool, key_file: Path | None) -> None:
     if not rows:
         _out().print(f"No backups in {repo}.", markup=False)
         return
+    from rich import box
+    from rich.table import Table
+    from rich.text import Text
+
     table = Table(box=box.SIMPLE_HEAD, pad_edge=False)
     for column, justify in (("ID", "left"), ("IMAGE", "left"), ("TIME (UTC)", "left"),
                             ("SIZE", "right"), ("STATE", "left"), ("CONSISTENCY", "left"),
@@ -717,13 +727,15 @@ def restore(repo: Path, backup_id: str, to: str, method: str, live: bool, pace: 
 
     Into a new raw file, or into a new volume created through the daemon.
     """
-    from owm.backup.restore import RestoreResult, parse_target, restore_backup
+    from owm.backup.restore import RestoreResult, parse_target, restore_backup, restore_file
     from owm.backup.sets import find_set
 
     if _guarded(lambda: find_set(repo, backup_id)) is not None:
         _restore_set(repo, backup_id, to, method, as_json)
         return
-    kind, _ = _guarded(lambda: parse_target(to))
+    kind, path = _guarded(lambda: parse_target(to))
+    if kind == "file" and live:
+        raise _fail("a live restore goes into a new volume, not a file")
 
     def notify(message: str) -> None:
         click.echo(message[0].upper() + message[1:] + ".", err=True)
@@ -734,7 +746,11 @@ def restore(repo: Path, backup_id: str, to: str, method: str, live: bool, pace: 
                                         progress=bar, live=live, pace=pace,
                                         notify=None if as_json else notify)
 
-    result = with_daemon(call) if kind == "volume" else _guarded(lambda: _run(call(None)))
+    if kind == "file":  # no event loop, no daemon: start-up is most of a small restore
+        with progress_bar(f"restoring {backup_id}", not as_json) as bar:
+            result = _guarded(lambda: restore_file(repo, backup_id, path, progress=bar))
+    else:
+        result = with_daemon(call)
     if as_json:
         _echo_json(result.to_json())
         return
