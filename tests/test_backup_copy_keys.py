@@ -156,6 +156,9 @@ def test_a_wrong_key_on_either_side_is_one_sentence_and_writes_nothing(daemon: D
                                               k2))
     assert "drop --encrypt" in refused(run_owm("backup", "copy", enc, plain, "--key-file", k1,
                                                "--encrypt"))
+    # Never decrypted by accident: an existing plain DST takes an encrypted SRC with --plain.
+    assert "add --plain" in refused(run_owm("backup", "copy", enc, plain, "--key-file", k1))
+    assert not any((plain / "backups").iterdir())
     assert "drop --plain" in refused(run_owm("backup", "copy", enc, dst, "--key-file", k1,
                                              "--dest-key-file", k2, "--plain"))
     assert "cannot go together" in refused(run_owm("backup", "copy", enc, new, "--encrypt",

@@ -199,7 +199,8 @@ def _destination(destination: Path | str, src: Repository, key: KeySource | None
                  create_as: str, key_given: bool) -> Repository:
     """Open the destination (with ``key``), or create it: ``create_as`` "source" makes it as
     the source is (plain, or encrypted with the source's own master key, wrapped by ``key``,
-    so that chunks move as they are), "encrypted" with a new key, "plain" not encrypted."""
+    so that chunks move as they are), "encrypted" with a new key, "plain" not encrypted.
+    An encrypted source goes into a plain destination only with "plain"."""
     if is_repository(Path(destination)):
         dst = Repository.open(destination, key=key)
         if create_as == "encrypted" and dst.cipher is None:
@@ -210,6 +211,10 @@ def _destination(destination: Path | str, src: Repository, key: KeySource | None
         if key_given and dst.cipher is None:
             raise InvalidRequest(f"{dst.root} is a repository that is not encrypted; drop "
                                  "--dest-key-file")
+        if src.cipher is not None and dst.cipher is None and create_as != "plain":
+            # Never decrypt by accident: the user says so.
+            raise InvalidRequest(f"{dst.root} is not encrypted, so the backups of {src.root} "
+                                 "would be stored there decrypted; add --plain to do that")
         return dst
     if key_given and (create_as == "plain" or (create_as == "source" and src.cipher is None)):
         raise InvalidRequest("--dest-key-file is for an encrypted destination; add --encrypt")

@@ -574,8 +574,8 @@ def backup_prune(repo: Path, last: int, hourly: int, daily: int, weekly: int, mo
 @click.option("--encrypt", is_flag=True,
               help="A DST this command creates is encrypted with a new key of its own.")
 @click.option("--plain", is_flag=True,
-              help="A DST this command creates is not encrypted (an encrypted SRC's chunks "
-                   "are stored decrypted).")
+              help="Store an encrypted SRC's backups decrypted: in a plain DST, or in a DST "
+                   "this command creates, not encrypted.")
 @json_option
 def backup_copy(source: Path, destination: Path, backup_ids: tuple[str, ...],
                 dest_key_file: Path | None, encrypt: bool, plain: bool, as_json: bool,
