@@ -28,7 +28,8 @@ each, and is preserved.  Then, one at a time, each reading the same read-only ex
 ``--data random`` (default) writes incompressible data; ``--data compressible`` writes blocks
 of half text, half zeroes (each 4 KiB block different), which is what verify's rate of stored
 data should be measured on too.  The "srv cpu" column is the CPU seconds the daemon used
-during the row (read from /proc; "-" where the daemon takes no part).
+during the row (read from /proc; for restore and verify, which do not use it, it shows what
+else ran meanwhile; "-" where not measured).
 
 Each runs ``--rounds`` times, interleaved (the machine's load drifts), and the table shows the
 median.  Rates are MB/s (10^6 bytes per second) of volume, i.e. volume size / wall time of the
@@ -306,25 +307,30 @@ def _after_crash(args: argparse.Namespace, daemon: Daemon, work: Path, previous:
     rows.append(row)
 
 
-def _repository_rows(repo: Path, work: Path, deadline: Deadline) -> list[Row]:
-    """Restore, verify and prune+GC of the repository."""
+def _repository_rows(daemon: Daemon, repo: Path, work: Path, deadline: Deadline) -> list[Row]:
+    """Restore, verify and prune+GC of the repository (the daemon takes no part; its CPU is
+    shown all the same, as what else ran meanwhile)."""
     out: list[Row] = []
     listed = json.loads(timed([*OWM, "backup", "list", str(repo), "--json"], deadline)[1])
     newest = max(listed, key=lambda b: b["time"])["id"]
     print("restore, verify, prune ...", file=sys.stderr)
     target = work / "restored.raw"
+    before = daemon.cpu()
     seconds, text = timed([*OWM, "restore", str(repo), newest, "--to", str(target), "--json"],
                           deadline)
     done = json.loads(text)
-    out.append(Row("owm restore -> raw file", seconds, float(done["seconds"]),
-                   int(done["bytes_written"]), "thread per core, every chunk hashed"))
+    out.append(served(daemon, Row("owm restore -> raw file", seconds, float(done["seconds"]),
+                                  int(done["bytes_written"]),
+                                  "thread per core, every chunk hashed"), before))
     target.unlink()
     stored = sum(p.stat().st_size for p in (repo / "chunks").glob("*/*"))
+    before = daemon.cpu()
     seconds, text = timed([*OWM, "backup", "verify", str(repo), newest, "--json"], deadline)
     checked = sum(int(b["chunks_checked"]) for b in json.loads(text)["backups"]) * CHUNK
-    out.append(Row("owm backup verify (one backup)", seconds, None, stored,
-                   f"{stored / seconds / 1e6:.0f} MB/s of stored chunks, "
-                   f"{checked / seconds / 1e6:.0f} MB/s of image data (wall)"))
+    out.append(served(daemon, Row("owm backup verify (one backup)", seconds, None, stored,
+                                  f"{stored / seconds / 1e6:.0f} MB/s of stored chunks, "
+                                  f"{checked / seconds / 1e6:.0f} MB/s of image data (wall)"),
+                      before))
     seconds, text = timed([*OWM, "backup", "prune", str(repo), "--keep-last", "1", "--json"],
                           deadline)
     pruned = json.loads(text)
@@ -426,7 +432,7 @@ def run(args: argparse.Namespace) -> None:
 
         rows = [median(samples[k]) for k in ("nbdcopy", "raw", "full", "full-enc", "incr")]
         _after_crash(args, daemon, work, previous, repo, rows, size, deadline)
-        rows += _repository_rows(repo, work, deadline)
+        rows += _repository_rows(daemon, repo, work, deadline)
         rows += restic_rows
         full, incr = rows[2], rows[4]
         incr.note += (f"; {full.seconds / incr.seconds:.0f}x faster than full (wall), "

@@ -145,8 +145,10 @@ def _restore_file(repo: Repository, manifest: Manifest, path: Path,
                     view, offset = view[n:], offset + n
             return total
 
-        # Reading, decompressing and hashing on one thread per core, a few groups in flight.
-        for group, n in bounded_map(one, _groups(manifest), default_workers(), "owm-restore"):
+        # Reading, decompressing, hashing and writing on two threads per core (a thread
+        # waiting for a chunk file or for the write lets the other hash), a few groups each.
+        workers = min(8, 2 * default_workers())
+        for group, n in bounded_map(one, _groups(manifest), workers, "owm-restore"):
             written += n
             chunks += len(group)
             if progress is not None:
