@@ -50,6 +50,7 @@ import asyncio
 import json
 import os
 import random
+import resource
 import shutil
 import signal
 import subprocess
@@ -78,6 +79,7 @@ class Row:
     bytes_read: int | None
     note: str = ""
     server_cpu: float | None = None  # CPU seconds of the daemon during the row
+    cpu: float | None = None  # CPU seconds of the command itself
 
 
 class Deadline:
@@ -197,14 +199,18 @@ async def write_pieces(sock: Path, export: str, pieces: list[tuple[int, int]],
 
 
 def timed(argv: list[str], deadline: Deadline, extra_env: dict[str, str] | None = None,
-          cwd: Path = REPO) -> tuple[float, str]:
+          cwd: Path = REPO) -> tuple[float, str, float]:
+    """Run a command: its wall seconds, its output and its CPU seconds (user + system)."""
     started = time.monotonic()
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
     done = subprocess.run(argv, capture_output=True, text=True, env={**env(), **(extra_env or {})},
                           cwd=cwd, timeout=deadline.left())
     seconds = time.monotonic() - started
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime - usage.ru_utime) + (after.ru_stime - usage.ru_stime)
     if done.returncode != 0:
         raise SystemExit(f"{' '.join(argv[:4])} ... failed: {done.stderr.strip()}")
-    return seconds, done.stdout
+    return seconds, done.stdout, cpu
 
 
 def served(daemon: Daemon, row: Row, before: float) -> Row:
@@ -216,19 +222,20 @@ def served(daemon: Daemon, row: Row, before: float) -> Row:
 def backup(daemon: Daemon, image: str, to: Path, fmt: str, what: str, deadline: Deadline,
            *extra: str | Path) -> tuple[Row, dict[str, object]]:
     before = daemon.cpu()
-    seconds, out = timed([*OWM, "--pool", str(daemon.pool), "backup", image, "--to", str(to),
-                          "--format", fmt, *map(str, extra), "--json"], deadline)
+    seconds, out, cpu = timed([*OWM, "--pool", str(daemon.pool), "backup", image, "--to",
+                               str(to), "--format", fmt, *map(str, extra), "--json"], deadline)
     summary = json.loads(out)
-    row = Row(what, seconds, float(summary["seconds"]), int(summary["bytes_read"]))
+    row = Row(what, seconds, float(summary["seconds"]), int(summary["bytes_read"]), cpu=cpu)
     return served(daemon, row, before), summary
 
 
 def nbdcopy(daemon: Daemon, image: str, target: Path, deadline: Deadline) -> Row:
     before = daemon.cpu()
-    seconds, _ = timed(["nbdcopy", f"nbd+unix:///{image}?socket={daemon.pool / 'nbd.sock'}",
-                        str(target)], deadline)
+    seconds, _, cpu = timed(["nbdcopy",
+                             f"nbd+unix:///{image}?socket={daemon.pool / 'nbd.sock'}",
+                             str(target)], deadline)
     return served(daemon, Row("nbdcopy -> raw file", seconds, None, None,
-                              "libnbd, 4 connections"), before)
+                              "libnbd, 4 connections", cpu=cpu), before)
 
 
 def median(rows: list[Row]) -> Row:
@@ -239,16 +246,17 @@ def median(rows: list[Row]) -> Row:
 def print_table(rows: list[Row], size: int) -> None:
     nbdcopy_s = rows[0].seconds
     head = (f"{'':36} {'read':>9} {'wall s':>7} {'MB/s vol':>9} {'x nbdcopy':>9} "
-            f"{'inner s':>8} {'MB/s inner':>10} {'srv cpu':>7}  note")
+            f"{'inner s':>8} {'MB/s inner':>10} {'cpu':>5} {'srv cpu':>7}  note")
     print(head)
     print("-" * len(head))
     for r in rows:
         rate = size / r.seconds / 1e6
         inner = f"{r.inner:8.2f} {size / r.inner / 1e6:10.0f}" if r.inner else f"{'-':>8} {'-':>10}"
         read = format_size(r.bytes_read) if r.bytes_read is not None else "-"
-        cpu = f"{r.server_cpu:7.2f}" if r.server_cpu is not None else f"{'-':>7}"
+        srv = f"{r.server_cpu:7.2f}" if r.server_cpu is not None else f"{'-':>7}"
+        cpu = f"{r.cpu:5.2f}" if r.cpu is not None else f"{'-':>5}"
         print(f"{r.what:36} {read:>9} {r.seconds:7.2f} {rate:9.0f} {nbdcopy_s / r.seconds:9.2f} "
-              f"{inner} {cpu}  {r.note}")
+              f"{inner} {cpu} {srv}  {r.note}")
 
 
 class Restic:
@@ -267,23 +275,23 @@ class Restic:
         """Copy ``image`` to the raw file (nbdcopy, not timed), then time ``restic backup``."""
         self.raw.unlink(missing_ok=True)
         nbdcopy(daemon, image, self.raw, self.deadline)
-        seconds, out = timed(["restic", "backup", "--json", str(self.raw)], self.deadline,
-                             self.env)
+        seconds, out, cpu = timed(["restic", "backup", "--json", str(self.raw)],
+                                  self.deadline, self.env)
         summary = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
         done = next((d for d in summary if d.get("message_type") == "summary"), {})
         added = int(done.get("data_added", 0))
         return Row(what, seconds, float(done.get("total_duration", 0)) or None, size,
                    f"reads the raw file; {format_size(added)} added, encrypted, content-defined "
-                   "chunks")
+                   "chunks", cpu=cpu)
 
     def restore(self, what: str) -> Row:
         target = self.work / "restic-restored"
-        seconds, _ = timed(["restic", "restore", "latest", "--target", str(target)],
-                           self.deadline, self.env)
+        seconds, _, cpu = timed(["restic", "restore", "latest", "--target", str(target)],
+                                self.deadline, self.env)
         restored = target / self.raw.relative_to("/")
         same = restored.stat().st_size == self.raw.stat().st_size
         row = Row(what, seconds, None, restored.stat().st_size,
-                  "-> raw file" + ("" if same else " (SIZE DIFFERS)"))
+                  "-> raw file" + ("" if same else " (SIZE DIFFERS)"), cpu=cpu)
         shutil.rmtree(target, ignore_errors=True)
         return row
 
@@ -325,12 +333,12 @@ def _repository_rows(daemon: Daemon, repo: Path, work: Path, image: str, rounds:
         copies.append(nbdcopy(daemon, image, target, deadline))
         target.unlink()
         before = daemon.cpu()
-        seconds, text = timed([*OWM, "restore", str(repo), newest, "--to", str(target),
-                               "--json"], deadline)
+        seconds, text, cpu = timed([*OWM, "restore", str(repo), newest, "--to", str(target),
+                                    "--json"], deadline)
         done = json.loads(text)
         restores.append(served(daemon, Row("owm restore -> raw file", seconds,
-                                           float(done["seconds"]), int(done["bytes_written"])),
-                               before))
+                                           float(done["seconds"]), int(done["bytes_written"]),
+                                           cpu=cpu), before))
         target.unlink()
     beside, restored = median(copies), median(restores)
     beside.what = "nbdcopy -> raw file (beside restore)"
@@ -340,18 +348,19 @@ def _repository_rows(daemon: Daemon, repo: Path, work: Path, image: str, rounds:
     out += [beside, restored]
     stored = sum(p.stat().st_size for p in (repo / "chunks").glob("*/*"))
     before = daemon.cpu()
-    seconds, text = timed([*OWM, "backup", "verify", str(repo), newest, "--json"], deadline)
+    seconds, text, cpu = timed([*OWM, "backup", "verify", str(repo), newest, "--json"],
+                               deadline)
     checked = sum(int(b["chunks_checked"]) for b in json.loads(text)["backups"]) * CHUNK
     out.append(served(daemon, Row("owm backup verify (one backup)", seconds, None, stored,
                                   f"{stored / seconds / 1e6:.0f} MB/s of stored chunks, "
-                                  f"{checked / seconds / 1e6:.0f} MB/s of image data (wall)"),
-                      before))
-    seconds, text = timed([*OWM, "backup", "prune", str(repo), "--keep-last", "1", "--json"],
-                          deadline)
+                                  f"{checked / seconds / 1e6:.0f} MB/s of image data (wall)",
+                                  cpu=cpu), before))
+    seconds, text, cpu = timed([*OWM, "backup", "prune", str(repo), "--keep-last", "1",
+                                "--json"], deadline)
     pruned = json.loads(text)
     out.append(Row("owm backup prune --keep-last 1", seconds, float(pruned["seconds"]), None,
                    f"{len(pruned['removed'])} backups, {pruned['chunks_removed']} chunks "
-                   "removed"))
+                   "removed", cpu=cpu))
     return out
 
 
@@ -468,8 +477,9 @@ def run(args: argparse.Namespace) -> None:
               f"{beside.seconds / restore.seconds:.2f}x (wall, against the nbdcopy beside it)")
         print("wall = the command as a user runs it, process start included;\ninner = the time "
               "the command reports (owm: from connecting to the image until the backup is "
-              "synced; restic: its total_duration);\nsrv cpu = CPU seconds of the owm daemon "
-              "during the row (nbdcopy's and owm's reads are served by it).")
+              "synced; restic: its total_duration);\ncpu = CPU seconds (user + system) of the "
+              "command; srv cpu = of the owm daemon during the row (nbdcopy's and owm's reads "
+              "are served by it): on a loaded machine the CPU figures are the steadier ones.")
     finally:
         daemon.stop()
         shutil.rmtree(work, ignore_errors=True)
