@@ -163,9 +163,10 @@ def _ask_passphrase(confirm: bool) -> Callable[[], str | None]:
 DEST_PASSWORD_ENV = "OWM_DEST_REPO_PASSWORD"
 
 
-def _ask_dest_passphrase() -> Callable[[], str | None]:
+def _ask_dest_passphrase(confirm: bool) -> Callable[[], str | None]:
     """The passphrase of ``backup copy``'s destination: $OWM_DEST_REPO_PASSWORD, else
-    $OWM_REPO_PASSWORD (the same passphrase as the source), else asked on a terminal."""
+    $OWM_REPO_PASSWORD (the same passphrase as the source), else asked on a terminal (twice
+    for a destination the copy creates)."""
     import os
     import sys
 
@@ -178,7 +179,7 @@ def _ask_dest_passphrase() -> Callable[[], str | None]:
         if not sys.stdin.isatty():
             return None
         value: str = click.prompt("Destination repository passphrase", hide_input=True,
-                                  err=True)
+                                  err=True, confirmation_prompt=confirm)
         return value or None
 
     return ask
@@ -592,6 +593,7 @@ def backup_copy(source: Path, destination: Path, backup_ids: tuple[str, ...],
     """
     from owm.backup.copy import CopyResult, copy_backups
     from owm.backup.crypto import KeySource, default_key
+    from owm.backup.repo import is_repository
 
     if encrypt and plain:
         raise _fail("--encrypt and --plain cannot go together", 2)
@@ -599,7 +601,8 @@ def backup_copy(source: Path, destination: Path, backup_ids: tuple[str, ...],
 
     # Without --dest-key-file, DST's key is --key-file's, unless a passphrase is set for it.
     fallback = None if os.environ.get(DEST_PASSWORD_ENV) else key_file
-    dest_key = KeySource(key_file=dest_key_file or fallback, passphrase=_ask_dest_passphrase(),
+    ask = _ask_dest_passphrase(confirm=not is_repository(destination))
+    dest_key = KeySource(key_file=dest_key_file or fallback, passphrase=ask,
                          option="--dest-key-file", password_env=DEST_PASSWORD_ENV)
     create_as = "encrypted" if encrypt else "plain" if plain else "source"
 
