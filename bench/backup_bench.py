@@ -14,11 +14,24 @@ each, and is preserved.  Then, one at a time, each reading the same read-only ex
   ``owm backup vol@1 --to REPO`` runs incrementally (only the changed chunks are read);
 * once more after 1% changed and the daemon was killed with SIGKILL (the changed-chunk maps
   survive a crash: still incremental);
-* ``owm restore REPO ID --to F.raw`` (read, decompress, hash on a thread per core) beside
-  nbdcopy's row, ``owm backup verify REPO ID`` (its rate of stored bytes in the note) and
-  ``owm backup prune REPO --keep-last 1`` (the collection included), one run each;
-* ``restic backup`` of the same raw image into a fresh restic repository, when Debian's
-  restic is installed (``apt-get install restic``; not part of ``scripts/setup``).
+* ``owm restore REPO ID --to F.raw`` (read, decompress, hash on two threads per core) in
+  pairs with an nbdcopy of the image that backup was taken from (same load for both),
+  ``--rounds`` pairs; then ``owm backup verify REPO ID`` (its rate of stored bytes and of
+  image data in the note) and ``owm backup prune REPO --keep-last 1`` (the collection
+  included), one run each;
+* an encrypted full backup (``--encrypt --key-file``) beside the plain one;
+* restic (Debian's, installed by ``scripts/setup``) beside owm's repository rows, its
+  repository on the same tmpfs: ``restic backup`` of the image (full), again after the same
+  changes as owm's first incremental, and ``restic restore`` of that snapshot.  restic cannot
+  read NBD, so each image is first copied to a raw file on the tmpfs with nbdcopy (not timed)
+  and restic reads that file; owm reads the same image over the Unix socket.  Both read from
+  memory, and owm's rows include the daemon's work (its CPU is the "srv cpu" column).
+
+``--data random`` (default) writes incompressible data; ``--data compressible`` writes blocks
+of half text, half zeroes (each 4 KiB block different), which is what verify's rate of stored
+data should be measured on too.  The "srv cpu" column is the CPU seconds the daemon used
+during the row (read from /proc; for restore and verify, which do not use it, it shows what
+else ran meanwhile; "-" where not measured).
 
 Each runs ``--rounds`` times, interleaved (the machine's load drifts), and the table shows the
 median.  Rates are MB/s (10^6 bytes per second) of volume, i.e. volume size / wall time of the
@@ -27,6 +40,7 @@ also show the time the backup itself reported.  The whole run is bounded by ``--
 (about a minute on two cores).
 
     .venv/bin/python bench/backup_bench.py [--size 4G] [--changed 0.01] [--rounds 3]
+        [--data random|compressible]
 """
 
 from __future__ import annotations
@@ -36,6 +50,7 @@ import asyncio
 import json
 import os
 import random
+import resource
 import shutil
 import signal
 import subprocess
@@ -63,6 +78,8 @@ class Row:
     inner: float | None
     bytes_read: int | None
     note: str = ""
+    server_cpu: float | None = None  # CPU seconds of the daemon during the row
+    cpu: float | None = None  # CPU seconds of the command itself
 
 
 class Deadline:
@@ -90,6 +107,40 @@ def owm(pool: Path, *args: str | Path, deadline: Deadline) -> str:
     return done.stdout
 
 
+class Daemon:
+    """The ``owm serve`` under test; whichever process is current is stopped at the end (a
+    restart after kill -9 replaces it, and a failing step must not leak it)."""
+
+    def __init__(self, pool: Path) -> None:
+        self.pool = pool
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, log: Path, deadline: Deadline) -> None:
+        self.proc = start_daemon(self.pool, log, deadline)
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait()
+        self.proc = None
+
+    def stop(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+    def cpu(self) -> float:
+        """CPU seconds (user + system, every thread) the daemon has used so far."""
+        assert self.proc is not None
+        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rpartition(")")[2].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def start_daemon(pool: Path, log: Path, deadline: Deadline) -> subprocess.Popen[bytes]:
     # The ready file, not the sockets: a daemon killed with SIGKILL leaves its socket files.
     ready = log.with_suffix(".ready")
@@ -105,16 +156,36 @@ def start_daemon(pool: Path, log: Path, deadline: Deadline) -> subprocess.Popen[
     return proc
 
 
+_WORDS = [b"owm", b"backup", b"chunk", b"volume", b"preserve", b"image", b"drained",
+          b"session", b"write", b"flush", b"transaction", b"consistent", b"the", b"of", b"and",
+          b"a", b"to", b"2026-12-02", b"INFO", b"ERROR", b"select", b"from", b"where", b"id",
+          b"=", b"42\n"]
+_TEXT = b" ".join(random.Random(0).choices(_WORDS, k=40000))
+
+
+def piece_data(rng: random.Random, length: int, data: str) -> bytes:
+    """``length`` bytes of incompressible random data, or (``compressible``) 4 KiB blocks
+    of 2 KiB of text (a different slice of a word list, numbered) and 2 KiB of zeroes."""
+    if data == "random":
+        return rng.randbytes(length)
+    out = bytearray()
+    while len(out) < length:
+        start = rng.randrange(len(_TEXT) - 2048)
+        block = (b"%016x " % rng.getrandbits(64)) + _TEXT[start:start + 2031]
+        out += block + bytes(4096 - len(block))
+    return bytes(out[:length])
+
+
 async def write_pieces(sock: Path, export: str, pieces: list[tuple[int, int]],
-                       seed: int) -> None:
-    """Random data at each (offset, length), 16 writes in flight, then a flush."""
+                       seed: int, data: str = "random") -> None:
+    """Data (see piece_data) at each (offset, length), 16 writes in flight, then a flush."""
     rng = random.Random(seed)
     client = await NbdClient.connect(export=export, unix_path=str(sock))
     window = asyncio.Semaphore(16)
 
     async def one(offset: int, length: int) -> None:
         try:
-            await client.write(offset, rng.randbytes(length))
+            await client.write(offset, piece_data(rng, length, data))
         finally:
             window.release()
 
@@ -127,22 +198,44 @@ async def write_pieces(sock: Path, export: str, pieces: list[tuple[int, int]],
     await client.disconnect()
 
 
-def timed(argv: list[str], deadline: Deadline) -> tuple[float, str]:
+def timed(argv: list[str], deadline: Deadline, extra_env: dict[str, str] | None = None,
+          cwd: Path = REPO) -> tuple[float, str, float]:
+    """Run a command: its wall seconds, its output and its CPU seconds (user + system)."""
     started = time.monotonic()
-    done = subprocess.run(argv, capture_output=True, text=True, env=env(), cwd=REPO,
-                          timeout=deadline.left())
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    done = subprocess.run(argv, capture_output=True, text=True, env={**env(), **(extra_env or {})},
+                          cwd=cwd, timeout=deadline.left())
     seconds = time.monotonic() - started
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime - usage.ru_utime) + (after.ru_stime - usage.ru_stime)
     if done.returncode != 0:
         raise SystemExit(f"{' '.join(argv[:4])} ... failed: {done.stderr.strip()}")
-    return seconds, done.stdout
+    return seconds, done.stdout, cpu
 
 
-def backup(pool: Path, image: str, to: Path, fmt: str, what: str,
-           deadline: Deadline) -> tuple[Row, dict[str, object]]:
-    seconds, out = timed([*OWM, "--pool", str(pool), "backup", image, "--to", str(to),
-                          "--format", fmt, "--json"], deadline)
+def served(daemon: Daemon, row: Row, before: float) -> Row:
+    """``row`` with the daemon's CPU since ``before`` (a Daemon.cpu() reading)."""
+    row.server_cpu = daemon.cpu() - before
+    return row
+
+
+def backup(daemon: Daemon, image: str, to: Path, fmt: str, what: str, deadline: Deadline,
+           *extra: str | Path) -> tuple[Row, dict[str, object]]:
+    before = daemon.cpu()
+    seconds, out, cpu = timed([*OWM, "--pool", str(daemon.pool), "backup", image, "--to",
+                               str(to), "--format", fmt, *map(str, extra), "--json"], deadline)
     summary = json.loads(out)
-    return Row(what, seconds, float(summary["seconds"]), int(summary["bytes_read"])), summary
+    row = Row(what, seconds, float(summary["seconds"]), int(summary["bytes_read"]), cpu=cpu)
+    return served(daemon, row, before), summary
+
+
+def nbdcopy(daemon: Daemon, image: str, target: Path, deadline: Deadline) -> Row:
+    before = daemon.cpu()
+    seconds, _, cpu = timed(["nbdcopy",
+                             f"nbd+unix:///{image}?socket={daemon.pool / 'nbd.sock'}",
+                             str(target)], deadline)
+    return served(daemon, Row("nbdcopy -> raw file", seconds, None, None,
+                              "libnbd, 4 connections", cpu=cpu), before)
 
 
 def median(rows: list[Row]) -> Row:
@@ -151,81 +244,123 @@ def median(rows: list[Row]) -> Row:
 
 
 def print_table(rows: list[Row], size: int) -> None:
-    nbdcopy = rows[0].seconds
-    head = (f"{'':34} {'read':>9} {'wall s':>7} {'MB/s vol':>9} {'x nbdcopy':>9} "
-            f"{'inner s':>8} {'MB/s inner':>10}  note")
+    nbdcopy_s = rows[0].seconds
+    head = (f"{'':36} {'read':>9} {'wall s':>7} {'MB/s vol':>9} {'x nbdcopy':>9} "
+            f"{'inner s':>8} {'MB/s inner':>10} {'cpu':>5} {'srv cpu':>7}  note")
     print(head)
     print("-" * len(head))
     for r in rows:
         rate = size / r.seconds / 1e6
         inner = f"{r.inner:8.2f} {size / r.inner / 1e6:10.0f}" if r.inner else f"{'-':>8} {'-':>10}"
         read = format_size(r.bytes_read) if r.bytes_read is not None else "-"
-        print(f"{r.what:34} {read:>9} {r.seconds:7.2f} {rate:9.0f} {nbdcopy / r.seconds:9.2f} "
-              f"{inner}  {r.note}")
+        srv = f"{r.server_cpu:7.2f}" if r.server_cpu is not None else f"{'-':>7}"
+        cpu = f"{r.cpu:5.2f}" if r.cpu is not None else f"{'-':>5}"
+        print(f"{r.what:36} {read:>9} {r.seconds:7.2f} {rate:9.0f} {nbdcopy_s / r.seconds:9.2f} "
+              f"{inner} {cpu} {srv}  {r.note}")
 
 
-def _after_crash(args: argparse.Namespace, pool: Path, sock: Path, work: Path,
-                 daemon: subprocess.Popen[bytes], previous: str, repo: Path, rows: list[Row],
-                 size: int, deadline: Deadline) -> subprocess.Popen[bytes]:
+class Restic:
+    """Debian's restic with a repository beside owm's (same tmpfs), reading raw image files."""
+
+    def __init__(self, work: Path, deadline: Deadline) -> None:
+        self.work = work
+        self.deadline = deadline
+        self.env = {"RESTIC_PASSWORD": "bench", "RESTIC_REPOSITORY": str(work / "restic-repo"),
+                    "RESTIC_CACHE_DIR": str(work / "restic-cache")}
+        self.raw = work / "restic-src" / "image.raw"
+        self.raw.parent.mkdir()
+        timed(["restic", "init"], deadline, self.env)
+
+    def backup(self, daemon: Daemon, image: str, what: str, size: int) -> Row:
+        """Copy ``image`` to the raw file (nbdcopy, not timed), then time ``restic backup``."""
+        self.raw.unlink(missing_ok=True)
+        nbdcopy(daemon, image, self.raw, self.deadline)
+        seconds, out, cpu = timed(["restic", "backup", "--json", str(self.raw)],
+                                  self.deadline, self.env)
+        summary = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+        done = next((d for d in summary if d.get("message_type") == "summary"), {})
+        added = int(done.get("data_added", 0))
+        return Row(what, seconds, float(done.get("total_duration", 0)) or None, size,
+                   f"reads the raw file; {format_size(added)} added, encrypted, content-defined "
+                   "chunks", cpu=cpu)
+
+    def restore(self, what: str) -> Row:
+        target = self.work / "restic-restored"
+        seconds, _, cpu = timed(["restic", "restore", "latest", "--target", str(target)],
+                                self.deadline, self.env)
+        restored = target / self.raw.relative_to("/")
+        same = restored.stat().st_size == self.raw.stat().st_size
+        row = Row(what, seconds, None, restored.stat().st_size,
+                  "-> raw file" + ("" if same else " (SIZE DIFFERS)"), cpu=cpu)
+        shutil.rmtree(target, ignore_errors=True)
+        return row
+
+
+def _after_crash(args: argparse.Namespace, daemon: Daemon, work: Path, previous: str,
+                 repo: Path, rows: list[Row], size: int, deadline: Deadline) -> str:
     """1% changed, the daemon killed with SIGKILL and restarted, then an incremental backup."""
     chunks = size // CHUNK
     changed = sorted(random.Random(9).sample(range(chunks), max(1, int(chunks * args.changed))))
     print(f"incremental after a crash: changing {len(changed)} chunks, then kill -9 ...",
           file=sys.stderr)
-    owm(pool, "release", previous, deadline=deadline)
+    owm(daemon.pool, "release", previous, deadline=deadline)
     asyncio.run(asyncio.wait_for(
-        write_pieces(sock, "vol", [(c * CHUNK, CHUNK) for c in changed], 99), deadline.left()))
-    daemon.send_signal(signal.SIGKILL)
-    daemon.wait()
-    daemon = start_daemon(pool, work / "daemon-2.log", deadline)
-    image = owm(pool, "preserve", "vol", deadline=deadline).strip()
-    row, summary = backup(pool, image, repo, "owm", "owm backup (incr. after kill -9)",
+        write_pieces(daemon.pool / "nbd.sock", "vol", [(c * CHUNK, CHUNK) for c in changed], 99,
+                     args.data), deadline.left()))
+    daemon.kill()
+    daemon.start(work / "daemon-2.log", deadline)
+    image = owm(daemon.pool, "preserve", "vol", deadline=deadline).strip()
+    row, summary = backup(daemon, image, repo, "owm", "owm backup (incr. after kill -9)",
                           deadline)
     row.note = (f"{summary['changed_chunks']} changed chunks read" if summary.get(
         "incremental") else "NOT incremental: the crash cost the changed-chunk map")
     rows.append(row)
-    return daemon
+    return image
 
 
-def _repository_rows(pool: Path, repo: Path, work: Path, image: str, sock: Path, size: int,
+def _repository_rows(daemon: Daemon, repo: Path, work: Path, image: str, rounds: int,
                      deadline: Deadline) -> list[Row]:
-    """Restore, verify and prune+GC of the repository; restic beside them when installed."""
+    """Restore (beside nbdcopy of the image it was backed up from, in interleaved pairs, so
+    that both meet the same load), verify and prune+GC of the repository.  The daemon takes
+    no part in restore and verify; its CPU is shown all the same, as what else ran."""
     out: list[Row] = []
-    listed = json.loads(owm(pool, "backup", "list", repo, "--json", deadline=deadline))
+    listed = json.loads(timed([*OWM, "backup", "list", str(repo), "--json"], deadline)[1])
     newest = max(listed, key=lambda b: b["time"])["id"]
-    print("restore, verify, prune ...", file=sys.stderr)
+    print("restore beside nbdcopy, verify, prune ...", file=sys.stderr)
     target = work / "restored.raw"
-    seconds, text = timed([*OWM, "restore", str(repo), newest, "--to", str(target), "--json"],
-                          deadline)
-    done = json.loads(text)
-    out.append(Row("owm restore -> raw file", seconds, float(done["seconds"]),
-                   int(done["bytes_written"]), "thread per core, every chunk hashed"))
-    target.unlink()
+    restores, copies = [], []
+    for _ in range(rounds):
+        copies.append(nbdcopy(daemon, image, target, deadline))
+        target.unlink()
+        before = daemon.cpu()
+        seconds, text, cpu = timed([*OWM, "restore", str(repo), newest, "--to", str(target),
+                                    "--json"], deadline)
+        done = json.loads(text)
+        restores.append(served(daemon, Row("owm restore -> raw file", seconds,
+                                           float(done["seconds"]), int(done["bytes_written"]),
+                                           cpu=cpu), before))
+        target.unlink()
+    beside, restored = median(copies), median(restores)
+    beside.what = "nbdcopy -> raw file (beside restore)"
+    beside.note = f"the image the restored backup was taken from; median of {rounds}"
+    restored.note = (f"{beside.seconds / restored.seconds:.2f}x the nbdcopy beside it (wall); "
+                     "two threads per core, every chunk hashed")
+    out += [beside, restored]
     stored = sum(p.stat().st_size for p in (repo / "chunks").glob("*/*"))
-    seconds, _ = timed([*OWM, "backup", "verify", str(repo), newest, "--json"], deadline)
-    out.append(Row("owm backup verify (one backup)", seconds, None, stored,
-                   f"{stored / seconds / 1e6:.0f} MB/s of stored chunks (wall)"))
-    seconds, text = timed([*OWM, "backup", "prune", str(repo), "--keep-last", "1", "--json"],
-                          deadline)
+    before = daemon.cpu()
+    seconds, text, cpu = timed([*OWM, "backup", "verify", str(repo), newest, "--json"],
+                               deadline)
+    checked = sum(int(b["chunks_checked"]) for b in json.loads(text)["backups"]) * CHUNK
+    out.append(served(daemon, Row("owm backup verify (one backup)", seconds, None, stored,
+                                  f"{stored / seconds / 1e6:.0f} MB/s of stored chunks, "
+                                  f"{checked / seconds / 1e6:.0f} MB/s of image data (wall)",
+                                  cpu=cpu), before))
+    seconds, text, cpu = timed([*OWM, "backup", "prune", str(repo), "--keep-last", "1",
+                                "--json"], deadline)
     pruned = json.loads(text)
     out.append(Row("owm backup prune --keep-last 1", seconds, float(pruned["seconds"]), None,
                    f"{len(pruned['removed'])} backups, {pruned['chunks_removed']} chunks "
-                   "removed"))
-    if shutil.which("restic") is None:
-        print("restic is not installed (apt-get install restic): no restic row",
-              file=sys.stderr)
-        return out
-    raw = work / "for-restic.raw"
-    timed(["nbdcopy", f"nbd+unix:///{image}?socket={sock}", str(raw)], deadline)
-    restic_env = {**env(), "RESTIC_PASSWORD": "bench", "RESTIC_REPOSITORY": str(work / "rr")}
-    subprocess.run(["restic", "init"], env=restic_env, capture_output=True, check=True,
-                   timeout=deadline.left())
-    started = time.monotonic()
-    subprocess.run(["restic", "backup", "--quiet", str(raw)], env=restic_env,
-                   capture_output=True, check=True, timeout=deadline.left())
-    out.append(Row("restic backup of the raw image", time.monotonic() - started, None, size,
-                   "encrypted, content-defined chunks"))
-    raw.unlink()
+                   "removed", cpu=cpu))
     return out
 
 
@@ -235,46 +370,66 @@ def run(args: argparse.Namespace) -> None:
     for tool in ("nbdcopy",):
         if shutil.which(tool) is None:
             raise SystemExit(f"backup_bench needs {tool} (Debian package libnbd-bin)")
+    with_restic = shutil.which("restic") is not None
+    if not with_restic:
+        print("restic is not installed (scripts/setup installs it): no restic rows",
+              file=sys.stderr)
     free = shutil.disk_usage(args.tmpfs).free
-    need = int(size * 1.2) + (256 << 20)  # pool (half) + repository (half) + one output
+    # pool (half) + repositories (half, twice) + one output; restic: a raw copy and a repository
+    need = int(size * (1.7 + (1.5 if with_restic else 0))) + (256 << 20)
     if free < need:
         raise SystemExit(f"backup_bench needs {format_size(need)} free in {args.tmpfs}; "
                          f"it has {format_size(free)}")
     work = Path(tempfile.mkdtemp(prefix="owm-bb-", dir=args.tmpfs))
-    pool = work / "pool"
-    daemon = start_daemon(pool, work / "daemon.log", deadline)
+    daemon = Daemon(work / "pool")
     try:
+        daemon.start(work / "daemon.log", deadline)
+        pool = daemon.pool
         sock = pool / "nbd.sock"
         owm(pool, "volume", "create", "vol", "--size", str(size), "--chunk-size", "64K",
             deadline=deadline)
         pieces = [(o, PIECE) for o in range(0, size, 2 * PIECE)]
-        print(f"filling {format_size(size)} volume: {len(pieces)} x 1M of random data, a 1M "
-              "hole after each ...", file=sys.stderr)
-        asyncio.run(asyncio.wait_for(write_pieces(sock, "vol", pieces, 1), deadline.left()))
+        print(f"filling {format_size(size)} volume: {len(pieces)} x 1M of {args.data} data, a "
+              "1M hole after each ...", file=sys.stderr)
+        asyncio.run(asyncio.wait_for(write_pieces(sock, "vol", pieces, 1, args.data),
+                                     deadline.left()))
         image = owm(pool, "preserve", "vol", deadline=deadline).strip()
         samples: dict[str, list[Row]] = {}
         repo = work / "repo"
+        key = work / "bench.key"
         for n in range(args.rounds):
             print(f"round {n + 1} of {args.rounds}: nbdcopy, raw, owm ...", file=sys.stderr)
             target = work / "nbdcopy.raw"
-            seconds, _ = timed(["nbdcopy", f"nbd+unix:///{image}?socket={sock}", str(target)],
-                               deadline)
-            samples.setdefault("nbdcopy", []).append(
-                Row("nbdcopy -> raw file", seconds, None, None, "libnbd, 4 connections"))
+            samples.setdefault("nbdcopy", []).append(nbdcopy(daemon, image, target, deadline))
             target.unlink()
 
-            row, _ = backup(pool, image, work / "b.raw", "raw", "owm backup --format raw",
+            row, _ = backup(daemon, image, work / "b.raw", "raw", "owm backup --format raw",
                             deadline)
             row.note = "sparse file, synced"
             samples.setdefault("raw", []).append(row)
             (work / "b.raw").unlink()
 
             shutil.rmtree(repo, ignore_errors=True)
-            row, summary = backup(pool, image, repo, "owm", "owm backup --format owm (full)",
+            row, summary = backup(daemon, image, repo, "owm", "owm backup --format owm (full)",
                                   deadline)
             row.note = (f"{summary['chunks_new']} chunks stored, "
                         f"{format_size(int(str(summary['bytes_written'])))} written")
             samples.setdefault("full", []).append(row)
+
+            shutil.rmtree(work / "repo-enc", ignore_errors=True)
+            row, summary = backup(daemon, image, work / "repo-enc", "owm",
+                                  "owm backup (full, encrypted)", deadline, "--encrypt",
+                                  "--key-file", key)
+            row.note = (f"ChaCha20-Poly1305, keyed names; "
+                        f"{format_size(int(str(summary['bytes_written'])))} written")
+            samples.setdefault("full-enc", []).append(row)
+        shutil.rmtree(work / "repo-enc", ignore_errors=True)
+
+        restic_rows: list[Row] = []
+        restic = Restic(work, deadline) if with_restic else None
+        if restic is not None:
+            print("restic backup (full) ...", file=sys.stderr)
+            restic_rows.append(restic.backup(daemon, image, "restic backup (full)", size))
 
         chunks = size // CHUNK
         rng = random.Random(2)
@@ -284,43 +439,49 @@ def run(args: argparse.Namespace) -> None:
             print(f"incremental {n + 1} of {args.rounds}: changing {len(changed)} of {chunks} "
                   f"chunks ({args.changed:.0%}) ...", file=sys.stderr)
             asyncio.run(asyncio.wait_for(
-                write_pieces(sock, "vol", [(c * CHUNK, CHUNK) for c in changed], 3 + n),
-                deadline.left()))
+                write_pieces(sock, "vol", [(c * CHUNK, CHUNK) for c in changed], 3 + n,
+                             args.data), deadline.left()))
             owm(pool, "release", previous, deadline=deadline)
             previous = owm(pool, "preserve", "vol", deadline=deadline).strip()
-            row, summary = backup(pool, previous, repo, "owm", "owm backup --format owm (incr.)",
+            row, summary = backup(daemon, previous, repo, "owm", "owm backup --format owm (incr.)",
                                   deadline)
             row.note = (f"{summary['changed_chunks']} changed chunks read" if summary.get(
                 "incremental") else "NOT incremental (the daemon gave no changed-chunk map)")
             samples.setdefault("incr", []).append(row)
+            if restic is not None and n == 0:
+                print("restic backup (after the same changes) ...", file=sys.stderr)
+                restic_rows.append(restic.backup(daemon, previous,
+                                                 "restic backup (incr., same changes)", size))
+                restic_rows.append(restic.restore("restic restore (that snapshot)"))
 
-        rows = [median(samples[k]) for k in ("nbdcopy", "raw", "full", "incr")]
-        daemon = _after_crash(args, pool, sock, work, daemon, previous, repo, rows, size,
-                              deadline)
-        rows += _repository_rows(pool, repo, work, image, sock, size, deadline)
-        full, incr = rows[2], rows[3]
+        rows = [median(samples[k]) for k in ("nbdcopy", "raw", "full", "full-enc", "incr")]
+        crashed = _after_crash(args, daemon, work, previous, repo, rows, size, deadline)
+        rows += _repository_rows(daemon, repo, work, crashed, args.rounds, deadline)
+        rows += restic_rows
+        full, incr = rows[2], rows[4]
         incr.note += (f"; {full.seconds / incr.seconds:.0f}x faster than full (wall), "
                       f"{(full.inner or 0) / (incr.inner or 1):.0f}x (inner)")
-        print(f"\nowm backup speed: {format_size(size)} volume, half written, 64K chunks, "
-              f"tmpfs, {os.cpu_count()} CPUs, median of {args.rounds} rounds\n")
+        print(f"\nowm backup speed: {format_size(size)} volume, half written with {args.data} "
+              f"data, 64K chunks, tmpfs, {os.cpu_count()} CPUs, median of {args.rounds} "
+              "rounds\n")
         print_table(rows, size)
         raw_wall = rows[0].seconds / rows[1].seconds
         raw_inner = rows[0].seconds / (rows[1].inner or rows[1].seconds)
         speed_wall = full.seconds / incr.seconds
         speed_inner = (full.inner or 0) / (incr.inner or 1)
+        restore = next(r for r in rows if r.what.startswith("owm restore"))
+        beside = next(r for r in rows if r.what.startswith("nbdcopy -> raw file (beside"))
         print(f"\naims: raw >= nbdcopy: {raw_wall:.2f}x (wall), {raw_inner:.2f}x (inner); "
               f"incremental >= 20x faster than full: {speed_wall:.0f}x (wall), "
-              f"{speed_inner:.0f}x (inner)")
-        print("wall = the command as a user runs it, process start included (about 0.4 s of "
-              "Python start-up for owm);\ninner = the time the backup reports, from connecting "
-              "to the image until the backup is synced.")
+              f"{speed_inner:.0f}x (inner); restore >= nbdcopy: "
+              f"{beside.seconds / restore.seconds:.2f}x (wall, against the nbdcopy beside it)")
+        print("wall = the command as a user runs it, process start included;\ninner = the time "
+              "the command reports (owm: from connecting to the image until the backup is "
+              "synced; restic: its total_duration);\ncpu = CPU seconds (user + system) of the "
+              "command; srv cpu = of the owm daemon during the row (nbdcopy's and owm's reads "
+              "are served by it): on a loaded machine the CPU figures are the steadier ones.")
     finally:
-        daemon.send_signal(signal.SIGTERM)
-        try:
-            daemon.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            daemon.kill()
-            daemon.wait()
+        daemon.stop()
         shutil.rmtree(work, ignore_errors=True)
 
 
@@ -329,6 +490,9 @@ def main() -> None:
     parser.add_argument("--size", default="4G", help="volume size (half of it is written)")
     parser.add_argument("--changed", type=float, default=0.01,
                         help="fraction of chunks changed before the incremental backup")
+    parser.add_argument("--data", choices=("random", "compressible"), default="random",
+                        help="what is written: incompressible random data, or 4K blocks of "
+                             "half text, half zeroes")
     parser.add_argument("--tmpfs", default="/dev/shm", help="where pool and backups live")
     parser.add_argument("--rounds", type=int, default=3,
                         help="runs of each (interleaved); the table shows the median")

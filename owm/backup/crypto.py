@@ -20,18 +20,34 @@ What stays visible: file names of backups (volume name and time), sizes, and how
 from __future__ import annotations
 
 import hashlib
+import hmac
 import os
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import blake3
-from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 
 from owm.common.errors import InvalidRequest, OwmError
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
+
+
+def _aead(key: bytes) -> ChaCha20Poly1305:
+    # Imported on first use: only encrypted repositories pay for loading cryptography (about
+    # 50 ms of every command's start-up).
+    from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
+
+    return ChaCha20Poly1305(key)
+
+
+def _invalid_tag() -> type[Exception]:
+    from cryptography.exceptions import InvalidTag
+
+    return InvalidTag
 
 MAGIC = b"owmE"
 VERSION = 1
@@ -67,11 +83,14 @@ class KeySource:
 
     key_file: Path | None = None
     passphrase: Callable[[], str | None] | None = None
+    # How messages name this key to the user (``owm backup copy`` has a second one).
+    option: str = "--key-file"
+    password_env: str = PASSWORD_ENV
 
     def get_passphrase(self) -> str | None:
         if self.passphrase is not None:
             return self.passphrase()
-        return os.environ.get(PASSWORD_ENV) or None
+        return os.environ.get(self.password_env) or None
 
 
 _default = KeySource()
@@ -97,12 +116,18 @@ class RepoCipher:
     def __init__(self, master: bytes) -> None:
         if len(master) != KEY_SIZE:
             raise ValueError("a master key is 32 bytes")
-        self._aead = ChaCha20Poly1305(blake3.blake3(master, derive_key_context=_OBJECT_CONTEXT)
+        self._master = master
+        self._aead = _aead(blake3.blake3(master, derive_key_context=_OBJECT_CONTEXT)
                                       .digest())
         self._id_key = blake3.blake3(master, derive_key_context=_ID_CONTEXT).digest()
 
     def chunk_id(self, data: bytes | bytearray | memoryview) -> bytes:
         return blake3.blake3(data, key=self._id_key).digest()
+
+    def same_key(self, other: RepoCipher) -> bool:
+        """Whether ``other`` has this master key: each opens what the other sealed, under the
+        same chunk names (two repositories share one when a copy created the second)."""
+        return hmac.compare_digest(self._master, other._master)
 
     def seal(self, kind: str, name: str, plaintext: bytes | bytearray | memoryview,
              nonce: bytes | None = None) -> bytes:
@@ -118,7 +143,7 @@ class RepoCipher:
         nonce = sealed[5:HEADER_SIZE]
         try:
             return self._aead.decrypt(nonce, sealed[HEADER_SIZE:], _aad(kind, name))
-        except InvalidTag:
+        except _invalid_tag():
             return None
 
 
@@ -161,9 +186,11 @@ def _wrap_aad(block: dict[str, Any]) -> bytes:
     return _WRAP_AAD + b"\0" + params.encode()
 
 
-def new_encryption(source: KeySource, where: str) -> tuple[dict[str, Any], RepoCipher]:
-    """A fresh master key wrapped as ``source`` says: the config block and the open cipher."""
-    master = secrets.token_bytes(KEY_SIZE)
+def new_encryption(source: KeySource, where: str,
+                   like: RepoCipher | None = None) -> tuple[dict[str, Any], RepoCipher]:
+    """A fresh master key (or ``like``'s, for a repository that is to share another's chunks
+    as they are) wrapped as ``source`` says: the config block and the open cipher."""
+    master = secrets.token_bytes(KEY_SIZE) if like is None else like._master
     block: dict[str, Any] = {"cipher": CIPHER, "chunk_id": CHUNK_ID}
     if source.key_file is not None:
         if not source.key_file.exists():
@@ -173,14 +200,14 @@ def new_encryption(source: KeySource, where: str) -> tuple[dict[str, Any], RepoC
     else:
         passphrase = source.get_passphrase()
         if not passphrase:
-            raise KeyNeeded(f"an encrypted repository needs a key: give --key-file F or set "
-                            f"{PASSWORD_ENV} to create {where}")
+            raise KeyNeeded(f"an encrypted repository needs a key: give {source.option} F or "
+                            f"set {source.password_env} to create {where}")
         salt = secrets.token_bytes(16)
         block.update(key="passphrase", kdf="scrypt", salt=salt.hex(), n=SCRYPT_N, r=SCRYPT_R,
                      p=SCRYPT_P)
         wrapping = _scrypt(passphrase, salt, SCRYPT_N, SCRYPT_R, SCRYPT_P)
     nonce = secrets.token_bytes(NONCE_SIZE)
-    block["wrapped"] = (nonce + ChaCha20Poly1305(wrapping).encrypt(nonce, master,
+    block["wrapped"] = (nonce + _aead(wrapping).encrypt(nonce, master,
                                                                    _wrap_aad(block))).hex()
     return block, RepoCipher(master)
 
@@ -197,15 +224,18 @@ def open_encryption(block: Any, source: KeySource, where: str) -> RepoCipher:
         raise InvalidRequest(f"the encryption settings of {where} are damaged") from None
     if block["key"] == "key-file":
         if source.key_file is None:
-            raise KeyNeeded(f"{where} is encrypted with a key file; give it with --key-file F")
+            raise KeyNeeded(f"{where} is encrypted with a key file; give it with "
+                            f"{source.option} F")
         wrapping = read_key_file(source.key_file)
     else:
         if source.key_file is not None:
             raise WrongKey(f"{where} is encrypted with a passphrase, not a key file; drop "
-                           f"--key-file and give the passphrase (or set {PASSWORD_ENV})")
+                           f"{source.option} and give the passphrase (or set "
+                           f"{source.password_env})")
         passphrase = source.get_passphrase()
         if not passphrase:
-            raise KeyNeeded(f"{where} is encrypted; give its passphrase (set {PASSWORD_ENV})")
+            raise KeyNeeded(f"{where} is encrypted; give its passphrase (set "
+                            f"{source.password_env})")
         try:
             salt = bytes.fromhex(str(block["salt"]))
             n, r, p = int(block["n"]), int(block["r"]), int(block["p"])
@@ -215,9 +245,9 @@ def open_encryption(block: Any, source: KeySource, where: str) -> RepoCipher:
             raise InvalidRequest(f"the encryption settings of {where} are damaged")
         wrapping = _scrypt(passphrase, salt, n, r, p)
     try:
-        master = ChaCha20Poly1305(wrapping).decrypt(wrapped[:NONCE_SIZE], wrapped[NONCE_SIZE:],
+        master = _aead(wrapping).decrypt(wrapped[:NONCE_SIZE], wrapped[NONCE_SIZE:],
                                                     _wrap_aad(block))
-    except (InvalidTag, ValueError):
+    except (_invalid_tag(), ValueError):
         raise WrongKey(f"the key does not open the repository {where} (wrong passphrase or "
                        "key file)") from None
     return RepoCipher(master)

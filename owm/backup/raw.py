@@ -14,13 +14,16 @@ import contextlib
 import os
 import secrets
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import blake3
 
-from owm.backup.pipeline import Stats
-from owm.backup.source import Batch
 from owm.common.errors import AlreadyExists, InvalidRequest
 from owm.common.files import fsync_dir
+
+if TYPE_CHECKING:  # not at run time: a restore into a file needs neither (nor NBD's client)
+    from owm.backup.pipeline import Stats
+    from owm.backup.source import Batch
 
 
 def partial_path(path: Path) -> Path:

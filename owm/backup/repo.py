@@ -137,9 +137,11 @@ class Repository:
     # -- opening ----------------------------------------------------------------------------
     @classmethod
     def open(cls, path: Path | str, *, create: bool = False, encrypt: bool = False,
-             key: KeySource | None = None) -> Repository:
+             key: KeySource | None = None, like: RepoCipher | None = None) -> Repository:
         """Open (or with ``create`` make) a repository; an encrypted one is unlocked with
-        ``key`` (default: the process's, see crypto.set_default_key) before anything else."""
+        ``key`` (default: the process's, see crypto.set_default_key) before anything else.
+        A repository created with ``like`` (and ``encrypt``) gets that cipher's master key,
+        wrapped by ``key``: the two then hold the same chunk files under the same names."""
         root = Path(path)
         marker = root / MARKER
         key = key if key is not None else default_key()
@@ -148,7 +150,7 @@ class Repository:
                 if not root.exists():
                     raise NotFound(f"there is no backup repository at {root}")
                 raise NotFound(f"{root} is not an owm backup repository (it has no {MARKER})")
-            return cls._create(root, key if encrypt else None)
+            return cls._create(root, key if encrypt else None, like)
         try:
             config = json.loads(marker.read_bytes())
         except (OSError, ValueError) as exc:
@@ -165,7 +167,8 @@ class Repository:
         return cls(root, config, open_encryption(config["encryption"], key, str(root)))
 
     @classmethod
-    def _create(cls, root: Path, key: KeySource | None) -> Repository:
+    def _create(cls, root: Path, key: KeySource | None,
+                like: RepoCipher | None = None) -> Repository:
         if root.exists() and not root.is_dir():
             raise InvalidRequest(f"{root} exists and is not a directory")
         if root.is_dir() and any(root.iterdir()):
@@ -174,7 +177,7 @@ class Repository:
         cipher = None
         encryption: dict[str, Any] | None = None
         if key is not None:  # first, so that a missing key leaves nothing behind
-            encryption, cipher = new_encryption(key, str(root))
+            encryption, cipher = new_encryption(key, str(root), like)
         root.mkdir(parents=True, exist_ok=True)
         for sub in ("chunks", "backups"):
             (root / sub).mkdir(exist_ok=True)
@@ -271,11 +274,17 @@ class Repository:
 
     def put_chunk(self, digest: bytes, data: bytes | bytearray | memoryview) -> int:
         """Store one chunk (compressed) under its digest; returns the bytes written."""
-        name = digest.hex()
-        where = self._dir(name)
         packed = self._compressor().compress(data)
         if self.cipher is not None:
-            packed = self.cipher.seal("chunk", name, packed)
+            packed = self.cipher.seal("chunk", digest.hex(), packed)
+        return self.put_stored(digest, packed)
+
+    def put_stored(self, digest: bytes, packed: bytes) -> int:
+        """Store a chunk file's bytes as they are (see :meth:`read_stored`); returns their
+        length.  Only for bytes another repository with this one's keys stored under the same
+        name (a copy): nothing here checks them."""
+        name = digest.hex()
+        where = self._dir(name)
         tmp = f".{name[:16]}.{os.getpid()}.{threading.get_ident()}{_TMP}"
         fd = os.open(tmp, _WRITE_NEW, 0o644, dir_fd=where)
         try:
@@ -289,6 +298,10 @@ class Repository:
 
     def get_chunk(self, digest: bytes, length: int) -> bytes:
         """The content of a chunk, checked against its digest and length (ChunkDamaged if not)."""
+        return self.decode(digest, self.read_stored(digest), length)
+
+    def read_stored(self, digest: bytes) -> bytes:
+        """The bytes of a chunk's file as stored (compressed, sealed if encrypted), unchecked."""
         name = digest.hex()
         try:
             fd = os.open(name, os.O_RDONLY | os.O_CLOEXEC, dir_fd=self._dir(name))
@@ -300,10 +313,23 @@ class Repository:
             except FileNotFoundError:
                 raise ChunkDamaged("its chunk file is missing") from None
         try:
-            with os.fdopen(fd, "rb", buffering=0) as f:
-                packed = f.read()
+            # One fstat and (almost always) one read: no file object per chunk.
+            size = os.fstat(fd).st_size
+            parts = [os.read(fd, size)]
+            while parts[-1]:
+                size -= len(parts[-1])
+                if size <= 0:
+                    break
+                parts.append(os.read(fd, size))
         except OSError as exc:
             raise ChunkDamaged(f"its chunk file cannot be read ({exc.strerror})") from None
+        finally:
+            os.close(fd)
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    def decode(self, digest: bytes, packed: bytes, length: int) -> bytes:
+        """The content of chunk ``digest`` from its file's bytes, checked (ChunkDamaged)."""
+        name = digest.hex()
         if self.cipher is not None:
             opened = self.cipher.open("chunk", name, packed)
             if opened is None:

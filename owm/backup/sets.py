@@ -18,17 +18,18 @@ import secrets
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
 from owm.backup.repo import Repository
-from owm.backup.restore import restore_backup
-from owm.backup.run import run_backup
-from owm.backup.verify import verify_backups
 from owm.common.errors import InvalidRequest, NotFound, OwmError, Timeout
 from owm.common.files import write_atomically
 from owm.common.names import is_volume_name
-from owm.control.client import ControlClient, ControlError
+
+if TYPE_CHECKING:
+    # Imported where used: ``owm restore`` asks find_set first, and a restore into a file
+    # should not pay for the control client (aiohttp) and the backup pipeline.
+    from owm.control.client import ControlClient
 
 JSON = dict[str, Any]
 Notify = Callable[[str], None]
@@ -45,6 +46,8 @@ def _q(name: str) -> str:
 
 async def is_set(control: ControlClient, image: str) -> bool:
     """Whether ``image`` (X@N) names a group's set on the daemon."""
+    from owm.control.client import ControlError
+
     try:
         await control.request("GET", f"/v1/sets/{_q(image)}", timeout=30)
     except ControlError as exc:
@@ -90,6 +93,9 @@ async def run_set_backup(
     notify: Notify | None = None,
 ) -> JSON:
     """Back set ``image`` (G@N) up into the owm repository ``to``; the set manifest."""
+    from owm.backup.run import run_backup
+    from owm.backup.verify import verify_backups
+
     repo_path = Path(to)
     if repo_path.exists() and not repo_path.is_dir():
         raise InvalidRequest(f"{repo_path} is a file; a backup set goes into an owm repository "
@@ -165,6 +171,8 @@ def set_targets(manifest: JSON, to: str) -> dict[str, str]:
 async def restore_set(repo: Path | str, ref: str, to: str, *,
                       control: ControlClient | None = None, method: str = "cow") -> JSON:
     """Restore every member of set ``ref`` (set id or G@N) of ``repo`` into ``to``."""
+    from owm.backup.restore import restore_backup
+
     manifest = find_set(repo, ref)
     if manifest is None:
         raise NotFound(f"the repository {repo} has no backup set {ref}")

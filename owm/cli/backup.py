@@ -17,10 +17,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
-from rich import box
-from rich.console import Console
-from rich.table import Table
-from rich.text import Text
 
 from owm.cli.common import Fail, json_option, pool_option, state
 from owm.common.errors import DaemonNotRunning, InvalidRequest, OwmError
@@ -28,6 +24,8 @@ from owm.common.names import parse_image_name as split_image
 from owm.common.sizes import format_size
 
 if TYPE_CHECKING:
+    from rich.console import Console
+
     from owm.control.client import ControlClient
 
 T = TypeVar("T")
@@ -48,6 +46,9 @@ def _fail(message: str, code: int = 1) -> Exception:
 
 
 def _err() -> Console:
+    # rich is imported where output is drawn: ``--json`` runs (scripts) never load it.
+    from rich.console import Console
+
     return Console(stderr=True, highlight=False)
 
 
@@ -107,8 +108,13 @@ def with_daemon(call: Callable[[ControlClient], Awaitable[T]]) -> T:
 @contextlib.contextmanager
 def progress_bar(what: str, enabled: bool) -> Iterator[Progress | None]:
     """A bar with bytes, rate and ETA on a terminal; nothing (None) otherwise."""
+    import sys
+
+    if not enabled or not sys.stderr.isatty():
+        yield None
+        return
     err = _err()
-    if not enabled or not err.is_terminal:
+    if not err.is_terminal:
         yield None
         return
     from rich.progress import (
@@ -149,6 +155,31 @@ def _ask_passphrase(confirm: bool) -> Callable[[], str | None]:
             return None
         value: str = click.prompt("Repository passphrase", hide_input=True, err=True,
                                   confirmation_prompt=confirm)
+        return value or None
+
+    return ask
+
+
+DEST_PASSWORD_ENV = "OWM_DEST_REPO_PASSWORD"
+
+
+def _ask_dest_passphrase(confirm: bool) -> Callable[[], str | None]:
+    """The passphrase of ``backup copy``'s destination: $OWM_DEST_REPO_PASSWORD, else
+    $OWM_REPO_PASSWORD (the same passphrase as the source), else asked on a terminal (twice
+    for a destination the copy creates)."""
+    import os
+    import sys
+
+    from owm.backup.crypto import PASSWORD_ENV
+
+    def ask() -> str | None:
+        for name in (DEST_PASSWORD_ENV, PASSWORD_ENV):
+            if os.environ.get(name):
+                return os.environ[name]
+        if not sys.stdin.isatty():
+            return None
+        value: str = click.prompt("Destination repository passphrase", hide_input=True,
+                                  err=True, confirmation_prompt=confirm)
         return value or None
 
     return ask
@@ -393,6 +424,10 @@ def backup_list(repo: Path, as_json: bool, key_file: Path | None) -> None:
     if not rows:
         _out().print(f"No backups in {repo}.", markup=False)
         return
+    from rich import box
+    from rich.table import Table
+    from rich.text import Text
+
     table = Table(box=box.SIMPLE_HEAD, pad_edge=False)
     for column, justify in (("ID", "left"), ("IMAGE", "left"), ("TIME (UTC)", "left"),
                             ("SIZE", "right"), ("STATE", "left"), ("CONSISTENCY", "left"),
@@ -528,30 +563,63 @@ def backup_prune(repo: Path, last: int, hourly: int, daily: int, weekly: int, mo
 
 @backup.command("copy")
 @pool_option
+@key_option
 @click.argument("source", metavar="SRC", type=click.Path(path_type=Path))
 @click.argument("destination", metavar="DST", type=click.Path(path_type=Path))
 @click.argument("backup_ids", metavar="[ID...]", nargs=-1)
+@click.option("--dest-key-file", "dest_key_file", metavar="FILE", type=click.Path(path_type=Path),
+              help="Key file of an encrypted DST (default: --key-file, unless "
+                   "$OWM_DEST_REPO_PASSWORD is set; else the passphrase in "
+                   "$OWM_DEST_REPO_PASSWORD or $OWM_REPO_PASSWORD, or asked on a terminal).  "
+                   "Created when missing, for a DST this command creates.")
+@click.option("--encrypt", is_flag=True,
+              help="A DST this command creates is encrypted with a new key of its own.")
+@click.option("--plain", is_flag=True,
+              help="Store an encrypted SRC's backups decrypted: in a plain DST, or in a DST "
+                   "this command creates, not encrypted.")
 @json_option
 def backup_copy(source: Path, destination: Path, backup_ids: tuple[str, ...],
-                as_json: bool) -> None:
+                dest_key_file: Path | None, encrypt: bool, plain: bool, as_json: bool,
+                key_file: Path | None) -> None:
     """Copy backups ID... (default: every complete backup) from the repository SRC into DST.
 
-    DST is created when missing.  Only the chunks DST lacks move, each checked against its
-    hash when read and again once stored; every backup comes with the chain of parents SRC
-    holds; backups DST already has are skipped.
+    DST is created when missing: as SRC is (plain, or encrypted with SRC's own master key
+    wrapped by DST's key, so chunk files move as they are), or with --encrypt / --plain.
+    Only the chunks DST lacks are written, each checked when read and again once stored;
+    between different keys (or plain and encrypted) chunks are decrypted, renamed by DST's
+    hash and sealed again.  Every backup comes with the chain of parents SRC holds; backups
+    DST already has are skipped.  A wrong key for either side stops the copy before it writes
+    anything.
     """
     from owm.backup.copy import CopyResult, copy_backups
+    from owm.backup.crypto import KeySource, default_key
+    from owm.backup.repo import is_repository
+
+    if encrypt and plain:
+        raise _fail("--encrypt and --plain cannot go together", 2)
+    import os
+
+    # Without --dest-key-file, DST's key is --key-file's, unless a passphrase is set for it.
+    fallback = None if os.environ.get(DEST_PASSWORD_ENV) else key_file
+    ask = _ask_dest_passphrase(confirm=not is_repository(destination))
+    dest_key = KeySource(key_file=dest_key_file or fallback, passphrase=ask,
+                         option="--dest-key-file", password_env=DEST_PASSWORD_ENV)
+    create_as = "encrypted" if encrypt else "plain" if plain else "source"
 
     with progress_bar("copying", not as_json) as bar:
         result: CopyResult = _guarded(
-            lambda: copy_backups(source, destination, list(backup_ids), progress=bar))
+            lambda: copy_backups(source, destination, list(backup_ids), progress=bar,
+                                 key=default_key(), dest_key=dest_key, create_as=create_as,
+                                 dest_key_given=dest_key_file is not None))
     if as_json:
         _echo_json(result.to_json())
         return
     n = len(result.copied)
+    recoded = " (renamed and sealed again for the destination's key)" if result.recoded else ""
     lines = [f"Copied {n} backup{'' if n == 1 else 's'} into {result.destination}: "
              f"{result.chunks_copied} chunks moved ({format_size(result.bytes_written)} "
-             f"written), {result.chunks_present} already there; {result.seconds:.2f}s."]
+             f"written), {result.chunks_present} already there{recoded}; "
+             f"{result.seconds:.2f}s."]
     lines += [f"  skipped {row['id']}: {row['why']}" for row in result.skipped]
     _out().print("\n".join(lines), markup=False)
 
@@ -662,13 +730,15 @@ def restore(repo: Path, backup_id: str, to: str, method: str, live: bool, pace: 
 
     Into a new raw file, or into a new volume created through the daemon.
     """
-    from owm.backup.restore import RestoreResult, parse_target, restore_backup
+    from owm.backup.restore import RestoreResult, parse_target, restore_backup, restore_file
     from owm.backup.sets import find_set
 
     if _guarded(lambda: find_set(repo, backup_id)) is not None:
         _restore_set(repo, backup_id, to, method, as_json)
         return
-    kind, _ = _guarded(lambda: parse_target(to))
+    kind, path = _guarded(lambda: parse_target(to))
+    if kind == "file" and live:
+        raise _fail("a live restore goes into a new volume, not a file")
 
     def notify(message: str) -> None:
         click.echo(message[0].upper() + message[1:] + ".", err=True)
@@ -679,7 +749,11 @@ def restore(repo: Path, backup_id: str, to: str, method: str, live: bool, pace: 
                                         progress=bar, live=live, pace=pace,
                                         notify=None if as_json else notify)
 
-    result = with_daemon(call) if kind == "volume" else _guarded(lambda: _run(call(None)))
+    if kind == "file":  # no event loop, no daemon: start-up is most of a small restore
+        with progress_bar(f"restoring {backup_id}", not as_json) as bar:
+            result = _guarded(lambda: restore_file(repo, backup_id, path, progress=bar))
+    else:
+        result = with_daemon(call)
     if as_json:
         _echo_json(result.to_json())
         return
