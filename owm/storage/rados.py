@@ -524,15 +524,13 @@ class RadosStorage:
         length = len(data)
         if not length:
             return
-        if not named.head:
-            await self._track(named, self._first_write(name, named, offset, data))
-            return
-        # Every piece is started at once, each tracked by the future its completion settles
-        # (``sync`` waits for those); this request waits for them behind shields, so that its
-        # cancellation cannot cancel what ``sync`` must wait for. python-rados takes bytes
-        # only: one copy of a view here, none of bytes.
+        # Every call (the head's too, on a first write) is started here, at once, each tracked
+        # by the future its completion settles (``sync`` waits for those); this request waits
+        # for them behind shields, so that its cancellation cannot cancel what ``sync`` must
+        # wait for. python-rados takes bytes only: one copy of a view here, none of bytes.
+        futures = [] if named.head else [self._start_head(name, named)]
         payload = data if type(data) is bytes else bytes(data)
-        futures = self._start_writes(name, named, offset, payload)
+        futures += self._start_writes(name, named, offset, payload)
         what = f"writing {name}"
         failure: OwmError | None = None
         for fut in futures:
@@ -541,6 +539,26 @@ class RadosStorage:
                 failure = self._fail(rv, what)
         if failure is not None:
             raise failure
+
+    def _start_head(self, name: str, named: _Named) -> asyncio.Future[Any]:
+        """Start creating the object's head (empty); a failure lets the next write retry."""
+        named.head = True  # at once, so that concurrent writes create it only once
+        oid = _head(self.volume, name)
+        try:
+            fut = self._submit(lambda io, cb: io.aio_write_full(oid, b"", oncomplete=cb),
+                               f"creating {name}")
+        except BaseException:
+            named.head = False
+            raise
+
+        def settled(f: asyncio.Future[Any]) -> None:
+            if f.cancelled() or f.result()[0] < 0:
+                named.head = False
+
+        fut.add_done_callback(settled)
+        named.pending.add(fut)
+        fut.add_done_callback(named.pending.discard)
+        return fut
 
     def _start_writes(self, name: str, named: _Named, offset: int,
                       payload: bytes) -> list[asyncio.Future[Any]]:
@@ -571,18 +589,6 @@ class RadosStorage:
             futures.append(fut)
             pos += n
         return futures
-
-    async def _first_write(self, name: str, named: _Named, offset: int, data: Buffer) -> None:
-        """A write that also creates the object's head (both in flight at once)."""
-        steps: list[Any] = [self._ensure_head(name, named)]
-        futures = self._start_writes(name, named, offset, bytes(data))
-        steps += [self._check(fut, f"writing {name}") for fut in futures]
-        await _all(steps)
-
-    async def _check(self, fut: asyncio.Future[Any], what: str) -> None:
-        rv, _ = await fut
-        if rv < 0:
-            raise self._fail(rv, what)
 
     async def sync(self, name: str) -> None:
         named = self._named(name, create=False)
