@@ -301,3 +301,24 @@ async def test_completions_reach_the_loop_in_batches(backend: RadosBackend,
     n = 512
     await asyncio.gather(*(st.write("b", i * 4096, b"x" * 4096) for i in range(n)))
     assert wakeups < n, wakeups
+
+
+async def test_a_sync_beside_a_discard_of_a_vanished_stripe_succeeds(
+        backend: RadosBackend, ceph: CephCluster) -> None:
+    """A discard's remove that finds its object already gone (-ENOENT) is no failure, for the
+    discard or for a sync waiting on it."""
+    import rados
+
+    st = backend.storage("v")
+    await st.write("g", 0, b"g" * STRIPE)
+    cluster = rados.Rados(conffile=str(ceph.conf_path))
+    cluster.connect(timeout=10)
+    try:
+        ioctx = cluster.open_ioctx(ceph.pool)
+        ioctx.set_namespace(backend.namespace)
+        ioctx.remove_object("v/g/0000000000000000")  # behind the storage's back
+        ioctx.close()
+    finally:
+        cluster.shutdown()
+    await asyncio.gather(st.discard("g", 0, STRIPE), st.sync("g"))
+    assert await st.read("g", 0, 16) == bytes(16)

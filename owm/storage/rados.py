@@ -602,7 +602,8 @@ class RadosStorage:
             result = fut.exception()
             if result is None:
                 value = fut.result()
-                if not (isinstance(value, tuple) and value[0] < 0):
+                # (-ENOENT: a discard's remove that found nothing to remove)
+                if not (isinstance(value, tuple) and value[0] < 0 and value[0] != -errno.ENOENT):
                     continue
                 result = self._fail(value[0], f"writing {name}")
             raise OwmError(f"storage error while syncing {name}: an earlier write or "
