@@ -25,8 +25,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
-import os
 import re
 import shutil
 import signal
@@ -41,18 +39,13 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+sys.path.insert(0, str(REPO / "bench"))
+from _common import cpu_seconds, fill, run_fio, thread_cpu  # noqa: E402
+
 from owm.testbed import ceph as testbed  # noqa: E402
 
 JOBS = [("4K randwrite", "randwrite", "4k"), ("4K randread", "randread", "4k"),
         ("1M write", "write", "1M")]
-
-
-def cpu_seconds(pid: int) -> float:
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 @dataclass
@@ -60,6 +53,7 @@ class Result:
     value: float  # IOPS (4K) or bytes/s (1M)
     ops: float  # I/Os done
     cpu: float | None  # server CPU seconds during the job (None: no server)
+    threads: str = ""  # with --threads: the server's busiest threads, us of CPU per I/O
 
     def cpu_per_io_us(self) -> str:
         if self.cpu is None or not self.ops:
@@ -67,25 +61,23 @@ class Result:
         return f"{self.cpu / self.ops * 1e6:.0f} us cpu/io"
 
 
-def fio(uri: str, rw: str, bs: str, runtime: int, size: int, pid: int | None) -> Result:
+def fio(uri: str, rw: str, bs: str, runtime: int, size: int, pid: int | None,
+        threads: bool = False) -> Result:
     argv = ["fio", "--name=bench", "--ioengine=nbd", f"--uri={uri}", f"--rw={rw}", f"--bs={bs}",
             "--iodepth=16", "--numjobs=1", f"--runtime={runtime}", "--time_based",
             f"--size={size}", "--output-format=json"]
     cpu0 = cpu_seconds(pid) if pid else 0.0
-    out = subprocess.run(argv, capture_output=True, text=True, timeout=runtime * 3 + 60)
+    per0 = thread_cpu(pid) if pid and threads else {}
+    job = run_fio(argv, timeout=runtime * 3 + 60)
     cpu = cpu_seconds(pid) - cpu0 if pid else None
-    if out.returncode != 0:
-        raise RuntimeError(f"fio failed: {out.stderr.strip() or out.stdout[-500:]}")
-    job = json.loads(out.stdout[out.stdout.index("{"):])["jobs"][0]
     side = job["read"] if "read" in rw else job["write"]
     value = side["iops"] if bs != "1M" else side["bw_bytes"]
-    return Result(float(value), float(side["total_ios"]), cpu)
-
-
-def fill(uri: str, size: int) -> None:
-    subprocess.run(["fio", "--name=fill", "--ioengine=nbd", f"--uri={uri}", "--rw=write",
-                    "--bs=1M", "--iodepth=16", f"--size={size}", "--output-format=json"],
-                   check=True, capture_output=True, timeout=600)
+    result = Result(float(value), float(side["total_ios"]), cpu)
+    if pid and threads and result.ops:
+        per = {name: t - per0.get(name, 0.0) for name, t in thread_cpu(pid).items()}
+        busy = sorted(((t, name) for name, t in per.items() if t > 0), reverse=True)[:4]
+        result.threads = ", ".join(f"{name} {t / result.ops * 1e6:.0f}" for t, name in busy)
+    return result
 
 
 def owm(pool: Path, *args: str) -> str:
@@ -117,8 +109,8 @@ def server(argv: list[str], ready: Path, log: Path) -> Iterator[int]:
             proc.wait()
 
 
-def run_owm(cluster: testbed.CephCluster, work: Path, size: int,
-            runtime: int) -> dict[str, dict[str, Result]]:
+def run_owm(cluster: testbed.CephCluster, work: Path, size: int, runtime: int,
+            threads: bool = False) -> dict[str, dict[str, Result]]:
     pool = work / "pool"
     argv = [sys.executable, "-m", "owm", "--pool", str(pool), "serve", "--listen", "none",
             "--ceph-conf", str(cluster.conf_path), "--rados-pool", cluster.pool]
@@ -128,16 +120,17 @@ def run_owm(cluster: testbed.CephCluster, work: Path, size: int,
         uri = f"nbd+unix:///vol?socket={pool}/nbd.sock"
         fill(uri, size)
         for label, rw, bs in JOBS:
-            rows["owm cow"][label] = fio(uri, rw, bs, runtime, size, pid)
+            rows["owm cow"][label] = fio(uri, rw, bs, runtime, size, pid, threads)
         for label, rw, bs in JOBS:
             image = owm(pool, "preserve", "vol")
-            rows["owm cow + preserve"][label] = fio(uri, rw, bs, runtime, size, pid)
+            rows["owm cow + preserve"][label] = fio(uri, rw, bs, runtime, size, pid,
+                                                    threads)
             owm(pool, "release", image)
     return rows
 
 
-def run_qemu_nbd(cluster: testbed.CephCluster, work: Path, size: int,
-                 runtime: int) -> dict[str, Result]:
+def run_qemu_nbd(cluster: testbed.CephCluster, work: Path, size: int, runtime: int,
+                 threads: bool = False) -> dict[str, Result]:
     conf = str(cluster.conf_path)
     subprocess.run(["rbd", "-c", conf, "create", "--size", f"{size // (1 << 20)}M",
                     f"{cluster.pool}/bench"], check=True, capture_output=True, timeout=60)
@@ -149,7 +142,7 @@ def run_qemu_nbd(cluster: testbed.CephCluster, work: Path, size: int,
         uri = f"nbd+unix:///bench?socket={sock}"
         fill(uri, size)
         for label, rw, bs in JOBS:
-            out[label] = fio(uri, rw, bs, runtime, size, pid)
+            out[label] = fio(uri, rw, bs, runtime, size, pid, threads)
     return out
 
 
@@ -198,12 +191,20 @@ def print_table(rows: dict[str, dict[str, Result]]) -> None:
         print(f"| {name} | " + " | ".join(cells) + " |")
     print("\nratios: owm / qemu-nbd on rbd, same job; cpu/io: the NBD server's CPU per I/O.")
     print("Measured on a shared, noisy machine: print, do not tune on these.")
+    split = [(name, job, res.threads) for name, results in rows.items()
+             for job, res in results.items() if res.threads]
+    if split:
+        print("\nbusiest server threads, CPU us per I/O:")
+        for name, job, threads in split:
+            print(f"  {name}, {job}: {threads}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--runtime", type=int, default=10, help="seconds per fio job")
     parser.add_argument("--size", default="512M", help="volume and image size (K/M/G)")
+    parser.add_argument("--threads", action="store_true",
+                        help="also print the servers' busiest threads, CPU us per I/O each")
     args = parser.parse_args()
     units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
     text = args.size.upper()
@@ -214,8 +215,8 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="owm-rbench-", dir="/tmp"))
     cluster = testbed.start(memstore_bytes=max(4 << 30, 5 * size))
     try:
-        rows = run_owm(cluster, work, size, args.runtime)
-        rows["qemu-nbd rbd"] = run_qemu_nbd(cluster, work, size, args.runtime)
+        rows = run_owm(cluster, work, size, args.runtime, args.threads)
+        rows["qemu-nbd rbd"] = run_qemu_nbd(cluster, work, size, args.runtime, args.threads)
         rows["rbd bench"] = run_rbd_bench(cluster, size, args.runtime)
         print_table(rows)
     finally:

@@ -247,3 +247,78 @@ async def test_a_read_past_a_stripes_end_is_zeroes(backend: RadosBackend) -> Non
         assert await st.read("short", 200, length) == bytes(length), length
         assert await st.read("short", 50, length) == b"s" * 50 + bytes(length - 50), length
     assert junk
+
+
+async def test_a_discard_and_a_write_started_together_keep_their_order(
+        backend: RadosBackend) -> None:
+    """A discard over several stripes and a write beside it in one of them, started in one
+    loop turn: RADOS must see the discard's calls first, as the index did, or the stripe's
+    removal lands after the write and takes it."""
+    st = backend.storage("v")
+    await st.write("o", 0, b"a" * STRIPE)
+    await st.write("o", STRIPE, b"b" * 4096)  # stripe 1 holds 4K
+    # The discard covers stripe 1 up to its end (so it removes it); the write lands beyond.
+    await asyncio.gather(st.discard("o", 0, STRIPE + 4096),
+                         st.write("o", STRIPE + 8192, b"c" * 4096))
+    got = await st.read("o", 0, STRIPE + 12288)
+    assert got == bytes(STRIPE + 8192) + b"c" * 4096
+    again = await RadosBackend.open(backend.conf_path, backend.pool, backend.namespace, STRIPE)
+    try:
+        assert await again.storage("v").read("o", STRIPE + 8192, 4096) == b"c" * 4096
+    finally:
+        await again.close()
+
+
+async def test_a_cancelled_sync_leaves_the_writes_it_waited_for(backend: RadosBackend) -> None:
+    st = backend.storage("v")
+    await st.write("s", 0, b"0")
+    writes = [asyncio.ensure_future(st.write("s", i * 4096, os.urandom(4096)))
+              for i in range(64)]
+    await asyncio.sleep(0)
+    syncing = asyncio.ensure_future(st.sync("s"))
+    await asyncio.sleep(0)
+    syncing.cancel()
+    results = await asyncio.gather(*writes, return_exceptions=True)
+    assert all(r is None for r in results), results  # none of them cancelled
+    await st.sync("s")
+
+
+async def test_completions_reach_the_loop_in_batches(backend: RadosBackend,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """Many completions in flight wake the loop fewer times than there are completions."""
+    st = backend.storage("v")
+    await st.write("b", 0, b"0")
+    loop = asyncio.get_running_loop()
+    wakeups = 0
+    real = loop.call_soon_threadsafe
+
+    def counting(callback: Any, *args: Any, **kwargs: Any) -> Any:
+        nonlocal wakeups
+        wakeups += 1
+        return real(callback, *args, **kwargs)
+
+    monkeypatch.setattr(loop, "call_soon_threadsafe", counting)
+    n = 512
+    await asyncio.gather(*(st.write("b", i * 4096, b"x" * 4096) for i in range(n)))
+    assert wakeups < n, wakeups
+
+
+async def test_a_sync_beside_a_discard_of_a_vanished_stripe_succeeds(
+        backend: RadosBackend, ceph: CephCluster) -> None:
+    """A discard's remove that finds its object already gone (-ENOENT) is no failure, for the
+    discard or for a sync waiting on it."""
+    import rados
+
+    st = backend.storage("v")
+    await st.write("g", 0, b"g" * STRIPE)
+    cluster = rados.Rados(conffile=str(ceph.conf_path))
+    cluster.connect(timeout=10)
+    try:
+        ioctx = cluster.open_ioctx(ceph.pool)
+        ioctx.set_namespace(backend.namespace)
+        ioctx.remove_object("v/g/0000000000000000")  # behind the storage's back
+        ioctx.close()
+    finally:
+        cluster.shutdown()
+    await asyncio.gather(st.discard("g", 0, STRIPE), st.sync("g"))
+    assert await st.read("g", 0, 16) == bytes(16)

@@ -71,6 +71,10 @@ _HOLE_MIN = 4096  # reads at least this long that are all zero go out as one OFF
 # pages the kernel provides only as bytes are written into them: a WRITE header whose payload
 # never comes costs no memory, and a slow one costs what has arrived.
 _LAZY_BODY = 64 * 1024
+# ... unless the whole payload is at most this: mapping and unmapping a fresh buffer per
+# request (page faults on receive, a TLB shootdown at unmap) cost a 1M write more than all
+# the rest of its path, and a stalled header of this size costs little.
+_EAGER_BODY = 1 << 20
 
 _ALLOWED_FLAGS = {
     c.CMD_READ: c.CMD_FLAG_FUA | c.CMD_FLAG_DF,
@@ -880,7 +884,8 @@ class ServerConnection:
                 return self._need()
             if avail >= length:
                 return Request(handle, cmd, flags, offset, length, self._take_view(length))
-            body = _lazy_buffer(length) if length - avail >= _LAZY_BODY else bytearray(length)
+            lazy = length - avail >= _LAZY_BODY and length > _EAGER_BODY
+            body = _lazy_buffer(length) if lazy else bytearray(length)
             if avail:
                 body[:avail] = self._take_bytes(avail)
             self._body = body

@@ -81,7 +81,8 @@ class _Named:
 
     head: bool = False
     stripes: dict[int, int] = field(default_factory=dict)
-    pending: set[asyncio.Future[None]] = field(default_factory=set)
+    # Mutations in flight: tasks (result None) and bare aio writes (result (rv, None)).
+    pending: set[asyncio.Future[Any]] = field(default_factory=set)
 
 
 Starter = Callable[[Any, Callable[..., None]], Any]  # (ioctx, on completion) -> Completion
@@ -95,8 +96,25 @@ def _aio_write(oid: str, data: bytes, offset: int) -> Starter:
     return lambda io, cb: io.aio_write(oid, data, offset, oncomplete=cb)
 
 
+def _aio_operate(op: Any, oid: str) -> Starter:
+    return lambda io, cb: io.operate_aio_write_op(op, oid, oncomplete=cb)
+
+
 def _aio_remove(oid: str) -> Starter:
     return lambda io, cb: io.aio_remove(oid, oncomplete=cb)
+
+
+_RADOS_ERROR: type[Exception] | None = None
+
+
+def _rados_error() -> type[Exception]:
+    """``rados.Error``, imported once (the binding is optional until a pool uses RADOS)."""
+    global _RADOS_ERROR
+    if _RADOS_ERROR is None:
+        import rados
+
+        _RADOS_ERROR = rados.Error
+    return _RADOS_ERROR
 
 
 def _head(volume: str, name: str) -> str:
@@ -172,6 +190,15 @@ class RadosBackend:
         index.clear()
         index.update(found)
         await self._load_sizes(stripes)
+        self._completions: _Completions | None = None
+
+    def completions(self) -> _Completions:
+        """The completion queue of the running loop."""
+        loop = asyncio.get_running_loop()
+        queue = self._completions
+        if queue is None or queue.loop is not loop:
+            queue = self._completions = _Completions(loop)
+        return queue
 
     @staticmethod
     def connect_blocking(conf_path: Path, *, timeout: float = CONNECT_TIMEOUT,
@@ -221,6 +248,7 @@ class RadosBackend:
                    op_timeout: float = OP_TIMEOUT) -> RadosBackend:
         """Connect, open ``pool`` and load the index of ``namespace`` (in a thread: start-up)."""
         check_stripe_size(stripe_size)
+        _keep_freed_memory()
         loop = asyncio.get_running_loop()
 
         def blocking() -> tuple[Any, Any, dict[str, dict[str, _Named]],
@@ -317,6 +345,34 @@ class RadosBackend:
         await asyncio.get_running_loop().run_in_executor(None, blocking)
 
 
+_MMAP_THRESHOLD = 32 << 20
+_TRIM_THRESHOLD = 128 << 20
+
+
+def _keep_freed_memory() -> None:
+    """Let glibc's malloc reuse freed payload buffers instead of giving them back at once.
+
+    Every 1M write allocates a payload (and python-rados's ``bytes``) that is freed as soon as
+    librados has copied it. With glibc's default thresholds those land in fresh mappings, or
+    at a heap top that is trimmed again, so each request pays page faults on first touch and an
+    unmap: the daemon's largest cost per 1M write, more than the copies themselves. Raising the
+    thresholds keeps up to ``_TRIM_THRESHOLD`` of freed memory for reuse. No-op off glibc.
+    """
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    if name is None or "libc.so" not in name:
+        return
+    try:
+        libc = ctypes.CDLL(name)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return
+    mallopt(-3, _MMAP_THRESHOLD)  # M_MMAP_THRESHOLD
+    mallopt(-1, _TRIM_THRESHOLD)  # M_TRIM_THRESHOLD
+
+
 def _any_monitor_answers(mon_host: str, timeout: float) -> bool:
     """Whether a TCP connection to one of the monitors in ``mon_host`` is accepted.
 
@@ -363,6 +419,36 @@ def _settle(fut: asyncio.Future[Any], value: Any) -> None:
         fut.set_result(value)
 
 
+class _Completions:
+    """Completions from librados's threads, handed to one event loop in batches.
+
+    ``put`` (on a librados thread) queues a future and its value; only the first ``put`` into
+    an empty queue wakes the loop (one ``call_soon_threadsafe``, one write to its wake-up fd),
+    and the loop then settles everything queued by the time it runs.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self._lock = threading.Lock()
+        self._ready: list[tuple[asyncio.Future[Any], Any]] = []
+
+    def put(self, fut: asyncio.Future[Any], value: Any) -> None:
+        with self._lock:
+            ready = self._ready
+            ready.append((fut, value))
+            if len(ready) > 1:
+                return  # a wake-up is already on its way and will take this one too
+        with contextlib.suppress(RuntimeError):  # a closed loop: nobody waits any more
+            self.loop.call_soon_threadsafe(self._drain)
+
+    def _drain(self) -> None:
+        with self._lock:
+            ready, self._ready = self._ready, []
+        for fut, value in ready:
+            if not fut.done():
+                fut.set_result(value)
+
+
 class RadosStorage:
     """The named objects of one volume, striped over RADOS objects (see the module docstring)."""
 
@@ -381,35 +467,36 @@ class RadosStorage:
         return ioctx
 
     def _submit(self, start: Starter, what: str) -> asyncio.Future[Any]:
-        """Start one aio call; the future gets its return value (and data, for reads)."""
-        import rados
-
-        loop = asyncio.get_running_loop()
-        fut: asyncio.Future[Any] = loop.create_future()
+        """Start one aio call; the future gets (return value, data or None)."""
+        queue = self._backend.completions()
+        fut: asyncio.Future[Any] = queue.loop.create_future()
+        put = queue.put
 
         def done(completion: Any, *data: Any) -> None:
-            rv = completion.get_return_value()
-            loop.call_soon_threadsafe(_settle, fut, (rv, data[0] if data else None))
+            put(fut, (completion.get_return_value(), data[0] if data else None))
 
         try:
             start(self._ioctx(), done)
-        except rados.Error as exc:
+        except _rados_error() as exc:
             raise OwmError(f"storage error while {what}: {exc}") from None
         return fut
+
+    def _fail(self, rv: int, what: str) -> OwmError:
+        err = _error(rv, what, self._backend.op_timeout)
+        log.error("%s", err, extra={"volume": self.volume})
+        self._backend.fenced(err)  # blocklisted: this daemon must stop serving at once
+        return err
 
     async def _do(self, start: Starter, what: str,
                   missing_ok: bool = False) -> Any:
         rv, data = await self._submit(start, what)
         if rv < 0 and not (missing_ok and rv == -errno.ENOENT):
-            err = _error(rv, what, self._backend.op_timeout)
-            log.error("%s", err, extra={"volume": self.volume})
-            self._backend.fenced(err)
-            raise err
+            raise self._fail(rv, what)
         return data if rv >= 0 else None
 
-    def _track(self, named: _Named, coro: Any) -> asyncio.Future[None]:
+    def _track(self, named: _Named, coro: Any) -> asyncio.Future[Any]:
         """Run a mutation as a task whose end ``sync`` can wait for."""
-        task: asyncio.Future[None] = asyncio.ensure_future(coro)
+        task: asyncio.Future[Any] = asyncio.ensure_future(coro)
         named.pending.add(task)
         task.add_done_callback(named.pending.discard)
         return task
@@ -451,6 +538,12 @@ class RadosStorage:
         named = self._named(name, create=False)
         if named is None or length <= 0:
             return bytes(max(length, 0))
+        size = self.stripe_size
+        number, inner = divmod(offset, size)
+        if inner + length <= size:  # one stripe: the common case, no assembling
+            if number not in named.stripes:
+                return bytes(length)
+            return await self._read_piece(name, number, inner, length)
         pieces = self._pieces(offset, length)
         reads: list[asyncio.Future[Any] | None] = []
         for number, inner, n in pieces:
@@ -460,57 +553,117 @@ class RadosStorage:
             oid = _stripe(self.volume, name, number)
             reads.append(self._submit(_aio_read(oid, n, inner), f"reading {name}"))
         out = bytearray()
+        failure: OwmError | None = None
         for (_, _, n), fut in zip(pieces, reads, strict=True):
             if fut is None:
                 out += bytes(n)
                 continue
-            rv, data = await fut
-            if rv == -errno.ENOENT:
-                data = b""
-            elif rv < 0:
-                err = _error(rv, f"reading {name}", self._backend.op_timeout)
-                log.error("%s", err, extra={"volume": self.volume})
-                self._backend.fenced(err)
-                raise err
-            # The return value is the length read: when it is 0, python-rados (16) hands back
-            # its whole buffer, uninitialised, instead of an empty one.
-            data = (data or b"")[:max(rv, 0)]
-            out += data
-            if len(data) < n:
-                out += bytes(n - len(data))
+            rv, data = await fut  # every piece is awaited, even after one failed
+            if rv < 0 and rv != -errno.ENOENT:
+                failure = failure or self._fail(rv, f"reading {name}")
+                continue
+            out += _piece(rv, data, n)
+        if failure is not None:
+            raise failure
         return bytes(out)
+
+    async def _read_piece(self, name: str, number: int, inner: int, n: int) -> bytes:
+        oid = _stripe(self.volume, name, number)
+        rv, data = await self._submit(_aio_read(oid, n, inner), f"reading {name}")
+        if rv < 0 and rv != -errno.ENOENT:
+            raise self._fail(rv, f"reading {name}")
+        return _piece(rv, data, n)
 
     async def write(self, name: str, offset: int, data: Buffer) -> None:
         named = self._named(name, create=True)
         assert named is not None
-        if not len(data):
+        length = len(data)
+        if not length:
             return
-        await self._track(named, self._write(name, named, offset, bytes(data)))
+        # Every call (the head's too, on a first write) is started here, at once, each tracked
+        # by the future its completion settles (``sync`` waits for those); this request waits
+        # for them behind shields, so that its cancellation cannot cancel what ``sync`` must
+        # wait for. python-rados takes bytes only: one copy of a view here, none of bytes.
+        futures = [] if named.head else [self._start_head(name, named)]
+        payload = data if type(data) is bytes else bytes(data)
+        futures += self._start_writes(name, named, offset, payload)
+        what = f"writing {name}"
+        failure: OwmError | None = None
+        for fut in futures:
+            rv, _ = await (fut if fut.done() else asyncio.shield(fut))
+            if rv < 0 and failure is None:
+                failure = self._fail(rv, what)
+        if failure is not None:
+            raise failure
 
-    async def _write(self, name: str, named: _Named, offset: int, data: bytes) -> None:
-        steps = []
-        if not named.head:
-            steps.append(self._ensure_head(name, named))
+    def _start_head(self, name: str, named: _Named) -> asyncio.Future[Any]:
+        """Start creating the object's head (empty); a failure lets the next write retry."""
+        named.head = True  # at once, so that concurrent writes create it only once
+        oid = _head(self.volume, name)
+        try:
+            fut = self._submit(lambda io, cb: io.aio_write_full(oid, b"", oncomplete=cb),
+                               f"creating {name}")
+        except BaseException:
+            named.head = False
+            raise
+
+        def settled(f: asyncio.Future[Any]) -> None:
+            if f.cancelled() or f.result()[0] < 0:
+                named.head = False
+
+        fut.add_done_callback(settled)
+        named.pending.add(fut)
+        fut.add_done_callback(named.pending.discard)
+        return fut
+
+    def _start_writes(self, name: str, named: _Named, offset: int,
+                      payload: bytes) -> list[asyncio.Future[Any]]:
+        size = self.stripe_size
+        number, inner = divmod(offset, size)
+        length = len(payload)
+        what = f"writing {name}"
+        pending = named.pending
+        if inner + length <= size:
+            pieces = [(number, inner, length)]
+        else:
+            pieces = self._pieces(offset, length)
+        stripes = named.stripes
+        futures = []
+        view = memoryview(payload) if len(pieces) > 1 else None
         pos = 0
-        for number, inner, n in self._pieces(offset, len(data)):
+        for number, inner, n in pieces:
             # The index first: a concurrent read of the stripe then asks RADOS, which orders
             # it after this write (same object, same client), or finds nothing yet (zeroes).
-            named.stripes[number] = max(named.stripes.get(number, 0), inner + n)
+            end = inner + n
+            if stripes.get(number, 0) < end:
+                stripes[number] = end
             oid = _stripe(self.volume, name, number)
-            piece = data[pos:pos + n]
-            steps.append(self._do(_aio_write(oid, piece, inner), f"writing {name}"))
+            piece = payload if view is None else bytes(view[pos:pos + n])
+            fut = self._submit(_aio_write(oid, piece, inner), what)
+            pending.add(fut)
+            fut.add_done_callback(pending.discard)
+            futures.append(fut)
             pos += n
-        await _all(steps)
+        return futures
 
     async def sync(self, name: str) -> None:
         named = self._named(name, create=False)
         if named is None or not named.pending:
             return
-        results = await asyncio.gather(*list(named.pending), return_exceptions=True)
-        for result in results:
-            if isinstance(result, BaseException):
-                raise OwmError(f"storage error while syncing {name}: an earlier write or "
-                               f"discard on it failed ({result})")
+        # ``wait``, not ``gather``: a cancelled sync must not cancel the writes it waits for.
+        done, _ = await asyncio.wait(list(named.pending))
+        for fut in done:
+            if fut.cancelled():
+                continue  # a task cancelled before it started anything
+            result = fut.exception()
+            if result is None:
+                value = fut.result()
+                # (-ENOENT: a discard's remove that found nothing to remove)
+                if not (isinstance(value, tuple) and value[0] < 0 and value[0] != -errno.ENOENT):
+                    continue
+                result = self._fail(value[0], f"writing {name}")
+            raise OwmError(f"storage error while syncing {name}: an earlier write or "
+                           f"discard on it failed ({result})")
 
     async def allocate(self, name: str, size: int) -> None:
         named = self._named(name, create=True)
@@ -522,42 +675,47 @@ class RadosStorage:
         named = self._named(name, create=False)
         if named is None or length <= 0:
             return
-        await self._track(named, self._discard(name, named, offset, length))
-
-    async def _discard(self, name: str, named: _Named, offset: int, length: int) -> None:
-        import rados
-
-        steps = []
-        for number, inner, n in self._pieces(offset, length):
-            size = named.stripes.get(number)
-            if size is None or inner >= size:
-                continue
-            oid = _stripe(self.volume, name, number)
-            if inner == 0 and inner + n >= size:
-                del named.stripes[number]
-                steps.append(self._do(_aio_remove(oid), f"discarding in {name}",
-                                      missing_ok=True))
-                continue
-            op = self._ioctx().create_write_op()
-            if inner + n >= size:
-                op.truncate(inner)
-                named.stripes[number] = inner
-            elif self._backend.zero_swapped:
-                op.zero(n, inner)
-            else:
-                op.zero(inner, n)
-            steps.append(self._write_op(op, oid, f"discarding in {name}"))
+        # Like a write, every RADOS call is started here, right after the index changes (and
+        # before any other request runs), so RADOS sees them in the index's order.
+        what = f"discarding in {name}"
+        futures: list[asyncio.Future[Any]] = []
+        pending = named.pending
         try:
-            await _all(steps)
-        except rados.Error as exc:
-            raise OwmError(f"storage error while discarding in {name}: {exc}") from None
-
-    async def _write_op(self, op: Any, oid: str, what: str) -> None:
-        try:
-            await self._do(lambda io, cb: io.operate_aio_write_op(op, oid, oncomplete=cb), what,
-                           missing_ok=True)
-        finally:
-            op.release()
+            for number, inner, n in self._pieces(offset, length):
+                size = named.stripes.get(number)
+                if size is None or inner >= size:
+                    continue
+                oid = _stripe(self.volume, name, number)
+                if inner == 0 and inner + n >= size:
+                    del named.stripes[number]
+                    fut = self._submit(_aio_remove(oid), what)
+                else:
+                    op = self._ioctx().create_write_op()
+                    if inner + n >= size:
+                        op.truncate(inner)
+                        named.stripes[number] = inner
+                    elif self._backend.zero_swapped:
+                        op.zero(n, inner)
+                    else:
+                        op.zero(inner, n)
+                    try:
+                        fut = self._submit(_aio_operate(op, oid), what)
+                    except BaseException:
+                        op.release()
+                        raise
+                    fut.add_done_callback(_releaser(op))
+                pending.add(fut)
+                fut.add_done_callback(pending.discard)
+                futures.append(fut)
+        except _rados_error() as exc:
+            raise OwmError(f"storage error while {what}: {exc}") from None
+        failure: OwmError | None = None
+        for fut in futures:
+            rv, _ = await (fut if fut.done() else asyncio.shield(fut))
+            if rv < 0 and rv != -errno.ENOENT and failure is None:
+                failure = self._fail(rv, what)
+        if failure is not None:
+            raise failure
 
     async def extents(self, name: str, offset: int, length: int) -> list[tuple[int, int, bool]]:
         named = self._named(name, create=False)
@@ -587,14 +745,20 @@ class RadosStorage:
         if named is None:
             return
         if named.pending:
-            await asyncio.gather(*list(named.pending), return_exceptions=True)
+            await asyncio.wait(list(named.pending))
         with self._lock:
             self._index.pop(name, None)
         oids = [_stripe(self.volume, name, n) for n in named.stripes]
         oids.append(_head(self.volume, name))
-        steps = [self._do(_aio_remove(oid), f"deleting {name}", missing_ok=True)
-                 for oid in oids]
-        await _all(steps)
+        what = f"deleting {name}"
+        futures = [self._submit(_aio_remove(oid), what) for oid in oids]  # all at once, now
+        failure: OwmError | None = None
+        for fut in futures:
+            rv, _ = await fut
+            if rv < 0 and rv != -errno.ENOENT and failure is None:
+                failure = self._fail(rv, what)
+        if failure is not None:
+            raise failure
 
     def exists(self, name: str) -> bool:
         return name in self._index
@@ -610,7 +774,25 @@ class RadosStorage:
     async def close(self) -> None:
         pending = [f for named in list(self._index.values()) for f in named.pending]
         if pending:
-            await asyncio.gather(*pending, return_exceptions=True)
+            await asyncio.wait(pending)
+
+
+def _releaser(op: Any) -> Callable[[asyncio.Future[Any]], None]:
+    """A done callback that releases a librados write op once its call has completed."""
+    def release(_fut: asyncio.Future[Any]) -> None:
+        op.release()
+    return release
+
+
+def _piece(rv: int, data: bytes | None, n: int) -> bytes:
+    """The ``n`` bytes of a piece whose read returned ``rv`` (its length, or -ENOENT)."""
+    if rv <= 0:
+        # 0: python-rados (16) hands back its whole buffer, uninitialised, not an empty one.
+        return bytes(n)
+    assert data is not None
+    if len(data) != rv:
+        data = data[:rv]
+    return data if rv == n else data + bytes(n - rv)
 
 
 async def _all(steps: list[Any]) -> None:
