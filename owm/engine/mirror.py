@@ -232,7 +232,7 @@ class MirrorEngine(Engine):
         else:
             self._recent.update(range(first, last + 1))
 
-    async def _write(self, gen: int, offset: int, data: Buffer) -> set[str]:
+    async def _write(self, gen: int, offset: int, data: Buffer, ahead: bool = False) -> set[str]:
         first, last = self.chunk_range(offset, len(data))
         names = await self._begin(gen, first, last)
         try:
@@ -244,7 +244,8 @@ class MirrorEngine(Engine):
             self._end(first, last)
         return set(names)
 
-    async def _zero(self, gen: int, offset: int, length: int, punch: bool) -> set[str]:
+    async def _zero(self, gen: int, offset: int, length: int, punch: bool,
+                    ahead: bool = False) -> set[str]:
         first, last = self.chunk_range(offset, length)
         names = await self._begin(gen, first, last)
         try:
