@@ -1,5 +1,6 @@
-"""Ordered write-back in ``cow``: a first write to a shared chunk is acknowledged before its copy
-is durable, and the power-loss simulation proves the order still holds.
+"""Ordered write-back in ``cow``, ``log`` and ``mirror``: a first write to a shared chunk is
+acknowledged before its copy (or a split leg's dirty bit) is durable, and the power-loss
+simulation proves the order still holds.
 
 The scenarios hold overwrites on purpose (the background commit is pushed far off, so only FUA,
 FLUSH, a drain, a release or a full backlog commit): first writes to shared chunks, a second
@@ -97,10 +98,12 @@ async def _operation(run: Run) -> None:
 
 
 def _scenario(name: str, method: str = "cow") -> Scenario:
-    return Scenario(f"{name}-{method}", method, SIZE, _setup, _operation, chunk_size=CHUNK)
+    # A mirror needs a leg per image outstanding at once (@0, @1, @2) besides the live one.
+    return Scenario(f"{name}-{method}", method, SIZE, _setup, _operation, chunk_size=CHUNK,
+                    legs=4)
 
 
-METHODS = ["cow", "log"]
+METHODS = ["cow", "log", "mirror"]
 
 
 @pytest.fixture
@@ -134,7 +137,8 @@ async def test_a_first_write_is_acknowledged_before_any_sync(held: None, method:
         await run.flush(run.state["old"])
         assert engine.held_bytes == 0
 
-    await run_once(Scenario("ack", method, SIZE, _setup, operation, chunk_size=CHUNK), None)
+    await run_once(Scenario("ack", method, SIZE, _setup, operation, chunk_size=CHUNK, legs=4),
+                   None)
 
 
 async def test_a_full_backlog_makes_writers_wait_for_a_commit(held: None) -> None:
