@@ -369,6 +369,9 @@ class Engine(ABC):
             return
         await asyncio.gather(*(self.changed[g].commit() for g in batch if g in self.changed))
         for g, chunks in batch.items():
+            if g not in self.changed:  # pruned meanwhile: nothing left to make durable
+                self._changed_ahead.pop(g, None)
+                continue
             left = self._changed_ahead.get(g)
             if left is not None:
                 left -= chunks
