@@ -619,10 +619,23 @@ class Engine(ABC):
     # -- helpers for engines ------------------------------------------------------------------
     async def put(self, name: str, offset: int, data: Buffer, punch: bool = True) -> None:
         """Write data, or punch a hole when it is all zeroes and punching is allowed."""
-        if punch and not any(data):
+        if punch and self.all_zero(data):
             await self.storage.discard(name, offset, len(data))
         else:
             await self.storage.write(name, offset, data)
+
+    def all_zero(self, data: Buffer) -> bool:
+        """Is data all zeroes?  Compared a chunk at a time with a zeroed chunk (a memcmp):
+        ``any(data)`` walks the bytes one by one, milliseconds for a mostly empty 64 KiB chunk,
+        which every copy of a chunk paid."""
+        zero = self.zero_chunk
+        step = len(zero)
+        view = memoryview(data)
+        for at in range(0, len(view), step):
+            piece = view[at : at + step].tobytes()
+            if piece != (zero if len(piece) == step else zero[: len(piece)]):
+                return False
+        return True
 
     async def put_zero(self, name: str, offset: int, length: int, punch: bool) -> None:
         if punch:
