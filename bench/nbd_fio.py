@@ -30,7 +30,8 @@ practical limit) and qemu-nbd on the raw file.
                                       [--qemu-cache direct,default] [--jobs W1,W2,W3]
 
 The run takes about (rows x 3 x runtime) plus the fills; the aims of issue 11 are checked at
-the end.  On a shared machine every figure is noisy.
+the end.  On a shared machine every figure is noisy: each progress line shows the 1-minute load
+average when its job ended.
 """
 
 from __future__ import annotations
@@ -411,8 +412,8 @@ def run(args: argparse.Namespace) -> list[Row]:
                     uri = f"nbd+unix:///{peer.export}?socket={sock}"
                     row.results[job] = fio(uri, job, args.runtime, size, pid,
                                            iologs[peer.chunk])
-                print(f"  {peer.name:<30} {peer.chunk:>6} {job} {fmt(job, row.results[job])}",
-                      flush=True)
+                print(f"  {peer.name:<30} {peer.chunk:>6} {job} {fmt(job, row.results[job])}"
+                      f"  load {os.getloadavg()[0]:.1f}", flush=True)
         owm_rows = ["owm cow", "owm mirror", "owm cow, preserve active",
                     "owm log, preserve active"]
         if only is None or any(o in r for o in only for r in owm_rows):
@@ -443,8 +444,8 @@ def run_owm(
             rows.append(row)
             for job in JOBS:
                 row.results[job] = fio(server.uri(method), job, runtime, size, pid, iologs[0])
-                print(f"  {row.name:<30} {'-':>6} {job} {fmt(job, row.results[job])}",
-                      flush=True)
+                print(f"  {row.name:<30} {'-':>6} {job} {fmt(job, row.results[job])}"
+                      f"  load {os.getloadavg()[0]:.1f}", flush=True)
             server.ask("delete", method)
         for chunk in chunks:
             for method in ("cow", "log"):
@@ -464,7 +465,8 @@ def run_owm(
                     image = server.ask("preserve", name)
                     row.results[job] = fio(server.uri(name), job, runtime, size, pid,
                                            iologs[chunk])
-                    print(f"  {row.name:<30} {chunk:>6} {job} {fmt(job, row.results[job])}",
+                    print(f"  {row.name:<30} {chunk:>6} {job} "
+                          f"{fmt(job, row.results[job])}  load {os.getloadavg()[0]:.1f}",
                           flush=True)
                 assert image is not None
                 server.ask("release", image)
