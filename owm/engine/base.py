@@ -630,6 +630,8 @@ class Engine(ABC):
         which every copy of a chunk paid."""
         zero = self.zero_chunk
         step = len(zero)
+        if isinstance(data, bytes) and len(data) <= step:  # a chunk's copy: no slice to make
+            return data == (zero if len(data) == step else zero[: len(data)])
         view = memoryview(data)
         for at in range(0, len(view), step):
             piece = view[at : at + step].tobytes()
