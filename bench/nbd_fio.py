@@ -3,7 +3,10 @@
 fio's nbd engine at queue depth 16, with the server's CPU time per I/O beside every figure.
 
 Every target serves the same kind of disk on tmpfs (so storage speed is not what is measured),
-pre-filled with data, and gets a fresh snapshot (preserve, overlay, fleece) before every job:
+or with ``--dir`` on a real file system (issue 17: ext4 under ``/var/tmp``; QEMU then opens its
+files with ``cache.direct=on`` as issue 11 aim 4 asks, and with its default page cache too when
+``--qemu-cache direct,default``), pre-filled with data, and gets a fresh snapshot (preserve,
+overlay, fleece) before every job:
 
 * W1: 4K writes, each the first to its chunk (a replayed fio iolog: one write in each of up
   to ``--w1-count`` chunks picked at random, in random order; fio's own random map cannot
@@ -23,10 +26,12 @@ and once: ``owm cow`` and ``owm mirror`` with no preserve against nbdkit's file 
 practical limit) and qemu-nbd on the raw file.
 
     .venv/bin/python bench/nbd_fio.py [--runtime 10] [--size 1G] [--chunks 4096,65536]
-                                      [--only owm,qemu,nbdkit]
+                                      [--only owm,qemu,nbdkit] [--dir /var/tmp]
+                                      [--qemu-cache direct,default] [--jobs W1,W2,W3]
 
 The run takes about (rows x 3 x runtime) plus the fills; the aims of issue 11 are checked at
-the end.  On a shared machine every figure is noisy.
+the end.  On a shared machine every figure is noisy: each progress line shows the 1-minute load
+average when its job ended.
 """
 
 from __future__ import annotations
@@ -263,24 +268,31 @@ def check_aims(rows: list[Row]) -> None:
     def find(name: str, chunk: int) -> Row | None:
         return next((r for r in rows if r.name == name and r.chunk == chunk), None)
 
-    def cmp(owm_row: str, peer_row: str, chunk: int, jobs: list[str] = JOBS) -> None:
+    def cmp(owm_row: str, peer_row: str, chunk: int, jobs: list[str] = JOBS,
+            aim: float = 1.0) -> None:
         a, b = find(owm_row, chunk), find(peer_row, chunk)
         if not a or not b:
             return
         for job in jobs:
             if job in a.results and job in b.results and b.results[job].value:
                 ratio = a.results[job].value / b.results[job].value
-                verdict = "ok   " if ratio >= 1 else "BELOW"
+                verdict = "ok   " if ratio >= aim else "BELOW"
                 size = f"{chunk // 1024}K" if chunk else "-"
-                print(f"  {verdict} {owm_row:<26} {size:>4} {job} {ratio:5.2f}x {peer_row}")
+                print(f"  {verdict} {owm_row:<26} {size:>4} {job} {ratio:5.2f}x {peer_row}"
+                      f" (aim >= {aim:.1f}x)")
 
-    print("\naims (issue 11), owm / peer:")
+    print("\naims (issues 11 and 17), owm / peer:")
+    for tag in ("", ", direct"):
+        for chunk in sorted({r.chunk for r in rows if r.chunk}):
+            cmp("owm cow, preserve active", f"QEMU cbw, qcow2 fleece{tag}", chunk)
+            cmp("owm cow, preserve active", f"QEMU cbw, raw fleece{tag}", chunk)
+            cmp("owm log, preserve active", f"qemu-nbd qcow2 overlay{tag}", chunk)
+            cmp("owm log, preserve active", f"qemu-nbd qcow2 overlay{tag}", chunk, aim=0.8)
+        cmp("owm mirror", f"qemu-nbd raw{tag}", 0, ["W2"])
+        cmp("owm cow", f"qemu-nbd raw{tag}", 0, ["W1", "W2"])
     for chunk in sorted({r.chunk for r in rows if r.chunk}):
-        cmp("owm cow, preserve active", "QEMU cbw, qcow2 fleece", chunk)
-        cmp("owm cow, preserve active", "QEMU cbw, raw fleece", chunk)
-        cmp("owm log, preserve active", "qemu-nbd qcow2 overlay", chunk)
         cmp("owm log, preserve active", "nbdkit cow filter", chunk)
-    cmp("owm mirror", "qemu-nbd raw", 0, ["W2"])
+    cmp("owm cow", "nbdkit file", 0, ["W3"])
     a, b = find("owm cow", 0), find("nbdkit file", 0)
     if a and b:
         for job in JOBS:
@@ -304,14 +316,18 @@ def qemu_img(*args: str) -> None:
     subprocess.run(["qemu-img", *args], check=True, capture_output=True)
 
 
-def peers(work: Path, disk: Path, size: int, chunks: list[int], sock: Path) -> list[Peer]:
+def peers(work: Path, disk: Path, size: int, chunks: list[int], sock: Path,
+          caches: list[str]) -> list[Peer]:
+    """The peers' rows; QEMU's once per cache mode of ``caches`` ("default": the page cache,
+    "direct": ``cache.direct=on``, O_DIRECT, which tmpfs refuses)."""
     nbdkit = ["nbdkit", "--foreground", "--exit-with-parent", "-U", str(sock)]
-    qemu_nbd = ["qemu-nbd", "-k", str(sock), "--persistent", "--shared=16",
-                "--cache=writeback", "--aio=threads", "-x", "disk"]
-    out = [
-        Peer("nbdkit file", 0, [*nbdkit, "file", f"file={disk}"]),
-        Peer("qemu-nbd raw", 0, [*qemu_nbd, "-f", "raw", str(disk)], "disk"),
-    ]
+    out = [Peer("nbdkit file", 0, [*nbdkit, "file", f"file={disk}"])]
+    for cache in caches:
+        tag = ", direct" if cache == "direct" else ""
+        qemu_nbd = ["qemu-nbd", "-k", str(sock), "--persistent", "--shared=16",
+                    "--cache=none" if cache == "direct" else "--cache=writeback",
+                    "--aio=threads", "-x", "disk"]
+        out.append(Peer(f"qemu-nbd raw{tag}", 0, [*qemu_nbd, "-f", "raw", str(disk)], "disk"))
     for chunk in chunks:
         overlay = work / f"overlay-{chunk}.qcow2"
         fleece_q = work / f"fleece-{chunk}.qcow2"
@@ -331,34 +347,42 @@ def peers(work: Path, disk: Path, size: int, chunks: list[int], sock: Path) -> l
             with open(f, "wb") as fh:
                 fh.truncate(size)
 
-        def cbw(target: Path, fmt: str) -> list[str]:
+        def cbw(target: Path, fmt: str, direct: str) -> list[str]:
             return [
                 "qemu-storage-daemon",
-                "--blockdev", f"driver=file,node-name=sf,filename={disk}",
+                "--blockdev", f"driver=file,node-name=sf,filename={disk}{direct}",
                 "--blockdev", "driver=raw,node-name=src,file=sf",
-                "--blockdev", f"driver=file,node-name=tf,filename={target}",
+                "--blockdev", f"driver=file,node-name=tf,filename={target}{direct}",
                 "--blockdev", f"driver={fmt},node-name=tgt,file=tf",
                 "--blockdev", "driver=copy-before-write,node-name=cbw,file=src,target=tgt",
                 "--nbd-server", f"addr.type=unix,addr.path={sock}",
                 "--export", "type=nbd,id=e,node-name=cbw,name=disk,writable=on",
             ]
 
-        out += [
-            Peer("QEMU cbw, qcow2 fleece", chunk, cbw(fleece_q, "qcow2"), "disk",
-                 fresh_qcow2_fleece),
-            Peer("QEMU cbw, raw fleece", chunk, cbw(fleece_r, "raw"), "disk", fresh_raw_fleece),
-            Peer("qemu-nbd qcow2 overlay", chunk, [*qemu_nbd, "-f", "qcow2", str(overlay)],
-                 "disk", fresh_overlay),
-            Peer("nbdkit cow filter", chunk,
-                 [*nbdkit, "--filter=cow", "file", f"file={disk}", f"cow-block-size={chunk}"]),
-        ]
+        for cache in caches:
+            tag = ", direct" if cache == "direct" else ""
+            direct = ",cache.direct=on" if cache == "direct" else ""
+            qemu_nbd = ["qemu-nbd", "-k", str(sock), "--persistent", "--shared=16",
+                        "--cache=none" if cache == "direct" else "--cache=writeback",
+                        "--aio=threads", "-x", "disk"]
+            out += [
+                Peer(f"QEMU cbw, qcow2 fleece{tag}", chunk, cbw(fleece_q, "qcow2", direct),
+                     "disk", fresh_qcow2_fleece),
+                Peer(f"QEMU cbw, raw fleece{tag}", chunk, cbw(fleece_r, "raw", direct), "disk",
+                     fresh_raw_fleece),
+                Peer(f"qemu-nbd qcow2 overlay{tag}", chunk,
+                     [*qemu_nbd, "-f", "qcow2", str(overlay)], "disk", fresh_overlay),
+            ]
+        out.append(Peer("nbdkit cow filter", chunk,
+                        [*nbdkit, "--filter=cow", "file", f"file={disk}",
+                         f"cow-block-size={chunk}"]))
     return out
 
 
 def run(args: argparse.Namespace) -> list[Row]:
     size = args.size
     only = set(args.only.split(",")) if args.only else None
-    work = Path(tempfile.mkdtemp(prefix="owm-bench-", dir=args.tmpfs))
+    work = Path(tempfile.mkdtemp(prefix="owm-bench-", dir=args.dir or args.tmpfs))
     rows: list[Row] = []
     iologs: dict[int, Path] = {}
     try:
@@ -371,7 +395,7 @@ def run(args: argparse.Namespace) -> list[Row]:
         with open(disk, "wb") as f:
             f.truncate(size)
         sock = work / "peer.sock"
-        wanted = [p for p in peers(work, disk, size, args.chunks, sock)
+        wanted = [p for p in peers(work, disk, size, args.chunks, sock, args.qemu_cache)
                   if only is None or any(o in p.name for o in only)]
         if wanted:
             print(f"filling {disk} ({size} bytes) ...", flush=True)
@@ -388,23 +412,31 @@ def run(args: argparse.Namespace) -> list[Row]:
                     uri = f"nbd+unix:///{peer.export}?socket={sock}"
                     row.results[job] = fio(uri, job, args.runtime, size, pid,
                                            iologs[peer.chunk])
-                print(f"  {peer.name:<30} {peer.chunk:>6} {job} {fmt(job, row.results[job])}",
-                      flush=True)
-        if only is None or "owm" in only:
-            rows.extend(run_owm(work, size, args.runtime, args.chunks, iologs))
+                print(f"  {peer.name:<30} {peer.chunk:>6} {job} {fmt(job, row.results[job])}"
+                      f"  load {os.getloadavg()[0]:.1f}", flush=True)
+        owm_rows = ["owm cow", "owm mirror", "owm cow, preserve active",
+                    "owm log, preserve active"]
+        if only is None or any(o in r for o in only for r in owm_rows):
+            rows.extend(run_owm(work, size, args.runtime, args.chunks, iologs, only))
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return rows
 
 
 def run_owm(
-    work: Path, size: int, runtime: int, chunks: list[int], iologs: dict[int, Path]
+    work: Path, size: int, runtime: int, chunks: list[int], iologs: dict[int, Path],
+    only: set[str] | None = None,
 ) -> list[Row]:
+    def wanted(name: str) -> bool:
+        return only is None or "owm" in only or any(o in name for o in only)
+
     rows: list[Row] = []
     server = OwmServer(work)
     pid = server.proc.pid
     try:
         for method in ("cow", "mirror"):
+            if not wanted(f"owm {method}"):
+                continue
             server.ask("create", method, str(size), method, "65536")
             print(f"filling owm {method} ...", flush=True)
             fill(server.uri(method), size)
@@ -412,11 +444,13 @@ def run_owm(
             rows.append(row)
             for job in JOBS:
                 row.results[job] = fio(server.uri(method), job, runtime, size, pid, iologs[0])
-                print(f"  {row.name:<30} {'-':>6} {job} {fmt(job, row.results[job])}",
-                      flush=True)
+                print(f"  {row.name:<30} {'-':>6} {job} {fmt(job, row.results[job])}"
+                      f"  load {os.getloadavg()[0]:.1f}", flush=True)
             server.ask("delete", method)
         for chunk in chunks:
             for method in ("cow", "log"):
+                if not wanted(f"owm {method}, preserve active"):
+                    continue
                 name = f"{method}-{chunk}"
                 server.ask("create", name, str(size), method, str(chunk))
                 print(f"filling owm {name} ...", flush=True)
@@ -431,7 +465,8 @@ def run_owm(
                     image = server.ask("preserve", name)
                     row.results[job] = fio(server.uri(name), job, runtime, size, pid,
                                            iologs[chunk])
-                    print(f"  {row.name:<30} {chunk:>6} {job} {fmt(job, row.results[job])}",
+                    print(f"  {row.name:<30} {chunk:>6} {job} "
+                          f"{fmt(job, row.results[job])}  load {os.getloadavg()[0]:.1f}",
                           flush=True)
                 assert image is not None
                 server.ask("release", image)
@@ -452,12 +487,22 @@ def main() -> None:
     parser.add_argument("--w1-count", type=int, default=20000, help="first writes per W1 job")
     parser.add_argument("--tmpfs", default="/dev/shm", help="where the disks live")
     parser.add_argument("--only", help="comma-separated substrings of the targets to run")
+    parser.add_argument("--jobs", default=",".join(JOBS), help="the jobs to run, of W1,W2,W3")
+    parser.add_argument("--dir", help="a directory on a real disk (ext4: /var/tmp) instead of "
+                        "tmpfs; QEMU then runs with cache.direct=on")
+    parser.add_argument("--qemu-cache", help="QEMU's cache modes, comma-separated: direct "
+                        "(cache.direct=on), default (the page cache); default: direct with "
+                        "--dir, else default")
     args = parser.parse_args()
     sys.path.insert(0, str(REPO))
     from owm.common.sizes import parse_size
 
     args.size = parse_size(args.size)
+    JOBS[:] = [j for j in JOBS if j in args.jobs.split(",")]
     args.chunks = [int(c) for c in args.chunks.split(",")]
+    args.qemu_cache = (args.qemu_cache or ("direct" if args.dir else "default")).split(",")
+    if any(c not in ("direct", "default") for c in args.qemu_cache):
+        sys.exit("--qemu-cache takes direct and/or default")
     for tool in ("fio", "nbdkit", "qemu-nbd", "qemu-img", "qemu-storage-daemon"):
         if shutil.which(tool) is None:
             sys.exit(f"{tool} is not installed (scripts/setup installs it; qemu-storage-daemon "

@@ -3,9 +3,11 @@ reads only the chunks that may have changed (a superset of those that did), neve
 and never misses one.
 
 The power-loss half crashes the simulated storage at every storage call of a run of first
-writes (with the unsynced pages surviving at random), then checks every chunk whose bytes differ
-between the two images against the map.  The kill -9 half runs a real daemon, kills it with
-unflushed writes outstanding, and backs up through the CLI.
+writes and the group commits that make their bits durable (at a FLUSH, or on the write-back
+timer), with the unsynced pages surviving at random, then checks every chunk whose bytes differ
+between the two images against the map.  A planted reordering (held writes released before the
+bits of their chunks are durable) must make that check fail.  The kill -9 half runs a real
+daemon, kills it with unflushed writes outstanding, and backs up through the CLI.
 """
 
 from __future__ import annotations
@@ -22,6 +24,9 @@ from backup_helpers import create, ok, ok_json, preserve, random_writes, read_im
 from conftest import start_daemon
 from faults import SimPool
 
+from owm.engine import base
+from owm.engine.cow import CowEngine
+from owm.engine.log import LogEngine
 from owm.nbd.client import NbdClient
 from owm.pool.pool import Pool
 from owm.storage.simulated import PowerLost
@@ -61,15 +66,23 @@ async def _first_writes(root: Path, method: str, crash_at: int | None,
     if crash_at is not None:
         for s, b in zip(storages, base, strict=True):
             s.crash_at = b + crash_at
-    written = [1, 4, 5, 9, 14]
+    written = [1, 4, 5]
     try:
         live = await pool.volume("v").open_session("live")
         # Concurrent first writes (group-committed), a partial one, one over two chunks, then
         # writes to chunks already marked; nothing flushed: only the page cache holds them.
-        await asyncio.gather(*(live.write(c * SIM_CHUNK + 100, b"x" * 500) for c in written[:3]))
+        await asyncio.gather(*(live.write(c * SIM_CHUNK + 100, b"x" * 500) for c in written))
         await live.write(9 * SIM_CHUNK - 10, b"y" * 20)  # chunks 8 and 9
         await live.write(14 * SIM_CHUNK, b"z" * SIM_CHUNK)
-        await live.write(4 * SIM_CHUNK, b"w" * 10)
+        # The commit that makes the bits durable and releases the held writes (with the
+        # timer at no delay, background commits ran between the writes too).
+        await live.flush()
+        await live.write(4 * SIM_CHUNK, b"w" * 10)  # its bit is durable: nothing to wait for
+        # A first write, then a second one to the same chunk while its bit is not durable yet
+        # (cow holds it too; log waits for the bit, as the write lands in the new entry).
+        await live.write(12 * SIM_CHUNK + 8, b"t" * 100)
+        await live.write(12 * SIM_CHUNK, b"s" * 10)
+        await live.write(1 * SIM_CHUNK, b"u" * 10)  # never committed
     except PowerLost:
         pass
     if crash_at is None:
@@ -89,17 +102,62 @@ async def _first_writes(root: Path, method: str, crash_at: int | None,
     return 0, changed, differ
 
 
-@pytest.mark.parametrize("method", ["cow", "log", "mirror"])
-async def test_after_a_power_loss_the_map_is_a_superset_of_what_changed(
-        tmp_path: Path, method: str) -> None:
-    calls, _, _ = await _first_writes(tmp_path / "dry", method, None, 0)
+async def _every_crash_point(root: Path, method: str) -> None:
+    calls, _, _ = await _first_writes(root / "dry", method, None, 0)
     assert calls > 0
     for n in range(1, calls + 2):
-        _, changed, differ = await _first_writes(tmp_path / f"crash{n}", method, n, n)
+        _, changed, differ = await _first_writes(root / f"crash{n}", method, n, n)
         assert changed is not None, f"crash at call {n}: the map was not trusted"
         assert differ <= set(changed), (n, sorted(differ), changed)
         # Only chunks that were written (or were about to be) are in it: never the whole image.
-        assert set(changed) <= {1, 4, 5, 8, 9, 14}, (n, changed)
+        assert set(changed) <= {1, 4, 5, 8, 9, 12, 14}, (n, changed)
+
+
+@pytest.mark.parametrize("delay", [3600.0, 0.0], ids=["at-flush", "timer"])
+@pytest.mark.parametrize("method", ["cow", "log", "mirror"])
+async def test_after_a_power_loss_the_map_is_a_superset_of_what_changed(
+        tmp_path: Path, method: str, delay: float, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(base, "WRITEBACK_DELAY", delay)
+    await _every_crash_point(tmp_path, method)
+
+
+async def test_held_writes_released_before_their_bits_are_caught(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """cow's group commit planted wrong: the held overwrites reach live.data before the changed
+    maps' commit (the copies and entries still first)."""
+    monkeypatch.setattr(base, "WRITEBACK_DELAY", 3600.0)
+
+    async def reordered(self: CowEngine) -> None:
+        changed = self._changed_batch()
+        await self._commit_copies({v: set(c) for v, c in self._pending.items()})
+        counts = {c: len(ops) for c, ops in self._held.items()}
+        await asyncio.gather(*(self._release_held(c, k) for c, k in counts.items()))
+        await self._commit_changed(changed)
+
+    monkeypatch.setattr(CowEngine, "_commit_batch", reordered)
+    with pytest.raises(AssertionError):
+        await _every_crash_point(tmp_path, "cow")
+
+
+async def test_log_entries_before_their_bits_are_caught(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """log's group commit planted wrong: the new entries committed before the changed maps."""
+    monkeypatch.setattr(base, "WRITEBACK_DELAY", 3600.0)
+
+    async def reordered(self: LogEngine) -> None:
+        changed = self._changed_batch()
+        for layer in self.layers:
+            if layer.pending and layer.table is not None:
+                await base.Engine.sync_objects(self, [layer.data])
+                for chunk in layer.pending:
+                    layer.table.set(chunk)
+                layer.pending.clear()
+                await layer.table.commit()
+        await self._commit_changed(changed)
+
+    monkeypatch.setattr(LogEngine, "_commit_batch", reordered)
+    with pytest.raises(AssertionError):
+        await _every_crash_point(tmp_path, "log")
 
 
 async def _write_then_kill(socket: str, writes: list[tuple[int, bytes]],

@@ -129,6 +129,9 @@ async def test_power_loss_serves_at_once_and_resyncs_only_the_intent_map(tmp_pat
         await live.write(c * CHUNK, bytes([c]) * CHUNK, fua=True)
     for c in plain:
         await live.write(c * CHUNK, bytes([c]) * CHUNK)
+    # Write-back: the group commit lets the held writes reach the legs (unsynced) once their
+    # bits are durable; without it they would still be in memory at the power loss.
+    await engine_of(pool).commit_writeback()
     tasks = [asyncio.create_task(live.write(c * CHUNK, bytes([c]) * CHUNK)) for c in flying]
     for _ in range(3):
         await asyncio.sleep(0)
@@ -314,6 +317,7 @@ async def test_release_resync_keeps_writes_made_at_every_step(tmp_path: Path, cr
             pause.go.set()
             await asyncio.wait_for(release, 10)
         scene.model.release(0)
+        await engine_of(pool).commit_writeback()  # held writes reach the legs looked at
         legs = scene.legs(pool)
         model = scene.model
         label = f"paused at {what} {chunk}"
@@ -325,6 +329,7 @@ async def test_release_resync_keeps_writes_made_at_every_step(tmp_path: Path, cr
             await old.close()
         await new.close()
         await pool.release("v@1")
+        await engine_of(pool).commit_writeback()
         legs = scene.legs(pool)
         assert legs[0] == legs[1] == legs[2] == bytes(model.views[2]), label
         await pool.close()
@@ -473,6 +478,7 @@ async def _crashed_mirror(root: Path) -> dict[str, SimulatedStorage]:
     await s.flush()
     for c in range(2, 10):
         await s.write(c * CHUNK, bytes([c]) * CHUNK)
+    await engine_of(pool).commit_writeback()  # the held writes reach the legs, unsynced
     after = {n: st.power_loss(random.Random(3)) for n, st in storages.items()}
     await pool.kill()
     legs = [bytes(after["v"]._objects[f"leg-{i}.data"].current) for i in range(3)]
@@ -637,7 +643,9 @@ async def test_intent_bits_clear_lazily_never_under_a_write(
         await s.write(0, b"c" * 8 * CHUNK)
         for _ in range(3):
             await s.flush()
-        assert list(engine.intent) == list(range(8)), "too many to remember: none cleared"
+        # A held write reaches the legs (and is remembered) chunk by chunk: the chunks past the
+        # limit are not remembered, and their bits are never cleared.
+        assert set(range(4, 8)) <= set(engine.intent), "too many to remember: not cleared"
         await s.close()
     finally:
         await pool.close()

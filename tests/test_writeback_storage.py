@@ -51,3 +51,19 @@ async def test_queued_writes_land_in_order_and_whole(tmp_path: Path) -> None:
         assert got == b"\xdd" * 4096
     finally:
         await storage.close()
+
+
+async def test_a_run_longer_than_iov_max_is_written_whole(tmp_path: Path) -> None:
+    """A group commit may release thousands of contiguous held writes at once: one pwritev
+    takes at most IOV_MAX buffers (more is EINVAL), so the run must be split."""
+    storage = LocalStorage(tmp_path)
+    storage._write_mode = None
+    piece = 512
+    count = 3000
+    try:
+        await asyncio.gather(*(storage.write("obj", k * piece, bytes([k % 251 + 1]) * piece)
+                               for k in range(count)))
+        got = await storage.read("obj", 0, count * piece)
+        assert got == b"".join(bytes([k % 251 + 1]) * piece for k in range(count))
+    finally:
+        await storage.close()

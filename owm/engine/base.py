@@ -196,16 +196,19 @@ class Engine(ABC):
         self._syncs: dict[str, GroupSync] = {}
         self.zero_chunk = bytes(chunk_size)
         # Chunks written by each generation >= 1, for incremental backups.  A chunk's bit is
-        # made durable before the first write to it in its generation starts (write-ahead), so
-        # the maps stay a superset of what changed across a kill or a power loss.
+        # durable before any write to it in its generation can change what a view shows after
+        # a crash (write-ahead), so the maps stay a superset of what changed across a kill or
+        # a power loss.  A write-back engine holds such a write until its group commit has made
+        # the bit durable (``_may_defer``); the others wait for the bit's commit first.
         self.changed: dict[int, ChunkTable] = {}
         # Chunks (and their bytes) copied aside so that a preserved image keeps its data: plain
         # counters, read by the daemon's metrics at scrape time.
         self.cow_copies = 0
         self.cow_copy_bytes = 0
-        # Generations whose last write-ahead commit failed: the bits it held are set in memory
-        # but maybe not on storage, so the next write to any chunk of them commits again.
-        self._changed_unsure: set[int] = set()
+        # Per generation: chunks whose changed bit is set in memory but not known durable (set
+        # since the last commit of the map that covered them, or a commit of it failed).  A
+        # write to one of them is held or waits, as a first write does.
+        self._changed_ahead: dict[int, set[int]] = {}
         self.held_bytes = 0  # memory held by a write-back engine's overwrites
         self.held_cap = WRITEBACK_CAP
         self._committer = GroupSync(self._commit_batch)
@@ -244,19 +247,22 @@ class Engine(ABC):
         if self._wb_task is not None:
             self._wb_task.cancel()
         self.held_bytes = 0
+        self._changed_ahead.clear()
 
     def writeback_pending(self) -> bool:
         """Is anything held that a commit would make durable or release?"""
         return False
 
     async def _commit_batch(self) -> None:
-        """One group commit of what is held (write-back engines)."""
-        return None
+        """One group commit of what is held (write-back engines).  An engine takes what it
+        releases, then ``_changed_batch()``, at one instant, and releases nothing that a view
+        shows after a crash before ``_commit_changed`` of that batch has returned."""
+        await self._commit_changed(self._changed_batch())
 
     async def commit_writeback(self) -> None:
         """Make everything held so far reach its storage in order (what it depends on durable
         first); group-committed: it waits for a commit that started after the call."""
-        if self.writeback_pending():
+        if self.writeback_pending() or self._changed_ahead:
             await self._committer()
 
     def schedule_writeback(self) -> None:
@@ -275,7 +281,7 @@ class Engine(ABC):
         except Exception as exc:  # the next FLUSH, FUA or full backlog retries and reports it
             log.warning("write-back commit failed, retried at the next flush: %s", exc)
             return
-        if self.writeback_pending():
+        if self.writeback_pending() or self._changed_ahead:
             self.schedule_writeback()
 
     async def destroy(self) -> None:
@@ -320,28 +326,64 @@ class Engine(ABC):
         # from now on is one whose bit is durable first.
         self.state["changed_durable"] = True
 
-    def _mark_changed(self, gen: int, first: int, last: int) -> Awaitable[None] | None:
-        """Set the chunks' bits in generation ``gen``'s map; when that set a new bit, return
-        what makes it durable, to be awaited before the write touches any data (a write to
-        chunks already marked costs nothing more)."""
+    def _mark_changed(self, gen: int, first: int, last: int) -> bool:
+        """Set the chunks' bits in generation ``gen``'s map.  True when one of them is not
+        known durable: then nothing the write changes may reach what a view shows after a crash
+        before a commit of the map (``_commit_changed``) has made it durable.  A write to chunks
+        whose bits are durable costs a lookup."""
         if gen == 0:
-            return None  # an incremental backup always starts from an image, never before gen 1
+            return False  # an incremental backup always starts from an image, never before gen 1
         table = self.changed.get(gen)
         if table is None:
             table = self.changed[gen] = self._changed_table(gen)
         before = table.count
         table.set_range(first, last)
-        if table.count == before and gen not in self._changed_unsure:
-            return None
-        return self._commit_changed(gen, table)
+        ahead = self._changed_ahead.get(gen)
+        if table.count == before:
+            if not ahead:
+                return False
+            if first == last:
+                if first not in ahead:
+                    return False
+            elif not any(c in ahead for c in range(first, last + 1)):
+                return False
+        if ahead is None:
+            ahead = self._changed_ahead[gen] = set()
+        if first == last:
+            ahead.add(first)
+        else:
+            ahead.update(range(first, last + 1))
+        return True
 
-    async def _commit_changed(self, gen: int, table: ChunkTable) -> None:
-        try:
-            await table.commit()
-        except BaseException:
-            self._changed_unsure.add(gen)
-            raise
-        self._changed_unsure.discard(gen)
+    def _changed_batch(self, gen: int | None = None) -> dict[int, set[int]]:
+        """What a commit of the changed maps covers (of generation ``gen`` alone, or all)."""
+        ahead = self._changed_ahead
+        if gen is not None:
+            return {gen: set(ahead[gen])} if ahead.get(gen) else {}
+        return {g: set(chunks) for g, chunks in ahead.items() if chunks}
+
+    async def _commit_changed(self, batch: dict[int, set[int]]) -> None:
+        """Make the bits of ``batch`` durable; only then are they known durable (a failed
+        commit leaves them ahead: the next write to them waits again)."""
+        if not batch:
+            return
+        await asyncio.gather(*(self.changed[g].commit() for g in batch if g in self.changed))
+        for g, chunks in batch.items():
+            if g not in self.changed:  # pruned meanwhile: nothing left to make durable
+                self._changed_ahead.pop(g, None)
+                continue
+            left = self._changed_ahead.get(g)
+            if left is not None:
+                left -= chunks
+                if not left:
+                    del self._changed_ahead[g]
+
+    def _may_defer(self, gen: int, first: int, last: int) -> bool:
+        """Can the engine hold this write (visible to reads) until its group commit has made
+        the changed bits durable, instead of waiting for them before it starts?  Only when
+        nothing the write puts on storage before that commit is shown by a view after a
+        crash."""
+        return False
 
     async def prune_changed(self) -> None:
         for gen in sorted(self.changed)[:-KEEP_CHANGED_MAPS]:
@@ -467,12 +509,15 @@ class Engine(ABC):
         if fut is not None:
             await fut
         try:
-            durable = self._mark_changed(gen, first, last)
-            if durable is not None:
-                await durable
-            touched = await self._write(gen, offset, data)
+            ahead = self._mark_changed(gen, first, last)
+            if ahead and not self._may_defer(gen, first, last):
+                await self._commit_changed(self._changed_batch(gen))
+                ahead = False
+            touched = await self._write(gen, offset, data, ahead)
         finally:
             self.locks.release(first, last)
+        if ahead:
+            self.schedule_writeback()
         if fua:
             if self.writeback:
                 await self.commit_writeback()  # what it left held reaches the storage first
@@ -489,10 +534,13 @@ class Engine(ABC):
                 await self.commit_writeback()
         first, last = self.chunk_range(offset, length)
         async with self.locks.locked(first, last, EXCLUSIVE):
-            durable = self._mark_changed(gen, first, last)
-            if durable is not None:
-                await durable
-            touched = await self._zero(gen, offset, length, punch)
+            ahead = self._mark_changed(gen, first, last)
+            if ahead and not self._may_defer(gen, first, last):
+                await self._commit_changed(self._changed_batch(gen))
+                ahead = False
+            touched = await self._zero(gen, offset, length, punch, ahead)
+        if ahead:
+            self.schedule_writeback()
         if fua:
             if self.writeback:
                 await self.commit_writeback()
@@ -517,11 +565,14 @@ class Engine(ABC):
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
     @abstractmethod
-    async def _write(self, gen: int, offset: int, data: Buffer) -> set[str]:
-        """Apply the write; return the storage objects it wrote (a FUA syncs them)."""
+    async def _write(self, gen: int, offset: int, data: Buffer, ahead: bool = False) -> set[str]:
+        """Apply the write; return the storage objects it wrote (a FUA syncs them).  ``ahead``:
+        its changed bits are not durable yet (``_may_defer`` said it can hold the write until
+        the group commit has made them so)."""
 
     @abstractmethod
-    async def _zero(self, gen: int, offset: int, length: int, punch: bool) -> set[str]: ...
+    async def _zero(self, gen: int, offset: int, length: int, punch: bool,
+                    ahead: bool = False) -> set[str]: ...
 
     @abstractmethod
     def _placement(self, view: int, offset: int, length: int) -> Iterator[tuple[str, int, int]]:
@@ -568,10 +619,25 @@ class Engine(ABC):
     # -- helpers for engines ------------------------------------------------------------------
     async def put(self, name: str, offset: int, data: Buffer, punch: bool = True) -> None:
         """Write data, or punch a hole when it is all zeroes and punching is allowed."""
-        if punch and not any(data):
+        if punch and self.all_zero(data):
             await self.storage.discard(name, offset, len(data))
         else:
             await self.storage.write(name, offset, data)
+
+    def all_zero(self, data: Buffer) -> bool:
+        """Is data all zeroes?  Compared a chunk at a time with a zeroed chunk (a memcmp):
+        ``any(data)`` walks the bytes one by one, milliseconds for a mostly empty 64 KiB chunk,
+        which every copy of a chunk paid."""
+        zero = self.zero_chunk
+        step = len(zero)
+        if isinstance(data, bytes) and len(data) <= step:  # a chunk's copy: no slice to make
+            return data == (zero if len(data) == step else zero[: len(data)])
+        view = memoryview(data)
+        for at in range(0, len(view), step):
+            piece = view[at : at + step].tobytes()
+            if piece != (zero if len(piece) == step else zero[: len(piece)]):
+                return False
+        return True
 
     async def put_zero(self, name: str, offset: int, length: int, punch: bool) -> None:
         if punch:

@@ -258,9 +258,18 @@ class CowEngine(Engine):
             return first in held
         return any(c in held for c in range(first, last + 1))
 
-    async def _write(self, gen: int, offset: int, data: Buffer) -> set[str]:
+    def _may_defer(self, gen: int, first: int, last: int) -> bool:
+        # The overwrite of live.data can be held; a write to a newer image's copy cannot.
+        if gen == self.views[-1] or not self._has_copies(gen):
+            return True
+        return not any(self._copies(gen, c) for c in range(first, last + 1))
+
+    async def _write(self, gen: int, offset: int, data: Buffer, ahead: bool = False) -> set[str]:
         first, last = self.chunk_range(offset, len(data))
-        hold = await self._preserve_chunks(gen, first, last) or self._must_hold(first, last)
+        # Held too when its changed bit is not durable yet (``ahead``): the commit that
+        # releases it makes the bit durable first.
+        hold = (await self._preserve_chunks(gen, first, last) or ahead
+                or self._must_hold(first, last))
         touched = {LIVE}
         if gen != self.views[-1] and self._has_copies(gen):
             view = memoryview(data)
@@ -274,9 +283,11 @@ class CowEngine(Engine):
             await self.storage.write(LIVE, offset, data)
         return touched
 
-    async def _zero(self, gen: int, offset: int, length: int, punch: bool) -> set[str]:
+    async def _zero(self, gen: int, offset: int, length: int, punch: bool,
+                    ahead: bool = False) -> set[str]:
         first, last = self.chunk_range(offset, length)
-        hold = await self._preserve_chunks(gen, first, last) or self._must_hold(first, last)
+        hold = (await self._preserve_chunks(gen, first, last) or ahead
+                or self._must_hold(first, last))
         touched = {LIVE}
         if self._has_copies(gen):
             for chunk, _within, n, done in self.pieces(offset, length):
@@ -303,11 +314,26 @@ class CowEngine(Engine):
         return bool(self._held or self._pending or self._unsettled)
 
     async def _commit_batch(self) -> None:
-        """One group commit: copies durable, then their entries, then the held overwrites."""
-        # Both taken at one instant: a held overwrite was held after the copy it follows was
-        # marked pending, so each overwrite taken here follows a copy taken here (or earlier).
+        """One group commit: copies durable, then their entries, and the changed bits of the
+        held overwrites' chunks, then the held overwrites."""
+        # All taken at one instant: a held overwrite was held after the copy it follows was
+        # marked pending, and after its changed bit was set, so each overwrite taken here
+        # follows a copy and a bit taken here (or earlier).
         batch = {v: set(chunks) for v, chunks in self._pending.items()}
         counts = {c: len(ops) for c, ops in self._held.items()}
+        changed = self._changed_batch()
+        # The changed maps' journals sync while the copies do; both before any release.
+        results = await asyncio.gather(self._commit_changed(changed),
+                                       self._commit_copies(batch), return_exceptions=True)
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
+        # Only now may the overwrites touch the shared chunks.
+        if counts:
+            await asyncio.gather(*(self._release_held(c, k) for c, k in counts.items()))
+
+    async def _commit_copies(self, batch: dict[int, set[int]]) -> None:
+        """Sync the copies of ``batch``, then commit their entries."""
         if batch:
             await self.sync_objects([_data(v) for v in batch if v in self.tables])
         for v, chunks in batch.items():
@@ -325,9 +351,6 @@ class CowEngine(Engine):
             await asyncio.gather(*(self.tables[v].commit() for v in sorted(self._unsettled)
                                    if v in self.tables))
             self._unsettled.clear()
-        # Only now may the overwrites touch the shared chunks.
-        if counts:
-            await asyncio.gather(*(self._release_held(c, k) for c, k in counts.items()))
 
     async def _release_held(self, chunk: int, count: int) -> None:
         """Write a chunk's first ``count`` held overwrites to live.data, in order.  They stay

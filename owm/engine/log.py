@@ -240,13 +240,32 @@ class LogEngine(Engine):
         for layer in self.layers:
             layer.pending.clear()
 
+    def _may_defer(self, gen: int, first: int, last: int) -> bool:
+        # Only writes that each make a new entry: their data is found through that entry only,
+        # and the commit that puts it in its table makes the changed bits durable first.  A
+        # write into a chunk some layer already holds (pending included) lands where a view
+        # may read it after a crash, and waits for its bits.
+        lo = self._own_range(gen)[0]
+        layers = self.layers
+        for chunk in range(first, last + 1):
+            for i in range(len(layers) - 1, lo - 1, -1):
+                if layers[i].has(chunk):
+                    return False
+        return True
+
     async def _commit_batch(self) -> None:
-        """Sync the deltas holding pending entries, then put those entries in their tables
-        (which the next flush, or a FUA write to them, commits)."""
+        """Sync the deltas holding pending entries and commit the changed bits of their writes,
+        then put those entries in their tables (which the next flush, or a FUA write to them,
+        commits)."""
         batch = [(layer, set(layer.pending)) for layer in self.layers if layer.pending]
-        if not batch:
-            return
-        await Engine.sync_objects(self, [layer.data for layer, _ in batch])
+        changed = self._changed_batch()  # taken with the batch: its writes' bits are in it
+        results = await asyncio.gather(
+            self._commit_changed(changed),
+            Engine.sync_objects(self, [layer.data for layer, _ in batch]),
+            return_exceptions=True)
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
         for layer, chunks in batch:
             assert layer.table is not None
             for chunk in chunks:
@@ -254,7 +273,7 @@ class LogEngine(Engine):
             layer.pending -= chunks
             self.held_bytes -= ENTRY_BYTES * len(chunks)
 
-    async def _write(self, gen: int, offset: int, data: Buffer) -> set[str]:
+    async def _write(self, gen: int, offset: int, data: Buffer, ahead: bool = False) -> set[str]:
         view = memoryview(data)
 
         async def put(name: str, pos: int, done: int, n: int) -> None:
@@ -262,7 +281,8 @@ class LogEngine(Engine):
 
         return await self._apply(gen, offset, len(data), put)
 
-    async def _zero(self, gen: int, offset: int, length: int, punch: bool) -> set[str]:
+    async def _zero(self, gen: int, offset: int, length: int, punch: bool,
+                    ahead: bool = False) -> set[str]:
         async def put(name: str, pos: int, done: int, n: int) -> None:
             await self.put_zero(name, pos, n, punch)
 

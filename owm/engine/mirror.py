@@ -20,6 +20,16 @@ recopies them) and serves at once, while a background task copies them from the 
 which every read of the live view uses, so reads get one answer meanwhile) to the other in-sync
 legs; a write to such a chunk reaches every leg anyway.  Until the background resync has passed a
 chunk, a preserve that splits a leg off copies the leg's pending chunks first.
+
+Writes are ordered write-back, as in cow and log: a write that sets a bit (a split leg's dirty
+bit, a write-intent bit, a changed-chunk bit) is *held* in memory, visible to reads of the views
+whose legs it targets, and acknowledged; a group commit a few milliseconds later (or at FLUSH,
+FUA, a full backlog or a release) makes the bits of a whole batch durable and only then lets the
+held writes reach their legs.  Later writes to a chunk with held writes are held behind them,
+so they reach the legs in order.  A crash before the commit loses the held writes (unflushed,
+so that is allowed) and leaves every leg as it was: the dirty maps and the write-intent map
+still cover every chunk where the legs may differ.  A held write keeps the legs it chose: one
+held across a preserve goes to the split leg too, as it belongs to the preserved image.
 """
 
 from __future__ import annotations
@@ -32,6 +42,7 @@ from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
 from owm.common.errors import InvalidRequest, WrongState
+from owm.common.view import Extent
 from owm.engine.base import Engine, Progress
 from owm.engine.chunktable import ChunkTable
 from owm.locks.ranges import EXCLUSIVE
@@ -40,6 +51,9 @@ from owm.storage import Buffer
 log = logging.getLogger("owm.engine.mirror")
 
 StepHook = Callable[[str, int], Awaitable[None]]
+# A held write: offset, bytes (None: zeroes), length, punch (zeroes only), the legs it goes to.
+HeldOp = tuple[int, memoryview | None, int, bool, tuple[str, ...]]
+ZERO_OP_BYTES = 64  # what a held zeroing counts against the backlog's cap
 RESYNC_BATCH = 256  # chunks the background resync copies between two syncs of the legs
 TRACK_LIMIT = 1 << 18  # chunks remembered per flush interval; beyond it no bit is cleared
 
@@ -50,6 +64,7 @@ def _leg(i: int) -> str:
 
 class MirrorEngine(Engine):
     method = "mirror"
+    writeback = True
     # Awaited between the steps of the resyncs (tests pause them there, on an engine or on the
     # class before a restart); None in service.
     step_hook: StepHook | None = None
@@ -76,6 +91,8 @@ class MirrorEngine(Engine):
         self._resync_task: asyncio.Task[None] | None = None
         self.resync_progress: tuple[int, int] | None = None  # (done, total) while it runs
         self.resynced_chunks = 0  # chunks copied by the last background resync
+        # Per chunk: writes held until the bits they follow are durable (still in flight).
+        self._held: dict[int, list[HeldOp]] = {}
 
     @property
     def roles(self) -> list[dict[str, Any]]:
@@ -191,34 +208,26 @@ class MirrorEngine(Engine):
         return [i for i, r in enumerate(self.roles)
                 if r["role"] != "image" or r["view"] >= gen]
 
-    async def _begin(self, gen: int, first: int, last: int) -> list[str]:
-        """Before a write: note it in flight, durably mark the write-intent map (when it reaches
-        more than one leg) and the dirty maps of images older than gen; return its legs."""
+    def _begin(self, gen: int, first: int, last: int) -> tuple[list[str], bool]:
+        """Before a write: note it in flight, mark the write-intent map (when it reaches more
+        than one leg) and the dirty maps of images older than gen; return its legs, and whether
+        a bit was new (then the write is held until a commit has made it durable)."""
         chunks = range(first, last + 1)
+        inflight = self._inflight
         for chunk in chunks:
-            self._inflight[chunk] += 1
-        try:
-            while True:  # roles may change while a commit is awaited: until nothing is new
-                targets = self._targets(gen)
-                tables = [self.dirty[i] for i, r in enumerate(self.roles)
-                          if r["role"] == "image" and r["view"] < gen]
-                if len(targets) > 1:
-                    tables.append(self.intent)
-                pending = []
-                for table in tables:
-                    marked = False
-                    for chunk in chunks:
-                        if not table.has(chunk):
-                            table.set(chunk)
-                            marked = True
-                    if marked:
-                        pending.append(table.commit())
-                if not pending:
-                    return [_leg(i) for i in targets]
-                await asyncio.gather(*pending)
-        except BaseException:
-            self._end(first, last)
-            raise
+            inflight[chunk] += 1
+        targets = self._targets(gen)
+        tables = [self.dirty[i] for i, r in enumerate(self.roles)
+                  if r["role"] == "image" and r["view"] < gen]
+        if len(targets) > 1:
+            tables.append(self.intent)
+        marked = False
+        for table in tables:
+            for chunk in chunks:
+                if not table.has(chunk):
+                    table.set(chunk)
+                    marked = True
+        return [_leg(i) for i in targets], marked
 
     def _end(self, first: int, last: int) -> None:
         for chunk in range(first, last + 1):
@@ -232,9 +241,23 @@ class MirrorEngine(Engine):
         else:
             self._recent.update(range(first, last + 1))
 
-    async def _write(self, gen: int, offset: int, data: Buffer) -> set[str]:
+    def _may_defer(self, gen: int, first: int, last: int) -> bool:
+        return True  # every write whose bits are not durable is held
+
+    def _must_hold(self, first: int, last: int) -> bool:
+        held = self._held
+        if not held:
+            return False
+        if first == last:
+            return first in held
+        return any(c in held for c in range(first, last + 1))
+
+    async def _write(self, gen: int, offset: int, data: Buffer, ahead: bool = False) -> set[str]:
         first, last = self.chunk_range(offset, len(data))
-        names = await self._begin(gen, first, last)
+        names, marked = self._begin(gen, first, last)
+        if marked or ahead or self._must_hold(first, last):
+            self._hold(offset, memoryview(bytes(data)), len(data), False, names)
+            return set(names)
         try:
             # One leg after another: small writes complete inline, where a Task per leg would
             # cost more than the write; large ones run in the storage's threads either way.
@@ -244,14 +267,97 @@ class MirrorEngine(Engine):
             self._end(first, last)
         return set(names)
 
-    async def _zero(self, gen: int, offset: int, length: int, punch: bool) -> set[str]:
+    async def _zero(self, gen: int, offset: int, length: int, punch: bool,
+                    ahead: bool = False) -> set[str]:
         first, last = self.chunk_range(offset, length)
-        names = await self._begin(gen, first, last)
+        names, marked = self._begin(gen, first, last)
+        if marked or ahead or self._must_hold(first, last):
+            self._hold(offset, None, length, punch, names)
+            return set(names)
         try:
             await asyncio.gather(*(self.put_zero(n, offset, length, punch) for n in names))
         finally:
             self._end(first, last)
         return set(names)
+
+    # -- ordered write-back -----------------------------------------------------------------
+    def _hold(self, offset: int, data: memoryview | None, length: int, punch: bool,
+              names: list[str]) -> None:
+        """Keep a write in memory, chunk by chunk, behind earlier ones; it stays in flight (its
+        chunks' write-intent bits are not cleared) until it reaches its legs."""
+        held = self._held
+        legs = tuple(names)
+        for chunk, _within, n, done in self.pieces(offset, length):
+            piece = None if data is None else data[done : done + n]
+            held.setdefault(chunk, []).append((offset + done, piece, n, punch, legs))
+            self.held_bytes += ZERO_OP_BYTES if data is None else n
+        self.schedule_writeback()
+
+    def writeback_pending(self) -> bool:
+        return bool(self._held)
+
+    async def _commit_batch(self) -> None:
+        """One group commit: the dirty maps, the write-intent map and the changed maps durable,
+        then the held writes reach their legs."""
+        # Taken at one instant: every write held here set its bits before it was held.
+        counts = {c: len(ops) for c, ops in self._held.items()}
+        changed = self._changed_batch()
+        results = await asyncio.gather(
+            self._commit_changed(changed), self.intent.commit(),
+            *(t.commit() for t in self.dirty.values()), return_exceptions=True)
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
+        if counts:
+            await asyncio.gather(*(self._release_held(c, k) for c, k in counts.items()))
+
+    async def _release_held(self, chunk: int, count: int) -> None:
+        """Write a chunk's first ``count`` held writes to their legs, in order.  They stay held
+        (and visible to reads) until written; writing one twice after an error is harmless, as
+        the later ones follow it again."""
+        ops = self._held[chunk]
+        for at, piece, n, punch, legs in ops[:count]:
+            for name in legs:
+                if piece is None:
+                    await self.put_zero(name, at, n, punch)
+                else:
+                    await self.storage.write(name, at, piece)
+        self.held_bytes -= sum(ZERO_OP_BYTES if op[1] is None else op[2] for op in ops[:count])
+        del ops[:count]
+        if not ops:
+            del self._held[chunk]
+        for _ in range(count):
+            self._end(chunk, chunk)
+
+    def abandon(self) -> None:
+        super().abandon()
+        self._held.clear()
+
+    async def _read(self, view: int, offset: int, length: int) -> bytes:
+        held = self._held
+        if not held:
+            return await super()._read(view, offset, length)
+        name = _leg(self._leg_of(view))
+        first, last = self.chunk_range(offset, length)
+        # Taken before the read: a write the commit releases meanwhile may not be in what the
+        # read returns.  (None can be added: that takes the chunk's exclusive lock.)
+        ops = [op for c in range(first, last + 1) for op in held.get(c, ()) if name in op[4]]
+        content = await self.storage.read(name, offset, length)
+        if not ops:
+            return content
+        buf = bytearray(content)
+        end = offset + length
+        for at, piece, n, _punch, _legs in ops:
+            lo, hi = max(at, offset), min(at + n, end)
+            if lo < hi:
+                buf[lo - offset : hi - offset] = (
+                    bytes(hi - lo) if piece is None else piece[lo - at : hi - at])
+        return bytes(buf)
+
+    async def extents(self, view: int, offset: int, length: int) -> list[Extent]:
+        # The storage knows nothing of held writes: let them reach it first.
+        await self.commit_writeback()
+        return await super().extents(view, offset, length)
 
     def _pending_resync(self, chunk: int) -> bool:
         """May the in-sync legs still differ at chunk (the background resync is not past it)?"""
@@ -375,8 +481,11 @@ class MirrorEngine(Engine):
         full = bool(self.roles[leg].get("full"))
         # From now on the leg receives every live write; only its dirty chunks need copying.
         self.roles[leg] = {"role": "resync", "view": view, "full": full}
-        # Writes that chose their legs (and dirty marks) before the role changed finish first.
+        # Writes that chose their legs (and dirty marks) before the role changed finish first,
+        # and so do the held ones among them: they were not meant for this leg, which the copy
+        # below reads from the primary.
         await self.locks.barrier()
+        await self.commit_writeback()
         # What the copy reads from the primary must be durable there first: written while the
         # primary was the only leg taking live writes it has no write-intent bit, so a power
         # loss after the rejoin would leave the legs different with nothing to resync them.

@@ -37,6 +37,9 @@ _SEEK_DATA = getattr(os, "SEEK_DATA", 3)
 _SEEK_HOLE = getattr(os, "SEEK_HOLE", 4)
 _INLINE_LIMIT = 256 * 1024  # larger requests go to the pool without trying inline
 _MEMORY_FILESYSTEMS = {"tmpfs", "ramfs"}
+# Buffers one pwritev may take (more is EINVAL): a longer run of contiguous queued writes is
+# split.  A group commit that releases hundreds of held writes at once queues such runs.
+_IOV_MAX = 1024  # IOV_MAX on Linux
 
 
 def _filesystem_type(path: Path) -> str:
@@ -229,7 +232,8 @@ class LocalStorage:
             while i < len(batch):
                 fd, offset, data, _fut = batch[i]
                 j, end, parts = i + 1, offset + len(data), [data]
-                while j < len(batch) and batch[j][0] == fd and batch[j][1] == end:
+                while (j < len(batch) and batch[j][0] == fd and batch[j][1] == end
+                       and j - i < _IOV_MAX):
                     parts.append(batch[j][2])
                     end += len(batch[j][2])
                     j += 1
