@@ -85,6 +85,36 @@ def test_vanished_sessions_are_counted_before_the_drain(daemon: Daemon, short_tm
         assert status == 200
 
 
+def test_an_unclean_end_weakens_the_label_while_the_image_still_drains(daemon: Daemon) -> None:
+    """One of two sessions holding an image is killed: the image still drains (the other holds
+    it), but it can no longer end transaction-consistent, so its label says crash-consistent at
+    once, not only when it drains."""
+    status, _ = daemon.api("POST", "/v1/volumes", {"name": "v", "size": "1M"})
+    assert status == 201
+    keeper, doomed = SessionHolder(daemon, "v"), SessionHolder(daemon, "v")
+    try:
+        status, body = daemon.api("POST", "/v1/volumes/v/preserve", {})
+        assert status == 201 and body["status"]["consistency"] == "transaction-consistent", body
+        image = body["image"]
+        doomed.proc.send_signal(signal.SIGKILL)
+        doomed.proc.wait(timeout=10)
+        deadline = time.monotonic() + 10
+        entry = image_status(daemon, image)
+        while entry["unclean_sessions"] == 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+            entry = image_status(daemon, image)
+        assert (entry["state"], entry["unclean_sessions"], entry["consistency"]) == (
+            "draining", 1, "crash-consistent"), entry
+        keeper.disconnect()
+    finally:
+        keeper.kill()
+        doomed.kill()
+    status, waited = daemon.api("POST", f"/v1/images/{image}/wait", {"timeout": 20})
+    assert status == 200 and waited["drained"], waited
+    entry = image_status(daemon, image)
+    assert (entry["state"], entry["consistency"]) == ("drained-unclean", "crash-consistent")
+
+
 # ---------------------------------------------------------------------------------------------
 # Item 14: cutover on a drained image leaves its label alone, and says so
 

@@ -274,8 +274,10 @@ class KillMachine(RuleBasedStateMachine):
         out = {}
         for gen, unclean in self.unclean.items():
             if not self.model.drained(gen):
-                # Its consistency is decided when it drains (an unclean end is counted now).
-                out[gen] = ("draining", unclean, "transaction-consistent")
+                # An unclean end is counted at once, and the image can no longer end better
+                # than crash-consistent: the label says so while it still drains.
+                out[gen] = ("draining", unclean,
+                            "crash-consistent" if unclean else "transaction-consistent")
                 continue
             out[gen] = ("drained-unclean" if unclean else "drained", unclean,
                         "crash-consistent" if unclean else "transaction-consistent")

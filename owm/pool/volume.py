@@ -64,6 +64,14 @@ LATENCY_BOUNDS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.
 READER_BOUNDS = (1.0, 10.0, 60.0, 300.0, 900.0, 3600.0, 4 * 3600.0, 24 * 3600.0)
 
 
+
+def _never_transaction_consistent(image: ImageRow) -> None:
+    """A session of a draining image ended uncleanly: its transactions may be half done, so
+    the image can at best end crash-consistent.  Say so at once, not only once it drains: a
+    label must never claim more than can still come true."""
+    if image.consistency == "transaction-consistent":
+        image.consistency = "crash-consistent"
+
 class OpStats:
     """Counters of one kind of request: plain integers on the I/O path, nothing else."""
 
@@ -340,6 +348,7 @@ class Volume:
             for gen, image in self.images.items():
                 if image.state == "draining" and gen >= session_gen:
                     image.unclean_sessions += 1
+                    _never_transaction_consistent(image)
                     counted[gen] = image
         if vanished:
             # The sessions' ends and the counts they raise in one transaction: a crash between
@@ -439,6 +448,7 @@ class Volume:
             for gen, image in self.images.items():
                 if image.state == "draining" and gen >= session.generation:
                     image.unclean_sessions += 1
+                    _never_transaction_consistent(image)
                     counted.append(image)
         del self.sessions[session.id]
         if not clean:
