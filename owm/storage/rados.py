@@ -143,6 +143,7 @@ class RadosBackend:
         self.zero_swapped = False
         self.index: dict[str, dict[str, _Named]] = {}
         self.on_fenced: Callable[[str], None] | None = None  # told once a write is refused
+        self._completions: _Completions | None = None
 
     @property
     def client_address(self) -> str:
@@ -190,7 +191,6 @@ class RadosBackend:
         index.clear()
         index.update(found)
         await self._load_sizes(stripes)
-        self._completions: _Completions | None = None
 
     def completions(self) -> _Completions:
         """The completion queue of the running loop."""
