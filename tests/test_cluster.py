@@ -412,3 +412,42 @@ def test_client_through_a_front_door_keeps_working_while_the_owner_moves(cluster
     asyncio.run(run())
     owners = {d["id"]: d["volumes"] for d in cluster.status("a")["daemons"]}
     assert sum(v.count("vol") for v in owners.values()) == 1, owners
+
+
+def test_qemu_reconnects_to_a_restarted_daemon_after_its_owner_died(cluster: Cluster) -> None:
+    """qemu's own NBD client with ``reconnect-delay``, connected straight to the owner: the
+    owner is killed with SIGKILL and restarted on the same directory (as systemd would) while
+    another daemon takes the volume over.  qemu reconnects to the restarted daemon, which
+    forwards to the new owner; the FUA write issued while no daemon listened succeeds and
+    every write reads back."""
+    a = cluster.start("a")
+    cluster.start("b")
+    ok(a.owm("volume", "create", "vol", "--size", "4M"))
+    opts = (f"driver=nbd,server.type=unix,server.path={a.nbd_socket},export=vol,"
+            "reconnect-delay=30")
+    qemu = subprocess.Popen(["qemu-io", "--image-opts", opts], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    assert qemu.stdin is not None and qemu.stdout is not None
+    try:
+        qemu.stdin.write("write -f -P 0x11 0 64k\n")
+        qemu.stdin.flush()
+        line = qemu.stdout.readline()  # "wrote 65536/65536 bytes at offset 0"
+        assert line.startswith("qemu-io> wrote 65536/65536"), line
+        a.proc.kill()
+        a.proc.wait()
+        # Issued while nothing listens on the socket: qemu holds it and reconnects.
+        qemu.stdin.write("write -f -P 0x22 64k 64k\n")
+        qemu.stdin.flush()
+        restarted = cluster.start("a")
+        wait_until("b serves vol", lambda: "vol" in cluster.owned("b"), 15)
+        assert "vol" not in cluster.owned("a")
+        out, _ = qemu.communicate("flush\nread -P 0x11 0 64k\nread -P 0x22 64k 64k\nquit\n",
+                                  timeout=60)
+    finally:
+        if qemu.poll() is None:
+            qemu.kill()
+            qemu.wait()
+    assert qemu.returncode == 0, out
+    assert "error" not in out.lower() and "fail" not in out.lower(), out
+    assert out.count("wrote 65536/65536") == 1 and out.count("read 65536/65536") == 2, out
+    assert asyncio.run(read_all(restarted, "vol", 2 * 65536)) == b"\x11" * 65536 + b"\x22" * 65536

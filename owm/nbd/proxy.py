@@ -172,6 +172,32 @@ class Forwarder:
             return None
         return await self.directory.locate(volume)
 
+    async def await_owner(self, name: str, served_here: Callable[[], bool]) -> Remote | None:
+        """The owner of export ``name`` when its volume exists in the cluster but has no owner
+        at this instant (its owner died and no daemon has taken it over yet): wait for one,
+        bounded by ``open_total``, instead of telling the client there is no such export (a
+        definite answer that makes qemu's reconnecting client give up).  None at once for a
+        volume the cluster does not know; None as soon as ``served_here()`` (this daemon took
+        it over itself) or once the bound is spent."""
+        try:
+            volume, _ = parse_export_name(name)
+        except OwmError:
+            return None
+        if volume not in await self.directory.exports():
+            return None
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.open_total
+        delay = RELOCATE_FIRST_DELAY
+        while loop.time() + delay < deadline:
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, RELOCATE_MAX_DELAY)
+            if served_here():
+                return None
+            remote = await self.directory.locate(volume)
+            if remote is not None:
+                return remote
+        return None
+
     async def _connect(
         self, name: str, remote: Remote, *, info_only: bool, timeout: float
     ) -> NbdClient:

@@ -687,6 +687,12 @@ class _Connection(asyncio.BufferedProtocol):
         error: tuple[int, str] | None = None
         info, why = self._find(name)
         remote = await self._owner(name) if info is None else None
+        if info is None and remote is None and self.server.forwarder is not None:
+            # Mid-failover the volume may have no owner for a few seconds: wait for one.
+            remote = await self.server.forwarder.await_owner(
+                name, lambda: self._find(name)[0] is not None)
+            if remote is None:
+                info, why = self._find(name)
         access = self._access(info.name if info is not None else name)
         if info is None and remote is None:
             error = (c.REP_ERR_UNKNOWN, why)
