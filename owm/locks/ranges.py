@@ -220,6 +220,24 @@ class RangeLockManager:
         """Take chunks first..last now (returns None) or queue and return a future to await."""
         self._seq += 1
         req = _Request(self._seq, first, last, exclusive)
+        chunks = self._chunks
+        if first == last and first not in chunks and self._barrier is None:
+            # The common case, one chunk nobody holds or awaits: it is granted at once, as
+            # _enqueue would, without walking its queue.
+            ch = chunks[first] = _Chunk()
+            ch.queue.append(req)
+            ch.ready = ch.live = 1
+            ch.exclusive = exclusive
+            req.queued = True
+            req.missing = 0
+            self._live += 1
+            key = (first, last)
+            holders = self._held.get(key)
+            if holders is None:
+                self._held[key] = [req]
+            else:
+                holders.append(req)
+            return None
         if self._barrier is not None:
             fut = self._wait(req)
             self._later.append(req)
@@ -238,6 +256,18 @@ class RangeLockManager:
         req = holders.pop()
         if not holders:
             del self._held[key]
+        if first == last:
+            ch = self._chunks[first]
+            if ch.live == 1 and len(ch.queue) == ch.ready:
+                # Its only live holder, nobody waiting behind: forget the chunk, as _finish
+                # would after finding nothing to advance.
+                req.done = True
+                self._live -= 1
+                del self._chunks[first]
+                if self._barrier is not None and self._live == 0:
+                    self._pass_barriers()
+                    self._wake_up()
+                return
         self._finish(req)
         self._wake_up()
 

@@ -287,7 +287,11 @@ class _Connection(asyncio.BufferedProtocol):
         if self._lost:
             return
         self._out.append(data)
-        self._out_bytes += len(data)
+        n = len(data)
+        self._out_bytes += n
+        # Counted as queued at once (see _busy): an upper bound until _refresh_queued looks.
+        self._queued += n
+        self.server._buffered += n
         if not self._flush_scheduled:
             self._flush_scheduled = True
             self._loop.call_soon(self._flush)
@@ -296,7 +300,10 @@ class _Connection(asyncio.BufferedProtocol):
         if self._lost:
             return
         self._out.extend(bufs)
-        self._out_bytes += sum(map(len, bufs))
+        n = sum(map(len, bufs))
+        self._out_bytes += n
+        self._queued += n
+        self.server._buffered += n
         if not self._flush_scheduled:
             self._flush_scheduled = True
             self._loop.call_soon(self._flush)
@@ -340,10 +347,25 @@ class _Connection(asyncio.BufferedProtocol):
 
     # ------------------------------------------------------------------- event dispatch
 
-    def _busy(self) -> bool:
-        """Too much in flight (or unread by the client) to start more requests now."""
-        if self._inflight >= self.server._request_limit() or self._write_paused:
+    def _busy(self, limit: int = 0) -> bool:
+        """Too much in flight (or unread by the client) to start more requests now.
+
+        ``limit`` is the request limit when the caller has it already (one look at the clock
+        per received batch, not one per request)."""
+        if not limit:
+            limit = self.server._request_limit(self._loop.time())
+        if self._inflight >= limit or self._write_paused:
             return True
+        # ``_queued`` is never below the bytes really queued (sending adds to it at once; only
+        # the transport draining makes it stale, high): when it is within every limit, the
+        # exact figure is too, and the transport need not be asked.
+        queued = self._queued
+        if (self._inflight == 0 and queued < WRITE_HIGH_WATER) or (
+            self._inflight_bytes < MAX_INFLIGHT_BYTES
+            and self._inflight_read_bytes + queued < MAX_CONNECTION_REPLY_BYTES
+            and self.server._buffered < MAX_BUFFERED_BYTES
+        ):
+            return False
         queued = self._refresh_queued()
         if self._inflight == 0 and queued < WRITE_HIGH_WATER:
             # One request may always go, whatever others hold, so a client that reads its
@@ -375,6 +397,8 @@ class _Connection(asyncio.BufferedProtocol):
         machine = self.machine
         request_type = p.Request
         started = 0
+        now = self._loop.time()
+        limit = self.server._request_limit(now)
         while not self._option_busy:
             if started >= DISPATCH_BATCH:
                 # Let the other connections' events run before the rest of this read.
@@ -382,7 +406,7 @@ class _Connection(asyncio.BufferedProtocol):
                     self._process_scheduled = True
                     self._loop.call_soon(self._process_later)
                 return
-            if self._busy():
+            if self._busy(limit):
                 # Leave the rest parsed later: one read can hold thousands of requests.
                 self._stalled = True
                 self._update_reading()
@@ -397,6 +421,7 @@ class _Connection(asyncio.BufferedProtocol):
             if kind is request_type:
                 assert isinstance(event, p.Request)
                 started += 1
+                self._last_request = now
                 self._start_request(event)
             elif event is p.NEED_DATA or event is p.PAUSED:
                 return
@@ -655,7 +680,6 @@ class _Connection(asyncio.BufferedProtocol):
             self._send(self.machine.reply_error(req.handle, c.ESHUTDOWN, "The server is stopping."))
             return
         self._inflight += 1
-        self._last_request = self._loop.time()
         if req.command <= c.CMD_WRITE:  # READ and WRITE hold their length in memory
             self._inflight_bytes += req.length
             self.server._buffered += req.length
@@ -663,8 +687,15 @@ class _Connection(asyncio.BufferedProtocol):
                 self._inflight_read_bytes += req.length
         # Run the request eagerly until it first has to wait: a request the storage completes
         # without blocking (page-cache I/O) then costs no Task at all.  One that blocks is
-        # handed to a real Task for the rest of its life.
-        coro = self._run(req)
+        # handed to a real Task for the rest of its life.  READ and WRITE have coroutines of
+        # their own, the shortest way through.
+        cmd = req.command
+        if cmd == c.CMD_WRITE:
+            coro = self._run_write(req)
+        elif cmd == c.CMD_READ:
+            coro = self._run_read(req)
+        else:
+            coro = self._run(req)
         try:
             waiting = coro.send(None)
         except StopIteration:
@@ -673,27 +704,75 @@ class _Connection(asyncio.BufferedProtocol):
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
+    async def _run_read(self, req: p.Request) -> None:
+        view = self.view
+        length = req.length
+        try:
+            assert view is not None
+            if length:
+                data = await view.read(req.offset, length)
+                if len(data) != length:
+                    raise OwmError(f"The storage returned {len(data)} of {length} bytes.")
+            else:
+                data = b""
+            self._send_many(self.machine.reply_read(req.handle, req.offset, data))
+        except Exception as e:
+            self._failed(req, e)
+        finally:
+            self._inflight_read_bytes -= length
+            self._request_done(length)
+
+    async def _run_write(self, req: p.Request) -> None:
+        view = self.view
+        try:
+            assert view is not None
+            if req.length:
+                assert req.payload is not None
+                await view.write(req.offset, req.payload, bool(req.flags & c.CMD_FLAG_FUA))
+            self._send(self.machine.reply_ok(req.handle))
+        except Exception as e:
+            self._failed(req, e)
+        finally:
+            self._request_done(req.length)
+
+    def _failed(self, req: p.Request, e: Exception) -> None:
+        """Reply to a request that raised ``e``: an OwmError as itself, anything else as EIO."""
+        machine = self.machine
+        handle = req.handle
+        cmd = req.command
+        if isinstance(e, OwmError):
+            self._send(machine.reply_error(handle, c.wire_errno(e.errno), str(e)))
+        elif isinstance(e, OSError):
+            log.warning("%s: %s failed: %s", self.peer, c.COMMAND_NAMES.get(cmd, cmd), e)
+            self._send(machine.reply_error(handle, c.wire_errno(e.errno), "The storage failed."))
+        else:
+            log.error("%s: %s failed", self.peer, c.COMMAND_NAMES.get(cmd, cmd), exc_info=e)
+            self._send(machine.reply_error(handle, c.EIO, "Internal server error."))
+
+    def _request_done(self, held: int) -> None:
+        """A request finished (its reply is queued); ``held``: the bytes it held in memory."""
+        self._inflight -= 1
+        if held:
+            self._inflight_bytes -= held
+            self.server._buffered -= held
+        if self._stalled or self._reading_paused:
+            self._unstall()
+        if self.server._waiting:
+            self.server._wake()
+        if self._inflight == 0 and self._idle is not None:
+            if not self._idle.done():
+                self._idle.set_result(None)
+            self._idle = None
+
     async def _run(self, req: p.Request) -> None:
+        """Every command but READ and WRITE (which have their own coroutines)."""
         machine = self.machine
         view = self.view
         cmd = req.command
         handle = req.handle
         try:
             assert view is not None
-            if cmd == c.CMD_READ:
-                if req.length:
-                    data = await view.read(req.offset, req.length)
-                    if len(data) != req.length:
-                        raise OwmError(f"The storage returned {len(data)} of {req.length} bytes.")
-                else:
-                    data = b""
-                self._send_many(machine.reply_read(handle, req.offset, data))
-            elif cmd == c.CMD_WRITE:
-                if req.length:
-                    assert req.payload is not None
-                    await view.write(req.offset, req.payload, bool(req.flags & c.CMD_FLAG_FUA))
-                self._send(machine.reply_ok(handle))
-            elif cmd == c.CMD_FLUSH:
+            if cmd == c.CMD_FLUSH:
                 await view.flush()
                 self._send(machine.reply_ok(handle))
             elif cmd == c.CMD_BLOCK_STATUS:
@@ -730,29 +809,10 @@ class _Connection(asyncio.BufferedProtocol):
                 self._send(machine.reply_ok(handle))
             else:  # the machine only passes the commands above
                 self._send(machine.reply_error(handle, c.EINVAL, "Unsupported command."))
-        except OwmError as e:
-            self._send(machine.reply_error(handle, c.wire_errno(e.errno), str(e)))
-        except OSError as e:
-            log.warning("%s: %s failed: %s", self.peer, c.COMMAND_NAMES.get(cmd, cmd), e)
-            self._send(machine.reply_error(handle, c.wire_errno(e.errno), "The storage failed."))
-        except Exception:
-            log.exception("%s: %s failed", self.peer, c.COMMAND_NAMES.get(cmd, cmd))
-            self._send(machine.reply_error(handle, c.EIO, "Internal server error."))
+        except Exception as e:
+            self._failed(req, e)
         finally:
-            self._inflight -= 1
-            if cmd <= c.CMD_WRITE:
-                self._inflight_bytes -= req.length
-                self.server._buffered -= req.length
-                if cmd == c.CMD_READ:
-                    self._inflight_read_bytes -= req.length
-            if self._stalled or self._reading_paused:
-                self._unstall()
-            if self.server._waiting:
-                self.server._wake()
-            if self._inflight == 0 and self._idle is not None:
-                if not self._idle.done():
-                    self._idle.set_result(None)
-                self._idle = None
+            self._request_done(0)
 
     def _unstall(self) -> None:
         """Parsing stopped at the limits; go on (from the loop, never recursively) once below."""
@@ -886,10 +946,9 @@ class NbdServer:
             log.warning("refused a connection from %s: %d connections are open already "
                         "(%d refused so far)", peer, MAX_CONNECTIONS, self.refused_connections)
 
-    def _request_limit(self) -> int:
-        """Requests one connection may have in flight now: all of them while it is the only
-        busy session, a fair share while others are busy too."""
-        now = asyncio.get_running_loop().time()
+    def _request_limit(self, now: float) -> int:
+        """Requests one connection may have in flight now (``now``: the loop's time): all of
+        them while it is the only busy session, a fair share while others are busy too."""
         if now - self._busy_counted >= SHARE_RECHECK:
             self._busy_counted = now
             since = now - ACTIVE_WINDOW
