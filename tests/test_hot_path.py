@@ -32,7 +32,7 @@ from owm.pool.pool import Pool
 REQUESTS = 200  # of each kind
 # Python calls per request on the server's thread, the loop's own aside, one request per
 # receive (the worst case for the per-receive part).  Measured with the pool on a disk (where
-# writes go through the storage's threads): 58 per write and 41 per read, against 86 and 62
+# writes go through the storage's threads): 58 per write and 40 per read, against 86 and 62
 # before issue 11's cuts; on tmpfs a write is 42.  The budgets leave room for the engine to
 # grow a little, not for the old path.
 WRITE_BUDGET = 72

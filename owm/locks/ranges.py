@@ -48,12 +48,18 @@ class _Chunk:
 
     __slots__ = ("exclusive", "head", "live", "queue", "ready")
 
-    def __init__(self) -> None:
-        self.queue: list[_Request] = []
+    def __init__(self, holder: _Request | None = None) -> None:
+        """An empty queue, or one whose only request, ``holder``, is ready (granted)."""
         self.head = 0
-        self.ready = 0
-        self.live = 0  # requests of the ready part not done yet
-        self.exclusive = False  # the ready part is one exclusive request
+        if holder is None:
+            self.queue: list[_Request] = []
+            self.ready = 0
+            self.live = 0  # requests of the ready part not done yet
+            self.exclusive = False  # the ready part is one exclusive request
+        else:
+            self.queue = [holder]
+            self.ready = self.live = 1
+            self.exclusive = holder.exclusive
 
 
 class RangeLockManager:
@@ -223,20 +229,13 @@ class RangeLockManager:
         chunks = self._chunks
         if first == last and first not in chunks and self._barrier is None:
             # The common case, one chunk nobody holds or awaits: it is granted at once, as
-            # _enqueue would, without walking its queue.
-            ch = chunks[first] = _Chunk()
-            ch.queue.append(req)
-            ch.ready = ch.live = 1
-            ch.exclusive = exclusive
+            # _enqueue would, without walking its queue.  (No request of this range can be
+            # held either: its chunk would be in ``chunks``.)
             req.queued = True
             req.missing = 0
+            chunks[first] = _Chunk(req)
             self._live += 1
-            key = (first, last)
-            holders = self._held.get(key)
-            if holders is None:
-                self._held[key] = [req]
-            else:
-                holders.append(req)
+            self._held[(first, last)] = [req]
             return None
         if self._barrier is not None:
             fut = self._wait(req)

@@ -49,7 +49,7 @@ import stat
 import struct
 import time
 from collections.abc import Callable, Coroutine
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 from owm.common.errors import InvalidRequest, NotFound, OwmError
 from owm.common.names import parse_export_name
@@ -60,6 +60,7 @@ from owm.nbd.access import READ_ONLY, AccessRules, Client
 from owm.nbd.tls import peer_identity
 
 log = logging.getLogger("owm.nbd.server")
+T = TypeVar("T")
 
 MAX_INFLIGHT_REQUESTS = 256
 FAIR_INFLIGHT_REQUESTS = 32  # per connection while other sessions are busy too
@@ -116,8 +117,9 @@ def _peer_name(transport: asyncio.BaseTransport) -> str:
     return "unix"
 
 
-async def _resume(coro: Coroutine[Any, Any, None], waiting: Any) -> None:
-    """Drive ``coro``, which was started outside any task and is waiting on ``waiting``.
+async def _resume(coro: Coroutine[Any, Any, T], waiting: Any) -> T:
+    """Drive ``coro``, which was started outside any task and is waiting on ``waiting``, to
+    its end; its result (or exception) is this coroutine's.
 
     ``waiting`` is what the coroutine yielded: an asyncio future (it resumes once that is
     done and reads the outcome itself) or None (a bare yield, as ``asyncio.sleep(0)``).
@@ -134,8 +136,9 @@ async def _resume(coro: Coroutine[Any, Any, None], waiting: Any) -> None:
                 await waiting
         try:
             waiting = coro.send(None)
-        except StopIteration:
-            return
+        except StopIteration as stop:
+            result: T = stop.value
+            return result
 
 
 class _Connection(asyncio.BufferedProtocol):
@@ -680,60 +683,81 @@ class _Connection(asyncio.BufferedProtocol):
             self._send(self.machine.reply_error(req.handle, c.ESHUTDOWN, "The server is stopping."))
             return
         self._inflight += 1
-        if req.command <= c.CMD_WRITE:  # READ and WRITE hold their length in memory
-            self._inflight_bytes += req.length
-            self.server._buffered += req.length
-            if req.command == c.CMD_READ:
-                self._inflight_read_bytes += req.length
+        cmd = req.command
+        length = req.length
+        view = self.view
+        assert view is not None
         # Run the request eagerly until it first has to wait: a request the storage completes
         # without blocking (page-cache I/O) then costs no Task at all.  One that blocks is
-        # handed to a real Task for the rest of its life.  READ and WRITE have coroutines of
-        # their own, the shortest way through.
-        cmd = req.command
+        # handed to a real Task for the rest of its life.  A READ or WRITE runs the view's
+        # own coroutine, with no coroutine of the server's around it (one frame less each).
+        # READ and WRITE hold their length in memory while in flight.
+        coro: Coroutine[Any, Any, Any]
         if cmd == c.CMD_WRITE:
-            coro = self._run_write(req)
+            self._inflight_bytes += length
+            self.server._buffered += length
+            if length:
+                assert req.payload is not None
+                coro = view.write(req.offset, req.payload, bool(req.flags & c.CMD_FLAG_FUA))
+            else:
+                coro = self._run(req)
         elif cmd == c.CMD_READ:
-            coro = self._run_read(req)
+            self._inflight_bytes += length
+            self.server._buffered += length
+            self._inflight_read_bytes += length
+            coro = view.read(req.offset, length) if length else self._run(req)
         else:
             coro = self._run(req)
         try:
             waiting = coro.send(None)
-        except StopIteration:
+        except StopIteration as stop:
+            if cmd <= c.CMD_WRITE and length:
+                self._io_done(req, stop.value)
             return
-        task = self._loop.create_task(_resume(coro, waiting))
+        except Exception as e:  # raised by a view's read or write before it first waited
+            self._failed(req, e)
+            self._io_end(req)
+            return
+        task: asyncio.Task[Any]
+        if cmd <= c.CMD_WRITE and length:
+            task = self._loop.create_task(self._io_finish(req, coro, waiting))
+        else:
+            task = self._loop.create_task(_resume(coro, waiting))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _run_read(self, req: p.Request) -> None:
-        view = self.view
-        length = req.length
+    async def _io_finish(self, req: p.Request, coro: Coroutine[Any, Any, Any],
+                         waiting: Any) -> None:
+        """The rest of a READ or WRITE that had to wait."""
         try:
-            assert view is not None
-            if length:
-                data = await view.read(req.offset, length)
-                if len(data) != length:
-                    raise OwmError(f"The storage returned {len(data)} of {length} bytes.")
-            else:
-                data = b""
-            self._send_many(self.machine.reply_read(req.handle, req.offset, data))
+            value = await _resume(coro, waiting)
         except Exception as e:
             self._failed(req, e)
-        finally:
-            self._inflight_read_bytes -= length
-            self._request_done(length)
+            self._io_end(req)
+        except BaseException:
+            self._io_end(req)
+            raise
+        else:
+            self._io_done(req, value)
 
-    async def _run_write(self, req: p.Request) -> None:
-        view = self.view
-        try:
-            assert view is not None
-            if req.length:
-                assert req.payload is not None
-                await view.write(req.offset, req.payload, bool(req.flags & c.CMD_FLAG_FUA))
+    def _io_done(self, req: p.Request, value: Any) -> None:
+        """A READ (``value``: its data) or WRITE succeeded: reply, and let go of it."""
+        length = req.length
+        if req.command == c.CMD_READ:
+            if len(value) != length:
+                self._failed(req, OwmError(f"The storage returned {len(value)} of {length} bytes."))
+            else:
+                self._send_many(self.machine.reply_read(req.handle, req.offset, value))
+            self._inflight_read_bytes -= length
+        else:
             self._send(self.machine.reply_ok(req.handle))
-        except Exception as e:
-            self._failed(req, e)
-        finally:
-            self._request_done(req.length)
+        self._request_done(length)
+
+    def _io_end(self, req: p.Request) -> None:
+        """A READ or WRITE failed (its error reply is queued): let go of it."""
+        if req.command == c.CMD_READ:
+            self._inflight_read_bytes -= req.length
+        self._request_done(req.length)
 
     def _failed(self, req: p.Request, e: Exception) -> None:
         """Reply to a request that raised ``e``: an OwmError as itself, anything else as EIO."""
@@ -765,14 +789,18 @@ class _Connection(asyncio.BufferedProtocol):
             self._idle = None
 
     async def _run(self, req: p.Request) -> None:
-        """Every command but READ and WRITE (which have their own coroutines)."""
+        """Every command but a READ or WRITE of at least one byte."""
         machine = self.machine
         view = self.view
         cmd = req.command
         handle = req.handle
         try:
             assert view is not None
-            if cmd == c.CMD_FLUSH:
+            if cmd == c.CMD_READ:  # of no bytes
+                self._send_many(machine.reply_read(handle, req.offset, b""))
+            elif cmd == c.CMD_WRITE:  # of no bytes
+                self._send(machine.reply_ok(handle))
+            elif cmd == c.CMD_FLUSH:
                 await view.flush()
                 self._send(machine.reply_ok(handle))
             elif cmd == c.CMD_BLOCK_STATUS:

@@ -156,7 +156,9 @@ class Session:
             if n:
                 inflight[gen] = n
             else:
-                volume._leave(gen)
+                del inflight[gen]
+                if volume._quiet is not None:
+                    volume._quiet.set()
         stats.done(length, started)
         self.bytes_read += length
         return data
@@ -186,7 +188,9 @@ class Session:
             if n:
                 inflight[gen] = n
             else:
-                volume._leave(gen)
+                del inflight[gen]
+                if volume._quiet is not None:
+                    volume._quiet.set()
         stats.done(length, started)
         self.bytes_written += length
 
