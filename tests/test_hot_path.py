@@ -49,6 +49,7 @@ class _Counter:
     def __init__(self) -> None:
         self.calls = 0
         self.running_loop = 0
+        self.gathers = 0  # asyncio.gather calls (each wraps its awaitables in new tasks)
         self.on = False
 
     def __call__(self, frame: types.FrameType, event: str, arg: Any) -> None:
@@ -58,6 +59,8 @@ class _Counter:
             filename = frame.f_code.co_filename
             if not any(part in filename for part in _LOOP_CODE):
                 self.calls += 1
+            elif frame.f_code.co_name == "gather":
+                self.gathers += 1
         elif (
             event == "c_call"
             and getattr(arg, "__name__", "") == "get_running_loop"
@@ -91,6 +94,8 @@ def _client(sock: str, kind: str, count: int, ready: threading.Event,
                 offset = rng.randrange(256) * 4096
                 if kind == "write":
                     await client.write(offset, block)
+                elif kind == "fua":
+                    await client.write(offset, block, fua=True)
                 else:
                     assert len(await client.read(offset, 4096)) == 4096
         finally:
@@ -129,7 +134,8 @@ async def _count(server_sock: str, kind: str) -> _Counter:
 
 async def test_request_path_calls(tmp_path: Path) -> None:
     """A 4 KiB write or read costs the server at most its budget of Python calls, and none
-    of asyncio.get_running_loop (a getpid system call each) per request."""
+    of asyncio.get_running_loop (a getpid system call each) per request; a FUA write gathers
+    no tasks."""
     pool = await Pool.open(tmp_path / "pool")
     await pool.create_volume("vol", 1 << 20, method="cow", chunk_size=65536)
     server = NbdServer(pool)
@@ -138,6 +144,7 @@ async def test_request_path_calls(tmp_path: Path) -> None:
     try:
         writes = await _count(sock, "write")
         reads = await _count(sock, "read")
+        fua = await _count(sock, "fua")
     finally:
         await server.stop(grace=5)
         await pool.close()
@@ -151,6 +158,10 @@ async def test_request_path_calls(tmp_path: Path) -> None:
     assert reads.running_loop < REQUESTS // 10
     assert per_write <= WRITE_BUDGET
     assert per_read <= READ_BUDGET
+    # A FUA write syncs one object: awaited directly, not through a gather of one (a task
+    # per FUA write, and its reply a loop turn later).
+    print(f"gathers in {REQUESTS} FUA writes: {fua.gathers}")
+    assert fua.gathers < REQUESTS // 10
 
 
 # --------------------------------------------------------------------------------------------
