@@ -587,7 +587,9 @@ class Engine(ABC):
 
     async def sync_objects(self, names: set[str] | list[str]) -> None:
         names = [n for n in names if self.storage.needs_sync(n)]
-        if names:
+        if len(names) == 1:
+            await self.group_sync(names[0])()  # the common case: no task to gather one sync
+        elif names:
             await asyncio.gather(*(self.group_sync(n)() for n in names))
 
     async def flush(self) -> None:

@@ -48,12 +48,18 @@ class _Chunk:
 
     __slots__ = ("exclusive", "head", "live", "queue", "ready")
 
-    def __init__(self) -> None:
-        self.queue: list[_Request] = []
+    def __init__(self, holder: _Request | None = None) -> None:
+        """An empty queue, or one whose only request, ``holder``, is ready (granted)."""
         self.head = 0
-        self.ready = 0
-        self.live = 0  # requests of the ready part not done yet
-        self.exclusive = False  # the ready part is one exclusive request
+        if holder is None:
+            self.queue: list[_Request] = []
+            self.ready = 0
+            self.live = 0  # requests of the ready part not done yet
+            self.exclusive = False  # the ready part is one exclusive request
+        else:
+            self.queue = [holder]
+            self.ready = self.live = 1
+            self.exclusive = holder.exclusive
 
 
 class RangeLockManager:
@@ -220,6 +226,17 @@ class RangeLockManager:
         """Take chunks first..last now (returns None) or queue and return a future to await."""
         self._seq += 1
         req = _Request(self._seq, first, last, exclusive)
+        chunks = self._chunks
+        if first == last and first not in chunks and self._barrier is None:
+            # The common case, one chunk nobody holds or awaits: it is granted at once, as
+            # _enqueue would, without walking its queue.  (No request of this range can be
+            # held either: its chunk would be in ``chunks``.)
+            req.queued = True
+            req.missing = 0
+            chunks[first] = _Chunk(req)
+            self._live += 1
+            self._held[(first, last)] = [req]
+            return None
         if self._barrier is not None:
             fut = self._wait(req)
             self._later.append(req)
@@ -238,6 +255,18 @@ class RangeLockManager:
         req = holders.pop()
         if not holders:
             del self._held[key]
+        if first == last:
+            ch = self._chunks[first]
+            if ch.live == 1 and len(ch.queue) == ch.ready:
+                # Its only live holder, nobody waiting behind: forget the chunk, as _finish
+                # would after finding nothing to advance.
+                req.done = True
+                self._live -= 1
+                del self._chunks[first]
+                if self._barrier is not None and self._live == 0:
+                    self._pass_barriers()
+                    self._wake_up()
+                return
         self._finish(req)
         self._wake_up()
 

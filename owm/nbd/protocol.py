@@ -457,6 +457,48 @@ class ServerConnection:
         """The next event, or NEED_DATA, or PAUSED while an option waits for its answer."""
         state = self.state
         if state is State.TRANSMISSION:
+            # The fast path: a READ or WRITE whose header (and payload) lie whole in the first
+            # received piece and that passes every check at once.  Anything else, valid or
+            # not, goes the full way through _next_request, nothing consumed here.
+            if self._avail >= 28 and self._body is None and self._after_drain is None:
+                first = self._chunks[0]
+                pos = self._pos
+                end = len(first)
+                if end - pos >= 28:
+                    magic, flags, cmd, handle, offset, length = _REQUEST.unpack_from(first, pos)
+                    if (
+                        magic == c.REQUEST_MAGIC
+                        and cmd <= c.CMD_WRITE
+                        and not flags & ~c.CMD_FLAG_FUA
+                        and length <= self._max_block
+                        and offset + length <= self._size
+                        and (
+                            self._min_block == 1
+                            or not (offset % self._min_block or length % self._min_block)
+                        )
+                    ):
+                        payload: memoryview | None = None
+                        if cmd == c.CMD_READ:
+                            n = 28
+                        elif not self._read_only and end - pos - 28 >= length:
+                            n = 28 + length
+                            payload = memoryview(first)[pos + 28 : pos + n]
+                        else:
+                            return self._next_request()
+                        self._avail -= n
+                        pos += n
+                        if pos == end:
+                            self._chunks.popleft()
+                            pos = 0
+                        self._pos = pos
+                        return Request(handle, cmd, flags, offset, length, payload)
+            elif (
+                not self._avail
+                and self._body is None
+                and self._after_drain is None
+                and not self._eof
+            ):
+                return NEED_DATA  # everything received was parsed (what _need says here)
             return self._next_request()
         if state is State.OPTIONS:
             return self._next_option()

@@ -49,7 +49,7 @@ import stat
 import struct
 import time
 from collections.abc import Callable, Coroutine
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 from owm.common.cluster import Directory, Remote
 from owm.common.errors import InvalidRequest, NotFound, OwmError
@@ -62,6 +62,7 @@ from owm.nbd.proxy import Forwarder, ProxyView
 from owm.nbd.tls import peer_identity
 
 log = logging.getLogger("owm.nbd.server")
+T = TypeVar("T")
 
 MAX_INFLIGHT_REQUESTS = 256
 FAIR_INFLIGHT_REQUESTS = 32  # per connection while other sessions are busy too
@@ -118,8 +119,9 @@ def _peer_name(transport: asyncio.BaseTransport) -> str:
     return "unix"
 
 
-async def _resume(coro: Coroutine[Any, Any, None], waiting: Any) -> None:
-    """Drive ``coro``, which was started outside any task and is waiting on ``waiting``.
+async def _resume(coro: Coroutine[Any, Any, T], waiting: Any) -> T:
+    """Drive ``coro``, which was started outside any task and is waiting on ``waiting``, to
+    its end; its result (or exception) is this coroutine's.
 
     ``waiting`` is what the coroutine yielded: an asyncio future (it resumes once that is
     done and reads the outcome itself) or None (a bare yield, as ``asyncio.sleep(0)``).
@@ -136,8 +138,9 @@ async def _resume(coro: Coroutine[Any, Any, None], waiting: Any) -> None:
                 await waiting
         try:
             waiting = coro.send(None)
-        except StopIteration:
-            return
+        except StopIteration as stop:
+            result: T = stop.value
+            return result
 
 
 class _Connection(asyncio.BufferedProtocol):
@@ -289,7 +292,11 @@ class _Connection(asyncio.BufferedProtocol):
         if self._lost:
             return
         self._out.append(data)
-        self._out_bytes += len(data)
+        n = len(data)
+        self._out_bytes += n
+        # Counted as queued at once (see _busy): an upper bound until _refresh_queued looks.
+        self._queued += n
+        self.server._buffered += n
         if not self._flush_scheduled:
             self._flush_scheduled = True
             self._loop.call_soon(self._flush)
@@ -298,7 +305,10 @@ class _Connection(asyncio.BufferedProtocol):
         if self._lost:
             return
         self._out.extend(bufs)
-        self._out_bytes += sum(map(len, bufs))
+        n = sum(map(len, bufs))
+        self._out_bytes += n
+        self._queued += n
+        self.server._buffered += n
         if not self._flush_scheduled:
             self._flush_scheduled = True
             self._loop.call_soon(self._flush)
@@ -342,10 +352,25 @@ class _Connection(asyncio.BufferedProtocol):
 
     # ------------------------------------------------------------------- event dispatch
 
-    def _busy(self) -> bool:
-        """Too much in flight (or unread by the client) to start more requests now."""
-        if self._inflight >= self.server._request_limit() or self._write_paused:
+    def _busy(self, limit: int = 0) -> bool:
+        """Too much in flight (or unread by the client) to start more requests now.
+
+        ``limit`` is the request limit when the caller has it already (one look at the clock
+        per received batch, not one per request)."""
+        if not limit:
+            limit = self.server._request_limit(self._loop.time())
+        if self._inflight >= limit or self._write_paused:
             return True
+        # ``_queued`` is never below the bytes really queued (sending adds to it at once; only
+        # the transport draining makes it stale, high): when it is within every limit, the
+        # exact figure is too, and the transport need not be asked.
+        queued = self._queued
+        if (self._inflight == 0 and queued < WRITE_HIGH_WATER) or (
+            self._inflight_bytes < MAX_INFLIGHT_BYTES
+            and self._inflight_read_bytes + queued < MAX_CONNECTION_REPLY_BYTES
+            and self.server._buffered < MAX_BUFFERED_BYTES
+        ):
+            return False
         queued = self._refresh_queued()
         if self._inflight == 0 and queued < WRITE_HIGH_WATER:
             # One request may always go, whatever others hold, so a client that reads its
@@ -377,6 +402,8 @@ class _Connection(asyncio.BufferedProtocol):
         machine = self.machine
         request_type = p.Request
         started = 0
+        now = self._loop.time()
+        limit = self.server._request_limit(now)
         while not self._option_busy:
             if started >= DISPATCH_BATCH:
                 # Let the other connections' events run before the rest of this read.
@@ -384,7 +411,7 @@ class _Connection(asyncio.BufferedProtocol):
                     self._process_scheduled = True
                     self._loop.call_soon(self._process_later)
                 return
-            if self._busy():
+            if self._busy(limit):
                 # Leave the rest parsed later: one read can hold thousands of requests.
                 self._stalled = True
                 self._update_reading()
@@ -399,6 +426,7 @@ class _Connection(asyncio.BufferedProtocol):
             if kind is request_type:
                 assert isinstance(event, p.Request)
                 started += 1
+                self._last_request = now
                 self._start_request(event)
             elif event is p.NEED_DATA or event is p.PAUSED:
                 return
@@ -755,43 +783,122 @@ class _Connection(asyncio.BufferedProtocol):
             self._send(self.machine.reply_error(req.handle, c.ESHUTDOWN, "The server is stopping."))
             return
         self._inflight += 1
-        self._last_request = self._loop.time()
-        if req.command <= c.CMD_WRITE:  # READ and WRITE hold their length in memory
-            self._inflight_bytes += req.length
-            self.server._buffered += req.length
-            if req.command == c.CMD_READ:
-                self._inflight_read_bytes += req.length
+        cmd = req.command
+        length = req.length
+        view = self.view
+        assert view is not None
         # Run the request eagerly until it first has to wait: a request the storage completes
         # without blocking (page-cache I/O) then costs no Task at all.  One that blocks is
-        # handed to a real Task for the rest of its life.
-        coro = self._run(req)
+        # handed to a real Task for the rest of its life.  A READ or WRITE runs the view's
+        # own coroutine, with no coroutine of the server's around it (one frame less each).
+        # READ and WRITE hold their length in memory while in flight.
+        coro: Coroutine[Any, Any, Any]
+        if cmd == c.CMD_WRITE:
+            self._inflight_bytes += length
+            self.server._buffered += length
+            if length:
+                assert req.payload is not None
+                coro = view.write(req.offset, req.payload, bool(req.flags & c.CMD_FLAG_FUA))
+            else:
+                coro = self._run(req)
+        elif cmd == c.CMD_READ:
+            self._inflight_bytes += length
+            self.server._buffered += length
+            self._inflight_read_bytes += length
+            coro = view.read(req.offset, length) if length else self._run(req)
+        else:
+            coro = self._run(req)
         try:
             waiting = coro.send(None)
-        except StopIteration:
+        except StopIteration as stop:
+            if cmd <= c.CMD_WRITE and length:
+                self._io_done(req, stop.value)
             return
-        task = self._loop.create_task(_resume(coro, waiting))
+        except Exception as e:  # raised by a view's read or write before it first waited
+            self._failed(req, e)
+            self._io_end(req)
+            return
+        task: asyncio.Task[Any]
+        if cmd <= c.CMD_WRITE and length:
+            task = self._loop.create_task(self._io_finish(req, coro, waiting))
+        else:
+            task = self._loop.create_task(_resume(coro, waiting))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
+    async def _io_finish(self, req: p.Request, coro: Coroutine[Any, Any, Any],
+                         waiting: Any) -> None:
+        """The rest of a READ or WRITE that had to wait."""
+        try:
+            value = await _resume(coro, waiting)
+        except Exception as e:
+            self._failed(req, e)
+            self._io_end(req)
+        except BaseException:
+            self._io_end(req)
+            raise
+        else:
+            self._io_done(req, value)
+
+    def _io_done(self, req: p.Request, value: Any) -> None:
+        """A READ (``value``: its data) or WRITE succeeded: reply, and let go of it."""
+        length = req.length
+        if req.command == c.CMD_READ:
+            if len(value) != length:
+                self._failed(req, OwmError(f"The storage returned {len(value)} of {length} bytes."))
+            else:
+                self._send_many(self.machine.reply_read(req.handle, req.offset, value))
+            self._inflight_read_bytes -= length
+        else:
+            self._send(self.machine.reply_ok(req.handle))
+        self._request_done(length)
+
+    def _io_end(self, req: p.Request) -> None:
+        """A READ or WRITE failed (its error reply is queued): let go of it."""
+        if req.command == c.CMD_READ:
+            self._inflight_read_bytes -= req.length
+        self._request_done(req.length)
+
+    def _failed(self, req: p.Request, e: Exception) -> None:
+        """Reply to a request that raised ``e``: an OwmError as itself, anything else as EIO."""
+        machine = self.machine
+        handle = req.handle
+        cmd = req.command
+        if isinstance(e, OwmError):
+            self._send(machine.reply_error(handle, c.wire_errno(e.errno), str(e)))
+        elif isinstance(e, OSError):
+            log.warning("%s: %s failed: %s", self.peer, c.COMMAND_NAMES.get(cmd, cmd), e)
+            self._send(machine.reply_error(handle, c.wire_errno(e.errno), "The storage failed."))
+        else:
+            log.error("%s: %s failed", self.peer, c.COMMAND_NAMES.get(cmd, cmd), exc_info=e)
+            self._send(machine.reply_error(handle, c.EIO, "Internal server error."))
+
+    def _request_done(self, held: int) -> None:
+        """A request finished (its reply is queued); ``held``: the bytes it held in memory."""
+        self._inflight -= 1
+        if held:
+            self._inflight_bytes -= held
+            self.server._buffered -= held
+        if self._stalled or self._reading_paused:
+            self._unstall()
+        if self.server._waiting:
+            self.server._wake()
+        if self._inflight == 0 and self._idle is not None:
+            if not self._idle.done():
+                self._idle.set_result(None)
+            self._idle = None
+
     async def _run(self, req: p.Request) -> None:
+        """Every command but a READ or WRITE of at least one byte."""
         machine = self.machine
         view = self.view
         cmd = req.command
         handle = req.handle
         try:
             assert view is not None
-            if cmd == c.CMD_READ:
-                if req.length:
-                    data = await view.read(req.offset, req.length)
-                    if len(data) != req.length:
-                        raise OwmError(f"The storage returned {len(data)} of {req.length} bytes.")
-                else:
-                    data = b""
-                self._send_many(machine.reply_read(handle, req.offset, data))
-            elif cmd == c.CMD_WRITE:
-                if req.length:
-                    assert req.payload is not None
-                    await view.write(req.offset, req.payload, bool(req.flags & c.CMD_FLAG_FUA))
+            if cmd == c.CMD_READ:  # of no bytes
+                self._send_many(machine.reply_read(handle, req.offset, b""))
+            elif cmd == c.CMD_WRITE:  # of no bytes
                 self._send(machine.reply_ok(handle))
             elif cmd == c.CMD_FLUSH:
                 await view.flush()
@@ -830,29 +937,10 @@ class _Connection(asyncio.BufferedProtocol):
                 self._send(machine.reply_ok(handle))
             else:  # the machine only passes the commands above
                 self._send(machine.reply_error(handle, c.EINVAL, "Unsupported command."))
-        except OwmError as e:
-            self._send(machine.reply_error(handle, c.wire_errno(e.errno), str(e)))
-        except OSError as e:
-            log.warning("%s: %s failed: %s", self.peer, c.COMMAND_NAMES.get(cmd, cmd), e)
-            self._send(machine.reply_error(handle, c.wire_errno(e.errno), "The storage failed."))
-        except Exception:
-            log.exception("%s: %s failed", self.peer, c.COMMAND_NAMES.get(cmd, cmd))
-            self._send(machine.reply_error(handle, c.EIO, "Internal server error."))
+        except Exception as e:
+            self._failed(req, e)
         finally:
-            self._inflight -= 1
-            if cmd <= c.CMD_WRITE:
-                self._inflight_bytes -= req.length
-                self.server._buffered -= req.length
-                if cmd == c.CMD_READ:
-                    self._inflight_read_bytes -= req.length
-            if self._stalled or self._reading_paused:
-                self._unstall()
-            if self.server._waiting:
-                self.server._wake()
-            if self._inflight == 0 and self._idle is not None:
-                if not self._idle.done():
-                    self._idle.set_result(None)
-                self._idle = None
+            self._request_done(0)
 
     def _unstall(self) -> None:
         """Parsing stopped at the limits; go on (from the loop, never recursively) once below."""
@@ -1013,10 +1101,9 @@ class NbdServer:
             log.warning("refused a connection from %s: %d connections are open already "
                         "(%d refused so far)", peer, MAX_CONNECTIONS, self.refused_connections)
 
-    def _request_limit(self) -> int:
-        """Requests one connection may have in flight now: all of them while it is the only
-        busy session, a fair share while others are busy too."""
-        now = asyncio.get_running_loop().time()
+    def _request_limit(self, now: float) -> int:
+        """Requests one connection may have in flight now (``now``: the loop's time): all of
+        them while it is the only busy session, a fair share while others are busy too."""
         if now - self._busy_counted >= SHARE_RECHECK:
             self._busy_counted = now
             since = now - ACTIVE_WINDOW

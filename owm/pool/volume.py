@@ -139,39 +139,68 @@ class Session:
         if self.closed:
             raise WrongState("this session is closed")
 
+    # read and write are the hot path: the in-flight count (_enter) is inlined, and a write
+    # with no live restore awaits the engine directly rather than through a null context.
+
     async def read(self, offset: int, length: int) -> bytes:
-        self._check_open()
-        stats = self.volume.stats.read
+        if self.closed:
+            raise WrongState("this session is closed")
+        volume = self.volume
+        stats = volume.stats.read
         started = time.perf_counter()
-        gen = self.volume._enter(self.generation)
+        gen = self.generation
+        inflight = volume._inflight
+        inflight[gen] = inflight.get(gen, 0) + 1
         try:
-            if self.volume.live_restore is not None:
-                await self.volume.live_restore.before_read(offset, length)
-            data = await self.volume.engine.read(gen, offset, length)
+            live = volume.live_restore
+            if live is not None:
+                await live.before_read(offset, length)
+            data = await volume.engine.read(gen, offset, length)
         except Exception:
             stats.errors += 1
             raise
         finally:
-            self.volume._leave(gen)
+            n = inflight[gen] - 1
+            if n:
+                inflight[gen] = n
+            else:
+                del inflight[gen]
+                if volume._quiet is not None:
+                    volume._quiet.set()
         stats.done(length, started)
         self.bytes_read += length
         return data
 
     async def write(self, offset: int, data: Buffer, fua: bool = False) -> None:
-        self._check_open()
-        stats = self.volume.stats.write
+        if self.closed:
+            raise WrongState("this session is closed")
+        volume = self.volume
+        stats = volume.stats.write
         started = time.perf_counter()
-        gen = self.volume._enter(self.generation)
+        gen = self.generation
+        inflight = volume._inflight
+        inflight[gen] = inflight.get(gen, 0) + 1
+        length = len(data)
         try:
-            async with self.volume.writing(offset, len(data)):
-                await self.volume.engine.write(gen, offset, data, fua)
+            live = volume.live_restore
+            if live is None:
+                await volume.engine.write(gen, offset, data, fua)
+            else:
+                async with live.writing(offset, length):
+                    await volume.engine.write(gen, offset, data, fua)
         except Exception:
             stats.errors += 1
             raise
         finally:
-            self.volume._leave(gen)
-        stats.done(len(data), started)
-        self.bytes_written += len(data)
+            n = inflight[gen] - 1
+            if n:
+                inflight[gen] = n
+            else:
+                del inflight[gen]
+                if volume._quiet is not None:
+                    volume._quiet.set()
+        stats.done(length, started)
+        self.bytes_written += length
 
     async def write_zeroes(
         self, offset: int, length: int, fua: bool = False, may_trim: bool = True
@@ -304,7 +333,7 @@ class Volume:
         self.readers: Counter[int] = Counter()
         self.images: dict[int, ImageRow] = {}
         self._drained: dict[int, asyncio.Event] = {}
-        self._inflight: Counter[int] = Counter()
+        self._inflight: dict[int, int] = {}  # requests under way, by generation (none: absent)
         self._quiet: asyncio.Event | None = None  # set when in-flight requests finish
         self._control = asyncio.Lock()  # one preserve / cutover / release at a time
         self._preserving: asyncio.Event | None = None
@@ -392,15 +421,19 @@ class Volume:
 
     # -- in-flight accounting (cutover waits for requests of the generations it rebinds) ------
     def _enter(self, gen: int) -> int:
-        self._inflight[gen] += 1
+        inflight = self._inflight
+        inflight[gen] = inflight.get(gen, 0) + 1
         return gen
 
     def _leave(self, gen: int) -> None:
-        self._inflight[gen] -= 1
-        if self._inflight[gen] == 0:
-            del self._inflight[gen]
-            if self._quiet is not None:
-                self._quiet.set()
+        inflight = self._inflight
+        n = inflight[gen] - 1
+        if n:
+            inflight[gen] = n
+            return
+        del inflight[gen]
+        if self._quiet is not None:
+            self._quiet.set()
 
     async def _wait_quiet(self, upto: int) -> None:
         while any(g <= upto for g in self._inflight):
