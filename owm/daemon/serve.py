@@ -476,7 +476,7 @@ async def _join_cluster(config: DaemonConfig, pool: Any, backends: list[Any],
 
 async def _open_pool(config: DaemonConfig, pool_dir: Path, backends: list[Any]) -> Any:
     """Open the pool, on RADOS when the config says so (``backends`` gets what to close)."""
-    from owm.pool.pool import Pool
+    from owm.pool.pool import Pool, StorageRecordRaced
 
     catalog_factory = etcd_catalog_factory(config, pool_dir)
     cluster = config.daemon_id is not None
@@ -491,14 +491,26 @@ async def _open_pool(config: DaemonConfig, pool_dir: Path, backends: list[Any]) 
         backends.append(backend)
         return backend.storage, backend.describe()
 
-    try:
-        return await Pool.open(pool_dir, catalog_factory=catalog_factory, storage_opener=opener,
-                               cluster=cluster)
-    except BaseException:
-        for backend in backends:
-            await backend.close()
-        backends.clear()
-        raise
+    for attempt in range(3):
+        try:
+            return await Pool.open(pool_dir, catalog_factory=catalog_factory,
+                                   storage_opener=opener, cluster=cluster)
+        except StorageRecordRaced:
+            # Daemons of a cluster started together on a new pool: open again from the
+            # record the other one made (the same RADOS namespace for all).
+            for backend in backends:
+                await backend.close()
+            backends.clear()
+            if attempt == 2:
+                raise
+            log.info("another daemon recorded where pool %s keeps its data at the same "
+                     "instant; opening it again from that record", pool_dir)
+        except BaseException:
+            for backend in backends:
+                await backend.close()
+            backends.clear()
+            raise
+    raise AssertionError("unreachable")
 
 
 def run(config: DaemonConfig, log_level: str = "INFO") -> None:

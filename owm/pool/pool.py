@@ -59,6 +59,10 @@ def _record_digest(c: Catalog) -> None:
         volumes, {v.name: c.images(v.name) for v in volumes}))
 
 
+class StorageRecordRaced(WrongState):
+    """Another daemon recorded where the pool's data lives while this one was opening it."""
+
+
 class Pool:
     def __init__(self, root: Path, storage_factory: StorageFactory | None,
                  catalog_factory: CatalogFactory | None = None,
@@ -209,7 +213,20 @@ class Pool:
             self.catalog = None
             raise
         if where != recorded:
-            await self.db(lambda c: c.set_meta(STORAGE_KEY, json.dumps(where, sort_keys=True)))
+            try:
+                await self.db(lambda c: c.set_meta(STORAGE_KEY, json.dumps(where, sort_keys=True)))
+            except WrongState:
+                # Daemons of a cluster started together on a new pool: another recorded where
+                # the data lives at the same instant (the guarded write let one win).  Fine if
+                # it recorded the same place; else the opening must start again from its record
+                # (a new RADOS pool gets a namespace of its own, and only one may be used).
+                text = await self.db(lambda c: c.get_meta(STORAGE_KEY))
+                if not text or json.loads(text) != where:
+                    await self.db(lambda c: c.close())
+                    self.catalog = None
+                    raise StorageRecordRaced(
+                        f"another daemon recorded where the data of pool {self.root} lives "
+                        "at the same instant; open it again") from None
         self.storage_where = where
 
     async def _start_volume(self, row: VolumeRow, clean: bool) -> Volume:
