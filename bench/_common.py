@@ -3,8 +3,6 @@
 ``cpu_seconds`` and ``thread_cpu`` read ``/proc``; ``run_fio`` runs one fio job and returns its
 JSON report's job, raising with fio's own complaint if it failed; ``fill`` writes a whole export
 once so that later reads and copies see data, not holes.
-
-(bench/nbd_fio.py still carries its own copies; it is another branch's file.)
 """
 
 from __future__ import annotations
