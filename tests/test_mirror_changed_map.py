@@ -68,3 +68,29 @@ async def test_old_write_kept_on_some_legs_only_is_in_the_changed_maps(
             assert changed is not None and differ <= set(changed), (since, upto, changed)
     finally:
         await sim.close()
+
+
+async def test_unflushed_write_from_before_a_preserve_kept_on_one_leg_is_in_the_map(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same hole one step earlier: a write made before the preserve (so it belongs to V0 and
+    V1 alike) sits unsynced on every leg when one of them is split off; the power loss keeps it
+    on the split leg only."""
+    monkeypatch.setattr(base, "WRITEBACK_DELAY", 3600.0)
+    sim = SimPool(tmp_path)
+    pool = await sim.open()
+    await pool.create_volume("v", CHUNK * CHUNKS, method="mirror", chunk_size=CHUNK, legs=2)
+    old = await pool.volume("v").open_session("old")  # open: the preserve does not flush
+    await old.write(5 * CHUNK, b"\2" * CHUNK)
+    engine = pool.volume("v").engine
+    assert isinstance(engine, MirrorEngine)
+    await engine.commit_writeback()
+    assert await pool.preserve("v") == "v@0"
+    await engine.storage.sync(f"leg-{engine._image_leg(0)}.data")
+    pool = await sim.crash()
+    try:
+        images = [await _image(pool, g) for g in range(2)]
+        assert _differ(images[0], images[1]) == {5}, "the scenario did not make the legs diverge"
+        changed = pool.changed_chunks("v@1", 0)
+        assert changed is not None and 5 in changed, changed
+    finally:
+        await sim.close()

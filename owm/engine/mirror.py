@@ -16,10 +16,12 @@ between legs that receive the same writes: a chunk's bit is made durable before 
 reaches more than one leg is issued, and cleared lazily, at a flush, once the chunk has seen no
 write since the flush before (so every leg has synced it).  After an unclean stop only those
 chunks can differ: ``open`` adds them to the dirty map of every split or resyncing leg (a release
-recopies them) and serves at once, while a background task copies them from the primary (leg 0,
-which every read of the live view uses, so reads get one answer meanwhile) to the other in-sync
-legs; a write to such a chunk reaches every leg anyway.  Until the background resync has passed a
-chunk, a preserve that splits a leg off copies the leg's pending chunks first.
+recopies them) and to the changed map of every view but the oldest (the views' legs may hold a
+fanned-out write differently too), and serves at once, while a background task copies them
+from the primary (leg 0, which every read of the live view uses, so reads get one answer
+meanwhile) to the other in-sync legs; a write to such a chunk reaches every leg anyway.  Until
+the background resync has passed a chunk, a preserve that splits a leg off copies the leg's
+pending chunks first.
 
 Writes are ordered write-back, as in cow and log: a write that sets a bit (a split leg's dirty
 bit, a write-intent bit, a changed-chunk bit) is *held* in memory, visible to reads of the views
