@@ -16,10 +16,12 @@ between legs that receive the same writes: a chunk's bit is made durable before 
 reaches more than one leg is issued, and cleared lazily, at a flush, once the chunk has seen no
 write since the flush before (so every leg has synced it).  After an unclean stop only those
 chunks can differ: ``open`` adds them to the dirty map of every split or resyncing leg (a release
-recopies them) and serves at once, while a background task copies them from the primary (leg 0,
-which every read of the live view uses, so reads get one answer meanwhile) to the other in-sync
-legs; a write to such a chunk reaches every leg anyway.  Until the background resync has passed a
-chunk, a preserve that splits a leg off copies the leg's pending chunks first.
+recopies them) and to the changed map of every view but the oldest (the views' legs may hold a
+fanned-out write differently too), and serves at once, while a background task copies them
+from the primary (leg 0, which every read of the live view uses, so reads get one answer
+meanwhile) to the other in-sync legs; a write to such a chunk reaches every leg anyway.  Until
+the background resync has passed a chunk, a preserve that splits a leg off copies the leg's
+pending chunks first.
 
 Writes are ordered write-back, as in cow and log: a write that sets a bit (a split leg's dirty
 bit, a write-intent bit, a changed-chunk bit) is *held* in memory, visible to reads of the views
@@ -134,12 +136,34 @@ class MirrorEngine(Engine):
             for chunk in self.intent:
                 table.set(chunk)
             await (table.checkpoint() if many else table.commit())
+        await self._fold_into_changed(many)
         self._resync_list = list(self.intent)
         self._resync_done = 0
         self.resync_progress = (0, len(self._resync_list))
         log.info("mirror: resyncing the %d chunks of the write-intent map in the background",
                  len(self._resync_list))
         self._resync_task = asyncio.get_running_loop().create_task(self._background_resync())
+
+    async def _fold_into_changed(self, checkpoint: bool) -> None:
+        """Name the write-intent chunks in the changed map of every view but the oldest.
+
+        The views' legs may differ there too, not only the in-sync legs: a write of generation
+        k goes to the legs of views k..live, and a power loss may have kept it on some of them
+        only, so two views differ at a chunk that no generation between them wrote.  With the
+        chunk in the maps of views[1:], the map between any two views names it.  Durable before
+        the background resync starts clearing intent bits, so a second crash cannot lose it.
+        This costs bits only after an unclean stop (the intent map is small); marking newer
+        generations' maps at every old-generation write instead would grow every incremental
+        backup of a newer image by all its older sessions' writes.
+        """
+        for gen in self.views[1:]:
+            table = self._changed_table(gen)
+            await table.load()
+            if table.gone or table.damaged:
+                continue  # its generation is untrusted anyway (``check_tables``)
+            for chunk in self.intent:
+                table.set(chunk)
+            await (table.checkpoint() if checkpoint else table.commit())
 
     def chunk_tables(self) -> list[ChunkTable]:
         return [*self.dirty.values(), self.intent]
