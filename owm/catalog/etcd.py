@@ -1057,15 +1057,18 @@ class EtcdCatalog:
 
         client = await self._stub()
         key = self._key("daemons", daemon_id)
-        grant = await client.leasestub.LeaseGrant(rpc.LeaseGrantRequest(TTL=ttl),
-                                                  timeout=self.call_timeout)
-        lease = int(grant.ID)
-        value = _json({**record, "id": daemon_id, "lease": lease, "ttl": ttl,
-                       "token": uuid.uuid4().hex, "since": now()})
         loop = asyncio.get_running_loop()
         deadline = loop.time() + wait
-        try:
-            while True:
+        while True:
+            # A fresh lease for each attempt, granted just before the put: a lease granted
+            # before waiting out a dead daemon's key would run out, unrefreshed, while waiting
+            # (and the daemon would find it ended right after joining).
+            grant = await client.leasestub.LeaseGrant(rpc.LeaseGrantRequest(TTL=ttl),
+                                                      timeout=self.call_timeout)
+            lease = int(grant.ID)
+            value = _json({**record, "id": daemon_id, "lease": lease, "ttl": ttl,
+                           "token": uuid.uuid4().hex, "since": now()})
+            try:
                 answer = await client.kvstub.Txn(rpc.TxnRequest(
                     compare=[rpc.Compare(key=key, target=rpc.Compare.CREATE,
                                          result=rpc.Compare.EQUAL, create_revision=0)],
@@ -1073,25 +1076,28 @@ class EtcdCatalog:
                                                                       lease=lease))],
                     failure=[rpc.RequestOp(request_range=rpc.RangeRequest(key=key))]),
                     timeout=self.call_timeout)
-                if answer.succeeded:
-                    break
-                if loop.time() >= deadline:
-                    kvs = answer.responses[0].response_range.kvs
-                    other: dict[str, Any] = {}
-                    with contextlib.suppress(ValueError, IndexError):
-                        loaded = json.loads(bytes(kvs[0].value))
-                        other = loaded if isinstance(loaded, dict) else {}
-                    who = ", ".join(f"{k} {other[k]}" for k in ("host", "pid", "since")
-                                    if k in other) or "unknown holder"
-                    raise WrongState(f"daemon id {daemon_id} is already in use in the cluster "
-                                     f"{self.prefix} ({who}); this one did not start and "
-                                     "changed nothing")
-                await asyncio.sleep(0.5)
-        except BaseException:
+            except BaseException:
+                with contextlib.suppress(Exception):
+                    await client.leasestub.LeaseRevoke(rpc.LeaseRevokeRequest(ID=lease),
+                                                       timeout=self.call_timeout)
+                raise
+            if answer.succeeded:
+                break
             with contextlib.suppress(Exception):
                 await client.leasestub.LeaseRevoke(rpc.LeaseRevokeRequest(ID=lease),
                                                    timeout=self.call_timeout)
-            raise
+            if loop.time() >= deadline:
+                kvs = answer.responses[0].response_range.kvs
+                other: dict[str, Any] = {}
+                with contextlib.suppress(ValueError, IndexError):
+                    loaded = json.loads(bytes(kvs[0].value))
+                    other = loaded if isinstance(loaded, dict) else {}
+                who = ", ".join(f"{k} {other[k]}" for k in ("host", "pid", "since")
+                                if k in other) or "unknown holder"
+                raise WrongState(f"daemon id {daemon_id} is already in use in the cluster "
+                                 f"{self.prefix} ({who}); this one did not start and "
+                                 "changed nothing")
+            await asyncio.sleep(0.5)
         self.daemon_id, self._member_value, self._member_lease = daemon_id, value, lease
         self._member_keepalive = loop.create_task(self._keep_member(ttl))
 

@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import owm
+from owm.common.cluster import Directory, Remote
 from owm.common.errors import InvalidRequest, OwmError, WrongState
 from owm.control.context import ControlContext
 from owm.control.server import ControlServer, check_unix_path, read_token_file, socket_in_use
@@ -326,8 +327,14 @@ async def _serve_locked(
     control = ControlServer(ctx)
     metrics = MetricsListener(ctx)
     ctx.daemon["ready"] = False
+    late: LateDirectory | None = None
     try:
         nbd = plane.nbd_server(pool, config)
+        if config.daemon_id is not None:
+            # Clients that connect before the daemon has joined its cluster wait for it
+            # instead of being told that a volume owned elsewhere does not exist.
+            late = LateDirectory()
+            nbd.use_directory(late)
         ctx.metrics = build_registry(MetricsSources(
             status=pool.status,
             volumes=lambda: [v.metrics() for _, v in sorted(pool.volumes.items())],
@@ -367,7 +374,8 @@ async def _serve_locked(
                 "host": socket.gethostname(), "pid": os.getpid(), "pool": str(pool_dir),
                 "nbd": _endpoint(nbd_tcp), "control": _endpoint(control.tcp_address)})
             # The front door: what another daemon owns is forwarded to it (NBD and control).
-            nbd.use_directory(directory)
+            assert late is not None
+            late.set(directory)
             ctx.directory, ctx.cluster_token = directory, token
             ctx.daemon["cluster"] = {"daemon_id": config.daemon_id,
                                      "lease_ttl": config.lease_ttl}
@@ -438,6 +446,31 @@ def cluster_move(endpoints: list[str], prefix: str, name: str, to: str,
     from owm.cluster import admin
 
     return admin.move(endpoints, prefix, name, to, force)
+
+
+JOIN_WAIT = 60.0  # seconds an NBD client that came early waits for the daemon to join
+
+
+class LateDirectory:
+    """The cluster's directory (``owm.common.cluster.Directory``) before the daemon has joined
+    its cluster: the NBD listener is already up (its address is part of the membership record),
+    and a client that connects in between, qemu reconnecting after a restart say, waits for the
+    real directory instead of being refused."""
+
+    def __init__(self) -> None:
+        self._real: asyncio.Future[Directory] = asyncio.get_running_loop().create_future()
+
+    def set(self, directory: Directory) -> None:
+        self._real.set_result(directory)
+
+    async def _directory(self) -> Directory:
+        return await asyncio.wait_for(asyncio.shield(self._real), JOIN_WAIT)
+
+    async def locate(self, volume: str) -> Remote | None:
+        return await (await self._directory()).locate(volume)
+
+    async def exports(self) -> list[str]:
+        return await (await self._directory()).exports()
 
 
 EXIT_LOST = 75  # cluster mode: the daemon lost its lease or volumes and stopped at once

@@ -183,19 +183,22 @@ class Forwarder:
             volume, _ = parse_export_name(name)
         except OwmError:
             return None
-        if volume not in await self.directory.exports():
-            return None
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.open_total
         delay = RELOCATE_FIRST_DELAY
-        while loop.time() + delay < deadline:
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, RELOCATE_MAX_DELAY)
-            if served_here():
+        try:
+            if volume not in await self.directory.exports():
                 return None
-            remote = await self.directory.locate(volume)
-            if remote is not None:
-                return remote
+            while loop.time() + delay < deadline:
+                if served_here():
+                    return None
+                remote = await self.directory.locate(volume)
+                if remote is not None:
+                    return remote
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, RELOCATE_MAX_DELAY)
+        except Exception as exc:  # etcd unreachable, say: the client is told "no such export"
+            log.warning("could not find the owner of export %r: %s", name, exc)
         return None
 
     async def _connect(

@@ -401,7 +401,9 @@ def _zero_args_swapped(ioctx: Any) -> bool:
     Ceph 16's binding does (a zero at offset 0 then asks for length 0, which the OSD answers by
     aborting); later ones do not. One probe object, written, zeroed in part and removed, tells.
     """
-    oid = ".owm-zero-probe"  # no "/": never taken for a volume's object
+    # No "/": never taken for a volume's object.  One name per process: daemons of a cluster
+    # starting together would otherwise remove each other's probe half-way.
+    oid = f".owm-zero-probe-{os.getpid()}-{os.urandom(4).hex()}"
     ioctx.write_full(oid, b"xxxx")
     op = ioctx.create_write_op()
     try:
