@@ -996,6 +996,11 @@ class _Connection(asyncio.BufferedProtocol):
         if not self._option_busy:
             self._loop.create_task(self._finish(clean=False))
 
+    def drop(self) -> None:
+        """Abort the connection the way a vanished client does: replies to requests in flight
+        go nowhere, but the requests themselves run to their end (none is cut at an await)."""
+        self._close_transport(abort=True)
+
     def force_close(self) -> None:
         self._close_transport(abort=True)
         for task in list(self._tasks):
@@ -1086,7 +1091,7 @@ class NbdServer:
                 continue
             name = view.export_name
             if name == volume or name.startswith(volume + "@"):
-                conn.force_close()
+                conn.drop()
                 dropped += 1
         if dropped:
             log.info("closed %d connection(s) to %s, which is no longer served here",

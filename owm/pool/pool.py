@@ -59,6 +59,9 @@ def _record_digest(c: Catalog) -> None:
         volumes, {v.name: c.images(v.name) for v in volumes}))
 
 
+CLOSE_IDLE_WAIT = 30.0  # seconds close_volume waits for requests under way to finish
+
+
 class StorageRecordRaced(WrongState):
     """Another daemon recorded where the pool's data lives while this one was opening it."""
 
@@ -182,6 +185,10 @@ class Pool:
             return True
         if self.before_close is not None:
             self.before_close(name)
+        # Requests already under way finish before the engine closes under them.
+        if not await volume.wait_idle(CLOSE_IDLE_WAIT):
+            log.warning("volume %s still had requests under way after %.0f s; closing it anyway",
+                        name, CLOSE_IDLE_WAIT, extra={"volume": name})
         try:
             await volume.close()
         except OwmError as exc:

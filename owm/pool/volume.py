@@ -435,6 +435,15 @@ class Volume:
         if self._quiet is not None:
             self._quiet.set()
 
+    async def wait_idle(self, timeout: float) -> bool:
+        """Wait (up to ``timeout`` seconds) until no request of any generation is under way;
+        whether it got there."""
+        try:
+            await asyncio.wait_for(self._wait_quiet(self.live), timeout)
+        except TimeoutError:
+            return False
+        return True
+
     async def _wait_quiet(self, upto: int) -> None:
         while any(g <= upto for g in self._inflight):
             self._quiet = asyncio.Event()
