@@ -10,16 +10,12 @@ from pathlib import Path
 from typing import Any
 
 import uvloop
+from cli_helpers import ok, one_sentence
 from conftest import Daemon
 
 from owm.nbd.client import NbdClient
 
 Writes = list[tuple[int, bytes]]
-
-
-def ok(result: subprocess.CompletedProcess[str]) -> str:
-    assert result.returncode == 0, (result.returncode, result.stdout, result.stderr)
-    return result.stdout
 
 
 def ok_json(result: subprocess.CompletedProcess[str]) -> Any:
@@ -28,12 +24,7 @@ def ok_json(result: subprocess.CompletedProcess[str]) -> Any:
 
 def refused(result: subprocess.CompletedProcess[str], code: int = 1) -> str:
     """The expected non-zero exit and one plain sentence on stderr, never a traceback."""
-    assert result.returncode == code, (result.returncode, result.stdout, result.stderr)
-    assert "Traceback" not in result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
-    assert lines[0].endswith("."), lines[0]
-    return lines[0]
+    return one_sentence(result, code, full_stop=True)
 
 
 def create(daemon: Daemon, name: str = "vol", size: str = "8M", *extra: str) -> None:

@@ -20,23 +20,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from cli_helpers import ok
+from cli_helpers import one_sentence as refused
 from conftest import OWM, Daemon, cli_env, run_owm, start_daemon
 
 Holder = Callable[[Daemon, str], Any]
-
-
-def ok(result: subprocess.CompletedProcess[str]) -> str:
-    assert result.returncode == 0, (result.returncode, result.stdout, result.stderr)
-    return result.stdout
-
-
-def refused(result: subprocess.CompletedProcess[str], code: int = 1) -> str:
-    """A refusal: the expected non-zero exit and one plain line on stderr."""
-    assert result.returncode == code, (result.returncode, result.stdout, result.stderr)
-    assert "Traceback" not in result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
-    return lines[0]
 
 
 def as_json(result: subprocess.CompletedProcess[str]) -> Any:

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from cli_helpers import ok, one_sentence
 from conftest import Daemon, run_owm, start_daemon
 
 from owm.nbd.client import NbdClient
@@ -94,19 +95,6 @@ def cluster(short_tmp: Path, ceph: CephCluster, etcd_server: EtcdServer) -> Iter
         yield c
     finally:
         c.stop_all()
-
-
-def ok(result: subprocess.CompletedProcess[str]) -> str:
-    assert result.returncode == 0, (result.returncode, result.stdout, result.stderr)
-    return result.stdout
-
-
-def one_sentence(result: subprocess.CompletedProcess[str], code: int = 1) -> str:
-    assert result.returncode == code, (result.returncode, result.stdout, result.stderr)
-    assert "Traceback" not in result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
-    return lines[0]
 
 
 def wait_until(what: str, predicate: Any, timeout: float) -> float:

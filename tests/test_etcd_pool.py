@@ -13,7 +13,6 @@ import contextlib
 import json
 import random
 import signal
-import subprocess
 import threading
 import time
 import uuid
@@ -23,6 +22,7 @@ from typing import Any
 
 import aetcd
 import pytest
+from cli_helpers import ok, one_sentence
 from conftest import Daemon, run_owm, start_daemon
 from hypothesis import HealthCheck, settings
 from test_pool_model import PoolMachine
@@ -32,19 +32,6 @@ from owm.pool.pool import Pool
 from owm.testbed.etcd import EtcdServer
 
 Holder = Callable[[Daemon, str], Any]
-
-
-def ok(result: subprocess.CompletedProcess[str]) -> str:
-    assert result.returncode == 0, (result.returncode, result.stdout, result.stderr)
-    return result.stdout
-
-
-def one_sentence(result: subprocess.CompletedProcess[str], code: int = 1) -> str:
-    assert result.returncode == code, (result.returncode, result.stdout, result.stderr)
-    assert "Traceback" not in result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
-    return lines[0]
 
 
 def etcd_daemon(pool: Path, server: EtcdServer, prefix: str) -> Daemon:

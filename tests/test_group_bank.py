@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import random
-import subprocess
 from pathlib import Path
 
+from cli_helpers import ok
 from conftest import Daemon
 
 from owm.control.client import ControlClient
@@ -22,11 +22,6 @@ from owm.txn.bank import Durations
 from owm.txn.checker import read_export
 from owm.txn.coordinator import Connect, Coordinator
 from owm.txn.ledger import LedgerBank, check_set
-
-
-def ok(result: subprocess.CompletedProcess[str]) -> str:
-    assert result.returncode == 0, (result.returncode, result.stdout, result.stderr)
-    return result.stdout
 
 
 async def _setup(daemon: Daemon, bank: LedgerBank, workers: int) -> tuple[ControlClient,

@@ -15,22 +15,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from cli_helpers import ok
+from cli_helpers import one_sentence as refused
 from conftest import Daemon, start_daemon
 
 Holder = Callable[[Daemon, str], Any]
-
-
-def ok(result: subprocess.CompletedProcess[str]) -> str:
-    assert result.returncode == 0, (result.returncode, result.stdout, result.stderr)
-    return result.stdout
-
-
-def refused(result: subprocess.CompletedProcess[str], code: int = 1) -> str:
-    assert result.returncode == code, (result.returncode, result.stdout, result.stderr)
-    assert "Traceback" not in result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
-    return lines[0]
 
 
 def as_json(result: subprocess.CompletedProcess[str]) -> Any:

@@ -10,12 +10,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-import subprocess
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
+from cli_helpers import one_sentence as refused_line
 from conftest import Daemon, SessionHolder, UnixHTTPConnection, http_call
 
 from owm.common.errors import NoSpace
@@ -25,7 +25,7 @@ from owm.daemon.serve import DaemonConfig, serve
 from owm.pool.pool import Pool
 from owm.pool.volume import Volume
 
-ROUNDS = 20
+ROUNDS = 12
 KILLED = 4  # sessions that vanish together in each round (four nbdfuse, in the issue)
 
 
@@ -33,14 +33,6 @@ def image_status(daemon: Daemon, image: str) -> dict[str, Any]:
     status, body = daemon.api("GET", f"/v1/images/{image}")
     assert status == 200, body
     return dict(body)
-
-
-def refused_line(result: subprocess.CompletedProcess[str], code: int = 1) -> str:
-    assert result.returncode == code, (result.returncode, result.stdout, result.stderr)
-    assert "Traceback" not in result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
-    return lines[0]
 
 
 # ---------------------------------------------------------------------------------------------

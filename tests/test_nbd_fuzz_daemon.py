@@ -8,7 +8,7 @@ volume, checking every byte.  At the end the daemon must be alive, must not have
 traceback, its fd count and memory must be bounded, and it must stop promptly on SIGTERM.
 
 The run is seeded (``OWM_FUZZ_SEED``, default 9) and bounded in connections and in time
-(``OWM_FUZZ_SECONDS``, default 40).  ``bench/nbd_soak.py`` runs the same fuzzer for longer and
+(``OWM_FUZZ_SECONDS``, default 20).  ``bench/nbd_soak.py`` runs the same fuzzer for longer and
 prints a summary table.
 """
 
@@ -371,7 +371,7 @@ def run_fuzz(daemon: Daemon, *, seed: int, seconds: float, workers: int = 4,
 
 def test_nbd_fuzz_against_a_real_daemon(daemon: Daemon) -> None:
     seed = int(os.environ.get("OWM_FUZZ_SEED", "9"))
-    seconds = float(os.environ.get("OWM_FUZZ_SECONDS", "40"))
+    seconds = float(os.environ.get("OWM_FUZZ_SECONDS", "20"))
     result = run_fuzz(daemon, seed=seed, seconds=seconds, max_connections=1500)
     stats = result.stats
     assert not stats.errors, stats.errors

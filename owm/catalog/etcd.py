@@ -215,6 +215,14 @@ def _image_row(key: bytes, raw: bytes) -> ImageRow:
                                   "image record") from None
 
 
+async def _stopped(task: asyncio.Task[Any] | None) -> None:
+    """Cancel a keep-alive task and wait for it to end, whatever it ends with."""
+    if task is not None:
+        task.cancel()
+        with contextlib.suppress(BaseException):
+            await task
+
+
 def _json(value: Any) -> bytes:
     return json.dumps(value, sort_keys=True).encode()
 
@@ -299,6 +307,15 @@ class EtcdCatalog:
                                         options=dict(GRPC_OPTIONS))
         await self._client.connect()
         return self._client
+
+    async def _revoke(self, client: Any, lease: int,
+                      errors: type[BaseException] = Exception) -> None:
+        """Revoke ``lease`` if etcd lets us; a lease left behind simply runs out."""
+        from aetcd import rpc
+
+        with contextlib.suppress(errors):
+            await client.leasestub.LeaseRevoke(rpc.LeaseRevokeRequest(ID=lease),
+                                               timeout=self.call_timeout)
 
     async def _rotate(self) -> None:
         """After a connection failure, use the next endpoint for the next call."""
@@ -554,17 +571,11 @@ class EtcdCatalog:
         """Cluster mode: drop the member lease (and with it any owner key still on it)."""
         from aetcd import rpc
 
-        if self._member_keepalive is not None:
-            self._member_keepalive.cancel()
-            with contextlib.suppress(BaseException):
-                await self._member_keepalive
-            self._member_keepalive = None
+        await _stopped(self._member_keepalive)
+        self._member_keepalive = None
         lease, self._member_lease = self._member_lease, 0
         self._member_value = None
-        client = await self._stub()
-        with contextlib.suppress(rpc.AioRpcError):
-            await client.leasestub.LeaseRevoke(rpc.LeaseRevokeRequest(ID=lease),
-                                               timeout=self.call_timeout)
+        await self._revoke(await self._stub(), lease, rpc.AioRpcError)
 
     def abandon(self) -> None:
         """Stop the way a crashed daemon stops: the owner lease is left to expire."""
@@ -573,10 +584,7 @@ class EtcdCatalog:
     def _shutdown(self) -> None:
         async def stop() -> None:
             for task in (self._keepalive, self._member_keepalive):
-                if task is not None:
-                    task.cancel()
-                    with contextlib.suppress(BaseException):
-                        await task
+                await _stopped(task)
             if self._client is not None:
                 with contextlib.suppress(Exception):
                     await self._client.close()
@@ -995,15 +1003,11 @@ class EtcdCatalog:
                     raise CatalogConflict(f"the owner of pool {self.prefix} in etcd changed "
                                           "while this daemon was claiming it; try again")
                 if current.lease:
-                    with contextlib.suppress(rpc.AioRpcError):
-                        await client.leasestub.LeaseRevoke(
-                            rpc.LeaseRevokeRequest(ID=current.lease), timeout=self.call_timeout)
+                    await self._revoke(client, current.lease, rpc.AioRpcError)
                 log.warning("took pool %s in etcd over from a daemon that is gone (%s)",
                             self.prefix, other.get("pid"))
         except BaseException:
-            with contextlib.suppress(Exception):
-                await client.leasestub.LeaseRevoke(rpc.LeaseRevokeRequest(ID=lease),
-                                                   timeout=self.call_timeout)
+            await self._revoke(client, lease)
             raise
         self._owner_value, self._owner_lease = value, lease
         self._keepalive = asyncio.get_running_loop().create_task(self._keep_alive(ttl))
@@ -1077,15 +1081,11 @@ class EtcdCatalog:
                     failure=[rpc.RequestOp(request_range=rpc.RangeRequest(key=key))]),
                     timeout=self.call_timeout)
             except BaseException:
-                with contextlib.suppress(Exception):
-                    await client.leasestub.LeaseRevoke(rpc.LeaseRevokeRequest(ID=lease),
-                                                       timeout=self.call_timeout)
+                await self._revoke(client, lease)
                 raise
             if answer.succeeded:
                 break
-            with contextlib.suppress(Exception):
-                await client.leasestub.LeaseRevoke(rpc.LeaseRevokeRequest(ID=lease),
-                                                   timeout=self.call_timeout)
+            await self._revoke(client, lease)
             if loop.time() >= deadline:
                 kvs = answer.responses[0].response_range.kvs
                 other: dict[str, Any] = {}
@@ -1291,14 +1291,9 @@ class EtcdCatalog:
     async def _release_owner(self) -> None:
         from aetcd import rpc
 
-        if self._keepalive is not None:
-            self._keepalive.cancel()
-            with contextlib.suppress(BaseException):
-                await self._keepalive
-            self._keepalive = None
+        await _stopped(self._keepalive)
+        self._keepalive = None
         client = await self._stub()
         lease, self._owner_lease = self._owner_lease, 0
         self._owner_value = None
-        with contextlib.suppress(rpc.AioRpcError):
-            await client.leasestub.LeaseRevoke(rpc.LeaseRevokeRequest(ID=lease),
-                                               timeout=self.call_timeout)
+        await self._revoke(client, lease, rpc.AioRpcError)
