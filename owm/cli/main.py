@@ -290,6 +290,10 @@ def serve(listen: str, nbd_socket: Path | None, control_listen: str | None,
             config.backup_repos = RepoListing.open(backup_repos, backup_key_files)
         except OwmError as exc:
             raise Fail(f"the daemon did not start: {exc}", 1) from None
+    if workers > 1:
+        from owm.daemon.workers import run as run_workers
+
+        run = run_workers
     try:
         run(config, log_level)
     except OwmError as exc:

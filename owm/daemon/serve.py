@@ -110,8 +110,7 @@ class DaemonConfig:
     backup_repos: BackupRepos | None = None
     daemon_id: str | None = None  # cluster mode: this daemon's id among the pool's daemons
     lease_ttl: int = 5  # cluster mode: seconds of the member lease
-    workers: int = 1  # worker processes serving the volumes (owm.daemon.workers)
-    log_level: str = "INFO"  # what the workers are told
+    workers: int = 1  # above 1: owm.daemon.workers serves the pool (its ``run``)
 
     @property
     def control_socket(self) -> Path:
@@ -274,23 +273,11 @@ async def serve(config: DaemonConfig, stop: asyncio.Event | None = None) -> None
     plane = DataPlane.from_config(config)
     if config.ready_file is not None and not config.ready_file.absolute().parent.is_dir():
         raise WrongState(f"the directory of the ready file {config.ready_file} does not exist")
-    if config.workers > 1:
-        from owm.daemon.workers import unsupported
-
-        why = unsupported(config)
-        if why is not None:
-            raise InvalidRequest(f"--workers above 1 does not work with {why} yet")
     if not pool_dir.exists():
         pool_dir.mkdir(mode=0o700, parents=True)
     # Nothing in the pool is read, written, recovered or unlinked before this lock is ours.
     lock_fd = lock_pool(pool_dir)
     try:
-        if config.workers > 1:
-            from owm.daemon.workers import serve_parent
-
-            await serve_parent(config, pool_dir, lock_fd, config.workers, stop, plane,
-                               config.log_level)
-            return
         await _serve_locked(config, pool_dir, token, stop, plane)
     finally:
         unlock_pool(lock_fd)
@@ -563,7 +550,6 @@ async def _open_pool(config: DaemonConfig, pool_dir: Path, backends: list[Any]) 
 def run(config: DaemonConfig, log_level: str = "INFO") -> None:
     """Blocking entry point for ``owm serve``: uvloop when available, then ``serve``."""
     setup_logging(log_level)
-    config.log_level = log_level
     try:
         import uvloop
     except ImportError:  # pragma: no cover - uvloop is a dependency; stay usable without it

@@ -64,6 +64,15 @@ from owm.common.names import check_volume_name
 from owm.common.view import ExportInfo
 from owm.control.server import bind_private_unix_socket, check_unix_path, socket_in_use
 from owm.daemon.handoff import FrontDoor, channel_pair, receive_connection, send_connection
+from owm.daemon.serve import (
+    DaemonConfig,
+    DataPlane,
+    _endpoint,
+    connect_restore_source,
+    lock_pool,
+    setup_logging,
+    unlock_pool,
+)
 from owm.nbd.access import AccessRules
 
 log = logging.getLogger("owm.daemon.workers")
@@ -83,7 +92,7 @@ def worker_socket(pool_dir: Path, index: int) -> Path:
     return pool_dir / f"worker-{index}.sock"
 
 
-def unsupported(config: Any) -> str | None:
+def unsupported(config: DaemonConfig) -> str | None:
     """Why ``config`` (a DaemonConfig) cannot run with several workers, or None."""
     if config.tls.mode != "off":
         return "--tls (a TLS session cannot be handed to another process)"
@@ -179,7 +188,7 @@ class Worker:
 class Parent:
     """The parent of ``owm serve --workers N`` (see the module's docstring)."""
 
-    def __init__(self, config: Any, pool_dir: Path, lock_fd: int, count: int,
+    def __init__(self, config: DaemonConfig, pool_dir: Path, lock_fd: int, count: int,
                  log_level: str) -> None:
         self.config = config
         self.pool_dir = pool_dir
@@ -573,11 +582,43 @@ def _bind_tcp(address: tuple[str, int]) -> socket.socket:
     return sock
 
 
-async def serve_parent(config: Any, pool_dir: Path, lock_fd: int, count: int,
-                       stop: asyncio.Event | None, plane: Any, log_level: str) -> None:
+def run(config: DaemonConfig, log_level: str = "INFO") -> None:
+    """Blocking entry point of ``owm serve --workers N`` (N above 1): uvloop, then ``serve``."""
+    setup_logging(log_level)
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency
+        asyncio.run(serve(config, log_level=log_level))
+    else:
+        uvloop.run(serve(config, log_level=log_level))
+
+
+async def serve(config: DaemonConfig, stop: asyncio.Event | None = None,
+                log_level: str = "INFO") -> None:
+    """As ``owm.daemon.serve.serve``, with the volumes served by ``config.workers`` processes."""
+    why = unsupported(config)
+    if why is not None:
+        raise InvalidRequest(f"--workers above 1 does not work with {why} yet")
+    pool_dir = config.pool.absolute()
+    check_unix_path(config.control_socket.absolute())
+    check_unix_path(config.nbd_socket_path.absolute())
+    plane = DataPlane.from_config(config)
+    if config.ready_file is not None and not config.ready_file.absolute().parent.is_dir():
+        raise WrongState(f"the directory of the ready file {config.ready_file} does not exist")
+    if not pool_dir.exists():
+        pool_dir.mkdir(mode=0o700, parents=True)
+    # Nothing in the pool is read, written, recovered or unlinked before this lock is ours.
+    lock_fd = lock_pool(pool_dir)
+    try:
+        await serve_parent(config, pool_dir, lock_fd, config.workers, stop, plane, log_level)
+    finally:
+        unlock_pool(lock_fd)
+
+
+async def serve_parent(config: DaemonConfig, pool_dir: Path, lock_fd: int, count: int,
+                       stop: asyncio.Event | None, plane: DataPlane, log_level: str) -> None:
     """The parent's life, from a locked pool to every worker stopped (see the docstring)."""
     from owm.daemon.notify import Notifier, remove_ready_file, write_ready_file
-    from owm.daemon.serve import _endpoint
     from owm.nbd.server import _bind_unix
 
     if socket_in_use(config.control_socket):
@@ -683,7 +724,6 @@ async def run_worker(cfg: WorkerConfig) -> int:
     """One worker's life; its exit code (0: every volume closed cleanly)."""
     from owm.control.context import ControlContext
     from owm.control.server import ControlServer
-    from owm.daemon.serve import connect_restore_source
     from owm.locks.app import LockService
     from owm.nbd.server import NbdServer
     from owm.pool.pool import Pool
@@ -763,8 +803,6 @@ async def run_worker(cfg: WorkerConfig) -> int:
 
 def main(argv: list[str]) -> None:
     """``python -m owm.daemon.workers CONFIG``: run one worker (started by the parent)."""
-    from owm.daemon.serve import setup_logging
-
     raw = json.loads(argv[0])
     cfg = WorkerConfig(**raw)
     setup_logging(cfg.log_level)
