@@ -74,7 +74,7 @@ def _alive(pid: int) -> bool:
 
 
 @pytest.mark.skipif(not have("qemu-io", "nbdinfo", "nbdcopy"), reason="needs qemu-io and libnbd")
-def test_clients_and_cli_on_volumes_of_both_workers(short_tmp: Path) -> None:
+def test_clients_and_cli_on_volumes_of_both_workers(short_tmp: Path, hold_session: Any) -> None:
     d = start_daemon(short_tmp / "pool", "--workers", "2")
     try:
         _create(d, "a", "b")
@@ -119,15 +119,26 @@ def test_clients_and_cli_on_volumes_of_both_workers(short_tmp: Path) -> None:
         assert "There is no export named 'nope'." in asyncio.run(refused("nope"))
         hostile = asyncio.run(refused("../a\x1b[31m"))
         assert hostile.endswith(".") and "Traceback" not in hostile
-        # A group across workers is refused in one sentence; on one worker it works.
+        # A group across workers: its idle member moves to the other member's worker, with
+        # its data and images; a busy one makes the command fail in one sentence.
         r = d.owm("group", "create", "g", "a", "b")
-        assert r.returncode == 1 and "different worker processes" in r.stderr
-        assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
-        _create(d, "c")
-        assert _worker_of(d)["c"] == 0
-        assert d.owm("group", "create", "g", "a", "c").returncode == 0
+        assert r.returncode == 0, r.stderr
+        assert _worker_of(d) == {"a": 0, "b": 0}
+        assert "moved idle volume b from worker 1 to worker 0 for group g" in d.log_text()
+        r = subprocess.run(["nbdcopy", _uri(d, "b@0"), str(short_tmp / "b0-moved.raw")],
+                           capture_output=True, text=True, timeout=30)
+        assert r.returncode == 0, r.stderr
+        assert (short_tmp / "b0-moved.raw").read_bytes() == backup.read_bytes()
         r = d.owm("preserve", "g")
         assert r.returncode == 0 and r.stdout.split()[0] == "g@0", r.stdout
+        _create(d, "c", "e", "f")
+        assert [_worker_of(d)[n] for n in "cef"] == [1, 1, 0]
+        hold_session(d, "c")
+        r = d.owm("group", "create", "h", "f", "c")
+        assert r.returncode == 1 and "different worker processes" in r.stderr, r.stderr
+        assert "open session" in r.stderr and "Traceback" not in r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1
+        assert _worker_of(d)["c"] == 1
     finally:
         _stop(d)
     # Every process closed cleanly: a one-process start trusts the pool as it is.
@@ -137,7 +148,7 @@ def test_clients_and_cli_on_volumes_of_both_workers(short_tmp: Path) -> None:
         r = d.owm("status", "--json")
         images = {i["name"]: i for v in json.loads(r.stdout) for i in v["images"]}
         assert images["b@0"]["consistency"] == "transaction-consistent"
-        assert {"a@0", "c@0"} <= set(images)
+        assert {"a@0", "b@1"} <= set(images)
     finally:
         _stop(d)
 

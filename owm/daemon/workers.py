@@ -18,9 +18,10 @@ an export, then passes the connection to that export's worker; it answers ``NBD_
 every worker's exports.  It serves the control API on POOL/control.sock: a route about one volume
 or image goes to its worker unchanged; ``GET /v1/volumes`` and ``GET /v1/groups`` gather from
 all; ``POST /v1/volumes`` goes to the least-loaded worker; a group is created on the worker that
-serves all its members (members on different workers are refused with one sentence: moving a
-volume between workers is not done yet); the application locks, the backup repositories and
-everything else that belongs to no volume are served by worker 0.
+serves most of its members, the others moved there first if they are idle (no session, reader,
+draining image or restore: the old worker closes the volume, the new one opens it, through each
+worker's admin socket ``POOL/worker-I.admin.sock``), else refused with one sentence; the
+application locks and everything else that belongs to no volume are served by worker 0.
 
 A worker that dies (kill -9, a crash) is restarted by the parent (up to ``MAX_RESTARTS`` times in
 ``RESTART_WINDOW`` seconds, with a growing pause, one log line each); the restarted worker opens
@@ -92,6 +93,11 @@ def worker_socket(pool_dir: Path, index: int) -> Path:
     return pool_dir / f"worker-{index}.sock"
 
 
+def admin_socket(pool_dir: Path, index: int) -> Path:
+    """The worker's own small API for its parent (moving a volume in or out), 0600."""
+    return pool_dir / f"worker-{index}.admin.sock"
+
+
 def unsupported(config: DaemonConfig) -> str | None:
     """Why ``config`` (a DaemonConfig) cannot run with several workers, or None."""
     if config.tls.mode != "off":
@@ -156,6 +162,7 @@ class WorkerConfig:
     index: int
     channel_fd: int
     control: str
+    admin: str
     clean: bool
     parent: int
     grace: float
@@ -167,15 +174,26 @@ class WorkerConfig:
 class Worker:
     """The parent's handle on one worker process."""
 
-    def __init__(self, index: int, control: Path) -> None:
+    def __init__(self, index: int, control: Path, admin: Path) -> None:
         self.index = index
         self.control = control
+        self.admin = admin
         self.proc: asyncio.subprocess.Process | None = None
         self.channel: socket.socket | None = None
         self.ready = asyncio.Event()
         self.restarts: list[float] = []
         self.last_exit: int | None = None
         self.session: aiohttp.ClientSession | None = None
+
+    async def admin_call(self, what: str, volume: str, clean: bool = True) -> tuple[int, JSON]:
+        """POST the worker's admin API; (status, answer)."""
+        async with aiohttp.ClientSession(
+            connector=aiohttp.UnixConnector(path=str(self.admin)),
+            timeout=aiohttp.ClientTimeout(total=120.0, sock_connect=5.0),
+        ) as session, session.post(f"http://worker/{what}/{volume}",
+                                   params={"clean": "1" if clean else "0"}) as answer:
+            data = await answer.json(content_type=None)
+            return answer.status, data if isinstance(data, dict) else {}
 
     def client(self) -> aiohttp.ClientSession:
         if self.session is None or self.session.closed:
@@ -197,7 +215,8 @@ class Parent:
         self.log_level = log_level
         self.catalog: SqliteCatalog | None = None
         self.assignment: dict[str, int] = {}
-        self.workers = [Worker(i, worker_socket(pool_dir, i)) for i in range(count)]
+        self.workers = [Worker(i, worker_socket(pool_dir, i), admin_socket(pool_dir, i))
+                        for i in range(count)]
         self.stopping = False
         self.failed: str | None = None
         self.daemon: JSON = {}
@@ -340,7 +359,7 @@ class Parent:
         parent_end, child_end = channel_pair()
         cfg = WorkerConfig(
             pool=str(self.pool_dir), index=worker.index, channel_fd=child_end.fileno(),
-            control=str(worker.control), clean=clean, parent=os.getpid(),
+            control=str(worker.control), admin=str(worker.admin), clean=clean, parent=os.getpid(),
             grace=float(self.config.grace),
             access_file=str(self.config.access_file) if self.config.access_file else None,
             log_level=self.log_level, daemon=self.daemon)
@@ -540,18 +559,58 @@ class Parent:
             where = {m: self.assignment.get(m) for m in members}
             if any(i is None for i in where.values()):
                 return await self.forward(request, 0, body)  # the worker names the missing one
-            indexes = set(where.values())
-            if len(indexes) > 1:
-                spread = ", ".join(f"{m} on worker {i}" for m, i in sorted(where.items()))
-                return _error(409, f"the members of group '{name}' are served by different "
-                                   f"worker processes ({spread}); the members of a consistency "
-                                   "group must be served by one worker")
-            index = indexes.pop()
-            assert index is not None
-            return await self.forward(request, index, body)
+            member_of = {m: g for g, (_, status) in groups.items()
+                         for m in status.get("members", ())}
+            taken = [m for m in members if m in member_of]
+            if taken:
+                return _error(409, f"volume '{taken[0]}' is in group '{member_of[taken[0]]}' "
+                                   "already; a volume is in at most one group")
+            places = [i for i in where.values() if i is not None]
+            target = min(set(places), key=lambda i: (-places.count(i), i))
+            for member in members:
+                source = where[member]
+                if source is not None and source != target:
+                    refused = await self._move(member, source, target, str(name))
+                    if refused is not None:
+                        return refused
+            return await self.forward(request, target, body)
         group = parts[2].partition("@")[0] if len(parts) >= 3 else ""
         found = groups.get(group)
         return await self.forward(request, found[0] if found else 0, body)
+
+    async def _move(self, volume: str, source: int, target: int,
+                    group: str) -> web.Response | None:
+        """Move idle ``volume`` from worker ``source`` to ``target`` (so that group ``group``
+        has its members on one worker); None once moved, else the answer to give."""
+        try:
+            status, answer = await self.workers[source].admin_call("move-out", volume)
+        except (aiohttp.ClientError, OSError, ValueError) as exc:
+            log.warning("moving volume %s out of worker %d failed: %s", volume, source, exc)
+            return _error(503, f"worker {source}, which serves volume '{volume}', cannot be "
+                               "reached just now; try again")
+        if status != 200:
+            message = str(answer.get("error") or f"volume '{volume}' could not be moved")
+            return _error(status, f"the members of group '{group}' are served by different "
+                                  f"worker processes and {message[:1].lower()}{message[1:]}")
+        clean = bool(answer.get("clean"))
+        self.assignment[volume] = target
+        await self._record()
+        try:
+            status, answer = await self.workers[target].admin_call("move-in", volume, clean)
+        except (aiohttp.ClientError, OSError, ValueError) as exc:
+            status, answer = 503, {"error": str(exc)}
+        if status != 200:
+            log.error("worker %d could not open volume %s (%s); it goes back to worker %d",
+                      target, volume, answer.get("error"), source)
+            self.assignment[volume] = source
+            await self._record()
+            with contextlib.suppress(aiohttp.ClientError, OSError, ValueError):
+                await self.workers[source].admin_call("move-in", volume, clean)
+            return _error(503, f"volume '{volume}' could not be moved to worker {target} for "
+                               f"group '{group}'; it stays on worker {source}")
+        log.info("moved idle volume %s from worker %d to worker %d for group %s", volume,
+                 source, target, group)
+        return None
 
     def health(self) -> web.Response:
         ready = all(w.ready.is_set() for w in self.workers) and not self.stopping
@@ -625,6 +684,7 @@ async def serve_parent(config: DaemonConfig, pool_dir: Path, lock_fd: int, count
         raise WrongState(f"a daemon is already serving pool {pool_dir}")
     for index in range(count):
         check_unix_path(worker_socket(pool_dir, index))
+        check_unix_path(admin_socket(pool_dir, index))
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     started = time.monotonic()
@@ -747,6 +807,7 @@ async def run_worker(cfg: WorkerConfig) -> int:
     holder["pool"] = pool
     nbd: NbdServer | None = None
     control: ControlServer | None = None
+    admin: web.AppRunner | None = None
     tasks: set[asyncio.Task[None]] = set()
     try:
         assignment = await pool.db(load_assignment)
@@ -763,6 +824,7 @@ async def run_worker(cfg: WorkerConfig) -> int:
         ctx.daemon.update({"worker": cfg.index, "worker_pid": os.getpid(), "ready": True})
         control = ControlServer(ctx)
         await control.start(Path(cfg.control))
+        admin = await _start_admin(pool, Path(cfg.admin), cfg.index)
 
         def on_handoff() -> None:
             assert nbd is not None
@@ -797,8 +859,64 @@ async def run_worker(cfg: WorkerConfig) -> int:
             await nbd.stop(cfg.grace)
         if control is not None:
             await control.stop()
+        if admin is not None:
+            await admin.cleanup()
+            with contextlib.suppress(FileNotFoundError):
+                Path(cfg.admin).unlink()
         await pool.close()
     return 0 if pool.closed_cleanly else EXIT_UNCLEAN
+
+
+def _idle(volume: Any) -> str | None:
+    """Why ``volume`` (an ``owm.pool.volume.Volume``) cannot move now, or None."""
+    if volume.sessions:
+        return f"volume '{volume.name}' has {len(volume.sessions)} open session(s)"
+    if any(volume.readers.values()):
+        return f"volume '{volume.name}' has images being read"
+    if volume.live_restore is not None:
+        return f"volume '{volume.name}' is being restored into"
+    if any(i.state in ("draining", "releasing") for i in volume.images.values()):
+        return f"volume '{volume.name}' has an image draining or being released"
+    return None
+
+
+async def _start_admin(pool: Any, path: Path, index: int) -> web.AppRunner:
+    """The worker's admin API for its parent: ``move-out`` closes an idle volume (refused in
+    one sentence if it is not idle), ``move-in`` opens one this worker is to serve now."""
+    async def move_out(request: web.Request) -> web.Response:
+        name = request.match_info["name"]
+        volume = pool.volumes.get(name)
+        if volume is None:
+            return _error(404, f"there is no volume named '{name}' on worker {index}")
+        why = _idle(volume)
+        if why is not None:
+            return _error(409, f"{why}, so it cannot be moved to another worker; try again "
+                               "once it is idle")
+        # close_volume takes the volume out of the served ones before its first await: no
+        # session can open on it here after the check above.
+        clean = await pool.close_volume(name)
+        await pool.groups.load()
+        return web.json_response({"clean": clean})
+
+    async def move_in(request: web.Request) -> web.Response:
+        name = request.match_info["name"]
+        clean = request.query.get("clean") == "1"
+        try:
+            volume = await pool.open_volume(name, clean)
+        except OwmError as exc:
+            return _error(500, str(exc))
+        if volume is None:
+            return _error(404, f"there is no volume named '{name}'")
+        await pool.groups.load()
+        return web.json_response({"opened": name})
+
+    app = web.Application()
+    app.router.add_post("/move-out/{name}", move_out)
+    app.router.add_post("/move-in/{name}", move_in)
+    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    await runner.setup()
+    await web.SockSite(runner, bind_private_unix_socket(path)).start()
+    return runner
 
 
 def main(argv: list[str]) -> None:
