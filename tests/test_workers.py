@@ -4,6 +4,7 @@ killed with SIGKILL while the other's client goes on, the parent killed, the sha
 from __future__ import annotations
 
 import asyncio
+import http.client
 import json
 import os
 import re
@@ -16,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import Daemon, start_daemon
+from conftest import Daemon, http_call, run_owm, start_daemon
 from nbd_fixtures import have
 
 from owm.catalog.sqlite import SqliteCatalog
@@ -75,10 +76,19 @@ def _alive(pid: int) -> bool:
 
 @pytest.mark.skipif(not have("qemu-io", "nbdinfo", "nbdcopy"), reason="needs qemu-io and libnbd")
 def test_clients_and_cli_on_volumes_of_both_workers(short_tmp: Path, hold_session: Any) -> None:
-    d = start_daemon(short_tmp / "pool", "--workers", "2")
+    token = short_tmp / "token"
+    token.write_text("s3cret\n")
+    d = start_daemon(short_tmp / "pool", "--workers", "2", "--control-listen", "127.0.0.1:0",
+                     "--control-token-file", token)
     try:
         _create(d, "a", "b")
         assert _worker_of(d) == {"a": 0, "b": 1}
+        host, port = d.health["control"]["tcp"].rsplit(":", 1)
+        status, _ = http_call(http.client.HTTPConnection(host, int(port)), "GET", "/v1/volumes")
+        assert status == 401
+        status, listed = http_call(http.client.HTTPConnection(host, int(port)), "GET",
+                                   "/v1/volumes", headers={"Authorization": "Bearer s3cret"})
+        assert status == 200 and [v["name"] for v in listed] == ["a", "b"]
         pids = {w["pid"] for w in _workers(d)}
         assert len(pids) == 2 and d.proc.pid not in pids
         for name, pattern in (("a", "0x61"), ("b", "0x62")):
@@ -243,6 +253,16 @@ def test_kill_one_worker_then_the_parent(short_tmp: Path, hold_session: Any) -> 
             assert images[name]["state"] == "drained-unclean", images[name]
     finally:
         _stop(d)
+
+
+def test_what_workers_do_not_serve_is_one_sentence(short_tmp: Path) -> None:
+    r = run_owm("--pool", short_tmp / "pool", "serve", "--workers", "2", "--tls-cert",
+                short_tmp / "cert.pem", "--tls-key", short_tmp / "key.pem")
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines() == [
+        "--workers above 1 does not work with --tls (a TLS session cannot be handed to "
+        "another process) yet."], r.stderr
+    assert not (short_tmp / "pool").exists()  # refused before anything was touched
 
 
 def test_shared_catalog_two_writers_and_group_merge(tmp_path: Path) -> None:

@@ -32,7 +32,7 @@ On a clean stop the parent stops every worker with SIGTERM and marks the pool cl
 one of them closed its volumes cleanly.
 
 Not served with ``--workers`` above 1: STARTTLS (a TLS session cannot move to another process),
-the TCP control and metrics listeners, etcd and RADOS pools, cluster mode.
+the metrics listener, ``--backup-repo``, etcd and RADOS pools, cluster mode.
 """
 
 from __future__ import annotations
@@ -63,7 +63,12 @@ from owm.catalog.sqlite import SqliteCatalog
 from owm.common.errors import InvalidRequest, OwmError, WrongState
 from owm.common.names import check_volume_name
 from owm.common.view import ExportInfo
-from owm.control.server import bind_private_unix_socket, check_unix_path, socket_in_use
+from owm.control.server import (
+    bind_private_unix_socket,
+    check_unix_path,
+    read_token_file,
+    socket_in_use,
+)
 from owm.daemon.handoff import FrontDoor, channel_pair, receive_connection, send_connection
 from owm.daemon.serve import (
     DaemonConfig,
@@ -104,7 +109,6 @@ def unsupported(config: DaemonConfig) -> str | None:
         return "--tls (a TLS session cannot be handed to another process)"
     for flag, value in (("--etcd", config.etcd), ("--ceph-conf", config.ceph_conf),
                         ("--daemon-id", config.daemon_id),
-                        ("--control-listen", config.control_listen),
                         ("--metrics-listen", config.metrics_listen),
                         ("--backup-repo", config.backup_repos)):
         if value:
@@ -661,6 +665,9 @@ async def serve(config: DaemonConfig, stop: asyncio.Event | None = None,
     pool_dir = config.pool.absolute()
     check_unix_path(config.control_socket.absolute())
     check_unix_path(config.nbd_socket_path.absolute())
+    token = read_token_file(config.control_token_file) if config.control_token_file else None
+    if config.control_listen is not None and token is None:
+        raise InvalidRequest("a TCP control listener needs a bearer token file")
     plane = DataPlane.from_config(config)
     if config.ready_file is not None and not config.ready_file.absolute().parent.is_dir():
         raise WrongState(f"the directory of the ready file {config.ready_file} does not exist")
@@ -669,13 +676,15 @@ async def serve(config: DaemonConfig, stop: asyncio.Event | None = None,
     # Nothing in the pool is read, written, recovered or unlinked before this lock is ours.
     lock_fd = lock_pool(pool_dir)
     try:
-        await serve_parent(config, pool_dir, lock_fd, config.workers, stop, plane, log_level)
+        await serve_parent(config, pool_dir, lock_fd, config.workers, stop, plane, log_level,
+                           token)
     finally:
         unlock_pool(lock_fd)
 
 
 async def serve_parent(config: DaemonConfig, pool_dir: Path, lock_fd: int, count: int,
-                       stop: asyncio.Event | None, plane: DataPlane, log_level: str) -> None:
+                       stop: asyncio.Event | None, plane: DataPlane, log_level: str,
+                       token: str | None = None) -> None:
     """The parent's life, from a locked pool to every worker stopped (see the docstring)."""
     from owm.daemon.notify import Notifier, remove_ready_file, write_ready_file
     from owm.nbd.server import _bind_unix
@@ -701,7 +710,17 @@ async def serve_parent(config: DaemonConfig, pool_dir: Path, lock_fd: int, count
         remove_ready_file(config.ready_file)
     parent = Parent(config, pool_dir, lock_fd, count, log_level)
     notifier = Notifier()
-    runner: web.AppRunner | None = None
+    runners: list[web.AppRunner] = []
+
+    async def control_site(middlewares: list[Any]) -> web.AppRunner:
+        app = web.Application(middlewares=middlewares, client_max_size=1 << 20)
+        app.router.add_route("*", "/{tail:.*}", parent.handle)
+        runner = web.AppRunner(app, access_log=None, handle_signals=False,
+                               handler_cancellation=True, shutdown_timeout=5.0)
+        await runner.setup()
+        runners.append(runner)
+        return runner
+
     try:
         clean = await asyncio.to_thread(parent.prepare_catalog)
         try:
@@ -732,15 +751,26 @@ async def serve_parent(config: DaemonConfig, pool_dir: Path, lock_fd: int, count
         parent._supervisors = [loop.create_task(parent.supervise(w, stop))
                                for w in parent.workers]
         parent.front.start()
-        app = web.Application(client_max_size=1 << 20)
-        app.router.add_route("*", "/{tail:.*}", parent.handle)
-        runner = web.AppRunner(app, access_log=None, handle_signals=False,
-                               handler_cancellation=True, shutdown_timeout=5.0)
-        await runner.setup()
+        if config.control_listen is not None:
+            from owm.control.app import bearer_token_check
+
+            assert token is not None
+            tcp_runner = await control_site([bearer_token_check(token)])
+            host, port = config.control_listen
+            try:
+                await web.TCPSite(tcp_runner, host, port, reuse_address=True).start()
+            except OSError as exc:
+                raise InvalidRequest(f"cannot listen for control requests on {host}:{port}: "
+                                     f"{exc.strerror}") from None
+            bound = tcp_runner.addresses[0][:2]
+            parent.daemon["control"]["tcp"] = _endpoint((str(bound[0]), int(bound[1])))
+        runner = await control_site([])
         await web.SockSite(runner, bind_private_unix_socket(config.control_socket)).start()
         log.info("serving pool %s with %d volume(s) on %d worker processes: NBD on %s and %s, "
-                 "control on %s (ready in %.0f ms)", pool_dir, len(parent.assignment), count,
+                 "control on %s%s (ready in %.0f ms)", pool_dir, len(parent.assignment), count,
                  _endpoint(nbd_tcp) or "no TCP", config.nbd_socket_path, config.control_socket,
+                 f" and {parent.daemon['control']['tcp']} (token required)"
+                 if parent.daemon["control"]["tcp"] else "",
                  (time.monotonic() - started) * 1000)
         if config.ready_file is not None:
             write_ready_file(config.ready_file)
@@ -759,7 +789,7 @@ async def serve_parent(config: DaemonConfig, pool_dir: Path, lock_fd: int, count
         try:
             await parent.stop_workers()
         finally:
-            if runner is not None:
+            for runner in runners:
                 await runner.cleanup()
             with contextlib.suppress(FileNotFoundError):
                 config.control_socket.unlink()
