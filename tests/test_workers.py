@@ -239,11 +239,17 @@ def test_kill_one_worker_then_the_parent(short_tmp: Path, hold_session: Any) -> 
         async def read() -> bytes:
             client = await NbdClient.connect("a", unix_path=str(d.nbd_socket))
             try:
-                return await client.read(0, 16 * 4096)
+                live_b = await NbdClient.connect("b", unix_path=str(d.nbd_socket))
+                try:
+                    held = await live_b.read(0, 4096)  # flushed by the killed worker's client
+                finally:
+                    await live_b.disconnect()
+                return held + await client.read(4096, 15 * 4096)
             finally:
                 await client.disconnect()
 
         data = asyncio.run(read())
+        assert data[:4096] == b"h" * 4096
         for n in (1, 2, 3, 11, 12, 13, 14):  # every write acknowledged with FUA is there
             assert data[n * 4096:(n + 1) * 4096] == bytes([n]) * 4096, n
         images = {i["name"]: i for i in json.loads(d.owm("status", "b", "--json").stdout)[0]

@@ -137,12 +137,13 @@ class FrontDoor:
         task.add_done_callback(self._tasks.discard)
 
     async def stop(self) -> None:
-        for sock, _unix in self._listeners:
-            sock.close()
+        """Stop accepting; handshakes not handed over yet end (their sockets close)."""
         for task in list(self._tasks):
             task.cancel()
         if self._tasks:
             await asyncio.wait(list(self._tasks), timeout=5.0)
+        for sock, _unix in self._listeners:
+            sock.close()
         if self._unix_path is not None:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self._unix_path)
@@ -152,8 +153,6 @@ class FrontDoor:
         while True:
             try:
                 conn, _addr = await loop.sock_accept(listener)
-            except (asyncio.CancelledError, GeneratorExit):
-                raise
             except OSError as exc:
                 log.warning("accepting an NBD client failed: %s", exc)
                 await asyncio.sleep(0.1)

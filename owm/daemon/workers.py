@@ -436,6 +436,11 @@ class Parent:
 
     async def stop_workers(self) -> None:
         self.stopping = True
+        # No restart may start a worker behind this stop's back.
+        for task in self._supervisors:
+            task.cancel()
+        if self._supervisors:
+            await asyncio.wait(self._supervisors, timeout=5.0)
         for worker in self.workers:
             if worker.proc is not None and worker.proc.returncode is None:
                 with contextlib.suppress(ProcessLookupError):
@@ -454,8 +459,6 @@ class Parent:
                 worker.last_exit = -9
             if worker.session is not None:
                 await worker.session.close()
-        for task in self._supervisors:
-            task.cancel()
 
     # -- the control API -----------------------------------------------------------------------
     async def _get(self, worker: Worker, path: str) -> Any:
@@ -957,9 +960,14 @@ def main(argv: list[str]) -> None:
     try:
         import uvloop
     except ImportError:  # pragma: no cover
-        code = asyncio.run(run_worker(cfg))
+        runner: Callable[[Any], int] = asyncio.run
     else:
-        code = uvloop.run(run_worker(cfg))
+        runner = uvloop.run
+    try:
+        code = runner(run_worker(cfg))
+    except OwmError as exc:
+        log.error("worker %d did not start: %s", cfg.index, exc)
+        code = 1
     logging.shutdown()
     sys.exit(code)
 
