@@ -96,6 +96,12 @@ def test_clients_and_cli_on_volumes_of_both_workers(short_tmp: Path, hold_sessio
                                 "-c", f"write -P {pattern} 15M 1M", _uri(d, name)],
                                capture_output=True, text=True, timeout=30)
             assert r.returncode == 0, r.stderr
+        # The metadata context negotiated with the parent holds in the worker: block status.
+        r = subprocess.run(["nbdinfo", "--map", _uri(d, "b")], capture_output=True, text=True,
+                           timeout=30)
+        assert r.returncode == 0, r.stderr
+        assert [line.split()[:2] for line in r.stdout.splitlines()][:2] == [
+            ["0", "1048576"], ["1048576", "14680064"]], r.stdout
         # Over TCP too, and nbdinfo asks about both workers' exports on one connection.
         r = subprocess.run(["nbdinfo", "--list", f"nbd://{d.nbd_tcp}"], capture_output=True,
                            text=True, timeout=30)
