@@ -23,6 +23,16 @@ until it is grown back.  A change that fails even so raises ``NoSpace``
 ("the pool's disk is full"), never a bare ``sqlite3.OperationalError``, and changed nothing.
 SQLite's own preallocation (``SQLITE_FCNTL_CHUNK_SIZE``) was not chosen: Python's ``sqlite3``
 cannot set it, and it would not cover the WAL.
+
+Several processes (``owm serve --workers N``, ``shared=True``): the parent and each worker open
+the same file.  Exclusive locking is then impossible, so the catalog uses normal locking (the
+WAL index lives in a ``-shm`` file, which a start on a full disk may fail to create: the cost of
+sharing), waits up to ``BUSY_TIMEOUT`` for another process's write, and every multi-statement
+change starts with ``BEGIN IMMEDIATE`` (the write lock first, so that no transaction reads a
+snapshot another process then invalidates).  The catalog keeps no cache of rows: every read asks
+the file.  A meta key that several processes write (``groups``, a document of every worker's
+groups) can be given a *merge* (``merge_meta``): the value a change writes is then computed from
+the stored one inside the same transaction, a read-modify-write no other process can interleave.
 """
 
 from __future__ import annotations
@@ -49,6 +59,7 @@ RESERVE_BYTES = 1 << 20
 RESERVE_STEP = 128 << 10  # freed per full-disk failure: a few changes' worth of WAL frames
 REFILL_INTERVAL = 1.0  # seconds between attempts to re-create a missing reserve
 AUTOCHECKPOINT_PAGES = 64
+BUSY_TIMEOUT = 30.0  # seconds a shared catalog waits for another process's transaction
 HEADROOM_CHECK = "check for headroom"
 _SQLITE_FULL = 13
 _SQLITE_IOERR = 10
@@ -110,8 +121,12 @@ def _is_full(exc: sqlite3.Error, where: Path) -> bool:
 class SqliteCatalog:
     """Blocking SQLite access; the pool calls it from one dedicated thread."""
 
-    def __init__(self, path: Path, *, reserve_bytes: int = RESERVE_BYTES) -> None:
+    def __init__(self, path: Path, *, reserve_bytes: int = RESERVE_BYTES,
+                 shared: bool = False) -> None:
         self.path = Path(path)
+        self.shared = shared
+        # Meta keys written by several processes: key -> merge(stored, written) -> to store.
+        self.merge_meta: dict[str, Callable[[str | None, str], str]] = {}
         self.reserve_path = self.path.with_name(self.path.name + ".reserve")
         self.reserve_bytes = reserve_bytes
         # Tests inject a full disk here: called with the change's name before each attempt,
@@ -138,10 +153,14 @@ class SqliteCatalog:
         self._refill(force=True)
 
     def _connect(self) -> sqlite3.Connection:
-        db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None,
+                             timeout=BUSY_TIMEOUT if self.shared else 5.0)
         try:
-            # Before the first WAL access, so that no -shm file is ever needed.
-            db.execute("PRAGMA locking_mode=EXCLUSIVE")
+            if not self.shared:
+                # Before the first WAL access, so that no -shm file is ever needed.
+                db.execute("PRAGMA locking_mode=EXCLUSIVE")
+            else:
+                db.execute(f"PRAGMA busy_timeout={int(BUSY_TIMEOUT * 1000)}")
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=FULL")
             db.execute("PRAGMA foreign_keys=ON")
@@ -160,6 +179,7 @@ class SqliteCatalog:
             return  # nothing to do: no write on every start (the disk may be full)
         with self.db:
             self.db.execute("BEGIN IMMEDIATE")
+            columns = {row[1] for row in self.db.execute("PRAGMA table_info(volumes)")}
             if "uid" not in columns:
                 self.db.execute("ALTER TABLE volumes ADD COLUMN uid TEXT NOT NULL DEFAULT ''")
             if "restore" not in columns:
@@ -268,8 +288,26 @@ class SqliteCatalog:
         return default if row is None else str(row[0])
 
     def set_meta(self, key: str, value: str) -> None:
-        self._change("record the pool's state", lambda: self.db.execute(
-            "INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, value)))
+        if key not in self.merge_meta:
+            self._change("record the pool's state", lambda: self.db.execute(
+                "INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, value)))
+            return
+
+        def change() -> None:
+            with self.db:
+                self.db.execute("BEGIN IMMEDIATE")
+                self._put_meta(key, value)
+
+        self._change("record the pool's state", change)
+
+    def _put_meta(self, key: str, value: str) -> None:
+        """Write meta ``key`` inside the caller's transaction, through its merge if it has one
+        (the stored value is read in the same transaction)."""
+        merge = self.merge_meta.get(key)
+        if merge is not None:
+            row = self.db.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
+            value = merge(None if row is None else str(row[0]), value)
+        self.db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, value))
 
     # -- volumes ------------------------------------------------------------------------------
     def volumes(self) -> list[VolumeRow]:
@@ -302,7 +340,7 @@ class SqliteCatalog:
     def delete_volume(self, name: str) -> None:
         def change() -> None:
             with self.db:
-                self.db.execute("BEGIN")
+                self.db.execute("BEGIN IMMEDIATE")
                 self.db.execute("DELETE FROM images WHERE volume=?", (name,))
                 self.db.execute("DELETE FROM sessions WHERE volume=?", (name,))
                 self.db.execute("DELETE FROM volumes WHERE name=?", (name,))
@@ -339,7 +377,7 @@ class SqliteCatalog:
         """The new image and the new live generation, atomically."""
         def change() -> None:
             with self.db:
-                self.db.execute("BEGIN")
+                self.db.execute("BEGIN IMMEDIATE")
                 self._insert_cut(image, live, state)
 
         self._change(f"record the preserve of {image.volume}@{image.generation}", change)
@@ -351,10 +389,10 @@ class SqliteCatalog:
         after a crash either every member is cut or none is."""
         def change() -> None:
             with self.db:
-                self.db.execute("BEGIN")
+                self.db.execute("BEGIN IMMEDIATE")
                 for image, live, state in cuts:
                     self._insert_cut(image, live, state)
-                self.db.execute("INSERT OR REPLACE INTO meta VALUES ('groups', ?)", (groups,))
+                self._put_meta("groups", groups)
 
         names = ", ".join(f"{i.volume}@{i.generation}" for i, _, _ in cuts)
         self._change(f"record the group preserve of {names}", change)
@@ -374,7 +412,7 @@ class SqliteCatalog:
     def finish_release(self, volume: str, generation: int, state: dict[str, Any]) -> None:
         def change() -> None:
             with self.db:
-                self.db.execute("BEGIN")
+                self.db.execute("BEGIN IMMEDIATE")
                 self.db.execute(
                     "DELETE FROM images WHERE volume=? AND generation=?", (volume, generation)
                 )
@@ -404,7 +442,7 @@ class SqliteCatalog:
         (an unclean end counts against every image it held)."""
         def change() -> None:
             with self.db:
-                self.db.execute("BEGIN")
+                self.db.execute("BEGIN IMMEDIATE")
                 self.db.execute(
                     "UPDATE sessions SET closed_at=?, clean=?, bytes_read=?, bytes_written=?, "
                     "generation=? WHERE id=?",
@@ -428,7 +466,7 @@ class SqliteCatalog:
         whose unclean count that raised."""
         def change() -> None:
             with self.db:
-                self.db.execute("BEGIN")
+                self.db.execute("BEGIN IMMEDIATE")
                 self.db.execute(
                     "UPDATE sessions SET closed_at=?, clean=0 WHERE volume=? AND closed_at IS NULL",
                     (now(), volume),

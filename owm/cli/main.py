@@ -224,6 +224,9 @@ def parse_endpoint(text: str, what: str) -> tuple[str, int] | None:
               metavar="SECONDS",
               help="Cluster mode: seconds of this daemon's lease; another daemon takes its "
                    "volumes over once it has ended.")
+@click.option("--workers", type=click.IntRange(min=1, max=256), default=1, show_default=True,
+              metavar="N",
+              help="Serve the volumes from N worker processes (a local pool; one core each).")
 def serve(listen: str, nbd_socket: Path | None, control_listen: str | None,
           control_token_file: Path | None, grace: float, tls_mode: str | None,
           tls_cert: Path | None, tls_key: Path | None, tls_ca: Path | None,
@@ -232,7 +235,7 @@ def serve(listen: str, nbd_socket: Path | None, control_listen: str | None,
           metrics_listen: str | None, ready_file: Path | None, ceph_conf: Path | None,
           rados_pool: str | None, stripe_size: int | None, backup_repos: tuple[Path, ...],
           backup_key_files: tuple[Path, ...], daemon_id: str | None,
-          lease_ttl: int) -> None:
+          lease_ttl: int, workers: int) -> None:
     """Run the daemon (NBD and the control API) in the foreground.
 
     NBD is served on HOST:PORT and POOL/nbd.sock, the control API on POOL/control.sock.
@@ -273,7 +276,7 @@ def serve(listen: str, nbd_socket: Path | None, control_listen: str | None,
         tls=TlsSettings(tls_mode, tls_cert, tls_key, tls_ca, tls_verify_peer),
         access_file=access_file, socket_group=socket_group, etcd=etcd, etcd_prefix=etcd_prefix,
         ceph_conf=ceph_conf, rados_pool=rados_pool, stripe_size=stripe_size,
-        daemon_id=daemon_id, lease_ttl=lease_ttl,
+        daemon_id=daemon_id, lease_ttl=lease_ttl, workers=workers,
     )
     if metrics_listen:
         config.metrics_listen = parse_endpoint(metrics_listen, "--metrics-listen")
@@ -287,6 +290,10 @@ def serve(listen: str, nbd_socket: Path | None, control_listen: str | None,
             config.backup_repos = RepoListing.open(backup_repos, backup_key_files)
         except OwmError as exc:
             raise Fail(f"the daemon did not start: {exc}", 1) from None
+    if workers > 1:
+        from owm.daemon.workers import run as run_workers
+
+        run = run_workers
     try:
         run(config, log_level)
     except OwmError as exc:

@@ -110,6 +110,7 @@ class DaemonConfig:
     backup_repos: BackupRepos | None = None
     daemon_id: str | None = None  # cluster mode: this daemon's id among the pool's daemons
     lease_ttl: int = 5  # cluster mode: seconds of the member lease
+    workers: int = 1  # above 1: owm.daemon.workers serves the pool (its ``run``)
 
     @property
     def control_socket(self) -> Path:

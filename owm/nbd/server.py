@@ -185,6 +185,8 @@ class _Connection(asyncio.BufferedProtocol):
         self._last_request = float("-inf")  # loop time of the last request started
         self._process_scheduled = False
         self._held_input = 0  # the machine's buffered bytes, as counted in the server's total
+        # (transcript, answers) of a connection handed over by another process (adopt).
+        self._adopted: tuple[bytes, bytes] | None = None
 
     # ------------------------------------------------------------------ asyncio callbacks
 
@@ -210,7 +212,37 @@ class _Connection(asyncio.BufferedProtocol):
         self._deadline = self._loop.call_later(
             self.server.handshake_timeout, self._handshake_timed_out
         )
-        transport.write(self.machine.initiate())
+        greeting = self.machine.initiate()
+        if self._adopted is not None:
+            self._replay(*self._adopted)  # another process greeted the client already
+            return
+        transport.write(greeting)
+
+    def _replay(self, transcript: bytes, answers: bytes) -> None:
+        """Continue a handshake another process began (``NbdServer.adopt``): feed the client's
+        bytes it read, skip the option events it answered already (one byte of ``answers``
+        each: whether the export named existed), leaving the machine as those answers left its
+        own (only a metadata context's answer changes the state), then go on as usual."""
+        machine = self.machine
+        if transcript:
+            machine.receive_data(transcript)
+        try:
+            for existed in answers:
+                event = machine.next_event()
+                if isinstance(event, p.ListExports):
+                    machine.reply_list(())
+                elif isinstance(event, p.ExportInfoRequest):
+                    machine.reply_option_error(c.REP_ERR_UNKNOWN)
+                elif isinstance(event, p.MetaContextRequest):
+                    machine.reply_meta_context(bool(existed))
+                elif not isinstance(event, p.OptionHandled):
+                    raise p.ProtocolError(f"the handed-over handshake diverged at {event!r}")
+        except (p.ProtocolError, RuntimeError) as e:
+            log.warning("client %s: the handed-over handshake cannot be replayed: %s",
+                        self.peer, e)
+            self._close_transport(abort=True)
+            return
+        self._process()
 
     def _handshake_timed_out(self) -> None:
         # An export being opened is no exemption: an open that never finishes must not keep
@@ -1206,6 +1238,17 @@ class NbdServer:
             self._unix_path = path
         if not self._servers:
             raise ValueError("NbdServer.start needs a TCP address or a Unix socket path")
+
+    async def adopt(self, sock: socket.socket, transcript: bytes, answers: bytes,
+                    unix: bool = False) -> None:
+        """Serve a client whose handshake another process began (``owm serve --workers``: the
+        parent greets the client and answers options until GO or EXPORT_NAME, then passes the
+        socket here).  ``transcript`` is every byte that process read from the client;
+        ``answers`` has one byte per option event it answered itself (1: the export it named
+        existed, which matters for a metadata context); the rest is answered here."""
+        conn = _Connection(self, unix=unix)
+        conn._adopted = (transcript, answers)
+        await asyncio.get_running_loop().connect_accepted_socket(lambda: conn, sock)
 
     async def stop(self, grace: float = 5.0) -> None:
         """Stop accepting, finish the requests in flight (up to ``grace`` seconds), close views."""
