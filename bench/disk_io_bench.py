@@ -8,12 +8,21 @@ depth), and prints the process's CPU (all threads, kernel included) per write:
 
 * ``inline``: ``os.pwrite`` in the loop (the floor; it blocks the loop when the disk does);
 * ``executor``: ``run_in_executor`` per write;
-* ``storage``: ``owm.storage.local.LocalStorage`` (what owm does);
+* ``storage``: ``owm.storage.local.LocalStorage`` (what owm does: queued writes, one thread hop
+  and one ``io_submit`` per batch);
+* ``storage-pwritev``: the same queue written with one ``pwritev`` per run of contiguous writes
+  (what owm did before: the GIL is released and taken back around every write);
 * ``caio-aio`` / ``caio-uring``: the ``caio`` package's Linux AIO and io_uring contexts (when
   installed; Linux AIO on a buffered file runs synchronously in the submitting thread).
 
     .venv/bin/python bench/disk_io_bench.py [--dir /var/tmp] [--writes 20000] [--depth 16]
-                                            [--only inline,storage] [--size 4096]
+                                            [--only inline,storage] [--size 4096] [--busy 10]
+                                            [--burst] [--folios]
+
+``--busy US`` makes every writer spend that long in Python before each write, as the NBD server
+does for a request (with an idle loop a thread hop looks cheaper than it is in the server).
+``--folios`` instead measures what a 4 KiB overwrite costs the kernel in a file whose page cache
+was written 4K, 64K or 1M at a time (ext4 sizes a folio after the write that made it).
 
 One run each on whatever machine this is: on a shared machine the figures are noisy.
 """
@@ -35,6 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 FILE_SIZE = 64 << 20
 BURST = False
+BUSY = 0.0
 
 
 def _cpu() -> float:
@@ -50,6 +60,8 @@ async def _drive(write: Callable[[int], Awaitable[object]], count: int, depth: i
 
     async def worker(k: int) -> None:
         for off in offsets[k * per:(k + 1) * per]:
+            if BUSY:
+                _spin(BUSY)
             await write(off)
 
     async def bursts() -> None:
@@ -64,13 +76,46 @@ async def _drive(write: Callable[[int], Awaitable[object]], count: int, depth: i
     return _cpu() - cpu, time.perf_counter() - wall
 
 
+def _spin(seconds: float) -> None:
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        pass
+
+
+def _folios(directory: str, count: int) -> None:
+    size = 256 << 20
+    data = os.urandom(4096)
+    for fill in (4096, 65536, 1 << 20):
+        path = Path(directory) / f"owm-folios-{os.getpid()}"
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            piece = os.urandom(fill)
+            for off in range(0, size, fill):
+                os.pwrite(fd, piece, off)
+            rng = random.Random(1)
+            offsets = [rng.randrange(size // 4096) * 4096 for _ in range(count)]
+            cpu = _cpu()
+            for off in offsets:
+                os.pwrite(fd, data, off)
+            per = (_cpu() - cpu) / count
+            print(f"page cache written {fill // 1024:>5}K at a time: {per * 1e6:5.1f} us CPU per "
+                  f"4K overwrite  (load {os.getloadavg()[0]:.1f})")
+        finally:
+            os.close(fd)
+            path.unlink()
+
+
 async def _candidate(name: str, path: Path, count: int, depth: int, bs: int) -> tuple[float, float]:
     data = os.urandom(bs)
     loop = asyncio.get_running_loop()
-    if name == "storage":
+    if name in ("storage", "storage-pwritev"):
         from owm.storage.local import LocalStorage
 
         storage = LocalStorage(path.parent)
+        storage._write_mode = None  # queued, as on ext4 (on tmpfs, writes would run inline)
+        if name == "storage-pwritev" and storage._batch_writer is not None:
+            storage._batch_writer.close()
+            storage._batch_writer = None
         try:
             return await _drive(lambda off: storage.write(path.name, off, data), count, depth, bs)
         finally:
@@ -108,12 +153,18 @@ def main() -> None:
     ap.add_argument("--writes", type=int, default=20000)
     ap.add_argument("--depth", type=int, default=16)
     ap.add_argument("--size", type=int, default=4096, help="bytes per write")
-    ap.add_argument("--only", default="inline,executor,storage,caio-aio,caio-uring")
+    ap.add_argument("--only",
+                    default="inline,executor,storage,storage-pwritev,caio-aio,caio-uring")
+    ap.add_argument("--busy", type=float, default=0.0, help="us of Python work per request")
+    ap.add_argument("--folios", action="store_true", help="the page-cache folio cost instead")
     ap.add_argument("--burst", action="store_true",
                     help="writes in bursts of --depth that all end before the next burst")
     args = ap.parse_args()
-    global BURST
-    BURST = args.burst
+    global BURST, BUSY
+    BURST, BUSY = args.burst, args.busy / 1e6
+    if args.folios:
+        _folios(args.dir, args.writes)
+        return
     with tempfile.TemporaryDirectory(dir=args.dir, prefix="owm-diskio-") as tmp:
         path = Path(tmp) / "obj"
         with open(path, "wb") as f:  # pre-filled: the writes are overwrites, as in W2

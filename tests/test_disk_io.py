@@ -24,14 +24,19 @@ from owm.storage import aio, local
 from owm.storage.local import LocalStorage
 
 
-def queued(root: Path) -> LocalStorage:
-    """A storage whose small writes all take the queued, batched path."""
+def queued(root: Path, batch_writer: bool = True) -> LocalStorage:
+    """A storage whose small writes all take the queued, batched path (with Linux AIO, or,
+    where it cannot be had, one ``pwritev`` per run), cut in pieces as on a disk."""
     storage = LocalStorage(root)
     storage._write_mode = None
-    if storage._batch_writer is None:  # a memory-backed tmp_path: batch all the same
+    storage._piece = aio.PIECE
+    if storage._batch_writer is None and batch_writer:  # a memory-backed tmp_path
         storage._batch_writer = aio.open_batch_writer()
-    if storage._batch_writer is None:
-        pytest.skip("Linux AIO is not available here")
+        if storage._batch_writer is None:
+            pytest.skip("Linux AIO is not available here")
+    if storage._batch_writer is not None and not batch_writer:
+        storage._batch_writer.close()
+        storage._batch_writer = None
     return storage
 
 
@@ -65,8 +70,9 @@ async def test_a_burst_of_small_writes_costs_one_hop(tmp_path: Path,
         await storage.close()
 
 
-async def test_reads_see_every_write_that_returned(tmp_path: Path) -> None:
-    storage = queued(tmp_path)
+@pytest.mark.parametrize("batch_writer", [True, False], ids=["aio", "pwritev"])
+async def test_reads_see_every_write_that_returned(tmp_path: Path, batch_writer: bool) -> None:
+    storage = queued(tmp_path, batch_writer)
     rng = random.Random(3)
     size = 1 << 20
     want = bytearray(size)
@@ -74,9 +80,12 @@ async def test_reads_see_every_write_that_returned(tmp_path: Path) -> None:
         for _round in range(20):
             ops = []
             for _ in range(rng.randrange(1, 24)):
-                length = rng.choice([512, 4096, 4096, 65536, 200000])
+                length = rng.choice([512, 4096, 4096, 65536, 200000, 300000])
                 offset = rng.randrange(0, size - length)
                 ops.append((offset, rng.randbytes(length)))
+            if rng.random() < 0.3:  # a run of contiguous writes, across a piece boundary
+                base = rng.randrange(0, size - 16 * 8192)
+                ops += [(base + k * 8192, rng.randbytes(8192)) for k in range(16)]
             # Overlapping writes issued in one turn land in the order issued.
             await asyncio.gather(*(storage.write("obj", o, memoryview(d)) for o, d in ops))
             for o, d in ops:

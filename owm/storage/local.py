@@ -28,7 +28,7 @@ from typing import TypeVar
 
 from owm.common.errors import NoSpace, OwmError
 from owm.storage import Buffer
-from owm.storage.aio import open_batch_writer
+from owm.storage.aio import PIECE, open_batch_writer
 
 T = TypeVar("T")
 _QueuedWrite = tuple[int, int, Buffer, "asyncio.Future[None]"]
@@ -124,6 +124,9 @@ class LocalStorage:
         # Linux AIO as a vectored pwrite for the queued writes (owm.storage.aio); None: one
         # pwritev per contiguous run instead.
         self._batch_writer = None if self.memory_backed else open_batch_writer()
+        # Writes off the loop are cut at these boundaries on a disk (see aio.PIECE: page-cache
+        # folios of a file written in big pieces make every later small write into them dear).
+        self._piece = 0 if self.memory_backed else PIECE
 
     def _path(self, name: str) -> Path:
         if "/" in name or name.startswith("."):
@@ -210,7 +213,9 @@ class LocalStorage:
                 if n == length:
                     return
                 offset, data = offset + n, memoryview(data)[n:]
-        if length <= _INLINE_LIMIT or self._batch_writer is not None:
+        if length <= _INLINE_LIMIT or self._piece:
+            # On a disk every write leaves the loop through the one queue: written in the order
+            # issued, big ones in pieces with the small ones of their batch.
             await self._queued_write(name, fd, offset, data)
             return
         await self._run(lambda: self._write_blocking(fd, offset, data), f"writing {name}")
@@ -284,22 +289,25 @@ class LocalStorage:
             i = j
         return done
 
-    @staticmethod
-    def _writev_blocking(fd: int, offset: int, parts: list[Buffer]) -> None:
-        if len(parts) == 1:
-            LocalStorage._write_blocking(fd, offset, parts[0])
-            return
+    def _writev_blocking(self, fd: int, offset: int, parts: list[Buffer]) -> None:
         total = sum(len(p) for p in parts)
+        piece = self._piece
+        if len(parts) == 1 or (piece and offset // piece != (offset + total - 1) // piece):
+            for part in parts:  # cut at the piece boundaries, as the batch writer does
+                self._write_blocking(fd, offset, part)
+                offset += len(part)
+            return
         n = os.pwritev(fd, parts, offset)
         if n < total:  # short: finish the rest plainly
             rest = memoryview(b"".join(bytes(p) for p in parts))[n:]
-            LocalStorage._write_blocking(fd, offset + n, rest)
+            self._write_blocking(fd, offset + n, rest)
 
-    @staticmethod
-    def _write_blocking(fd: int, offset: int, data: Buffer) -> None:
+    def _write_blocking(self, fd: int, offset: int, data: Buffer) -> None:
         view = memoryview(data)
+        piece = self._piece
         while view:
-            n = os.pwrite(fd, view, offset)
+            step = min(len(view), piece - offset % piece) if piece else len(view)
+            n = os.pwrite(fd, view[:step], offset)
             view, offset = view[n:], offset + n
 
     async def sync(self, name: str) -> None:
