@@ -21,8 +21,8 @@ depth), and prints the process's CPU (all threads, kernel included) per write:
 
 ``--busy US`` makes every writer spend that long in Python before each write, as the NBD server
 does for a request (with an idle loop a thread hop looks cheaper than it is in the server).
-``--folios`` instead measures what a 4 KiB overwrite costs the kernel in a file whose page cache
-was written 4K, 64K or 1M at a time (ext4 sizes a folio after the write that made it).
+``--folios`` instead measures what a 4 KiB overwrite costs the kernel in a 512 MiB file whose page
+cache was written 4K, 64K or 1M at a time (ext4 sizes a folio after the write that made it).
 
 One run each on whatever machine this is: on a shared machine the figures are noisy.
 """
@@ -83,7 +83,7 @@ def _spin(seconds: float) -> None:
 
 
 def _folios(directory: str, count: int) -> None:
-    size = 256 << 20
+    size = 512 << 20  # the effect grows with the file: at 64 MiB 1M pieces cost far less
     data = os.urandom(4096)
     for fill in (4096, 65536, 1 << 20):
         path = Path(directory) / f"owm-folios-{os.getpid()}"

@@ -74,7 +74,7 @@ def _pwrite_all(fd: int, data: Buffer, offset: int) -> None:
 class BatchWriter:
     """An AIO context of ``depth`` slots, for one thread at a time."""
 
-    def __init__(self, depth: int = 128) -> None:
+    def __init__(self, depth: int = 64) -> None:
         numbers = _SYSCALLS.get(platform.machine())
         if numbers is None:
             raise OSError(errno.ENOSYS, "Linux AIO is not wired up for this machine")
@@ -195,7 +195,7 @@ class BatchWriter:
             self._ctx = None
 
 
-def open_batch_writer(depth: int = 128) -> BatchWriter | None:
+def open_batch_writer(depth: int = 64) -> BatchWriter | None:
     """A batch writer, or None where Linux AIO cannot be had (then write one by one)."""
     try:
         return BatchWriter(depth)
