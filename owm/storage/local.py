@@ -3,15 +3,21 @@
 The event loop must never wait for a disk, and a thread hop costs more than a 4 KiB copy, so:
 on a memory-backed filesystem (tmpfs, ramfs) small reads and writes run inline, since there is no
 disk to wait for; elsewhere small reads and writes are tried inline with RWF_NOWAIT, which the
-kernel refuses (EAGAIN) when it would have to wait, and only then go to a thread pool (where the
-kernel does not support RWF_NOWAIT for an operation, that operation always goes to the pool).
-Syncs always go to the pool.
+kernel refuses (EAGAIN) when it would have to wait, and only then leave the loop (where the
+kernel does not support RWF_NOWAIT for an operation, that operation always leaves it: ext4
+answers EOPNOTSUPP for writes).  Syncs always go to the thread pool.
 
-Small writes that go to the pool share thread hops: they join a queue, and one pool thread
-writes whatever is queued, in order (consecutive ones that continue each other with a single
-``pwritev``), then wakes the event loop once for the whole batch.  At queue depth 16 on a disk
-where the kernel refuses RWF_NOWAIT writes (ext4 here answers EOPNOTSUPP), that is one hop and
-one loop wake-up per batch instead of per request.
+On a disk every write that leaves the loop joins one queue.  The first one queued in a loop turn
+hands the queue to a pool thread at the end of that turn, so every write of the turn (a receive
+of 16 requests, a group commit's releases) shares the one hop; the thread writes what is queued,
+in order, with one ``io_submit`` per batch (``owm.storage.aio``: Linux AIO on a page-cached file
+is a vectored ``pwrite``, one GIL release for the batch), each request with its own result, and
+wakes the loop once.  Without AIO it writes one ``pwritev`` per run of contiguous writes.  Either
+way writes are cut at every 64 KiB boundary (``aio.PIECE``): ext4 sizes page-cache folios after
+the writes that create them, and a small write into a big folio costs several times more.
+
+A read of an object that does not exist answers zeroes from memory after the first miss: only
+this instance creates files in its directory, and it forgets the absence before creating one.
 """
 
 from __future__ import annotations
