@@ -25,9 +25,19 @@ so every snapshot copies the same amount per first write):
 and once: ``owm cow`` and ``owm mirror`` with no preserve against nbdkit's file plugin (C, the
 practical limit) and qemu-nbd on the raw file.
 
+``--p99-preserve cow,log`` adds, for each method named, the write latency around a preserve
+(issue 17): a real ``owm serve`` daemon, fio's 4K random writes at queue depth 16 for
+``--runtime`` seconds (at least 8) with every I/O's completion latency logged, and ``owm
+preserve`` run through the CLI half-way through.  It prints the p99 (and the maximum) of the
+second of writes before the preserve, of the second after the CLI was started, and of the second
+after it returned; and, as a control, of the second after an ``owm status`` run 2.5 s before
+the preserve (a CLI process that changes nothing: on a small machine starting one costs the
+server CPU).
+
     .venv/bin/python bench/nbd_fio.py [--runtime 10] [--size 1G] [--chunks 4096,65536]
                                       [--only owm,qemu,nbdkit] [--dir /var/tmp]
                                       [--qemu-cache direct,default] [--jobs W1,W2,W3]
+                                      [--p99-preserve cow,log]
 
 The run takes about (rows x 3 x runtime) plus the fills; the aims of issue 11 are checked at
 the end.  On a shared machine every figure is noisy: each progress line shows the 1-minute load
@@ -471,6 +481,124 @@ def run_owm(
     return rows
 
 
+# ------------------------------------------------------------------- p99 around a preserve
+
+
+def _percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def p99_preserve(base: Path, method: str, size: int, runtime: int, chunk: int) -> dict[str, float]:
+    """Write latency before and after a preserve issued through the CLI mid-run (issue 17)."""
+    work = Path(tempfile.mkdtemp(prefix="owm-p99-", dir=base))
+    pool = work / "pool"
+    owm = [sys.executable, "-m", "owm", "--pool", str(pool)]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    daemon = subprocess.Popen([*owm, "serve", "--listen", "127.0.0.1:0"], cwd=REPO, env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        sock = pool / "nbd.sock"
+        deadline = time.monotonic() + 60
+        while True:
+            probe = subprocess.run([*owm, "status", "--json"], cwd=REPO, env=env,
+                                   capture_output=True, timeout=60)
+            if probe.returncode == 0 and sock.exists():
+                break
+            if daemon.poll() is not None or time.monotonic() > deadline:
+                err = daemon.stderr.read().decode() if daemon.stderr else ""
+                raise RuntimeError(f"owm serve did not start: {err[-2000:]}")
+            time.sleep(0.2)
+        subprocess.run([*owm, "volume", "create", "vol", "--size", str(size), "--method", method,
+                        "--chunk-size", str(chunk)], cwd=REPO, env=env, check=True,
+                       capture_output=True, timeout=60)
+        uri = f"nbd+unix:///vol?socket={sock}"
+        fill(uri, size)
+        # The fill's dirty pages written back first, so the steady writes are not throttled by
+        # them (the peers' and owm's table rows see the same thing; here it would blur the p99).
+        for path in (pool / "volumes").rglob("*"):
+            if path.is_file():
+                fd = os.open(path, os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+        prefix = work / "lat"
+        argv = ["fio", "--name=p99", "--ioengine=nbd", f"--uri={uri}", f"--iodepth={DEPTH}",
+                "--rw=randwrite", "--bs=4k", f"--size={size}", f"--runtime={runtime}",
+                "--time_based", f"--write_lat_log={prefix}", "--log_avg_msec=0",
+                "--log_unix_epoch=1", "--output-format=json"]
+        fio_proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        # A control first: a CLI command that changes nothing (``owm status``), so that what a
+        # CLI process costs the machine (2 cores here) is seen apart from what the preserve does.
+        time.sleep(runtime / 2 - 2.5)
+        control = time.time()
+        subprocess.run([*owm, "status", "vol", "--json"], cwd=REPO, env=env,
+                       capture_output=True, timeout=120)
+        control_returned = time.time()
+        time.sleep(max(0.0, control + 2.5 - time.time()))
+        issued = time.time()
+        done = subprocess.run([*owm, "preserve", "vol"], cwd=REPO, env=env, capture_output=True,
+                              text=True, timeout=120)
+        returned = time.time()
+        _out, err = fio_proc.communicate(timeout=runtime * 3 + 120)
+        if done.returncode != 0:
+            raise RuntimeError(f"owm preserve failed: {done.stderr.strip()}")
+        if fio_proc.returncode != 0:
+            raise RuntimeError(f"fio failed: {err.decode().strip()[-500:]}")
+        samples: list[tuple[float, float]] = []  # (completion time s, latency ms)
+        for log in work.glob("lat_clat.*.log"):
+            for line in log.read_text().splitlines():
+                fields = line.split(",")
+                if len(fields) >= 2:
+                    samples.append((int(fields[0]) / 1000, int(fields[1]) / 1e6))
+        start = min(t for t, _ in samples)
+
+        def window(t0: float, t1: float) -> list[float]:
+            return [lat for t, lat in samples if t0 <= t < t1]
+
+        steady = window(max(start + 1.0, issued - 1.2), issued - 0.2)  # the second before
+        after_control = window(control, control + 1.0)
+        after_issue = window(issued, issued + 1.0)
+        after_return = window(returned, returned + 1.0)
+        return {
+            "steady_p99_ms": _percentile(steady, 0.99), "steady_max_ms": max(steady, default=0),
+            "issued_p99_ms": _percentile(after_issue, 0.99),
+            "issued_max_ms": max(after_issue, default=0),
+            "returned_p99_ms": _percentile(after_return, 0.99),
+            "returned_max_ms": max(after_return, default=0),
+            "cli_seconds": returned - issued, "ios_after_issue": len(after_issue),
+            "steady_iops": len(steady) / max(1e-9, issued - 0.2 - max(start + 1.0, issued - 1.2)),
+            "control_p99_ms": _percentile(after_control, 0.99),
+            "control_max_ms": max(after_control, default=0),
+            "control_seconds": control_returned - control,
+        }
+    finally:
+        daemon.send_signal(signal.SIGTERM)
+        try:
+            daemon.wait(30)
+        except subprocess.TimeoutExpired:
+            daemon.kill()
+            daemon.wait()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def print_p99(method: str, r: dict[str, float]) -> None:
+    ratio = r["issued_p99_ms"] / r["steady_p99_ms"] if r["steady_p99_ms"] else float("nan")
+    verdict = "ok   " if ratio <= 2.0 else "ABOVE"
+    print(f"  {verdict} owm {method}: write p99 steady {r['steady_p99_ms']:.2f} ms "
+          f"(max {r['steady_max_ms']:.1f}); in the second after `owm preserve` started "
+          f"{r['issued_p99_ms']:.2f} ms (max {r['issued_max_ms']:.1f}, "
+          f"{r['ios_after_issue']:.0f} writes; steady {r['steady_iops']:.0f}/s), "
+          f"after it returned {r['returned_p99_ms']:.2f} ms "
+          f"(max {r['returned_max_ms']:.1f}); {ratio:.2f}x steady (aim <= 2x); the CLI took "
+          f"{r['cli_seconds'] * 1000:.0f} ms.  Control, the second after `owm status` started: "
+          f"{r['control_p99_ms']:.2f} ms (max {r['control_max_ms']:.1f}; it took "
+          f"{r['control_seconds'] * 1000:.0f} ms); load {os.getloadavg()[0]:.1f}", flush=True)
+
+
 def main() -> None:
     if len(sys.argv) == 4 and sys.argv[1] == "--owm-server":
         owm_server_main(sys.argv[2], sys.argv[3])
@@ -488,6 +616,10 @@ def main() -> None:
     parser.add_argument("--qemu-cache", help="QEMU's cache modes, comma-separated: direct "
                         "(cache.direct=on), default (the page cache); default: direct with "
                         "--dir, else default")
+    parser.add_argument("--p99-only", action="store_true",
+                        help="run only the --p99-preserve measurement, not the table")
+    parser.add_argument("--p99-preserve", help="methods (cow,log,mirror) to measure the write "
+                        "latency around a preserve for, through a real daemon and the CLI")
     args = parser.parse_args()
     sys.path.insert(0, str(REPO))
     from owm.common.sizes import parse_size
@@ -502,6 +634,14 @@ def main() -> None:
         if shutil.which(tool) is None:
             sys.exit(f"{tool} is not installed (scripts/setup installs it; qemu-storage-daemon "
                      "comes with Debian's qemu-system-common)")
+    if args.p99_preserve:
+        print("\nwrite latency around a preserve (4K random writes, queue depth 16):", flush=True)
+        base = Path(args.dir or args.tmpfs)
+        for method in args.p99_preserve.split(","):
+            print_p99(method, p99_preserve(base, method, args.size, args.runtime,
+                                           args.chunks[-1]))
+    if args.p99_only:
+        return
     rows = run(args)
     print_table(rows)
     check_aims(rows)

@@ -170,6 +170,10 @@ async def _write_then_kill(socket: str, writes: list[tuple[int, bytes]],
     client = await NbdClient.connect(export="vol", unix_path=socket)
     for offset, data in writes:
         await client.write(offset, data)  # acknowledged, never flushed
+    # Write-back holds a first write to a chunk until its group commit (a few ms later) has made
+    # the chunk's changed bit durable; a kill before that loses the write and its bit alike,
+    # and the chunk did not change.  Give the commit its time, so that the chunks did change.
+    await asyncio.sleep(0.5)
     kill()
     with contextlib.suppress(Exception):  # the daemon is gone
         await client.disconnect()

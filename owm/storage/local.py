@@ -3,15 +3,21 @@
 The event loop must never wait for a disk, and a thread hop costs more than a 4 KiB copy, so:
 on a memory-backed filesystem (tmpfs, ramfs) small reads and writes run inline, since there is no
 disk to wait for; elsewhere small reads and writes are tried inline with RWF_NOWAIT, which the
-kernel refuses (EAGAIN) when it would have to wait, and only then go to a thread pool (where the
-kernel does not support RWF_NOWAIT for an operation, that operation always goes to the pool).
-Syncs always go to the pool.
+kernel refuses (EAGAIN) when it would have to wait, and only then leave the loop (where the
+kernel does not support RWF_NOWAIT for an operation, that operation always leaves it: ext4
+answers EOPNOTSUPP for writes).  Syncs always go to the thread pool.
 
-Small writes that go to the pool share thread hops: they join a queue, and one pool thread
-writes whatever is queued, in order (consecutive ones that continue each other with a single
-``pwritev``), then wakes the event loop once for the whole batch.  At queue depth 16 on a disk
-where the kernel refuses RWF_NOWAIT writes (ext4 here answers EOPNOTSUPP), that is one hop and
-one loop wake-up per batch instead of per request.
+On a disk every write that leaves the loop joins one queue.  The first one queued in a loop turn
+hands the queue to a pool thread at the end of that turn, so every write of the turn (a receive
+of 16 requests, a group commit's releases) shares the one hop; the thread writes what is queued,
+in order, with one ``io_submit`` per batch (``owm.storage.aio``: Linux AIO on a page-cached file
+is a vectored ``pwrite``, one GIL release for the batch), each request with its own result, and
+wakes the loop once.  Without AIO it writes one ``pwritev`` per run of contiguous writes.  Either
+way writes are cut at every 64 KiB boundary (``aio.PIECE``): ext4 sizes page-cache folios after
+the writes that create them, and a small write into a big folio costs several times more.
+
+A read of an object that does not exist answers zeroes from memory after the first miss: only
+this instance creates files in its directory, and it forgets the absence before creating one.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ from typing import TypeVar
 
 from owm.common.errors import NoSpace, OwmError
 from owm.storage import Buffer
+from owm.storage.aio import PIECE, open_batch_writer
 
 T = TypeVar("T")
 _QueuedWrite = tuple[int, int, Buffer, "asyncio.Future[None]"]
@@ -106,6 +113,10 @@ class LocalStorage:
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         self._fds: dict[str, int] = {}
+        # Objects known not to exist: a read of one answers zeroes without an open() each time.
+        # Only this instance creates files in ``root`` (one storage per volume directory, in the
+        # one daemon that holds the pool's lock), and it drops a name from here before creating it.
+        self._absent: set[str] = set()
         self._fd_lock = threading.Lock()
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="owm-io")
         self.memory_backed = _filesystem_type(self.root) in _MEMORY_FILESYSTEMS
@@ -116,6 +127,12 @@ class LocalStorage:
         self._queue: list[_QueuedWrite] = []
         self._queue_lock = threading.Lock()
         self._queue_busy = False
+        # Linux AIO as a vectored pwrite for the queued writes (owm.storage.aio); None: one
+        # pwritev per contiguous run instead.
+        self._batch_writer = None if self.memory_backed else open_batch_writer()
+        # Writes off the loop are cut at these boundaries on a disk (see aio.PIECE: page-cache
+        # folios of a file written in big pieces make every later small write into them dear).
+        self._piece = 0 if self.memory_backed else PIECE
 
     def _path(self, name: str) -> Path:
         if "/" in name or name.startswith("."):
@@ -126,13 +143,19 @@ class LocalStorage:
         fd = self._fds.get(name)
         if fd is not None:
             return fd
+        if not create and name in self._absent:
+            return None
         with self._fd_lock:
             fd = self._fds.get(name)
             if fd is None:
                 flags = os.O_RDWR | os.O_CLOEXEC | (os.O_CREAT if create else 0)
+                path = self._path(name)
+                self._absent.discard(name)
                 try:
-                    fd = os.open(self._path(name), flags, 0o600)
+                    fd = os.open(path, flags, 0o600)
                 except FileNotFoundError:
+                    if not create:
+                        self._absent.add(name)
                     return None
                 self._fds[name] = fd
             return fd
@@ -196,7 +219,9 @@ class LocalStorage:
                 if n == length:
                     return
                 offset, data = offset + n, memoryview(data)[n:]
-        if length <= _INLINE_LIMIT:
+        if length <= _INLINE_LIMIT or self._piece:
+            # On a disk every write leaves the loop through the one queue: written in the order
+            # issued, big ones in pieces with the small ones of their batch.
             await self._queued_write(name, fd, offset, data)
             return
         await self._run(lambda: self._write_blocking(fd, offset, data), f"writing {name}")
@@ -208,16 +233,24 @@ class LocalStorage:
             self._queue.append((fd, offset, data, fut))
             start, self._queue_busy = not self._queue_busy, True
         if start:
-            try:
-                self._pool.submit(self._write_queued, loop)
-            except RuntimeError:  # the pool is shut down (the storage is closed)
-                with self._queue_lock:
-                    self._queue, self._queue_busy = [], False
-                raise
+            # Hand the queue to the writer thread at the end of this loop turn, so that every
+            # write this turn queues (a receive of 16 requests, a group commit's releases)
+            # shares the one hop.
+            loop.call_soon(self._start_writer, loop)
         try:
             await fut
         except OSError as exc:
             raise _translate(exc, f"writing {name}") from exc
+
+    def _start_writer(self, loop: asyncio.AbstractEventLoop) -> None:
+        try:
+            self._pool.submit(self._write_queued, loop)
+        except RuntimeError as exc:  # the pool is shut down (the storage is closed)
+            with self._queue_lock:
+                batch, self._queue, self._queue_busy = self._queue, [], False
+            for item in batch:
+                if not item[3].done():
+                    item[3].set_exception(OSError(errno.EBADF, f"the storage is closed ({exc})"))
 
     def _write_queued(self, loop: asyncio.AbstractEventLoop) -> None:
         """In a pool thread: write queued batches until the queue is empty."""
@@ -227,42 +260,60 @@ class LocalStorage:
                 if not batch:
                     self._queue_busy = False
                     return
-            done: list[tuple[asyncio.Future[None], OSError | None]] = []
-            i = 0
-            while i < len(batch):
-                fd, offset, data, _fut = batch[i]
-                j, end, parts = i + 1, offset + len(data), [data]
-                while (j < len(batch) and batch[j][0] == fd and batch[j][1] == end
-                       and j - i < _IOV_MAX):
-                    parts.append(batch[j][2])
-                    end += len(batch[j][2])
-                    j += 1
-                error: OSError | None = None
+            done: list[tuple[asyncio.Future[None], OSError | None]]
+            if self._batch_writer is not None:
                 try:
-                    self._writev_blocking(fd, offset, parts)
-                except OSError as exc:
-                    error = exc
-                done.extend((item[3], error) for item in batch[i:j])
-                i = j
+                    errors = self._batch_writer.write_many([item[:3] for item in batch])
+                except OSError as exc:  # the context itself failed: every write of it fails
+                    errors = [exc] * len(batch)
+                done = [(item[3], error) for item, error in zip(batch, errors, strict=True)]
+            else:
+                done = self._write_runs(batch)
             with contextlib.suppress(RuntimeError):  # the loop is gone: nobody waits
                 loop.call_soon_threadsafe(_settle, done)
 
-    @staticmethod
-    def _writev_blocking(fd: int, offset: int, parts: list[Buffer]) -> None:
-        if len(parts) == 1:
-            LocalStorage._write_blocking(fd, offset, parts[0])
-            return
+    def _write_runs(
+        self, batch: list[_QueuedWrite]
+    ) -> list[tuple[asyncio.Future[None], OSError | None]]:
+        """Without AIO: one ``pwritev`` per run of writes that continue each other."""
+        done: list[tuple[asyncio.Future[None], OSError | None]] = []
+        i = 0
+        while i < len(batch):
+            fd, offset, data, _fut = batch[i]
+            j, end, parts = i + 1, offset + len(data), [data]
+            while (j < len(batch) and batch[j][0] == fd and batch[j][1] == end
+                   and j - i < _IOV_MAX):
+                parts.append(batch[j][2])
+                end += len(batch[j][2])
+                j += 1
+            error: OSError | None = None
+            try:
+                self._writev_blocking(fd, offset, parts)
+            except OSError as exc:
+                error = exc
+            done.extend((item[3], error) for item in batch[i:j])
+            i = j
+        return done
+
+    def _writev_blocking(self, fd: int, offset: int, parts: list[Buffer]) -> None:
         total = sum(len(p) for p in parts)
+        piece = self._piece
+        if len(parts) == 1 or (piece and offset // piece != (offset + total - 1) // piece):
+            for part in parts:  # cut at the piece boundaries, as the batch writer does
+                self._write_blocking(fd, offset, part)
+                offset += len(part)
+            return
         n = os.pwritev(fd, parts, offset)
         if n < total:  # short: finish the rest plainly
             rest = memoryview(b"".join(bytes(p) for p in parts))[n:]
-            LocalStorage._write_blocking(fd, offset + n, rest)
+            self._write_blocking(fd, offset + n, rest)
 
-    @staticmethod
-    def _write_blocking(fd: int, offset: int, data: Buffer) -> None:
+    def _write_blocking(self, fd: int, offset: int, data: Buffer) -> None:
         view = memoryview(data)
+        piece = self._piece
         while view:
-            n = os.pwrite(fd, view, offset)
+            step = min(len(view), piece - offset % piece) if piece else len(view)
+            n = os.pwrite(fd, view[:step], offset)
             view, offset = view[n:], offset + n
 
     async def sync(self, name: str) -> None:
@@ -334,11 +385,17 @@ class LocalStorage:
             fd = self._fds.pop(name, None)
         if fd is not None:
             os.close(fd)
-        with contextlib.suppress(FileNotFoundError):
-            self._path(name).unlink()
+        with self._fd_lock:
+            with contextlib.suppress(FileNotFoundError):
+                self._path(name).unlink()
+            self._absent.add(name)
 
     def exists(self, name: str) -> bool:
-        return name in self._fds or self._path(name).exists()
+        if name in self._fds:
+            return True
+        if name in self._absent:
+            return False
+        return self._path(name).exists()
 
     def names(self) -> list[str]:
         return sorted(p.name for p in self.root.iterdir() if p.is_file())
@@ -352,6 +409,9 @@ class LocalStorage:
     async def close(self) -> None:
         with self._fd_lock:
             fds, self._fds = list(self._fds.values()), {}
+        self._pool.shutdown(wait=True)
         for fd in fds:
             os.close(fd)
-        self._pool.shutdown(wait=True)
+        if self._batch_writer is not None:
+            self._batch_writer.close()
+            self._batch_writer = None
