@@ -460,15 +460,17 @@ def backup_verify(repo: Path, backup_id: str | None, as_json: bool,
 
     Exits 1 and names the offset of every chunk that fails.
     """
-    from owm.backup.verify import VerifyReport, verify_backups
+    from owm.backup.verify import VerifyReport, VerifyTotals, verify_backups
 
     r = _open_repo(repo)
+    totals = VerifyTotals()
     with progress_bar("verifying", not as_json) as bar:
         reports: list[VerifyReport] = _guarded(
-            lambda: verify_backups(r, backup_id, progress=bar))
+            lambda: verify_backups(r, backup_id, progress=bar, totals=totals))
     bad = [x for x in reports if not x.ok]
     if as_json:
-        _echo_json({"ok": not bad, "backups": [x.to_json() for x in reports]})
+        _echo_json({"ok": not bad, "backups": [x.to_json() for x in reports],
+                    "checked": totals.to_json()})
     else:
         lines = []
         for report in reports:
@@ -478,6 +480,11 @@ def backup_verify(repo: Path, backup_id: str | None, as_json: bool,
                              f"{failure.chunk}): {failure.reason}")
         if not reports:
             lines.append(f"No backups in {repo}.")
+        elif totals.chunks:
+            lines.append(f"Checked {totals.chunks} distinct chunks: "
+                         f"{format_size(totals.image_bytes)} of image data from "
+                         f"{format_size(totals.stored_bytes)} stored ({totals.ratio:.1f}:1), "
+                         f"in {totals.seconds:.2f} s.")
         click.echo("\n".join(lines), err=bool(bad))
     if bad:
         raise _fail("", 1)

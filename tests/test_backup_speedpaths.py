@@ -1,0 +1,124 @@
+"""Verify's measured paths (issue 15, aim 6): what ``owm backup verify`` reports it checked, each
+distinct chunk once (repeated chunks and zero chunks cost nothing more), with the bytes read
+from the repository beside the bytes of image data they decoded to and their ratio, so that a
+rate can honestly be given of either; and that whatever makes it fast, a tampered byte of a
+chunk, plain (BLAKE3 names) or encrypted (keyed names, sealed), is still named by its offset.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+from conftest import run_owm
+
+from owm.backup.crypto import KeySource
+from owm.backup.manifest import COMPLETE, ChunkMap, Manifest
+from owm.backup.repo import Repository, utc_now
+from owm.backup.verify import VerifyTotals, verify_backups
+
+CHUNK = 64 * 1024
+
+
+def _text_chunk(rng: random.Random) -> bytes:
+    """A chunk that zstd stores in about a tenth: a numbered line of text and zeroes."""
+    line = b"%016x owm verify speed path\n" % rng.getrandbits(64)
+    return (line * (CHUNK // 2 // len(line))).ljust(CHUNK, b"\0")
+
+
+def _backup(repo: Repository, backup_id: str, chunks: list[bytes | None]) -> None:
+    """A complete backup of ``chunks`` (None: a chunk of zeroes, stored nowhere)."""
+    chunk_map = ChunkMap(len(chunks))
+    for index, data in enumerate(chunks):
+        if data is None:
+            continue
+        digest = repo.chunk_id(data)
+        if not repo.has_chunk(digest):
+            repo.put_chunk(digest, data)
+        chunk_map.put(index, digest)
+    repo.sync()
+    m = Manifest(id=backup_id, volume="vol", image=backup_id.partition("-")[0], generation=0,
+                 size=len(chunks) * CHUNK, chunk_size=CHUNK, state=COMPLETE,
+                 consistency="transaction-consistent", started_at=utc_now(), map_data=chunk_map)
+    m.completed_at = utc_now()
+    repo.save(m)
+
+
+def _two_backups(root: Path, key: KeySource | None = None) -> tuple[Repository, set[bytes]]:
+    """Two backups sharing chunks, with a chunk repeated inside one and zero chunks: returns
+    the repository and the distinct chunks the two name."""
+    repo = Repository.open(root, create=True, encrypt=key is not None, key=key)
+    rng = random.Random("speedpaths")
+    text = [_text_chunk(rng) for _ in range(6)]
+    noise = [rng.randbytes(CHUNK) for _ in range(3)]
+    first: list[bytes | None] = [text[0], None, noise[0], text[1], text[1], text[1], None,
+                                 noise[1], text[2]]
+    second: list[bytes | None] = [text[0], noise[2], text[3], None, text[4], text[5], text[5],
+                                  noise[1]]
+    _backup(repo, "vol@0-a", first)
+    _backup(repo, "vol@1-b", second)
+    return repo, {d for d in first + second if d is not None}
+
+
+def test_verify_reports_stored_and_image_bytes_each_distinct_chunk_once(tmp_path: Path) -> None:
+    repo, distinct = _two_backups(tmp_path / "repo")
+    stored = sum(repo.chunk_path(repo.chunk_id(d)).stat().st_size for d in distinct)
+    image = len(distinct) * CHUNK
+    assert image > 2 * stored > 0  # the mix compresses: the two figures differ
+
+    done = run_owm("backup", "verify", repo.root, "--json")
+    assert done.returncode == 0, done.stderr
+    doc = json.loads(done.stdout)
+    assert doc["ok"] and [b["chunks_checked"] for b in doc["backups"]] == [7, 7]
+    checked = doc["checked"]
+    assert checked["chunks"] == len(distinct) == 9
+    assert checked["image_bytes"] == image and checked["stored_bytes"] == stored
+    assert checked["ratio"] == pytest.approx(image / stored, rel=1e-3)
+    assert checked["seconds"] > 0
+
+    said = run_owm("backup", "verify", repo.root, "vol@1-b")
+    assert said.returncode == 0, said.stderr
+    assert "Checked 6 distinct chunks" in said.stdout  # text[5] twice
+    assert ":1), in " in said.stdout
+
+    # In the library: each distinct chunk is read once per run, however many backups and
+    # indices name it.
+    reads: list[bytes] = []
+    read_stored = repo.read_stored
+
+    def counted(digest: bytes) -> bytes:
+        reads.append(digest)
+        return read_stored(digest)
+
+    repo.read_stored = counted  # type: ignore[method-assign]
+    totals = VerifyTotals()
+    verify_backups(repo, totals=totals)
+    assert sorted(reads) == sorted(repo.chunk_id(d) for d in distinct)
+    assert (totals.chunks, totals.image_bytes, totals.stored_bytes) == (9, image, stored)
+
+
+@pytest.mark.parametrize("encrypted", [False, True], ids=["plain", "encrypted"])
+def test_a_tampered_byte_is_still_named_by_its_offset(tmp_path: Path, encrypted: bool) -> None:
+    key_file = tmp_path / "key"
+    key_file.write_text("11" * 32 + "\n")
+    key = KeySource(key_file=key_file) if encrypted else None
+    repo, _ = _two_backups(tmp_path / "repo", key)
+    digest = repo.load("vol@0-a").chunk_map.get(4)  # chunk 4 (text[1]) is also chunks 3 and 5
+    assert digest is not None
+    path = repo.chunk_path(digest)
+    packed = bytearray(path.read_bytes())
+    packed[len(packed) // 2] ^= 0x01
+    path.write_bytes(bytes(packed))
+
+    args = ("--key-file", key_file) if encrypted else ()
+    done = run_owm("backup", "verify", repo.root, "vol@0-a", "--json", *args)
+    assert done.returncode == 1, done.stderr
+    doc = json.loads(done.stdout)
+    [report] = doc["backups"]
+    assert [f["offset"] for f in report["failures"]] == [3 * CHUNK, 4 * CHUNK, 5 * CHUNK]
+    assert doc["checked"]["chunks"] == 5  # the damaged chunk counted once, like the others
+    reason = report["failures"][0]["reason"]
+    assert ("fails authentication" in reason) if encrypted else (
+        "does not match its hash" in reason or "cannot be decompressed" in reason)
