@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import json
 import random
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
-from conftest import run_owm
+from conftest import REPO, cli_env, run_owm
 
 from owm.backup.crypto import KeySource
 from owm.backup.manifest import COMPLETE, ChunkMap, Manifest
@@ -122,3 +124,21 @@ def test_a_tampered_byte_is_still_named_by_its_offset(tmp_path: Path, encrypted:
     reason = report["failures"][0]["reason"]
     assert ("fails authentication" in reason) if encrypted else (
         "does not match its hash" in reason or "cannot be decompressed" in reason)
+
+
+def test_verify_of_a_plain_repository_loads_only_what_it_uses(tmp_path: Path) -> None:
+    """Start-up is part of every verify a user times: no tables (rich, which the ``group``
+    commands load), no OpenSSL hashes or cryptography (an encrypted repository's), no event
+    loop or HTTP client (the daemon's)."""
+    repo, _ = _two_backups(tmp_path / "repo")
+    done = subprocess.run([sys.executable, "-X", "importtime", "-m", "owm", "backup", "verify",
+                           str(repo.root), "--json"], capture_output=True, text=True,
+                          env=cli_env(), cwd=REPO, timeout=60)
+    assert done.returncode == 0, done.stderr[-2000:]
+    loaded = {line.rpartition("|")[2].strip() for line in done.stderr.splitlines()
+              if line.startswith("import time:")}
+    assert "owm.backup.verify" in loaded  # the measurement works
+    for heavy in ("rich", "owm.cli.group", "hashlib", "hmac", "secrets", "cryptography",
+                  "asyncio", "aiohttp", "uvloop", "owm.control.client"):
+        assert heavy not in loaded, heavy
+    assert json.loads(done.stdout)["ok"]
