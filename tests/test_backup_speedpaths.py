@@ -14,7 +14,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import REPO, cli_env, run_owm
+from backup_helpers import create, ok, ok_json, preserve, read_image, refused, write
+from conftest import REPO, Daemon, cli_env, run_owm
 
 from owm.backup.crypto import KeySource
 from owm.backup.manifest import COMPLETE, ChunkMap, Manifest
@@ -142,3 +143,40 @@ def test_verify_of_a_plain_repository_loads_only_what_it_uses(tmp_path: Path) ->
                   "asyncio", "aiohttp", "uvloop", "owm.control.client"):
         assert heavy not in loaded, heavy
     assert json.loads(done.stdout)["ok"]
+
+
+def test_a_backup_speaks_to_the_daemon_without_aiohttp(daemon: Daemon, short_tmp: Path) -> None:
+    """``owm backup`` asks the daemon through the small blocking client: an incremental backup
+    of 1% of a volume was mostly start-up, a third of it aiohttp.  Full and incremental (only
+    the changed chunks read) go that way (and so every backup of the other tests, a draining
+    image waited for among them), and the backup restores byte for byte."""
+    create(daemon, "vol", "4M")
+    rng = random.Random("quick")
+    first = [(0, rng.randbytes(20 * CHUNK)), (40 * CHUNK, rng.randbytes(4 * CHUNK))]
+    write(daemon, first)
+    image = preserve(daemon)
+    repo = short_tmp / "repo"
+    full = ok_json(daemon.owm("backup", image, "--to", repo, "--json"))
+    assert not full["incremental"] and full["chunks_new"] == 24
+    write(daemon, [(5 * CHUNK, rng.randbytes(CHUNK)), (41 * CHUNK + 7, b"changed")])
+    ok(daemon.owm("release", image))
+    second = preserve(daemon)
+    expected = read_image(daemon, second)
+    done = subprocess.run([sys.executable, "-X", "importtime", "-m", "owm", "--pool",
+                           str(daemon.pool), "backup", second, "--to", str(repo), "--json"],
+                          capture_output=True, text=True, env=cli_env(), cwd=REPO, timeout=60)
+    assert done.returncode == 0, done.stderr[-2000:]
+    loaded = {line.rpartition("|")[2].strip() for line in done.stderr.splitlines()
+              if line.startswith("import time:")}
+    assert "owm.backup.run" in loaded  # the measurement works
+    for heavy in ("aiohttp", "owm.control.client", "rich"):
+        assert heavy not in loaded, heavy
+    summary = json.loads(done.stdout)
+    assert summary["incremental"] and summary["changed_chunks"] == 2
+    out = short_tmp / "out.raw"
+    ok(daemon.owm("restore", repo, summary["id"], "--to", out))
+    assert out.read_bytes() == expected
+
+    # The daemon's refusals are still one sentence: an image that does not exist.
+    said = refused(daemon.owm("backup", "vol@9", "--to", repo))
+    assert "vol@9" in said
