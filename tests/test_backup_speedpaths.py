@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import json
 import random
+import signal
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 from backup_helpers import create, ok, ok_json, preserve, read_image, refused, write
-from conftest import REPO, Daemon, cli_env, run_owm
+from conftest import OWM, REPO, Daemon, cli_env, run_owm
 
 from owm.backup.crypto import KeySource
 from owm.backup.manifest import COMPLETE, ChunkMap, Manifest
@@ -180,3 +182,31 @@ def test_a_backup_speaks_to_the_daemon_without_aiohttp(daemon: Daemon, short_tmp
     # The daemon's refusals are still one sentence: an image that does not exist.
     said = refused(daemon.owm("backup", "vol@9", "--to", repo))
     assert "vol@9" in said
+
+
+def test_ctrl_c_while_a_backup_waits_for_a_drain_ends_it(daemon: Daemon, short_tmp: Path,
+                                                         hold_session: Any) -> None:
+    """The wait for a draining image is a blocking request on a worker thread now: Ctrl-C
+    still ends the command at once (that thread must not hold the process up), and the
+    image is left to drain and be backed up as if nothing had happened."""
+    create(daemon, "vol", "4M")
+    holder = hold_session(daemon, "vol")
+    image = preserve(daemon)
+    proc = subprocess.Popen([*OWM, "--pool", str(daemon.pool), "backup", image, "--to",
+                             str(short_tmp / "repo")], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=cli_env(), cwd=REPO)
+    try:
+        assert proc.stderr is not None
+        notice = proc.stderr.readline()
+        assert notice.startswith(f"Waiting for {image} to drain"), notice
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=15)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 130 and "Traceback" not in err, err
+    assert err.strip().splitlines()[-1] == "Interrupted."
+    holder.disconnect()
+    summary = ok_json(daemon.owm("backup", image, "--to", short_tmp / "repo", "--json"))
+    assert summary["transaction_consistent"] is True
