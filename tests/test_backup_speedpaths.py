@@ -7,6 +7,7 @@ chunk, plain (BLAKE3 names) or encrypted (keyed names, sealed), is still named b
 
 from __future__ import annotations
 
+import asyncio
 import json
 import random
 import signal
@@ -210,3 +211,23 @@ def test_ctrl_c_while_a_backup_waits_for_a_drain_ends_it(daemon: Daemon, short_t
     holder.disconnect()
     summary = ok_json(daemon.owm("backup", image, "--to", short_tmp / "repo", "--json"))
     assert summary["transaction_consistent"] is True
+
+
+def test_an_answer_too_large_for_the_quick_client_means_read_everything() -> None:
+    """The blocking client caps an answer at 64 MiB (some seven million changed chunks): such
+    a list of changed chunks is unknown, so the backup reads everything (and stores only what
+    is new) instead of failing; a daemon that fails otherwise still fails the backup."""
+    from owm.backup.run import changed_chunks
+    from owm.cli.quick import QuickError
+
+    class Refusing:
+        def __init__(self, status: int) -> None:
+            self.status = status
+
+        async def request(self, method: str, path: str, body: Any = None, *,
+                          timeout: float | None = None) -> Any:
+            raise QuickError("the daemon's answer is too large", self.status)
+
+    assert asyncio.run(changed_chunks(Refusing(502), "vol@1", 0)) is None  # type: ignore[arg-type]
+    with pytest.raises(QuickError):
+        asyncio.run(changed_chunks(Refusing(500), "vol@1", 0))  # type: ignore[arg-type]
