@@ -27,11 +27,20 @@ each, and is preserved.  Then, one at a time, each reading the same read-only ex
   and restic reads that file; owm reads the same image over the Unix socket.  Both read from
   memory, and owm's rows include the daemon's work (its CPU is the "srv cpu" column).
 
-``--data random`` (default) writes incompressible data; ``--data compressible`` writes blocks
-of half text, half zeroes (each 4 KiB block different), which is what verify's rate of stored
-data should be measured on too.  The "srv cpu" column is the CPU seconds the daemon used
-during the row (read from /proc; for restore and verify, which do not use it, it shows what
-else ran meanwhile; "-" where not measured).
+``--data random`` (default) writes incompressible data; ``--data compressible`` writes 4 KiB
+blocks of half text, half zeroes (each block different), which zstd stores in about a ninth;
+``--data mixed`` (random 4 KiB blocks among those, 7 in 16) and ``--data usrlib`` (a tar of
+``/usr/lib``, a real file tree) both come to about 2:1, the ratio of a typical VM image.  Every
+verify row gives the compression ratio of what it checked beside its MB/s of stored data
+(chunk files read) and of image data (what they decode to), by wall time, by verify's own
+seconds and per CPU-second, from what ``verify --json`` reports; below the table, the limit:
+what zstd and BLAKE3 alone do on the same chunks on one core, and so on every core.  The "srv
+cpu" column is the CPU seconds the daemon used during the row (read from /proc; for restore
+and verify, which do not use it, it shows what else ran meanwhile; "-" where not measured).
+``--only verify`` makes one full backup and verifies it ``--rounds`` times, nothing else.
+owm's modules are byte-compiled before anything is timed, as an installed owm's are (this
+machine sets PYTHONDONTWRITEBYTECODE, which made every command compile them again: about 20 ms
+of CPU per command).
 
 Each runs ``--rounds`` times, interleaved (the machine's load drifts), and the table shows the
 median.  Rates are MB/s (10^6 bytes per second) of volume, i.e. volume size / wall time of the
@@ -40,7 +49,7 @@ also show the time the backup itself reported.  The whole run is bounded by ``--
 (about a minute on two cores).
 
     .venv/bin/python bench/backup_bench.py [--size 4G] [--changed 0.01] [--rounds 3]
-        [--data random|compressible]
+        [--data random|compressible|mixed|usrlib] [--only verify]
 """
 
 from __future__ import annotations
@@ -94,9 +103,19 @@ class Deadline:
 
 
 def env() -> dict[str, str]:
-    out = {k: v for k, v in os.environ.items() if k != "OWM_POOL"}
+    # PYTHONDONTWRITEBYTECODE dropped: owm's modules run byte-compiled (see compile_owm), as
+    # an installed owm's do, instead of being compiled again by every command timed.
+    out = {k: v for k, v in os.environ.items()
+           if k not in ("OWM_POOL", "PYTHONDONTWRITEBYTECODE")}
     out["PYTHONPATH"] = str(REPO) + os.pathsep + out.get("PYTHONPATH", "")
     return out
+
+
+def compile_owm() -> None:
+    """Byte-compile owm's modules (into its ``__pycache__`` directories, which git ignores)
+    before anything is timed: pip does as much when it installs owm."""
+    subprocess.run([sys.executable, "-m", "compileall", "-q", str(REPO / "owm")], check=True,
+                   env=env(), stdout=subprocess.DEVNULL)
 
 
 def owm(pool: Path, *args: str | Path, deadline: Deadline) -> str:
@@ -163,16 +182,70 @@ _WORDS = [b"owm", b"backup", b"chunk", b"volume", b"preserve", b"image", b"drain
 _TEXT = b" ".join(random.Random(0).choices(_WORDS, k=40000))
 
 
+DATA_KINDS = ("random", "compressible", "mixed", "usrlib")
+MIXED_RANDOM = 7 / 16  # the share of random 4 KiB blocks that makes ``mixed`` about 2:1
+
+
+class FileTree:
+    """``usrlib``: the bytes of a tar of a real file tree (``/usr/lib``, about 2:1 under zstd
+    in 64 KiB chunks, like a typical VM image's), made once on the tmpfs and handed out in
+    order, from the start again when used up."""
+
+    def __init__(self, path: Path, size: int, deadline: Deadline, tree: str = "usr/lib") -> None:
+        with open(path, "wb") as out:
+            tar = subprocess.Popen(["tar", "-cf", "-", "-C", "/", tree], stdout=subprocess.PIPE,
+                                   stderr=subprocess.DEVNULL)
+            assert tar.stdout is not None
+            left = size
+            while left > 0:
+                deadline.left()
+                block = tar.stdout.read(min(left, 1 << 20))
+                if not block:
+                    break
+                out.write(block)
+                left -= len(block)
+            tar.kill()
+            tar.wait()
+        self.data = path.read_bytes()
+        if len(self.data) < 1 << 20:
+            raise SystemExit(f"backup_bench: the tar of /{tree} is too small for --data usrlib")
+        self.at = 0
+
+    def take(self, length: int) -> bytes:
+        out = bytearray()
+        while len(out) < length:
+            piece = self.data[self.at:self.at + length - len(out)]
+            self.at = (self.at + len(piece)) % len(self.data)
+            out += piece
+        return bytes(out)
+
+
+_TREE: FileTree | None = None  # set by run() for --data usrlib
+
+
+def _text_block(rng: random.Random) -> bytes:
+    """4 KiB: 2 KiB of text (a numbered slice of a word list) and 2 KiB of zeroes."""
+    start = rng.randrange(len(_TEXT) - 2048)
+    block = (b"%016x " % rng.getrandbits(64)) + _TEXT[start:start + 2031]
+    return block + bytes(4096 - len(block))
+
+
 def piece_data(rng: random.Random, length: int, data: str) -> bytes:
-    """``length`` bytes of incompressible random data, or (``compressible``) 4 KiB blocks
-    of 2 KiB of text (a different slice of a word list, numbered) and 2 KiB of zeroes."""
+    """``length`` bytes of one kind: ``random`` (incompressible), ``compressible`` (4 KiB
+    text blocks, see _text_block: zstd stores about a ninth), ``mixed`` (4 KiB blocks, random
+    with a chance of MIXED_RANDOM, else text: about 2:1) or ``usrlib`` (the next bytes of a
+    tar of /usr/lib, see FileTree: about 2:1)."""
     if data == "random":
         return rng.randbytes(length)
+    if data == "usrlib":
+        assert _TREE is not None, "run() makes the tree first"
+        return _TREE.take(length)
     out = bytearray()
     while len(out) < length:
-        start = rng.randrange(len(_TEXT) - 2048)
-        block = (b"%016x " % rng.getrandbits(64)) + _TEXT[start:start + 2031]
-        out += block + bytes(4096 - len(block))
+        if data == "mixed" and rng.random() < MIXED_RANDOM:
+            out += rng.randbytes(4096)
+        else:
+            out += _text_block(rng)
     return bytes(out[:length])
 
 
@@ -243,8 +316,8 @@ def median(rows: list[Row]) -> Row:
     return sorted(rows, key=lambda r: r.seconds)[len(rows) // 2]
 
 
-def print_table(rows: list[Row], size: int) -> None:
-    nbdcopy_s = rows[0].seconds
+def print_table(rows: list[Row], size: int, against_nbdcopy: bool = True) -> None:
+    nbdcopy_s = rows[0].seconds if against_nbdcopy else float("nan")
     head = (f"{'':36} {'read':>9} {'wall s':>7} {'MB/s vol':>9} {'x nbdcopy':>9} "
             f"{'inner s':>8} {'MB/s inner':>10} {'cpu':>5} {'srv cpu':>7}  note")
     print(head)
@@ -318,6 +391,71 @@ def _after_crash(args: argparse.Namespace, daemon: Daemon, work: Path, previous:
     return image
 
 
+def verify_rows(daemon: Daemon | None, repo: Path, backup_id: str, rounds: int,
+                deadline: Deadline) -> list[Row]:
+    """``owm backup verify REPO ID``, ``rounds`` times (median): each row says the compression
+    ratio of what was checked beside its rates of stored data (bytes read from the
+    repository) and of image data (what they decode to), by wall time and by the command's own
+    seconds, from what verify itself reports it checked."""
+    rows = []
+    for _ in range(rounds):
+        before = daemon.cpu() if daemon is not None else 0.0
+        seconds, text, cpu = timed([*OWM, "backup", "verify", str(repo), backup_id, "--json"],
+                                   deadline)
+        checked = json.loads(text)["checked"]
+        stored, image = int(checked["stored_bytes"]), int(checked["image_bytes"])
+        inner = float(checked["seconds"])
+        row = Row("owm backup verify (one backup)", seconds, inner, stored,
+                  f"{checked['ratio']:.2f}:1; wall: {stored / seconds / 1e6:.0f} MB/s stored, "
+                  f"{image / seconds / 1e6:.0f} MB/s image; own: "
+                  f"{stored / inner / 1e6:.0f} MB/s stored, {image / inner / 1e6:.0f} MB/s "
+                  f"image; per CPU-second (start-up included): {stored / cpu / 1e6:.0f} MB/s "
+                  f"stored, {image / cpu / 1e6:.0f} MB/s image", cpu=cpu)
+        rows.append(served(daemon, row, before) if daemon is not None else row)
+    return [median(rows)]
+
+
+def decode_limits(repo: Path, backup_id: str, sample: int = 2048) -> str:
+    """What zstd and BLAKE3 alone do on up to ``sample`` of the backup's chunks, in this
+    process on one thread (CPU seconds of this thread, so the figures mean per core, whatever
+    else runs), and what that makes the most that verify can do on every core of the machine:
+    the limit its figures are to be read against."""
+    import blake3
+    import zstandard
+
+    from owm.backup.repo import Repository
+
+    r = Repository.open(repo)
+    m = r.load(backup_id)
+    seen: dict[bytes, int] = {}
+    entries = list(m.chunk_map.entries())
+    for index, digest in entries[:: max(1, len(entries) // sample)]:  # spread over the image
+        seen.setdefault(digest, m.chunk_length(index))
+    packed = [(r.read_stored(d), n) for d, n in seen.items()]
+    dec = zstandard.ZstdDecompressor()
+    plain = [dec.decompress(p, max_output_size=n) for p, n in packed]
+    # Timed apart, each output dropped at once as verify does: memory that is reused, not
+    # fresh pages to fault in (which would be charged to zstd).
+    started = time.thread_time()
+    for p, n in packed:
+        dec.decompress(p, max_output_size=n)
+    unpack = time.thread_time() - started
+    started = time.thread_time()
+    for data in plain:
+        blake3.blake3(data).digest()
+    hashing = time.thread_time() - started
+    image = sum(len(p) for p in plain)
+    stored = sum(len(p) for p, _ in packed)
+    ratio = image / stored
+    per_core = image / (unpack + hashing)
+    cores = os.cpu_count() or 1
+    return (f"limit (zstd and BLAKE3 alone, {len(plain)} of its chunks, {ratio:.2f}:1, per core): "
+            f"zstd {image / unpack / 1e9:.2f} GB/s of image data, BLAKE3 "
+            f"{image / hashing / 1e9:.2f} GB/s, both {per_core / 1e9:.2f} GB/s; on {cores} "
+            f"cores at most {cores * per_core / 1e9:.2f} GB/s of image data = "
+            f"{cores * per_core / ratio / 1e9:.2f} GB/s of stored data")
+
+
 def _repository_rows(daemon: Daemon, repo: Path, work: Path, image: str, rounds: int,
                      deadline: Deadline) -> list[Row]:
     """Restore (beside nbdcopy of the image it was backed up from, in interleaved pairs, so
@@ -346,15 +484,7 @@ def _repository_rows(daemon: Daemon, repo: Path, work: Path, image: str, rounds:
     restored.note = (f"{beside.seconds / restored.seconds:.2f}x the nbdcopy beside it (wall); "
                      "two threads per core, every chunk hashed")
     out += [beside, restored]
-    stored = sum(p.stat().st_size for p in (repo / "chunks").glob("*/*"))
-    before = daemon.cpu()
-    seconds, text, cpu = timed([*OWM, "backup", "verify", str(repo), newest, "--json"],
-                               deadline)
-    checked = sum(int(b["chunks_checked"]) for b in json.loads(text)["backups"]) * CHUNK
-    out.append(served(daemon, Row("owm backup verify (one backup)", seconds, None, stored,
-                                  f"{stored / seconds / 1e6:.0f} MB/s of stored chunks, "
-                                  f"{checked / seconds / 1e6:.0f} MB/s of image data (wall)",
-                                  cpu=cpu), before))
+    out += verify_rows(daemon, repo, newest, 1, deadline)
     seconds, text, cpu = timed([*OWM, "backup", "prune", str(repo), "--keep-last", "1",
                                 "--json"], deadline)
     pruned = json.loads(text)
@@ -362,6 +492,28 @@ def _repository_rows(daemon: Daemon, repo: Path, work: Path, image: str, rounds:
                    f"{len(pruned['removed'])} backups, {pruned['chunks_removed']} chunks "
                    "removed", cpu=cpu))
     return out
+
+
+def _verify_only(args: argparse.Namespace, daemon: Daemon, image: str, repo: Path, size: int,
+                 deadline: Deadline) -> None:
+    """``--only verify``: one full backup of the image, then verify ``--rounds`` times, its
+    figures beside the limit zstd and BLAKE3 alone set on this machine."""
+    print("one full backup, then verify ...", file=sys.stderr)
+    row, summary = backup(daemon, image, repo, "owm", "owm backup --format owm (full)",
+                          deadline)
+    row.note = (f"{summary['chunks_new']} chunks stored, "
+                f"{format_size(int(str(summary['bytes_written'])))} written")
+    rows = [row, *verify_rows(daemon, repo, str(summary["id"]), args.rounds, deadline)]
+    print(f"\nowm backup verify: {format_size(size)} volume, half written with {args.data} "
+          f"data, 64K chunks, tmpfs, {os.cpu_count()} CPUs, median of {args.rounds} verify "
+          "runs\n")
+    print_table(rows, size, against_nbdcopy=False)
+    print(f"\nverify >= 1 GB/s of stored data: {rows[-1].note}")
+    print(decode_limits(repo, str(summary["id"])))
+    print("wall = the command as a user runs it, process start included; own = the seconds "
+          "verify reports (locking the repository, reading its manifest, checking);\nread = "
+          "bytes of chunk files read; cpu = CPU seconds (user + system) of the command, which "
+          "on a loaded machine are the steadier figure.")
 
 
 def run(args: argparse.Namespace) -> None:
@@ -375,14 +527,22 @@ def run(args: argparse.Namespace) -> None:
         print("restic is not installed (scripts/setup installs it): no restic rows",
               file=sys.stderr)
     free = shutil.disk_usage(args.tmpfs).free
-    # pool (half) + repositories (half, twice) + one output; restic: a raw copy and a repository
-    need = int(size * (1.7 + (1.5 if with_restic else 0))) + (256 << 20)
+    # pool (half) + repositories (half, twice) + one output; restic: a raw copy and a repository;
+    # usrlib: its tar (half)
+    need = int(size * (1.7 + (1.5 if with_restic else 0) + (0.5 if args.data == "usrlib" else 0))
+               ) + (256 << 20)
     if free < need:
         raise SystemExit(f"backup_bench needs {format_size(need)} free in {args.tmpfs}; "
                          f"it has {format_size(free)}")
+    compile_owm()
     work = Path(tempfile.mkdtemp(prefix="owm-bb-", dir=args.tmpfs))
     daemon = Daemon(work / "pool")
+    global _TREE
     try:
+        if args.data == "usrlib":
+            print("taking the first half of the volume's size of a tar of /usr/lib ...",
+                  file=sys.stderr)
+            _TREE = FileTree(work / "usrlib.tar", size // 2, deadline)
         daemon.start(work / "daemon.log", deadline)
         pool = daemon.pool
         sock = pool / "nbd.sock"
@@ -394,8 +554,11 @@ def run(args: argparse.Namespace) -> None:
         asyncio.run(asyncio.wait_for(write_pieces(sock, "vol", pieces, 1, args.data),
                                      deadline.left()))
         image = owm(pool, "preserve", "vol", deadline=deadline).strip()
-        samples: dict[str, list[Row]] = {}
         repo = work / "repo"
+        if args.only == "verify":
+            _verify_only(args, daemon, image, repo, size, deadline)
+            return
+        samples: dict[str, list[Row]] = {}
         key = work / "bench.key"
         for n in range(args.rounds):
             print(f"round {n + 1} of {args.rounds}: nbdcopy, raw, owm ...", file=sys.stderr)
@@ -475,6 +638,10 @@ def run(args: argparse.Namespace) -> None:
               f"incremental >= 20x faster than full: {speed_wall:.0f}x (wall), "
               f"{speed_inner:.0f}x (inner); restore >= nbdcopy: "
               f"{beside.seconds / restore.seconds:.2f}x (wall, against the nbdcopy beside it)")
+        verified = next(r for r in rows if r.what.startswith("owm backup verify"))
+        print(f"verify >= 1 GB/s of stored data: {verified.note}")
+        print(decode_limits(repo, json.loads(timed([*OWM, "backup", "list", str(repo),
+                                                      "--json"], deadline)[1])[-1]["id"]))
         print("wall = the command as a user runs it, process start included;\ninner = the time "
               "the command reports (owm: from connecting to the image until the backup is "
               "synced; restic: its total_duration);\ncpu = CPU seconds (user + system) of the "
@@ -490,13 +657,17 @@ def main() -> None:
     parser.add_argument("--size", default="4G", help="volume size (half of it is written)")
     parser.add_argument("--changed", type=float, default=0.01,
                         help="fraction of chunks changed before the incremental backup")
-    parser.add_argument("--data", choices=("random", "compressible"), default="random",
-                        help="what is written: incompressible random data, or 4K blocks of "
-                             "half text, half zeroes")
+    parser.add_argument("--data", choices=DATA_KINDS, default="random",
+                        help="what is written: incompressible random data; 4K blocks of half "
+                             "text, half zeroes (about 9:1 under zstd); mixed, those and random "
+                             "4K blocks (about 2:1); usrlib, a tar of /usr/lib (about 2:1)")
     parser.add_argument("--tmpfs", default="/dev/shm", help="where pool and backups live")
     parser.add_argument("--rounds", type=int, default=3,
                         help="runs of each (interleaved); the table shows the median")
     parser.add_argument("--time-limit", type=float, default=900, help="seconds for the run")
+    parser.add_argument("--only", choices=("verify",),
+                        help="verify: only a full backup and then verify (--rounds runs), "
+                             "beside the limit zstd and BLAKE3 alone set")
     run(parser.parse_args())
 
 

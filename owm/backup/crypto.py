@@ -19,10 +19,7 @@ What stays visible: file names of backups (volume name and time), sizes, and how
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import os
-import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -127,12 +124,14 @@ class RepoCipher:
     def same_key(self, other: RepoCipher) -> bool:
         """Whether ``other`` has this master key: each opens what the other sealed, under the
         same chunk names (two repositories share one when a copy created the second)."""
+        import hmac  # here: a plain repository's commands need not load OpenSSL's hashes
+
         return hmac.compare_digest(self._master, other._master)
 
     def seal(self, kind: str, name: str, plaintext: bytes | bytearray | memoryview,
              nonce: bytes | None = None) -> bytes:
         """``plaintext`` sealed as object ``kind``/``name`` (``nonce`` only for known answers)."""
-        nonce = secrets.token_bytes(NONCE_SIZE) if nonce is None else nonce
+        nonce = os.urandom(NONCE_SIZE) if nonce is None else nonce
         return (MAGIC + bytes([VERSION]) + nonce
                 + self._aead.encrypt(nonce, bytes(plaintext), _aad(kind, name)))
 
@@ -149,6 +148,8 @@ class RepoCipher:
 
 # -- the master key and its wrapping -----------------------------------------------------------
 def _scrypt(passphrase: str, salt: bytes, n: int, r: int, p: int) -> bytes:
+    import hashlib
+
     return hashlib.scrypt(passphrase.encode(), salt=salt, n=n, r=r, p=p, dklen=KEY_SIZE,
                           maxmem=256 * n * r + (1 << 20))
 
@@ -175,7 +176,7 @@ def new_key_file(path: Path) -> None:
     except FileExistsError:
         raise InvalidRequest(f"{path} already exists") from None
     with os.fdopen(fd, "w") as f:
-        f.write(secrets.token_hex(KEY_SIZE) + "\n")
+        f.write(os.urandom(KEY_SIZE).hex() + "\n")
         f.flush()
         os.fsync(f.fileno())
 
@@ -190,7 +191,7 @@ def new_encryption(source: KeySource, where: str,
                    like: RepoCipher | None = None) -> tuple[dict[str, Any], RepoCipher]:
     """A fresh master key (or ``like``'s, for a repository that is to share another's chunks
     as they are) wrapped as ``source`` says: the config block and the open cipher."""
-    master = secrets.token_bytes(KEY_SIZE) if like is None else like._master
+    master = os.urandom(KEY_SIZE) if like is None else like._master
     block: dict[str, Any] = {"cipher": CIPHER, "chunk_id": CHUNK_ID}
     if source.key_file is not None:
         if not source.key_file.exists():
@@ -202,11 +203,11 @@ def new_encryption(source: KeySource, where: str,
         if not passphrase:
             raise KeyNeeded(f"an encrypted repository needs a key: give {source.option} F or "
                             f"set {source.password_env} to create {where}")
-        salt = secrets.token_bytes(16)
+        salt = os.urandom(16)
         block.update(key="passphrase", kdf="scrypt", salt=salt.hex(), n=SCRYPT_N, r=SCRYPT_R,
                      p=SCRYPT_P)
         wrapping = _scrypt(passphrase, salt, SCRYPT_N, SCRYPT_R, SCRYPT_P)
-    nonce = secrets.token_bytes(NONCE_SIZE)
+    nonce = os.urandom(NONCE_SIZE)
     block["wrapped"] = (nonce + _aead(wrapping).encrypt(nonce, master,
                                                                    _wrap_aad(block))).hex()
     return block, RepoCipher(master)

@@ -1,11 +1,38 @@
-"""What a backup needs to know about the image it reads, gathered from the daemon in one place."""
+"""What a backup needs to know about the image it reads, gathered from the daemon in one place,
+and the part of the daemon's control API a backup uses (``DaemonApi``)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 JSON = dict[str, Any]
+
+
+class DaemonApi(Protocol):
+    """The control API calls a backup makes: ``owm.control.client.ControlClient`` has them
+    (aiohttp), and so has the CLI's adapter of its small blocking client, which spares a
+    backup's start-up the loading of aiohttp.  A refusal is an ``OwmError`` with the HTTP
+    status as ``status`` (see :func:`refused_with`)."""
+
+    async def request(self, method: str, path: str, body: JSON | None = None, *,
+                      timeout: float | None = None) -> Any: ...
+
+    async def health(self) -> JSON: ...
+
+    async def volume(self, name: str) -> JSON: ...
+
+    async def image(self, image: str) -> JSON: ...
+
+    async def wait(self, image: str, timeout: float | None = None) -> JSON: ...
+
+    async def release(self, image: str) -> JSON: ...
+
+
+def refused_with(exc: BaseException) -> int | None:
+    """The HTTP status of a refusal from the daemon (None: not the daemon's answer)."""
+    status = getattr(exc, "status", None)
+    return status if isinstance(status, int) else None
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
+from owm.backup.image import DaemonApi, refused_with
 from owm.backup.repo import Repository
 from owm.common.errors import InvalidRequest, NotFound, OwmError, Timeout
 from owm.common.files import write_atomically
@@ -44,14 +45,12 @@ def _q(name: str) -> str:
     return quote(name, safe="@")
 
 
-async def is_set(control: ControlClient, image: str) -> bool:
+async def is_set(control: DaemonApi, image: str) -> bool:
     """Whether ``image`` (X@N) names a group's set on the daemon."""
-    from owm.control.client import ControlError
-
     try:
         await control.request("GET", f"/v1/sets/{_q(image)}", timeout=30)
-    except ControlError as exc:
-        if exc.status in (400, 404):
+    except OwmError as exc:
+        if refused_with(exc) in (400, 404):
             return False
         raise
     return True
@@ -82,7 +81,7 @@ def find_set(repo: Path | str, ref: str) -> JSON | None:
 
 
 async def run_set_backup(
-    control: ControlClient,
+    control: DaemonApi,
     image: str,
     to: Path | str,
     *,

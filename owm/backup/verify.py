@@ -14,6 +14,7 @@ said to be unverified.
 from __future__ import annotations
 
 import os
+import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -107,19 +108,51 @@ class VerifyReport:
                 "failures": [f.to_json() for f in self.failures]}
 
 
-def _check(repo: Repository, digest: bytes, length: int) -> str | None:
+@dataclass
+class VerifyTotals:
+    """What one run checked, each distinct chunk counted once: how much was read from the
+    repository (``stored_bytes``, compressed and sealed as stored) and decoded from it
+    (``image_bytes``), so a rate can be given of either and their ratio beside it."""
+
+    chunks: int = 0
+    image_bytes: int = 0
+    stored_bytes: int = 0
+    seconds: float = 0.0
+
+    @property
+    def ratio(self) -> float:
+        """Image bytes per stored byte (the compression ratio of what was checked)."""
+        return self.image_bytes / self.stored_bytes if self.stored_bytes else 0.0
+
+    def to_json(self) -> JSON:
+        return {"chunks": self.chunks, "image_bytes": self.image_bytes,
+                "stored_bytes": self.stored_bytes, "ratio": round(self.ratio, 3),
+                "seconds": round(self.seconds, 6)}
+
+
+def _check(repo: Repository, digest: bytes, length: int) -> tuple[str | None, int]:
+    """Why chunk ``digest`` fails (None: it decodes to ``length`` bytes named ``digest``), and
+    the bytes of its file that were read."""
     try:
-        repo.get_chunk(digest, length)
+        packed = repo.read_stored(digest)
     except ChunkDamaged as exc:
-        return str(exc)
+        return str(exc), 0
     except OSError as exc:
-        return f"its chunk file cannot be read ({exc.strerror})"
-    return None
+        return f"its chunk file cannot be read ({exc.strerror})", 0
+    try:
+        repo.decode(digest, packed, length)
+    except ChunkDamaged as exc:
+        return str(exc), len(packed)
+    return None, len(packed)
 
 
 def verify_backups(repo: Repository, ref: str | None = None, *, progress: Progress | None = None,
-                   workers: int | None = None) -> list[VerifyReport]:
-    """Verify backup ``ref`` (id, prefix or image name), or every backup of the repository."""
+                   workers: int | None = None,
+                   totals: VerifyTotals | None = None) -> list[VerifyReport]:
+    """Verify backup ``ref`` (id, prefix or image name), or every backup of the repository;
+    ``totals``, when given, is filled in with what was checked."""
+    started = time.monotonic()
+    totals = totals if totals is not None else VerifyTotals()
     with repo.locked(exclusive=False):
         reports: list[VerifyReport] = []
         manifests: list[Manifest] = []
@@ -164,13 +197,16 @@ def verify_backups(repo: Repository, ref: str | None = None, *, progress: Progre
             if batch:
                 yield batch
 
-        def check(batch: list[tuple[bytes, int]]) -> list[str | None]:
+        def check(batch: list[tuple[bytes, int]]) -> list[tuple[str | None, int]]:
             return [_check(repo, *key) for key in batch]
 
         for batch, verdicts in bounded_map(check, batches(), workers or default_workers(),
                                            "owm-verify"):
-            for key, reason in zip(batch, verdicts, strict=True):
+            for key, (reason, stored) in zip(batch, verdicts, strict=True):
                 done += key[1]
+                totals.chunks += 1
+                totals.image_bytes += key[1]
+                totals.stored_bytes += stored
                 if reason is None:
                     continue
                 repo.quarantine_chunk(key[0])  # the next backup that meets it stores it anew
@@ -184,4 +220,5 @@ def verify_backups(repo: Repository, ref: str | None = None, *, progress: Progre
         for report in reports:
             report.failures.sort(key=lambda f: f.chunk)
         reports.sort(key=lambda r: r.backup_id)
+        totals.seconds = time.monotonic() - started
         return reports

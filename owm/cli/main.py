@@ -121,13 +121,16 @@ class RootGroup(OrderedGroup):
 
     def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
         if name in self.LAZY and name not in self.commands:
-            from owm.cli.backup import backup, repo, restore
-            from owm.cli.group import group
+            if name == "group":  # it loads rich (its tables): the backup commands need not
+                from owm.cli.group import group
 
-            self.add_command(backup)
-            self.add_command(restore)
-            self.add_command(repo)
-            self.add_command(group)
+                self.add_command(group)
+            else:
+                from owm.cli.backup import backup, repo, restore
+
+                self.add_command(backup)
+                self.add_command(restore)
+                self.add_command(repo)
         return super().get_command(ctx, name)
 
 
