@@ -267,7 +267,11 @@ class LogEngine(Engine):
                     and await self._copy_in(lo, last, offset, length, data)):
                 end = last << self.shift
         if start < end:
-            await writer(name, start, start - offset, end - start)
+            if data is None:
+                await writer(name, start, start - offset, end - start)
+            else:  # straight to the storage: no writer call for the common case
+                await self.storage.write(name, start, data if end - start == length
+                                         else data[start - offset : end - offset])
         touched = {name}
         if hi + 1 < len(layers):  # an old generation's write: newer copies of a chunk get it
             newer = layers[hi + 1 :]
