@@ -235,7 +235,7 @@ class LogEngine(Engine):
         """Route every chunk piece of a request; ``writer(name, pos, done, n)`` does the I/O
         (``data``: the bytes of a write, which a chunk's copy may carry)."""
         hint, self._fresh_run = self._fresh_run, None
-        lo, hi = self._own_range(gen)
+        lo, hi = self._ranges.get(gen) or self._own_range(gen)
         layers = self.layers
         if lo == 0 and not any(layer.used for layer in layers):
             await writer(BASE, offset, 0, length)  # no delta holds anything: all in the base
@@ -248,10 +248,11 @@ class LogEngine(Engine):
         start, end = offset, offset + length
         fresh: list[int] = []
         table = layer.table
-        first, last = self.chunk_range(offset, length)
+        shift = self.shift
+        first, last = offset >> shift, (end - 1) >> shift
         if table is not None:
             pending = layer.pending
-            if hint == (gen, first, last):
+            if hint is not None and hint == (gen, first, last):
                 fresh = list(range(first, last + 1))
             elif first == last:
                 if not (first in pending or table.has(first)):
@@ -259,13 +260,19 @@ class LogEngine(Engine):
             else:
                 fresh = [c for c in range(first, last + 1)
                          if not (c in pending or table.has(c))]
-            # Only the first and the last piece can be partial.
-            if fresh and fresh[0] == first and await self._copy_in(lo, first, offset, length,
-                                                                   data):
-                start = min(end, (first + 1) << self.shift)
-            if (fresh and last != first and fresh[-1] == last
-                    and await self._copy_in(lo, last, offset, length, data)):
-                end = last << self.shift
+            if fresh:
+                # Only the first and the last piece can be partial (need a copy from below).
+                size = self.size
+                head = first << shift
+                if ((offset != head or end < min(head + self.chunk_size, size))
+                        and fresh[0] == first
+                        and await self._copy_in(lo, first, offset, length, data)):
+                    start = min(end, head + self.chunk_size)
+                tail = last << shift
+                if (last != first and end < min(tail + self.chunk_size, size)
+                        and fresh[-1] == last
+                        and await self._copy_in(lo, last, offset, length, data)):
+                    end = tail
         if start < end:
             if data is None:
                 await writer(name, start, start - offset, end - start)
@@ -337,7 +344,7 @@ class LogEngine(Engine):
         # and the commit that puts it in its table makes the changed bits durable first.  A
         # write into a chunk some layer already holds (pending included) lands where a view
         # may read it after a crash, and waits for its bits.
-        lo = self._own_range(gen)[0]
+        lo = (self._ranges.get(gen) or self._own_range(gen))[0]
         for layer in self.layers[lo:]:
             table = layer.table
             if table is None:
