@@ -51,10 +51,10 @@ class Layer:
     table: ChunkTable | None  # None for the base, which holds every chunk
     # Chunks written into this delta whose entry waits for the next commit (data not durable).
     pending: set[int] = field(default_factory=set)
+    data: str = field(init=False)  # its data object (named once: every write asks for it)
 
-    @property
-    def data(self) -> str:
-        return BASE if self.table is None else f"delta-{self.gen}.data"
+    def __post_init__(self) -> None:
+        self.data = BASE if self.table is None else f"delta-{self.gen}.data"
 
     def has(self, chunk: int) -> bool:
         return self.table is None or self.table.has(chunk) or chunk in self.pending
@@ -77,6 +77,11 @@ class LogEngine(Engine):
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
         self.layers: list[Layer] = [Layer(-1, None)]
         self._fold_lock = asyncio.Lock()
+        # view -> the indices of the layers it owns; forgotten whenever views or layers change
+        # (``_reshaped``), so that a write does not recompute it per chunk.
+        self._ranges: dict[int, tuple[int, int]] = {}
+        # (gen, first, last) of the write ``_may_defer`` just found new to every layer.
+        self._fresh_run: tuple[int, int, int] | None = None
         self.merge_batch = max(1, min(MERGE_BATCH, MERGE_BATCH_BYTES >> self.shift))
 
     def _delta(self, gen: int) -> Layer:
@@ -93,6 +98,7 @@ class LogEngine(Engine):
             assert layer.table is not None
             await layer.table.load()
             self.layers.append(layer)
+        self._reshaped()
         keep = {BASE} | {n for layer in self.layers[1:] for n in self._layer_objects(layer)}
         for name in self.storage.names():
             if name not in keep and not name.startswith("changed-"):
@@ -113,8 +119,15 @@ class LogEngine(Engine):
 
     def _own_range(self, view: int) -> tuple[int, int]:
         """Indices (lo, hi) of the layers owned by ``view``."""
-        owned = [i for i, layer in enumerate(self.layers) if self._owner(layer) == view]
-        return owned[0], owned[-1]
+        got = self._ranges.get(view)
+        if got is None:
+            owned = [i for i, layer in enumerate(self.layers) if self._owner(layer) == view]
+            got = self._ranges[view] = (owned[0], owned[-1])
+        return got
+
+    def _reshaped(self) -> None:
+        """The views or the layers changed: who owns which layers is to be worked out again."""
+        self._ranges.clear()
 
     def chunk_tables(self) -> list[ChunkTable]:
         return [layer.table for layer in self.layers if layer.table is not None]
@@ -138,6 +151,7 @@ class LogEngine(Engine):
         preserved = self.views[-1]
         self.views.append(preserved + 1)
         self.layers.append(self._delta(preserved + 1))
+        self._reshaped()
         return preserved
 
     # -- resolution -------------------------------------------------------------------------
@@ -172,9 +186,9 @@ class LogEngine(Engine):
             yield run
 
     # -- writes -----------------------------------------------------------------------------
-    async def _target(self, gen: int, chunk: int, within: int, n: int) -> Layer:
-        """The layer a write by gen to chunk lands in, creating a delta entry if needed."""
-        lo, hi = self._own_range(gen)
+    async def _target(self, lo: int, hi: int, chunk: int, n: int) -> Layer:
+        """The layer a write to chunk by the view owning layers lo..hi lands in, creating a
+        delta entry if needed."""
         for i in range(hi, lo - 1, -1):
             if self.layers[i].has(chunk):
                 return self.layers[i]
@@ -193,21 +207,102 @@ class LogEngine(Engine):
             self.cow_copy_bytes += size
         return layer
 
-    async def _apply(self, gen: int, offset: int, length: int, writer: Writer) -> set[str]:
-        """Route every chunk piece of a request; ``writer(name, pos, done, n)`` does the I/O."""
-        lo, hi = self._own_range(gen)
-        if lo == 0 and not any(layer.used for layer in self.layers):
+    async def _copy_in(self, lo: int, chunk: int, offset: int, length: int,
+                       data: memoryview | None) -> bool:
+        """Before a write covering part of ``chunk``, new to layer ``lo``'s delta: make the
+        delta chunk a copy of the chunk seen from below.  With the write's ``data`` the copy
+        carries the write's piece already (one storage write instead of two) and True says
+        that piece is done; a write covering the whole chunk needs no copy (False)."""
+        start = chunk << self.shift
+        size = min(self.chunk_size, self.size - start)
+        lo_b, hi_b = max(offset, start), min(offset + length, start + size)
+        if hi_b - lo_b == size:
+            return False
+        content = await self.storage.read(self._resolve(lo - 1, chunk).data, start, size)
+        self.cow_copies += 1
+        self.cow_copy_bytes += size
+        name = self.layers[lo].data
+        if data is None:
+            await self.put(name, start, content)
+            return False
+        patched = bytearray(content)
+        patched[lo_b - start : hi_b - start] = data[lo_b - offset : hi_b - offset]
+        await self.storage.write(name, start, patched)
+        return True
+
+    async def _apply(self, gen: int, offset: int, length: int, writer: Writer,
+                     data: memoryview | None = None) -> set[str]:
+        """Route every chunk piece of a request; ``writer(name, pos, done, n)`` does the I/O
+        (``data``: the bytes of a write, which a chunk's copy may carry)."""
+        hint, self._fresh_run = self._fresh_run, None
+        lo, hi = self._ranges.get(gen) or self._own_range(gen)
+        layers = self.layers
+        if lo == 0 and not any(layer.used for layer in layers):
             await writer(BASE, offset, 0, length)  # no delta holds anything: all in the base
             return {BASE}
+        if lo != hi:
+            return await self._apply_folding(lo, hi, offset, length, writer)
+        # The common case: gen owns one layer, so every piece lands in it, as one request.
+        layer = layers[lo]
+        name = layer.data
+        start, end = offset, offset + length
+        fresh: list[int] = []
+        table = layer.table
+        shift = self.shift
+        first, last = offset >> shift, (end - 1) >> shift
+        if table is not None:
+            pending = layer.pending
+            if hint is not None and hint == (gen, first, last):
+                fresh = list(range(first, last + 1))
+            elif first == last:
+                if not (first in pending or table.has(first)):
+                    fresh.append(first)
+            else:
+                fresh = [c for c in range(first, last + 1)
+                         if not (c in pending or table.has(c))]
+            if fresh:
+                # Only the first and the last piece can be partial (need a copy from below).
+                size = self.size
+                head = first << shift
+                if ((offset != head or end < min(head + self.chunk_size, size))
+                        and fresh[0] == first
+                        and await self._copy_in(lo, first, offset, length, data)):
+                    start = min(end, head + self.chunk_size)
+                tail = last << shift
+                if (last != first and end < min(tail + self.chunk_size, size)
+                        and fresh[-1] == last
+                        and await self._copy_in(lo, last, offset, length, data)):
+                    end = tail
+        if start < end:
+            if data is None:
+                await writer(name, start, start - offset, end - start)
+            else:  # straight to the storage: no writer call for the common case
+                await self.storage.write(name, start, data if end - start == length
+                                         else data[start - offset : end - offset])
+        touched = {name}
+        if hi + 1 < len(layers):  # an old generation's write: newer copies of a chunk get it
+            newer = layers[hi + 1 :]
+            for chunk, _within, n, done in self.pieces(offset, length):
+                for up in newer:
+                    if up.has(chunk):
+                        await writer(up.data, offset + done, done, n)
+                        touched.add(up.data)
+        if fresh:
+            self._note_pending(layer, fresh)
+        return touched
+
+    async def _apply_folding(self, lo: int, hi: int, offset: int, length: int,
+                             writer: Writer) -> set[str]:
+        """``_apply`` for a view owning several layers (a release is folding them)."""
         newer = self.layers[hi + 1 :]
-        fresh: list[tuple[Layer, int]] = []
+        fresh: dict[str, tuple[Layer, list[int]]] = {}  # by data object: a Layer is unhashable
         touched: set[str] = set()
         # Consecutive pieces bound for the same layer go out as one request.
         run: list[Any] | None = None  # [name, pos, done, n]
-        for chunk, within, n, done in self.pieces(offset, length):
-            layer = await self._target(gen, chunk, within, n)
+        for chunk, _within, n, done in self.pieces(offset, length):
+            layer = await self._target(lo, hi, chunk, n)
             if not layer.has(chunk):
-                fresh.append((layer, chunk))
+                fresh.setdefault(layer.data, (layer, []))[1].append(chunk)
             pos = offset + done
             if run is not None and run[0] == layer.data:
                 run[3] += n
@@ -222,15 +317,19 @@ class LogEngine(Engine):
                     touched.add(up.data)
         if run is not None:
             await writer(*run)
-        if fresh:
-            # The new delta chunks must be durable before any entry points at them: the
-            # entries wait for the next commit, which syncs the deltas first.
-            for layer, chunk in fresh:
-                if chunk not in layer.pending:
-                    layer.pending.add(chunk)
-                    self.held_bytes += ENTRY_BYTES
-            self.schedule_writeback()
+        for layer, chunks in fresh.values():
+            self._note_pending(layer, chunks)
         return touched
+
+    def _note_pending(self, layer: Layer, chunks: list[int]) -> None:
+        """Entries for new delta chunks, written and not yet durable: they must be durable
+        before any entry points at them, so the entries wait for the next commit, which syncs
+        the deltas first."""
+        pending = layer.pending
+        before = len(pending)
+        pending.update(chunks)
+        self.held_bytes += ENTRY_BYTES * (len(pending) - before)
+        self.schedule_writeback()
 
     def writeback_pending(self) -> bool:
         return any(layer.pending for layer in self.layers)
@@ -245,12 +344,22 @@ class LogEngine(Engine):
         # and the commit that puts it in its table makes the changed bits durable first.  A
         # write into a chunk some layer already holds (pending included) lands where a view
         # may read it after a crash, and waits for its bits.
-        lo = self._own_range(gen)[0]
-        layers = self.layers
-        for chunk in range(first, last + 1):
-            for i in range(len(layers) - 1, lo - 1, -1):
-                if layers[i].has(chunk):
+        lo = (self._ranges.get(gen) or self._own_range(gen))[0]
+        for layer in self.layers[lo:]:
+            table = layer.table
+            if table is None:
+                return False  # the base holds every chunk
+            pending, has = layer.pending, table.has
+            if first == last:
+                if first in pending or has(first):
                     return False
+            else:
+                for chunk in range(first, last + 1):
+                    if chunk in pending or has(chunk):
+                        return False
+        # No layer holds any of them: the ``_apply`` that follows (at once, under the same
+        # locks) need not look them up again.
+        self._fresh_run = (gen, first, last)
         return True
 
     async def _commit_batch(self) -> None:
@@ -277,9 +386,9 @@ class LogEngine(Engine):
         view = memoryview(data)
 
         async def put(name: str, pos: int, done: int, n: int) -> None:
-            await self.storage.write(name, pos, view[done : done + n])
+            await self.storage.write(name, pos, view if n == len(view) else view[done : done + n])
 
-        return await self._apply(gen, offset, len(data), put)
+        return await self._apply(gen, offset, len(data), put, view)
 
     async def _zero(self, gen: int, offset: int, length: int, punch: bool,
                     ahead: bool = False) -> set[str]:
@@ -309,6 +418,7 @@ class LogEngine(Engine):
     async def release(self, view: int, progress: Progress | None = None) -> None:
         if view in self.views:
             self.views.remove(view)
+            self._reshaped()
         await self.locks.barrier()  # writes routed by the old ownership finish first
         await self.commit_writeback()  # a fold lists table entries, not pending ones
         async with self._fold_lock:
@@ -361,6 +471,7 @@ class LogEngine(Engine):
         await self._step("fold-drop", -1)
         # Every chunk of upper now lives in lower; reads through upper find nothing.
         self.layers.remove(upper)
+        self._reshaped()
         await self._drop(upper)
 
     async def _merge(self, lower: Layer, upper: Layer, first: int, last: int) -> int:

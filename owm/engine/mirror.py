@@ -56,6 +56,7 @@ StepHook = Callable[[str, int], Awaitable[None]]
 # A held write: offset, bytes (None: zeroes), length, punch (zeroes only), the legs it goes to.
 HeldOp = tuple[int, memoryview | None, int, bool, tuple[str, ...]]
 ZERO_OP_BYTES = 64  # what a held zeroing counts against the backlog's cap
+PARALLEL_BYTES = 64 * 1024  # writes larger than this go to every leg at once
 RESYNC_BATCH = 256  # chunks the background resync copies between two syncs of the legs
 TRACK_LIMIT = 1 << 18  # chunks remembered per flush interval; beyond it no bit is cleared
 
@@ -95,6 +96,9 @@ class MirrorEngine(Engine):
         self.resynced_chunks = 0  # chunks copied by the last background resync
         # Per chunk: writes held until the bits they follow are durable (still in flight).
         self._held: dict[int, list[HeldOp]] = {}
+        # Per generation: the legs its writes go to and the maps they mark (``_route``);
+        # forgotten whenever a leg's role or map changes (``_rerouted``).
+        self._routes: dict[int, tuple[list[str], list[ChunkTable]]] = {}
 
     @property
     def roles(self) -> list[dict[str, Any]]:
@@ -118,6 +122,7 @@ class MirrorEngine(Engine):
                 table = self._dirty_table(i)
                 await table.load()
                 self.dirty[i] = table
+        self._rerouted()
         await self.intent.load()
         if not clean and (not self.state.get("write_intent") or self.intent.damaged):
             # A volume from before the write-intent map, or whose map is damaged: any allocated
@@ -222,6 +227,7 @@ class MirrorEngine(Engine):
         self.roles[leg] = {"role": "image", "view": preserved, "full": False}
         self.dirty[leg] = self._dirty_table(leg)
         self.views.append(preserved + 1)
+        self._rerouted()
         return preserved
 
     def _placement(self, view: int, offset: int, length: int) -> Iterator[tuple[str, int, int]]:
@@ -232,38 +238,62 @@ class MirrorEngine(Engine):
         return [i for i, r in enumerate(self.roles)
                 if r["role"] != "image" or r["view"] >= gen]
 
+    def _route(self, gen: int) -> tuple[list[str], list[ChunkTable]]:
+        """The legs a write by gen goes to, and the maps it marks: the dirty maps of images
+        older than gen, and the write-intent map when it reaches more than one leg."""
+        route = self._routes.get(gen)
+        if route is None:
+            targets = self._targets(gen)
+            tables = [self.dirty[i] for i, r in enumerate(self.roles)
+                      if r["role"] == "image" and r["view"] < gen]
+            if len(targets) > 1:
+                tables.append(self.intent)
+            route = self._routes[gen] = ([_leg(i) for i in targets], tables)
+        return route
+
+    def _rerouted(self) -> None:
+        """A leg's role or dirty map changed: work the routes out again."""
+        self._routes.clear()
+
     def _begin(self, gen: int, first: int, last: int) -> tuple[list[str], bool]:
         """Before a write: note it in flight, mark the write-intent map (when it reaches more
         than one leg) and the dirty maps of images older than gen; return its legs, and whether
         a bit was new (then the write is held until a commit has made it durable)."""
-        chunks = range(first, last + 1)
         inflight = self._inflight
+        names, tables = self._routes.get(gen) or self._route(gen)
+        marked = False
+        if first == last:  # the common case, without a range to walk
+            inflight[first] += 1
+            for table in tables:
+                if not table.has(first):
+                    table.set(first)
+                    marked = True
+            return names, marked
+        chunks = range(first, last + 1)
         for chunk in chunks:
             inflight[chunk] += 1
-        targets = self._targets(gen)
-        tables = [self.dirty[i] for i, r in enumerate(self.roles)
-                  if r["role"] == "image" and r["view"] < gen]
-        if len(targets) > 1:
-            tables.append(self.intent)
-        marked = False
         for table in tables:
             for chunk in chunks:
                 if not table.has(chunk):
                     table.set(chunk)
                     marked = True
-        return [_leg(i) for i in targets], marked
+        return names, marked
 
     def _end(self, first: int, last: int) -> None:
-        for chunk in range(first, last + 1):
-            n = self._inflight[chunk] - 1
+        inflight = self._inflight
+        for chunk in range(first, last + 1) if first != last else (first,):
+            n = inflight[chunk] - 1
             if n:
-                self._inflight[chunk] = n
+                inflight[chunk] = n
             else:
-                del self._inflight[chunk]
-        if len(self._recent) + last - first >= TRACK_LIMIT:
+                del inflight[chunk]
+        recent = self._recent
+        if len(recent) + last - first >= TRACK_LIMIT:
             self._recent_over = True
+        elif first == last:
+            recent.add(first)
         else:
-            self._recent.update(range(first, last + 1))
+            recent.update(range(first, last + 1))
 
     def _may_defer(self, gen: int, first: int, last: int) -> bool:
         return True  # every write whose bits are not durable is held
@@ -279,17 +309,30 @@ class MirrorEngine(Engine):
     async def _write(self, gen: int, offset: int, data: Buffer, ahead: bool = False) -> set[str]:
         first, last = self.chunk_range(offset, len(data))
         names, marked = self._begin(gen, first, last)
-        if marked or ahead or self._must_hold(first, last):
+        if marked or ahead or (self._held and self._must_hold(first, last)):
             self._hold(offset, memoryview(bytes(data)), len(data), False, names)
             return set(names)
         try:
-            # One leg after another: small writes complete inline, where a Task per leg would
-            # cost more than the write; large ones run in the storage's threads either way.
-            for name in names:
-                await self.storage.write(name, offset, data)
+            if len(data) > PARALLEL_BYTES and len(names) > 1:
+                # Large writes run in the storage's threads: every leg's at once.
+                await self._on_legs(names, lambda name: self.storage.write(name, offset, data))
+            else:
+                # One leg after another: small writes complete inline, where a Task per leg
+                # would cost more than the write.
+                for name in names:
+                    await self.storage.write(name, offset, data)
         finally:
             self._end(first, last)
         return set(names)
+
+    @staticmethod
+    async def _on_legs(names: list[str], op: Callable[[str], Awaitable[None]]) -> None:
+        """Run op on every leg at once; return once all are done (never while one still
+        writes), raising the first error."""
+        results = await asyncio.gather(*(op(name) for name in names), return_exceptions=True)
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
 
     async def _zero(self, gen: int, offset: int, length: int, punch: bool,
                     ahead: bool = False) -> set[str]:
@@ -505,6 +548,7 @@ class MirrorEngine(Engine):
         full = bool(self.roles[leg].get("full"))
         # From now on the leg receives every live write; only its dirty chunks need copying.
         self.roles[leg] = {"role": "resync", "view": view, "full": full}
+        self._rerouted()
         # Writes that chose their legs (and dirty marks) before the role changed finish first,
         # and so do the held ones among them: they were not meant for this leg, which the copy
         # below reads from the primary.
@@ -528,6 +572,7 @@ class MirrorEngine(Engine):
         await self._step("release-rejoin", -1)
         self.roles[leg] = {"role": "sync"}
         self.dirty.pop(leg, None)
+        self._rerouted()
         await table.destroy()
         if progress is not None:
             progress(1, 1)
