@@ -171,8 +171,8 @@ async def test_many_requests_in_flight_at_once(backend: RadosBackend,
     outstanding = {"now": 0, "max": 0}
     submit = RadosStorage._submit
 
-    def counting(self: RadosStorage, start: Any, what: str) -> asyncio.Future[Any]:
-        fut = submit(self, start, what)
+    def counting(self: RadosStorage, start: Any, what: str, *rest: Any) -> asyncio.Future[Any]:
+        fut = submit(self, start, what, *rest)
         outstanding["now"] += 1
         outstanding["max"] = max(outstanding["max"], outstanding["now"])
 
