@@ -151,7 +151,7 @@ def _aio_read(oid: str, length: int, offset: int) -> Starter:
 
 
 def _aio_write(oid: str, data: bytes, offset: int) -> Starter:
-    return lambda io, cb: io.aio_write(oid, data, offset, oncomplete=cb)
+    return lambda io, cb: io.aio_write(oid, data, offset, cb)  # positional: no keyword parsing
 
 
 def _aio_operate(op: Any, oid: str) -> Starter:
