@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import os
+import threading
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
@@ -163,3 +164,42 @@ async def test_a_failed_write_fails_the_next_sync(backend: RadosBackend,
         await st.sync("f")
     monkeypatch.undo()
     await st.sync("f")  # the failures were reported once; later syncs are clean
+
+
+async def test_the_librados_callback_asks_librados_nothing(
+        backend: RadosBackend, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A completion's return value is asked for on the event loop's thread: python-rados
+    releases the GIL around that call, and a librados thread doing so inside its callback
+    must win the GIL back from the loop before it can deliver the next completion."""
+    st = backend.storage("v")
+    await st.write("g", 0, b"h")
+    ioctx = backend.ioctx
+    asked_on: list[int] = []
+
+    class Completion:
+        def __init__(self, real: Any) -> None:
+            self.real = real
+
+        def get_return_value(self) -> int:
+            asked_on.append(threading.get_ident())
+            return int(self.real.get_return_value())
+
+    def wrap(cb: Any) -> Any:
+        return lambda c, *data: cb(Completion(c), *data)
+
+    class Watching:
+        def __getattr__(self, attr: str) -> Any:
+            return getattr(ioctx, attr)
+
+        def aio_write(self, oid: str, data: bytes, offset: int, oncomplete: Any) -> Any:
+            return ioctx.aio_write(oid, data, offset, wrap(oncomplete))
+
+        def aio_read(self, oid: str, length: int, offset: int, oncomplete: Any) -> Any:
+            return ioctx.aio_read(oid, length, offset, wrap(oncomplete))
+
+    monkeypatch.setattr(backend, "ioctx", Watching())
+    await asyncio.gather(*(st.write("g", i * 4096, b"q" * 4096) for i in range(16)))
+    got = await asyncio.gather(*(st.read("g", i * 4096, 4096) for i in range(16)))
+    monkeypatch.undo()
+    assert got == [b"q" * 4096] * 16
+    assert len(asked_on) == 32 and set(asked_on) == {threading.get_ident()}, set(asked_on)

@@ -491,22 +491,29 @@ def _settle(fut: asyncio.Future[Any], value: Any) -> None:
 class _Completions:
     """Completions from librados's threads, handed to one event loop in batches.
 
-    ``put`` (on a librados thread) queues a future and its value; only the first ``put`` into
-    an empty queue wakes the loop (one ``call_soon_threadsafe``, one write to its wake-up fd),
-    and the loop then settles everything queued by the time it runs.
+    ``put`` (on a librados thread) queues a future, its librados completion and the data read;
+    only the first ``put`` into an empty queue wakes the loop (one ``call_soon_threadsafe``, one
+    write to its wake-up fd), and the loop then settles everything queued by the time it runs.
+
+    The return value is asked of the completion on the loop, not in the callback: python-rados
+    releases the GIL around that call, and a librados thread that gives the GIL up in the
+    middle of its callback must win it back from the event loop before the next completion
+    can be delivered (two more GIL hand-offs, futex waits and context switches per call).
     """
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
         self.thread = threading.get_ident()  # the thread running ``loop``
         self._lock = threading.Lock()
-        self._ready: list[tuple[asyncio.Future[Any], Any, _Named | None]] = []
+        self._ready: list[tuple[asyncio.Future[Any], Any, bytes | None, _Named | None]] = []
 
-    def put(self, fut: asyncio.Future[Any], value: Any, named: _Named | None) -> None:
-        """Queue ``value`` for ``fut``; ``named``: the object whose mutation this ended."""
+    def put(self, fut: asyncio.Future[Any], completion: Any, data: bytes | None,
+            named: _Named | None) -> None:
+        """Queue the end of the call for ``fut`` (``data``: what a read got); ``named``: the
+        object whose mutation it was. Makes no librados call (see the class docstring)."""
         with self._lock:
             ready = self._ready
-            ready.append((fut, value, named))
+            ready.append((fut, completion, data, named))
             if len(ready) > 1:
                 return  # a wake-up is already on its way and will take this one too
         with contextlib.suppress(RuntimeError):  # a closed loop: nobody waits any more
@@ -515,7 +522,8 @@ class _Completions:
     def _drain(self) -> None:
         with self._lock:
             ready, self._ready = self._ready, []
-        for fut, value, named in ready:
+        for fut, completion, data, named in ready:
+            value = (completion.get_return_value(), data)
             if named is not None:
                 named.ended(fut, _write_failure(value))
             if not fut.done():
@@ -552,7 +560,7 @@ class RadosStorage:
         put = queue.put
 
         def done(completion: Any, *data: Any) -> None:
-            put(fut, (completion.get_return_value(), data[0] if data else None), named)
+            put(fut, completion, data[0] if data else None, named)
 
         try:
             start(self._ioctx(), done)
