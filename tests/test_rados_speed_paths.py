@@ -55,7 +55,7 @@ async def test_a_one_stripe_write_costs_one_loop_hop(backend: RadosBackend,
     for i in range(n):
         await st.write("live.data", i * 4096, os.urandom(4096))
     monkeypatch.undo()
-    assert calls <= n * 3 // 2, calls  # three per write with done callbacks and a shield
+    assert calls <= n * 3 // 2, calls  # four per write with done callbacks and a shield
     await st.sync("live.data")
 
 
