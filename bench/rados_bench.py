@@ -15,7 +15,12 @@ bench`` (librbd with no NBD at all; its own process, so no server CPU). Each vol
 once first so that reads see data. The table gives IOPS (4K) or MB/s (1M), the server's CPU
 per I/O in microseconds, and owm's figure as a ratio to qemu-nbd's.
 
-    .venv/bin/python bench/rados_bench.py [--runtime 10] [--size 512M]
+Both servers run side by side, and every job runs on owm and then at once on qemu-nbd (``--pairs
+N``: N such pairs, the order alternating, and each row's median), so that a ratio compares two
+figures taken seconds apart: on a shared machine the load moves a lot more between the start and
+the end of a run than within one pair.
+
+    .venv/bin/python bench/rados_bench.py [--runtime 10] [--size 512M] [--pairs 1]
 
 The OSD runs on the same cores as the servers and fio, so this measures the NBD servers' own
 cost on top of a very fast (memory) RADOS, not a real cluster.
@@ -109,41 +114,46 @@ def server(argv: list[str], ready: Path, log: Path) -> Iterator[int]:
             proc.wait()
 
 
-def run_owm(cluster: testbed.CephCluster, work: Path, size: int, runtime: int,
-            threads: bool = False) -> dict[str, dict[str, Result]]:
+def median(results: list[Result]) -> Result:
+    """The result of the middle value (the lower middle of an even count)."""
+    return sorted(results, key=lambda r: r.value)[(len(results) - 1) // 2]
+
+
+def run_side_by_side(cluster: testbed.CephCluster, work: Path, size: int, runtime: int,
+                     pairs: int = 1, threads: bool = False) -> dict[str, dict[str, Result]]:
+    """owm (a cow volume) and qemu-nbd (an RBD image) both up; each job on one, then the other."""
     pool = work / "pool"
-    argv = [sys.executable, "-m", "owm", "--pool", str(pool), "serve", "--listen", "none",
-            "--ceph-conf", str(cluster.conf_path), "--rados-pool", cluster.pool]
-    rows: dict[str, dict[str, Result]] = {"owm cow": {}, "owm cow + preserve": {}}
-    with server(argv, pool / "control.sock", work / "owm.log") as pid:
-        owm(pool, "volume", "create", "vol", "--size", str(size), "--method", "cow")
-        uri = f"nbd+unix:///vol?socket={pool}/nbd.sock"
-        fill(uri, size)
-        for label, rw, bs in JOBS:
-            rows["owm cow"][label] = fio(uri, rw, bs, runtime, size, pid, threads)
-        for label, rw, bs in JOBS:
-            image = owm(pool, "preserve", "vol")
-            rows["owm cow + preserve"][label] = fio(uri, rw, bs, runtime, size, pid,
-                                                    threads)
-            owm(pool, "release", image)
-    return rows
-
-
-def run_qemu_nbd(cluster: testbed.CephCluster, work: Path, size: int, runtime: int,
-                 threads: bool = False) -> dict[str, Result]:
+    owm_argv = [sys.executable, "-m", "owm", "--pool", str(pool), "serve", "--listen", "none",
+                "--ceph-conf", str(cluster.conf_path), "--rados-pool", cluster.pool]
     conf = str(cluster.conf_path)
     subprocess.run(["rbd", "-c", conf, "create", "--size", f"{size // (1 << 20)}M",
                     f"{cluster.pool}/bench"], check=True, capture_output=True, timeout=60)
     sock = work / "qemu.sock"
-    argv = ["qemu-nbd", "-f", "raw", "--persistent", "--shared=8", "--cache=none",
-            f"--socket={sock}", "-x", "bench", f"rbd:{cluster.pool}/bench:conf={conf}"]
-    out: dict[str, Result] = {}
-    with server(argv, sock, work / "qemu-nbd.log") as pid:
-        uri = f"nbd+unix:///bench?socket={sock}"
-        fill(uri, size)
+    qemu_argv = ["qemu-nbd", "-f", "raw", "--persistent", "--shared=8", "--cache=none",
+                 f"--socket={sock}", "-x", "bench", f"rbd:{cluster.pool}/bench:conf={conf}"]
+    runs: dict[str, dict[str, list[Result]]] = {
+        "owm cow": {}, "owm cow + preserve": {}, "qemu-nbd rbd": {}}
+    with server(owm_argv, pool / "control.sock", work / "owm.log") as owm_pid, \
+            server(qemu_argv, sock, work / "qemu-nbd.log") as qemu_pid:
+        owm(pool, "volume", "create", "vol", "--size", str(size), "--method", "cow")
+        owm_uri = f"nbd+unix:///vol?socket={pool}/nbd.sock"
+        qemu_uri = f"nbd+unix:///bench?socket={sock}"
+        fill(owm_uri, size)
+        fill(qemu_uri, size)
+        sides = [("owm cow", owm_uri, owm_pid), ("qemu-nbd rbd", qemu_uri, qemu_pid)]
         for label, rw, bs in JOBS:
-            out[label] = fio(uri, rw, bs, runtime, size, pid, threads)
-    return out
+            for n in range(pairs):
+                for row, uri, pid in (sides if n % 2 == 0 else sides[::-1]):
+                    runs[row].setdefault(label, []).append(
+                        fio(uri, rw, bs, runtime, size, pid, threads))
+        for label, rw, bs in JOBS:
+            for _ in range(pairs):
+                image = owm(pool, "preserve", "vol")
+                runs["owm cow + preserve"].setdefault(label, []).append(
+                    fio(owm_uri, rw, bs, runtime, size, owm_pid, threads))
+                owm(pool, "release", image)
+    return {row: {label: median(results) for label, results in jobs.items()}
+            for row, jobs in runs.items()}
 
 
 def run_rbd_bench(cluster: testbed.CephCluster, size: int, runtime: int) -> dict[str, Result]:
@@ -203,6 +213,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--runtime", type=int, default=10, help="seconds per fio job")
     parser.add_argument("--size", default="512M", help="volume and image size (K/M/G)")
+    parser.add_argument("--pairs", type=int, default=1,
+                        help="runs of each job on each server, alternating (median shown)")
     parser.add_argument("--threads", action="store_true",
                         help="also print the servers' busiest threads, CPU us per I/O each")
     args = parser.parse_args()
@@ -215,8 +227,8 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="owm-rbench-", dir="/tmp"))
     cluster = testbed.start(memstore_bytes=max(4 << 30, 5 * size))
     try:
-        rows = run_owm(cluster, work, size, args.runtime, args.threads)
-        rows["qemu-nbd rbd"] = run_qemu_nbd(cluster, work, size, args.runtime, args.threads)
+        rows = run_side_by_side(cluster, work, size, args.runtime, max(1, args.pairs),
+                                args.threads)
         rows["rbd bench"] = run_rbd_bench(cluster, size, args.runtime)
         print_table(rows)
     finally:

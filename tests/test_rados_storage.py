@@ -9,6 +9,7 @@ with an OwmError (EIO) within the op timeout, then recovering.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import os
 import random
@@ -171,8 +172,8 @@ async def test_many_requests_in_flight_at_once(backend: RadosBackend,
     outstanding = {"now": 0, "max": 0}
     submit = RadosStorage._submit
 
-    def counting(self: RadosStorage, start: Any, what: str) -> asyncio.Future[Any]:
-        fut = submit(self, start, what)
+    def counting(self: RadosStorage, start: Any, what: str, *rest: Any) -> asyncio.Future[Any]:
+        fut = submit(self, start, what, *rest)
         outstanding["now"] += 1
         outstanding["max"] = max(outstanding["max"], outstanding["now"])
 
@@ -215,6 +216,21 @@ async def retry(call: Any, tries: int = 20) -> Any:
     return await call()
 
 
+async def stop(proc: Any) -> None:
+    """SIGSTOP ``proc`` and wait (bounded) until every thread of it has stopped: the stop takes
+    effect some milliseconds later on a busy machine, and a write sent meanwhile is answered."""
+    proc.send_signal(signal.SIGSTOP)
+    tasks = f"/proc/{proc.pid}/task"
+    for _ in range(500):
+        states = []
+        for tid in os.listdir(tasks):
+            with contextlib.suppress(OSError), open(f"{tasks}/{tid}/stat") as f:
+                states.append(f.read().rsplit(")", 1)[1].split()[0])
+        if states and all(state in "Tt" for state in states):
+            return
+        await asyncio.sleep(0.01)
+
+
 async def test_a_stopped_osd_fails_requests_with_eio_then_recovers(ceph: CephCluster) -> None:
     b = await RadosBackend.open(ceph.conf_path, ceph.pool, f"t-{uuid.uuid4().hex[:12]}", STRIPE,
                                 op_timeout=2)
@@ -222,7 +238,7 @@ async def test_a_stopped_osd_fails_requests_with_eio_then_recovers(ceph: CephClu
     osd = ceph.procs["osd.0"]
     try:
         await retry(lambda: st.write("x", 0, b"before"))  # a busy machine may be slow
-        osd.send_signal(signal.SIGSTOP)
+        await stop(osd)
         try:
             with pytest.raises(OwmError) as caught:
                 await asyncio.wait_for(st.write("x", 0, b"during"), 30)

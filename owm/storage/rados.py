@@ -75,14 +75,72 @@ def _error(rv: int, what: str, timeout: float = OP_TIMEOUT) -> OwmError:
     return OwmError(f"storage error while {what}: {os.strerror(code)} (from RADOS)")
 
 
+class _Waiter:
+    """A ``sync`` (or a close, a delete) waiting for the mutations that were in flight when it
+    began: ``fut`` gets None once they all ended, or the first failure among them (a negative
+    return value, or the exception of a task)."""
+
+    __slots__ = ("failure", "fut", "left")
+
+    def __init__(self, fut: asyncio.Future[Any], left: set[object]) -> None:
+        self.fut = fut
+        self.left = left
+        self.failure: int | BaseException | None = None
+
+
 @dataclass
 class _Named:
-    """What the index knows of one named object: whether its head exists, its stripes' sizes."""
+    """What the index knows of one named object: whether its head exists, its stripes' sizes,
+    and the mutations on it still in flight.
+
+    A mutation in flight is a *token* (the future its completion settles, or the task of a
+    mutation run as one) in ``pending``; it leaves ``pending`` when its RADOS call completed,
+    whatever became of the future: the request that awaited it may have been cancelled
+    meanwhile, and the call still runs to its end. ``waiting`` holds the syncs waiting for
+    some of them. This bookkeeping runs inline when a completion is handed to the loop (no
+    done callbacks, no shields), which is what keeps a 4K write cheap.
+    """
 
     head: bool = False
     stripes: dict[int, int] = field(default_factory=dict)
-    # Mutations in flight: tasks (result None) and bare aio writes (result (rv, None)).
-    pending: set[asyncio.Future[Any]] = field(default_factory=set)
+    pending: set[object] = field(default_factory=set)
+    waiting: list[_Waiter] = field(default_factory=list)
+
+    def ended(self, token: object, failure: int | BaseException | None) -> None:
+        """The mutation ``token`` has completed (``failure``: None, a return value <0, or an
+        exception); wake the waiters it was the last one of."""
+        self.pending.discard(token)
+        if not self.waiting:
+            return
+        keep = []
+        for waiter in self.waiting:
+            if waiter.fut.done():
+                continue  # a cancelled sync
+            if token in waiter.left:
+                waiter.left.discard(token)
+                if failure is not None and waiter.failure is None:
+                    waiter.failure = failure
+                if not waiter.left:
+                    waiter.fut.set_result(waiter.failure)
+                    continue
+            keep.append(waiter)
+        self.waiting = keep
+
+    def idle(self, loop: asyncio.AbstractEventLoop) -> asyncio.Future[Any] | None:
+        """A future settled once every mutation now in flight has ended (its result: the first
+        failure among them, or None); None when nothing is in flight."""
+        if not self.pending:
+            return None
+        waiter = _Waiter(loop.create_future(), set(self.pending))
+        self.waiting.append(waiter)
+        return waiter.fut
+
+
+def _write_failure(value: Any) -> int | None:
+    """The failure a mutation's completion value reports for ``sync``: its return value if
+    negative, except -ENOENT (a discard's remove that found nothing to remove)."""
+    rv = value[0]
+    return rv if rv < 0 and rv != -errno.ENOENT else None
 
 
 Starter = Callable[[Any, Callable[..., None]], Any]  # (ioctx, on completion) -> Completion
@@ -93,7 +151,7 @@ def _aio_read(oid: str, length: int, offset: int) -> Starter:
 
 
 def _aio_write(oid: str, data: bytes, offset: int) -> Starter:
-    return lambda io, cb: io.aio_write(oid, data, offset, oncomplete=cb)
+    return lambda io, cb: io.aio_write(oid, data, offset, cb)  # positional: no keyword parsing
 
 
 def _aio_operate(op: Any, oid: str) -> Starter:
@@ -193,9 +251,18 @@ class RadosBackend:
         await self._load_sizes(stripes)
 
     def completions(self) -> _Completions:
-        """The completion queue of the running loop."""
-        loop = asyncio.get_running_loop()
+        """The completion queue of the running loop.
+
+        Asked for on every RADOS call, so the common case costs no system call: the loop the
+        queue belongs to is running in this thread, hence it is the running loop (a thread runs
+        one loop at a time). ``asyncio.get_running_loop`` checks the process id, a ``getpid``
+        system call each time: it is only asked when that does not hold.
+        """
         queue = self._completions
+        if (queue is not None and queue.thread == threading.get_ident()
+                and queue.loop.is_running()):
+            return queue
+        loop = asyncio.get_running_loop()
         if queue is None or queue.loop is not loop:
             queue = self._completions = _Completions(loop)
         return queue
@@ -424,20 +491,29 @@ def _settle(fut: asyncio.Future[Any], value: Any) -> None:
 class _Completions:
     """Completions from librados's threads, handed to one event loop in batches.
 
-    ``put`` (on a librados thread) queues a future and its value; only the first ``put`` into
-    an empty queue wakes the loop (one ``call_soon_threadsafe``, one write to its wake-up fd),
-    and the loop then settles everything queued by the time it runs.
+    ``put`` (on a librados thread) queues a future, its librados completion and the data read;
+    only the first ``put`` into an empty queue wakes the loop (one ``call_soon_threadsafe``, one
+    write to its wake-up fd), and the loop then settles everything queued by the time it runs.
+
+    The return value is asked of the completion on the loop, not in the callback: python-rados
+    releases the GIL around that call, and a librados thread that gives the GIL up in the
+    middle of its callback must win it back from the event loop before the next completion
+    can be delivered (two more GIL hand-offs, futex waits and context switches per call).
     """
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
+        self.thread = threading.get_ident()  # the thread running ``loop``
         self._lock = threading.Lock()
-        self._ready: list[tuple[asyncio.Future[Any], Any]] = []
+        self._ready: list[tuple[asyncio.Future[Any], Any, bytes | None, _Named | None]] = []
 
-    def put(self, fut: asyncio.Future[Any], value: Any) -> None:
+    def put(self, fut: asyncio.Future[Any], completion: Any, data: bytes | None,
+            named: _Named | None) -> None:
+        """Queue the end of the call for ``fut`` (``data``: what a read got); ``named``: the
+        object whose mutation it was. Makes no librados call (see the class docstring)."""
         with self._lock:
             ready = self._ready
-            ready.append((fut, value))
+            ready.append((fut, completion, data, named))
             if len(ready) > 1:
                 return  # a wake-up is already on its way and will take this one too
         with contextlib.suppress(RuntimeError):  # a closed loop: nobody waits any more
@@ -446,7 +522,10 @@ class _Completions:
     def _drain(self) -> None:
         with self._lock:
             ready, self._ready = self._ready, []
-        for fut, value in ready:
+        for fut, completion, data, named in ready:
+            value = (completion.get_return_value(), data)
+            if named is not None:
+                named.ended(fut, _write_failure(value))
             if not fut.done():
                 fut.set_result(value)
 
@@ -468,19 +547,27 @@ class RadosStorage:
             raise OwmError("storage error: the connection to the Ceph cluster is closed")
         return ioctx
 
-    def _submit(self, start: Starter, what: str) -> asyncio.Future[Any]:
-        """Start one aio call; the future gets (return value, data or None)."""
+    def _submit(self, start: Starter, what: str,
+                named: _Named | None = None) -> asyncio.Future[Any]:
+        """Start one aio call; the future gets (return value, data or None).
+
+        With ``named`` the call is a mutation of that object: it is in its ``pending`` from
+        now until its completion reaches the loop, however its future ends (the caller may
+        await the future directly: a cancelled request cancels only its own wait).
+        """
         queue = self._backend.completions()
         fut: asyncio.Future[Any] = queue.loop.create_future()
         put = queue.put
 
         def done(completion: Any, *data: Any) -> None:
-            put(fut, (completion.get_return_value(), data[0] if data else None))
+            put(fut, completion, data[0] if data else None, named)
 
         try:
             start(self._ioctx(), done)
         except _rados_error() as exc:
             raise OwmError(f"storage error while {what}: {exc}") from None
+        if named is not None:
+            named.pending.add(fut)
         return fut
 
     def _fail(self, rv: int, what: str) -> OwmError:
@@ -500,7 +587,11 @@ class RadosStorage:
         """Run a mutation as a task whose end ``sync`` can wait for."""
         task: asyncio.Future[Any] = asyncio.ensure_future(coro)
         named.pending.add(task)
-        task.add_done_callback(named.pending.discard)
+
+        def ended(t: asyncio.Future[Any]) -> None:
+            named.ended(t, None if t.cancelled() else t.exception())
+
+        task.add_done_callback(ended)
         return task
 
     def _named(self, name: str, create: bool) -> _Named | None:
@@ -582,17 +673,25 @@ class RadosStorage:
         length = len(data)
         if not length:
             return
-        # Every call (the head's too, on a first write) is started here, at once, each tracked
-        # by the future its completion settles (``sync`` waits for those); this request waits
-        # for them behind shields, so that its cancellation cannot cancel what ``sync`` must
-        # wait for. python-rados takes bytes only: one copy of a view here, none of bytes.
-        futures = [] if named.head else [self._start_head(name, named)]
+        # Every call (the head's too, on a first write) is started here, at once, each in the
+        # object's ``pending`` until it completes (``sync`` waits for those); this request
+        # awaits their futures directly: its cancellation ends its wait, not the tracking.
+        # python-rados takes bytes only: one copy of a view here, none of bytes.
         payload = data if type(data) is bytes else bytes(data)
-        futures += self._start_writes(name, named, offset, payload)
+        if named.head:
+            futures = self._start_writes(name, named, offset, payload)
+            if len(futures) == 1:  # the common case: one stripe
+                rv, _ = await futures[0]
+                if rv < 0:
+                    raise self._fail(rv, f"writing {name}")
+                return
+        else:
+            futures = [self._start_head(name, named)]
+            futures += self._start_writes(name, named, offset, payload)
         what = f"writing {name}"
         failure: OwmError | None = None
         for fut in futures:
-            rv, _ = await (fut if fut.done() else asyncio.shield(fut))
+            rv, _ = await fut
             if rv < 0 and failure is None:
                 failure = self._fail(rv, what)
         if failure is not None:
@@ -604,7 +703,7 @@ class RadosStorage:
         oid = _head(self.volume, name)
         try:
             fut = self._submit(lambda io, cb: io.aio_write_full(oid, b"", oncomplete=cb),
-                               f"creating {name}")
+                               f"creating {name}", named)
         except BaseException:
             named.head = False
             raise
@@ -614,8 +713,6 @@ class RadosStorage:
                 named.head = False
 
         fut.add_done_callback(settled)
-        named.pending.add(fut)
-        fut.add_done_callback(named.pending.discard)
         return fut
 
     def _start_writes(self, name: str, named: _Named, offset: int,
@@ -624,7 +721,6 @@ class RadosStorage:
         number, inner = divmod(offset, size)
         length = len(payload)
         what = f"writing {name}"
-        pending = named.pending
         if inner + length <= size:
             pieces = [(number, inner, length)]
         else:
@@ -641,31 +737,24 @@ class RadosStorage:
                 stripes[number] = end
             oid = _stripe(self.volume, name, number)
             piece = payload if view is None else bytes(view[pos:pos + n])
-            fut = self._submit(_aio_write(oid, piece, inner), what)
-            pending.add(fut)
-            fut.add_done_callback(pending.discard)
-            futures.append(fut)
+            futures.append(self._submit(_aio_write(oid, piece, inner), what, named))
             pos += n
         return futures
 
     async def sync(self, name: str) -> None:
         named = self._named(name, create=False)
-        if named is None or not named.pending:
+        if named is None:
             return
-        # ``wait``, not ``gather``: a cancelled sync must not cancel the writes it waits for.
-        done, _ = await asyncio.wait(list(named.pending))
-        for fut in done:
-            if fut.cancelled():
-                continue  # a task cancelled before it started anything
-            result = fut.exception()
-            if result is None:
-                value = fut.result()
-                # (-ENOENT: a discard's remove that found nothing to remove)
-                if not (isinstance(value, tuple) and value[0] < 0 and value[0] != -errno.ENOENT):
-                    continue
-                result = self._fail(value[0], f"writing {name}")
-            raise OwmError(f"storage error while syncing {name}: an earlier write or "
-                           f"discard on it failed ({result})")
+        # A cancelled sync cancels only its own waiter, never the writes it waits for.
+        idle = named.idle(self._backend.completions().loop)
+        if idle is None:
+            return
+        failure = await idle
+        if failure is None:
+            return
+        result = self._fail(failure, f"writing {name}") if isinstance(failure, int) else failure
+        raise OwmError(f"storage error while syncing {name}: an earlier write or "
+                       f"discard on it failed ({result})")
 
     async def allocate(self, name: str, size: int) -> None:
         named = self._named(name, create=True)
@@ -681,7 +770,6 @@ class RadosStorage:
         # before any other request runs), so RADOS sees them in the index's order.
         what = f"discarding in {name}"
         futures: list[asyncio.Future[Any]] = []
-        pending = named.pending
         try:
             for number, inner, n in self._pieces(offset, length):
                 size = named.stripes.get(number)
@@ -690,7 +778,7 @@ class RadosStorage:
                 oid = _stripe(self.volume, name, number)
                 if inner == 0 and inner + n >= size:
                     del named.stripes[number]
-                    fut = self._submit(_aio_remove(oid), what)
+                    fut = self._submit(_aio_remove(oid), what, named)
                 else:
                     op = self._ioctx().create_write_op()
                     if inner + n >= size:
@@ -701,18 +789,18 @@ class RadosStorage:
                     else:
                         op.zero(inner, n)
                     try:
-                        fut = self._submit(_aio_operate(op, oid), what)
+                        fut = self._submit(_aio_operate(op, oid), what, named)
                     except BaseException:
                         op.release()
                         raise
                     fut.add_done_callback(_releaser(op))
-                pending.add(fut)
-                fut.add_done_callback(pending.discard)
                 futures.append(fut)
         except _rados_error() as exc:
             raise OwmError(f"storage error while {what}: {exc}") from None
         failure: OwmError | None = None
         for fut in futures:
+            # Shielded (discards are rare): the op is released when its call has completed,
+            # never by a cancelled request while RADOS still runs it.
             rv, _ = await (fut if fut.done() else asyncio.shield(fut))
             if rv < 0 and rv != -errno.ENOENT and failure is None:
                 failure = self._fail(rv, what)
@@ -746,8 +834,9 @@ class RadosStorage:
         named = self._named(name, create=False)
         if named is None:
             return
-        if named.pending:
-            await asyncio.wait(list(named.pending))
+        idle = named.idle(asyncio.get_running_loop())
+        if idle is not None:
+            await idle  # (a failure of one of them does not matter: the object goes)
         with self._lock:
             self._index.pop(name, None)
         oids = [_stripe(self.volume, name, n) for n in named.stripes]
@@ -774,9 +863,10 @@ class RadosStorage:
         return 0 if named is None else sum(named.stripes.values())
 
     async def close(self) -> None:
-        pending = [f for named in list(self._index.values()) for f in named.pending]
-        if pending:
-            await asyncio.wait(pending)
+        loop = asyncio.get_running_loop()
+        waits = [w for named in list(self._index.values()) if (w := named.idle(loop)) is not None]
+        if waits:
+            await asyncio.wait(waits)
 
 
 def _releaser(op: Any) -> Callable[[asyncio.Future[Any]], None]:
