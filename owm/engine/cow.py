@@ -25,7 +25,8 @@ so that no move-down fills a table another one is emptying).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
+from collections.abc import Coroutine, Iterator
+from typing import Any
 
 from owm.common.errors import ImageBroken, NoSpace
 from owm.common.view import Extent
@@ -131,7 +132,14 @@ class CowEngine(Engine):
         if run is not None:
             yield run
 
-    async def _read(self, view: int, offset: int, length: int) -> bytes:
+    def _read(self, view: int, offset: int, length: int) -> Coroutine[Any, Any, bytes]:
+        # The common case, the live view with nothing held: the storage's own coroutine, with
+        # none of the engine's around it (``Engine.read`` awaits it under its lock).
+        if view == self.views[-1] and not self._held and not self.broken:
+            return self.storage.read(LIVE, offset, length)
+        return self._read_views(view, offset, length)
+
+    async def _read_views(self, view: int, offset: int, length: int) -> bytes:
         if view in self.broken:
             raise ImageBroken(f"preserved image {view} is broken and cannot be read")
         if not self._held:
@@ -265,22 +273,32 @@ class CowEngine(Engine):
         return not any(self._copies(gen, c) for c in range(first, last + 1))
 
     async def _write(self, gen: int, offset: int, data: Buffer, ahead: bool = False) -> set[str]:
-        first, last = self.chunk_range(offset, len(data))
-        # Held too when its changed bit is not durable yet (``ahead``): the commit that
-        # releases it makes the bit durable first.
-        hold = (await self._preserve_chunks(gen, first, last) or ahead
-                or self._must_hold(first, last))
+        views = self.views
+        length = len(data)
+        shift = self.shift
+        first, last = offset >> shift, (offset + length - 1) >> shift
+        # With no image older than ``gen`` (a volume never preserved, or a session of the
+        # oldest image) there is nothing to copy aside.  Held too when its changed bit is not
+        # durable yet (``ahead``): the commit that releases it makes the bit durable first.
+        hold = gen != views[0] and await self._preserve_chunks(gen, first, last)
+        if ahead or (self._held and self._must_hold(first, last)):
+            hold = True
         touched = {LIVE}
-        if gen != self.views[-1] and self._has_copies(gen):
+        if gen != views[-1] and self._has_copies(gen):
             view = memoryview(data)
-            for chunk, _within, n, done in self.pieces(offset, len(data)):
+            for chunk, _within, n, done in self.pieces(offset, length):
                 for name in self._copies(gen, chunk):
                     await self.storage.write(name, offset + done, view[done : done + n])
                     touched.add(name)
         if hold:
-            self._hold(offset, memoryview(bytes(data)), len(data), False)
+            self._hold(offset, memoryview(bytes(data)), length, False)
         else:
-            await self.storage.write(LIVE, offset, data)
+            # SyncTracking.write inlined (the hot path: one coroutine fewer per write).
+            storage = self.storage
+            try:
+                await storage.inner.write(LIVE, offset, data)
+            finally:
+                storage.wrote(LIVE)
         return touched
 
     async def _zero(self, gen: int, offset: int, length: int, punch: bool,
