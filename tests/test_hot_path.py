@@ -189,7 +189,8 @@ def test_fast_path_holder_then_waiters() -> None:
         assert wide.done()
         locks.release(2, 5)
         locks.release(6, 6)  # alone on its chunk: the fast release
-        assert locks.held_chunks == 0 and locks.waiting == 0 and not locks._chunks
+        assert locks.held_chunks == 0 and locks.waiting == 0
+        assert not locks._chunks and not locks._solo
 
     asyncio.run(main())
 
@@ -207,7 +208,7 @@ def test_fast_path_barrier() -> None:
         await asyncio.sleep(0)
         assert barrier.done() and late.done()
         locks.release(7, 7)
-        assert not locks._chunks
+        assert not locks._chunks and not locks._solo
 
     asyncio.run(main())
 
@@ -269,6 +270,6 @@ def test_fast_path_random_against_rules(seed: int) -> None:
                 else:
                     still.append((first, last, excl, fut))
             waiting = still
-        assert not locks._chunks and locks.waiting == 0
+        assert not locks._chunks and not locks._solo and locks.waiting == 0
 
     asyncio.run(main())
