@@ -229,15 +229,22 @@ class _Connection(asyncio.BufferedProtocol):
         return self._scratch
 
     def buffer_updated(self, nbytes: int) -> None:
+        machine = self.machine
         if self._direct:
-            self.machine.body_received(nbytes)
+            machine.body_received(nbytes)
         else:
-            self.machine.receive_data(bytes(self._scratch[:nbytes]))
-        self._process()
+            machine.receive_data(bytes(self._scratch[:nbytes]))
+        # _process, inline (once per receive).
+        self._process_events()
+        if not self._lost:
+            held = machine.buffered
+            if held != self._held_input:
+                self.server._buffered += held - self._held_input
+                self._held_input = held
 
     def _account_input(self) -> None:
         """Count what the machine holds (unparsed input, a payload arriving) in the server's
-        total, as it changes."""
+        total, as it changes.  (``buffer_updated`` has its own copy of this.)"""
         if self._lost:
             return
         held = self.machine.buffered
@@ -321,11 +328,16 @@ class _Connection(asyncio.BufferedProtocol):
             out.clear()
             return
         self._out = []
+        transport = self.transport
         if len(out) == 1:
-            self.transport.write(out[0])
+            transport.write(out[0])
         else:
-            self.transport.writelines(out)
-        self._refresh_queued()
+            transport.writelines(out)
+        # _refresh_queued, inline.
+        if not self._lost:
+            queued = transport.get_write_buffer_size() + self._out_bytes
+            self.server._buffered += queued - self._queued
+            self._queued = queued
         if self._stalled:
             # Requests that completed at once filled ``_out``; now that it is written out,
             # parsing may go on.
@@ -403,7 +415,8 @@ class _Connection(asyncio.BufferedProtocol):
         request_type = p.Request
         started = 0
         now = self._loop.time()
-        limit = self.server._request_limit(now)
+        server = self.server
+        limit = server._request_limit(now)
         while not self._option_busy:
             if started >= DISPATCH_BATCH:
                 # Let the other connections' events run before the rest of this read.
@@ -411,7 +424,14 @@ class _Connection(asyncio.BufferedProtocol):
                     self._process_scheduled = True
                     self._loop.call_soon(self._process_later)
                 return
-            if self._busy(limit):
+            # _busy's own first test, inline: below every limit, nothing to look at.
+            if (
+                self._inflight >= limit
+                or self._write_paused
+                or self._inflight_bytes >= MAX_INFLIGHT_BYTES
+                or self._inflight_read_bytes + self._queued >= MAX_CONNECTION_REPLY_BYTES
+                or server._buffered >= MAX_BUFFERED_BYTES
+            ) and self._busy(limit):
                 # Leave the rest parsed later: one read can hold thousands of requests.
                 self._stalled = True
                 self._update_reading()
