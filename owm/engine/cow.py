@@ -272,6 +272,48 @@ class CowEngine(Engine):
             return True
         return not any(self._copies(gen, c) for c in range(first, last + 1))
 
+    async def write(self, gen: int, offset: int, data: Buffer, fua: bool = False) -> None:
+        """``Engine.write`` and ``_write`` in one coroutine for the common case: no preserved
+        image (nothing to copy aside, no other copy to update), not FUA, no damaged view, the
+        backlog below its cap.  Anything else goes the general way."""
+        views = self.views
+        length = len(data)
+        if len(views) > 1 or fua or self.damaged or gen != views[0] or \
+                self.held_bytes >= self.held_cap or not 0 <= offset < offset + length <= self.size:
+            await super().write(gen, offset, data, fua)
+            return
+        shift = self.shift
+        first, last = offset >> shift, (offset + length - 1) >> shift
+        locks = self.locks
+        fut = locks.try_acquire(first, last, EXCLUSIVE)
+        if fut is not None:
+            await fut
+        try:
+            ahead = self._mark_changed(gen, first, last) if gen else False
+            if len(self.views) > 1:
+                # A preserve came while it waited for its chunks: the rest of Engine.write's
+                # general way (copies aside, other copies updated), under the lock it holds.
+                if ahead and not self._may_defer(gen, first, last):
+                    await self._commit_changed(self._changed_batch(gen))
+                    ahead = False
+                await self._write(gen, offset, data, ahead)
+            elif ahead or (self._held and self._must_hold(first, last)):
+                # As Engine.write: _may_defer is True for the live view, so a write whose
+                # changed bit is not durable yet is held, as is one behind held overwrites.
+                self._hold(offset, memoryview(bytes(data)), length, False)
+            else:
+                storage = self.storage
+                try:
+                    await storage.inner.write(LIVE, offset, data)
+                finally:
+                    version = storage._version  # SyncTracking.write's bookkeeping, inline
+                    version[LIVE] = version.get(LIVE, 0) + 1
+                    storage.dirty.add(LIVE)
+        finally:
+            locks.release(first, last)
+        if ahead:
+            self.schedule_writeback()
+
     async def _write(self, gen: int, offset: int, data: Buffer, ahead: bool = False) -> set[str]:
         views = self.views
         length = len(data)
