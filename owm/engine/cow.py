@@ -32,7 +32,7 @@ from owm.common.errors import ImageBroken, NoSpace
 from owm.common.view import Extent
 from owm.engine.base import Engine, Progress
 from owm.engine.chunktable import ChunkTable
-from owm.locks.ranges import EXCLUSIVE
+from owm.locks.ranges import EXCLUSIVE, SHARED
 from owm.storage import Buffer
 
 LIVE = "live.data"
@@ -131,6 +131,27 @@ class CowEngine(Engine):
             del chunk
         if run is not None:
             yield run
+
+    async def read(self, view: int, offset: int, length: int) -> bytes:
+        """``Engine.read`` for the common case, the live view with nothing held, in one
+        coroutine around the storage's; anything else (or a change while it waited for its
+        chunks) goes the general way."""
+        views = self.views
+        if view != views[-1] or self._held or self.damaged or \
+                not 0 <= offset < offset + length <= self.size:
+            return await super().read(view, offset, length)
+        shift = self.shift
+        first, last = offset >> shift, (offset + length - 1) >> shift
+        locks = self.locks
+        fut = locks.try_acquire(first, last, SHARED)
+        if fut is not None:
+            await fut
+        try:
+            if fut is not None and (view != self.views[-1] or self._held):
+                return await self._read_views(view, offset, length)
+            return await self.storage.inner.read(LIVE, offset, length)
+        finally:
+            locks.release(first, last)
 
     def _read(self, view: int, offset: int, length: int) -> Coroutine[Any, Any, bytes]:
         # The common case, the live view with nothing held: the storage's own coroutine, with
