@@ -25,13 +25,14 @@ so that no move-down fills a table another one is emptying).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
+from collections.abc import Coroutine, Iterator
+from typing import Any
 
 from owm.common.errors import ImageBroken, NoSpace
 from owm.common.view import Extent
 from owm.engine.base import Engine, Progress
 from owm.engine.chunktable import ChunkTable
-from owm.locks.ranges import EXCLUSIVE
+from owm.locks.ranges import EXCLUSIVE, SHARED
 from owm.storage import Buffer
 
 LIVE = "live.data"
@@ -131,7 +132,35 @@ class CowEngine(Engine):
         if run is not None:
             yield run
 
-    async def _read(self, view: int, offset: int, length: int) -> bytes:
+    async def read(self, view: int, offset: int, length: int) -> bytes:
+        """``Engine.read`` for the common case, the live view with nothing held, in one
+        coroutine around the storage's; anything else (or a change while it waited for its
+        chunks) goes the general way."""
+        views = self.views
+        if view != views[-1] or self._held or self.damaged or \
+                not 0 <= offset < offset + length <= self.size:
+            return await super().read(view, offset, length)
+        shift = self.shift
+        first, last = offset >> shift, (offset + length - 1) >> shift
+        locks = self.locks
+        fut = locks.try_acquire(first, last, SHARED)
+        if fut is not None:
+            await fut
+        try:
+            if fut is not None and (view != self.views[-1] or self._held):
+                return await self._read_views(view, offset, length)
+            return await self.storage.inner.read(LIVE, offset, length)
+        finally:
+            locks.release(first, last)
+
+    def _read(self, view: int, offset: int, length: int) -> Coroutine[Any, Any, bytes]:
+        # The common case, the live view with nothing held: the storage's own coroutine, with
+        # none of the engine's around it (``Engine.read`` awaits it under its lock).
+        if view == self.views[-1] and not self._held and not self.broken:
+            return self.storage.inner.read(LIVE, offset, length)  # nothing to track
+        return self._read_views(view, offset, length)
+
+    async def _read_views(self, view: int, offset: int, length: int) -> bytes:
         if view in self.broken:
             raise ImageBroken(f"preserved image {view} is broken and cannot be read")
         if not self._held:
@@ -264,23 +293,78 @@ class CowEngine(Engine):
             return True
         return not any(self._copies(gen, c) for c in range(first, last + 1))
 
+    async def write(self, gen: int, offset: int, data: Buffer, fua: bool = False) -> None:
+        """``Engine.write`` and ``_write`` in one coroutine for the common case: no preserved
+        image (nothing to copy aside, no other copy to update), not FUA, no damaged view, the
+        backlog below its cap.  Anything else goes the general way."""
+        views = self.views
+        length = len(data)
+        if len(views) > 1 or fua or self.damaged or gen != views[0] or \
+                self.held_bytes >= self.held_cap or not 0 <= offset < offset + length <= self.size:
+            await super().write(gen, offset, data, fua)
+            return
+        shift = self.shift
+        first, last = offset >> shift, (offset + length - 1) >> shift
+        locks = self.locks
+        fut = locks.try_acquire(first, last, EXCLUSIVE)
+        if fut is not None:
+            await fut
+        try:
+            ahead = self._mark_changed(gen, first, last) if gen else False
+            if len(self.views) > 1:
+                # A preserve came while it waited for its chunks: the rest of Engine.write's
+                # general way (copies aside, other copies updated), under the lock it holds.
+                if ahead and not self._may_defer(gen, first, last):
+                    await self._commit_changed(self._changed_batch(gen))
+                    ahead = False
+                await self._write(gen, offset, data, ahead)
+            elif ahead or (self._held and self._must_hold(first, last)):
+                # As Engine.write: _may_defer is True for the live view, so a write whose
+                # changed bit is not durable yet is held, as is one behind held overwrites.
+                self._hold(offset, memoryview(bytes(data)), length, False)
+            else:
+                storage = self.storage
+                try:
+                    await storage.inner.write(LIVE, offset, data)
+                finally:
+                    version = storage._version  # SyncTracking.write's bookkeeping, inline
+                    version[LIVE] = version.get(LIVE, 0) + 1
+                    storage.dirty.add(LIVE)
+        finally:
+            locks.release(first, last)
+        if ahead:
+            self.schedule_writeback()
+
     async def _write(self, gen: int, offset: int, data: Buffer, ahead: bool = False) -> set[str]:
-        first, last = self.chunk_range(offset, len(data))
-        # Held too when its changed bit is not durable yet (``ahead``): the commit that
-        # releases it makes the bit durable first.
-        hold = (await self._preserve_chunks(gen, first, last) or ahead
-                or self._must_hold(first, last))
+        views = self.views
+        length = len(data)
+        shift = self.shift
+        first, last = offset >> shift, (offset + length - 1) >> shift
+        # With no image older than ``gen`` (a volume never preserved, or a session of the
+        # oldest image) there is nothing to copy aside.  Held too when its changed bit is not
+        # durable yet (``ahead``): the commit that releases it makes the bit durable first.
+        hold = gen != views[0] and await self._preserve_chunks(gen, first, last)
+        if ahead or (self._held and self._must_hold(first, last)):
+            hold = True
         touched = {LIVE}
-        if gen != self.views[-1] and self._has_copies(gen):
+        if gen != views[-1] and self._has_copies(gen):
             view = memoryview(data)
-            for chunk, _within, n, done in self.pieces(offset, len(data)):
+            for chunk, _within, n, done in self.pieces(offset, length):
                 for name in self._copies(gen, chunk):
                     await self.storage.write(name, offset + done, view[done : done + n])
                     touched.add(name)
         if hold:
-            self._hold(offset, memoryview(bytes(data)), len(data), False)
+            self._hold(offset, memoryview(bytes(data)), length, False)
         else:
-            await self.storage.write(LIVE, offset, data)
+            # SyncTracking.write and .wrote inlined (the hot path: no coroutine and no call of
+            # ours around the storage's write).
+            storage = self.storage
+            try:
+                await storage.inner.write(LIVE, offset, data)
+            finally:
+                version = storage._version
+                version[LIVE] = version.get(LIVE, 0) + 1
+                storage.dirty.add(LIVE)
         return touched
 
     async def _zero(self, gen: int, offset: int, length: int, punch: bool,

@@ -13,6 +13,11 @@ part only grows at its end, so each request enters it once per chunk, and a rele
 at the requests that become ready because of it: acquire and release cost O(chunks touched),
 amortised, however many requests wait.  As every queue is in the one arrival order, a request
 only ever waits for earlier ones, so multi-chunk requests cannot deadlock.
+
+The common case costs less still: a one-chunk request on a chunk nobody holds or awaits is
+granted as a *solo* holder, one dict entry (chunk -> exclusive) with no request or queue
+objects; it is turned into a queued request of its own (``_materialise``) only if another
+request comes to that chunk while it holds it.
 """
 
 from __future__ import annotations
@@ -74,8 +79,26 @@ class RangeLockManager:
         self._barrier: asyncio.Future[None] | None = None
         self._seq = 0
         self._woken: list[_Request] = []  # granted waiters not told yet (see _wake_up)
+        # Chunks held by one request granted on the fast path, with nothing else on them:
+        # chunk -> exclusive.  Never in ``_chunks``; counted in ``_live``.
+        self._solo: dict[int, bool] = {}
 
     # ------------------------------------------------------------------------ internals
+
+    def _materialise(self, c: int) -> _Chunk:
+        """Chunk ``c``'s solo holder becomes a granted request in a queue of its own (another
+        request is about to queue behind it).  Its arrival number is 0: it is granted, so it is
+        never among the woken waiters that are ordered by it."""
+        req = _Request(0, c, c, self._solo.pop(c))
+        req.queued = True
+        req.missing = 0
+        ch = self._chunks[c] = _Chunk(req)
+        holders = self._held.get((c, c))
+        if holders is None:
+            self._held[(c, c)] = [req]
+        else:
+            holders.append(req)
+        return ch
 
     def _enqueue(self, req: _Request) -> None:
         """Put ``req`` at the end of each chunk's queue; it becomes ready where nothing earlier
@@ -83,10 +106,14 @@ class RangeLockManager:
         req.queued = True
         self._live += 1
         chunks = self._chunks
+        solo = self._solo
         for c in range(req.first, req.last + 1):
             ch = chunks.get(c)
             if ch is None:
-                ch = chunks[c] = _Chunk()
+                if c in solo:
+                    ch = self._materialise(c)
+                else:
+                    ch = chunks[c] = _Chunk()
             ch.queue.append(req)
             self._advance(c, ch)
 
@@ -224,19 +251,15 @@ class RangeLockManager:
 
     def try_acquire(self, first: int, last: int, exclusive: bool) -> asyncio.Future[None] | None:
         """Take chunks first..last now (returns None) or queue and return a future to await."""
+        if first == last and self._barrier is None and first not in self._chunks and \
+                first not in self._solo:
+            # The common case, one chunk nobody holds or awaits: granted at once, as a solo
+            # holder (no request object, no queue; see the module's docstring).
+            self._solo[first] = exclusive
+            self._live += 1
+            return None
         self._seq += 1
         req = _Request(self._seq, first, last, exclusive)
-        chunks = self._chunks
-        if first == last and first not in chunks and self._barrier is None:
-            # The common case, one chunk nobody holds or awaits: it is granted at once, as
-            # _enqueue would, without walking its queue.  (No request of this range can be
-            # held either: its chunk would be in ``chunks``.)
-            req.queued = True
-            req.missing = 0
-            chunks[first] = _Chunk(req)
-            self._live += 1
-            self._held[(first, last)] = [req]
-            return None
         if self._barrier is not None:
             fut = self._wait(req)
             self._later.append(req)
@@ -248,6 +271,14 @@ class RangeLockManager:
 
     def release(self, first: int, last: int) -> None:
         """Let go of chunks first..last, granted to a request of exactly that range."""
+        if first == last and first in self._solo:
+            # Its solo holder, nobody else on the chunk: forget it.
+            del self._solo[first]
+            self._live -= 1
+            if self._barrier is not None and self._live == 0:
+                self._pass_barriers()
+                self._wake_up()
+            return
         key = (first, last)
         holders = self._held.get(key)
         if not holders:
@@ -322,4 +353,5 @@ class RangeLockManager:
         """Chunks that some granted request holds."""
         return len(
             {c for reqs in self._held.values() for r in reqs for c in range(r.first, r.last + 1)}
+            | self._solo.keys()
         )

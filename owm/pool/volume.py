@@ -27,6 +27,7 @@ from bisect import bisect_left
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from contextlib import AbstractAsyncContextManager
+from time import perf_counter
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from owm.catalog import ImageRow, VolumeRow, now
@@ -139,15 +140,16 @@ class Session:
         if self.closed:
             raise WrongState("this session is closed")
 
-    # read and write are the hot path: the in-flight count (_enter) is inlined, and a write
-    # with no live restore awaits the engine directly rather than through a null context.
+    # read and write are the hot path: the in-flight count (_enter) and the statistics
+    # (OpStats.done) are inlined, and a write with no live restore awaits the engine directly
+    # rather than through a null context.
 
     async def read(self, offset: int, length: int) -> bytes:
         if self.closed:
             raise WrongState("this session is closed")
         volume = self.volume
         stats = volume.stats.read
-        started = time.perf_counter()
+        started = perf_counter()
         gen = self.generation
         inflight = volume._inflight
         inflight[gen] = inflight.get(gen, 0) + 1
@@ -167,7 +169,11 @@ class Session:
                 del inflight[gen]
                 if volume._quiet is not None:
                     volume._quiet.set()
-        stats.done(length, started)
+        elapsed = perf_counter() - started
+        stats.count += 1
+        stats.bytes += length
+        stats.seconds += elapsed
+        stats.buckets[bisect_left(stats.bounds, elapsed)] += 1
         self.bytes_read += length
         return data
 
@@ -176,7 +182,7 @@ class Session:
             raise WrongState("this session is closed")
         volume = self.volume
         stats = volume.stats.write
-        started = time.perf_counter()
+        started = perf_counter()
         gen = self.generation
         inflight = volume._inflight
         inflight[gen] = inflight.get(gen, 0) + 1
@@ -199,7 +205,11 @@ class Session:
                 del inflight[gen]
                 if volume._quiet is not None:
                     volume._quiet.set()
-        stats.done(length, started)
+        elapsed = perf_counter() - started
+        stats.count += 1
+        stats.bytes += length
+        stats.seconds += elapsed
+        stats.buckets[bisect_left(stats.bounds, elapsed)] += 1
         self.bytes_written += length
 
     async def write_zeroes(
