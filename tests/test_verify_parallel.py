@@ -15,10 +15,12 @@ from pathlib import Path
 import pytest
 
 from owm.backup import verify
+from owm.backup.crypto import KeySource
 from owm.backup.repo import Repository
 from owm.backup.verify import VerifyAborted, VerifyTotals, verify_backups
 from tests.conftest import run_owm
 from tests.test_backup_parallel import CHUNK, _repository
+from tests.test_backup_speedpaths import _two_backups
 
 
 def _tamper(repo: Repository, indices: list[int]) -> None:
@@ -144,3 +146,32 @@ def test_cli_verify_of_a_large_repository_forks_and_names_the_offset(tmp_path: P
     assert result.returncode == 1, result
     assert f"offset {3 * CHUNK}" in result.stderr and "1 more chunk fails" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("encrypted", [False, True], ids=["plain", "encrypted"])
+def test_forked_verify_names_every_offset_of_a_shared_chunk(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, encrypted: bool) -> None:
+    """Two backups sharing chunks, one chunk three times in one of them: its damage, found by a
+    worker process (the keyed hash and the seal in an encrypted repository), is named at
+    every offset of both backups that use it."""
+    key_file = tmp_path / "key"
+    key_file.write_text("22" * 32 + "\n")
+    repo, distinct = _two_backups(tmp_path / "repo",
+                                  KeySource(key_file=key_file) if encrypted else None)
+    shared = repo.load("vol@0-a").chunk_map.get(0)  # text[0]: chunk 0 of both backups
+    thrice = repo.load("vol@0-a").chunk_map.get(4)  # text[1]: chunks 3, 4 and 5
+    assert shared is not None and thrice is not None
+    for digest in (shared, thrice):
+        path = repo.chunk_path(digest)
+        packed = bytearray(path.read_bytes())
+        packed[len(packed) // 2] ^= 0x01
+        path.write_bytes(bytes(packed))
+    forks = _count_forks(monkeypatch)
+    totals = VerifyTotals()
+    first, second = verify_backups(repo, workers=2, processes=True, totals=totals)
+    assert len(forks) == 2 and totals.chunks == len(distinct)
+    assert [f.offset for f in first.failures] == [0, 3 * CHUNK, 4 * CHUNK, 5 * CHUNK]
+    assert [f.offset for f in second.failures] == [0]
+    reason = "fails authentication" if encrypted else "does not match its hash"
+    assert all(reason in f.reason for f in first.failures + second.failures)
+    _no_children_left()
