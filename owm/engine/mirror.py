@@ -32,6 +32,16 @@ so they reach the legs in order.  A crash before the commit loses the held write
 so that is allowed) and leaves every leg as it was: the dirty maps and the write-intent map
 still cover every chunk where the legs may differ.  A held write keeps the legs it chose: one
 held across a preserve goes to the split leg too, as it belongs to the preserved image.
+
+A write that fails on some of its legs (a full disk, EIO) may have reached the others.  A held
+one stays held and is written to every leg again at the next commit.  One that went straight
+to its legs is mended before its error reaches the client, still under its chunk lock: the
+failing leg's bytes of the range are copied to the other legs it targeted (the legs that took
+the write have its space), so every view shows one answer there.  When that fails too, the
+chunks stay *diverged*: their write-intent bits are not cleared (a restart resyncs them), a
+flush, a preserve (refused if it cannot) and a release copy them from the primary to the legs
+taking live writes first, and a split leg among the targets gets them in its dirty map and its
+image is marked broken, as it may now hold bytes the live view does not.
 """
 
 from __future__ import annotations
@@ -43,7 +53,7 @@ from collections import Counter
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
-from owm.common.errors import InvalidRequest, WrongState
+from owm.common.errors import InvalidRequest, OwmError, WrongState
 from owm.common.view import Extent
 from owm.engine.base import Engine, Progress
 from owm.engine.chunktable import ChunkTable
@@ -99,6 +109,9 @@ class MirrorEngine(Engine):
         # Per generation: the legs its writes go to and the maps they mark (``_route``);
         # forgotten whenever a leg's role or map changes (``_rerouted``).
         self._routes: dict[int, tuple[list[str], list[ChunkTable]]] = {}
+        # Chunks where a failed write left the legs different and mending them failed too
+        # (``_diverge``): their write-intent bits stay until ``_repair_diverged`` copied them.
+        self._diverged: set[int] = set()
 
     @property
     def roles(self) -> list[dict[str, Any]]:
@@ -223,6 +236,10 @@ class MirrorEngine(Engine):
         # The image must equal the live view: first bring over what the background resync has
         # not yet made equal on this leg (only chunks of the write-intent map, so it is small).
         await self._catch_up(leg)
+        # Nor may it differ where a failed write left the legs apart: copy those chunks first
+        # (a failure refuses the preserve rather than split off a leg the live view disagrees
+        # with).
+        await self._repair_diverged()
         preserved = self.views[-1]
         self.roles[leg] = {"role": "image", "view": preserved, "full": False}
         self.dirty[leg] = self._dirty_table(leg)
@@ -315,24 +332,64 @@ class MirrorEngine(Engine):
         try:
             if len(data) > PARALLEL_BYTES and len(names) > 1:
                 # Large writes run in the storage's threads: every leg's at once.
-                await self._on_legs(names, lambda name: self.storage.write(name, offset, data))
+                await self._on_legs(names, offset, len(data),
+                                    lambda name: self.storage.write(name, offset, data))
             else:
                 # One leg after another: small writes complete inline, where a Task per leg
                 # would cost more than the write.
-                for name in names:
-                    await self.storage.write(name, offset, data)
+                name = names[0]
+                try:
+                    for name in names:
+                        await self.storage.write(name, offset, data)
+                except OwmError:  # what the storage raises for a full disk, EIO, ...
+                    await self._mend(offset, len(data), names, name)
+                    raise
+                except BaseException:  # cancelled (or stopped) part way: await nothing now
+                    self._diverge(offset, len(data), names)
+                    raise
         finally:
             self._end(first, last)
         return set(names)
 
-    @staticmethod
-    async def _on_legs(names: list[str], op: Callable[[str], Awaitable[None]]) -> None:
+    async def _on_legs(self, names: list[str], offset: int, length: int,
+                       op: Callable[[str], Awaitable[None]]) -> None:
         """Run op on every leg at once; return once all are done (never while one still
-        writes), raising the first error."""
-        results = await asyncio.gather(*(op(name) for name in names), return_exceptions=True)
-        for result in results:
-            if isinstance(result, BaseException):
+        writes).  When it failed on a leg, the legs may differ over the range: make them agree
+        again (``_mend``), then raise the first error to the client."""
+        try:
+            results = await asyncio.gather(*(op(name) for name in names),
+                                           return_exceptions=True)
+        except BaseException:  # cancelled part way: nothing can be awaited now
+            self._diverge(offset, length, names)
+            raise
+        for name, result in zip(names, results, strict=True):
+            if isinstance(result, OwmError):
+                await self._mend(offset, length, names, name)
                 raise result
+            if isinstance(result, BaseException):
+                self._diverge(offset, length, names)
+                raise result
+
+    async def _mend(self, offset: int, length: int, names: list[str], failed: str) -> None:
+        """A write to names failed on ``failed``: copy that leg's bytes of the range to the
+        other legs the write targeted, so that every view shows one answer there (the failed
+        write may have landed in part or not at all; either is allowed).  The legs that took
+        the write have its space, so on a full disk this mostly succeeds; when it does not,
+        the range is left to ``_diverge``.  Runs under the write's exclusive chunk lock."""
+        try:
+            content = await self.storage.read(failed, offset, length)
+            for name in names:
+                if name != failed and await self.storage.read(name, offset, length) != content:
+                    await self.storage.write(name, offset, content)
+        except OwmError as exc:
+            log.error("mirror: the legs differ at bytes %d-%d after a failed write, and "
+                      "making them agree failed too (%s)", offset, offset + length - 1, exc)
+            self._diverge(offset, length, names)
+            await self._break_split(offset, length, names, str(exc))
+        except BaseException:
+            # Anything else (the process stopping) leaves it to the write-intent bits.
+            self._diverge(offset, length, names)
+            raise
 
     async def _zero(self, gen: int, offset: int, length: int, punch: bool,
                     ahead: bool = False) -> set[str]:
@@ -342,10 +399,53 @@ class MirrorEngine(Engine):
             self._hold(offset, None, length, punch, names)
             return set(names)
         try:
-            await asyncio.gather(*(self.put_zero(n, offset, length, punch) for n in names))
+            await self._on_legs(names, offset, length,
+                                lambda name: self.put_zero(name, offset, length, punch))
         finally:
             self._end(first, last)
         return set(names)
+
+    def _diverge(self, offset: int, length: int, names: list[str]) -> None:
+        """The legs may differ over the range and could not be made to agree now.  Its chunks
+        keep their write-intent bits (durable already: the write went straight to the legs)
+        until ``_repair_diverged`` has copied them from the primary to the other legs that take
+        live writes; a split leg among names gets the chunks in its dirty map, so its release
+        recopies them."""
+        first, last = self.chunk_range(offset, length)
+        self._diverged.update(range(first, last + 1))
+        for i, role in enumerate(self.roles):
+            if role["role"] == "image" and _leg(i) in names:
+                for chunk in range(first, last + 1):
+                    self.dirty[i].set(chunk)
+
+    async def _break_split(self, offset: int, length: int, names: list[str],
+                           reason: str) -> None:
+        """A split leg among names may now hold bytes the live view lacks (or lack some it
+        has): its image can no longer be called consistent, so it is marked broken."""
+        for i, role in enumerate(self.roles):
+            view = role.get("view")
+            if (role["role"] == "image" and _leg(i) in names and view is not None
+                    and view not in self.broken):
+                self.broken.add(view)
+                if self.on_broken is not None:
+                    await self.on_broken(view, f"a write failed on its leg and the legs could "
+                                               f"not be made to agree ({reason})")
+
+    async def _repair_diverged(self) -> None:
+        """Copy every chunk ``_diverge`` noted from the primary to the other legs that take
+        live writes (in sync or resyncing), durably; raises when that fails."""
+        if not self._diverged:
+            return
+        chunks = sorted(self._diverged)
+        written: set[int] = set()
+        for chunk in chunks:
+            written.update(await self._copy_chunk(chunk, lambda: [
+                i for i, r in enumerate(self.roles)
+                if r["role"] != "image" and i != self._primary()]))
+        await self.sync_objects([_leg(i) for i in written])
+        # Their bits clear the usual way now: after a flush has seen no write to them.
+        self._diverged.difference_update(chunks)
+        self._recent.update(chunks)
 
     # -- ordered write-back -----------------------------------------------------------------
     def _hold(self, offset: int, data: memoryview | None, length: int, punch: bool,
@@ -435,12 +535,17 @@ class MirrorEngine(Engine):
     def _may_clear(self, chunk: int) -> bool:
         return not (self._recent_over or self._settled_over or chunk in self._inflight
                     or chunk in self._recent or chunk in self._settled
-                    or self._pending_resync(chunk))
+                    or chunk in self._diverged or self._pending_resync(chunk))
 
     async def _flush(self) -> None:
         older = self._settled
         self._settled, self._settled_over = self._recent, self._recent_over
         self._recent, self._recent_over = set(), False
+        try:
+            await self._repair_diverged()
+        except OwmError as exc:  # retried at the next flush; the bits stay meanwhile
+            log.warning("mirror: the legs still differ at %d chunks (%s)", len(self._diverged),
+                        exc)
         await self.sync_objects([_leg(i) for i in range(self.legs)
                                  if self.storage.exists(_leg(i))])
         await asyncio.gather(*(t.commit() for t in self.dirty.values()))
@@ -457,7 +562,8 @@ class MirrorEngine(Engine):
             await table.checkpoint()
         # Every leg is synced: only chunks the background resync has not reached may differ.
         for chunk in list(self.intent):
-            if chunk not in self._inflight and not self._pending_resync(chunk):
+            if (chunk not in self._inflight and chunk not in self._diverged
+                    and not self._pending_resync(chunk)):
                 self.intent.clear(chunk)
         await self.intent.checkpoint()
 
@@ -568,6 +674,8 @@ class MirrorEngine(Engine):
             await self._copy_chunk(chunk, lambda: [leg])
             if progress is not None:
                 progress(k + 1, len(chunks) + 1)
+        # Chunks a failed write left different on the legs taking live writes, this one too.
+        await self._repair_diverged()
         await self.group_sync(_leg(leg))()
         await self._step("release-rejoin", -1)
         self.roles[leg] = {"role": "sync"}
