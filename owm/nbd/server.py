@@ -154,7 +154,7 @@ class _Connection(asyncio.BufferedProtocol):
     def __init__(self, server: NbdServer, unix: bool = False) -> None:
         self.server = server
         tls = p.TLS_OFF if unix or server.tls_context is None else server.tls_mode
-        self.machine = p.ServerConnection(tls=tls)
+        self.machine = p.ServerConnection(tls=tls, buffers=server.payload_buffers)
         self.client = Client(unix=unix)  # who the access rules see; the CN comes with TLS
         self.transport: asyncio.Transport | None = None
         self.peer = "?"
@@ -1148,6 +1148,8 @@ class NbdServer:
         self.refused_connections = 0
         self.accepted_connections = 0  # since start, for the daemon's metrics
         self._refusal_logged = -10.0
+        # Buffers for WRITE payloads that arrive over several receives, used again once free.
+        self.payload_buffers = p.PayloadBuffers()
 
     def use_directory(self, directory: Directory) -> None:
         """Forward exports served by other daemons of the cluster from now on (the daemon
