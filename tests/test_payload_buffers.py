@@ -13,6 +13,7 @@ import asyncio
 import struct
 from pathlib import Path
 
+import pytest
 from test_nbd_protocol import info_data, option
 
 from owm.common.view import ExportInfo
@@ -145,3 +146,44 @@ async def test_many_1m_writes_in_flight_through_write_back_read_back(tmp_path: P
     finally:
         await server.stop(grace=5)
         await pool.close()
+
+
+async def test_large_write_payloads_are_received_in_place(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After one 1M write, the next ones are read header first, then straight into their
+    payload buffers: next to nothing of their payloads goes through the scratch buffer (and
+    its copy into a fresh bytes object per receive)."""
+    count, depth = 24, 8
+    fed = [0]
+    receive = p.ServerConnection.receive_data
+
+    def counting(self: p.ServerConnection, data: bytes | bytearray | memoryview) -> None:
+        if self.state is p.State.TRANSMISSION:
+            fed[0] += len(data)
+        receive(self, data)
+
+    monkeypatch.setattr(p.ServerConnection, "receive_data", counting)
+    pool = await Pool.open(tmp_path / "pool")
+    await pool.create_volume("vol", count * MIB, method="cow", chunk_size=65536)
+    server = NbdServer(pool)
+    sock = str(tmp_path / "nbd.sock")
+    await server.start(unix_path=sock)
+    try:
+        client = await NbdClient.connect(export="vol", unix_path=sock)
+        sem = asyncio.Semaphore(depth)
+
+        async def one(k: int) -> None:
+            async with sem:
+                await client.write(k * MIB, bytes([k + 1]) * MIB)
+
+        await asyncio.wait_for(asyncio.gather(*(one(k) for k in range(count))), 60)
+        got = await client.read(0, count * MIB)
+        await client.disconnect()
+        assert got == b"".join(bytes([k + 1]) * MIB for k in range(count))
+    finally:
+        await server.stop(grace=5)
+        await pool.close()
+    # The first write's head and every header (and a READ's) may come through the scratch.
+    print(f"{fed[0]} bytes of {count} MiB of writes through receive_data")
+    assert fed[0] < MIB, f"{fed[0]} bytes of the payloads went through the scratch buffer"

@@ -318,7 +318,7 @@ class PayloadBuffers:
     event loop.
     """
 
-    def __init__(self, limit: int = 16 << 20) -> None:
+    def __init__(self, limit: int = 32 << 20) -> None:
         self.limit = limit
         self._buffers: list[bytearray] = []
         self._bytes = 0
