@@ -68,8 +68,12 @@ def test_pool_never_hands_out_a_buffer_still_referred_to() -> None:
     keep = [pool.get(MIB) for _ in range(6)]
     assert pool._bytes <= 4 * MIB
     del keep, again
+    other = pool.get(MIB // 2)
+    assert len(other) == MIB // 2 and pool._bytes <= 4 * MIB
+    assert any(b is other for b in pool._buffers), "no free buffer made room for another size"
+    # Small payload buffers are made afresh, never kept.
     small = pool.get(4096)
-    assert len(small) == 4096 and pool._bytes <= 4 * MIB
+    assert not any(b is small for b in pool._buffers)
 
 
 def test_machine_collects_payloads_in_pooled_buffers_without_mixing_them() -> None:

@@ -304,6 +304,7 @@ def _free_refs() -> int:
 
 
 _FREE_REFS = _free_refs()
+_POOLED_MIN = 64 * 1024  # smaller payload buffers are made afresh
 
 
 class PayloadBuffers:
@@ -334,6 +335,8 @@ class PayloadBuffers:
 
     def get(self, n: int) -> bytearray:
         """A bytearray of ``n`` bytes that nothing else refers to (its content is stale)."""
+        if n < _POOLED_MIN:
+            return bytearray(n)  # small: cheap to make, and not worth a slot
         buf = self._free(n)
         if buf is not None:
             self.reused += 1
