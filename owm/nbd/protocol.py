@@ -38,6 +38,7 @@ from __future__ import annotations
 import enum
 import mmap
 import struct
+import sys
 from collections import deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -292,10 +293,73 @@ def _lazy_buffer(n: int) -> bytearray | mmap.mmap:
         return bytearray(n)
 
 
+def _free_refs() -> int:
+    """What ``sys.getrefcount`` says, inside :meth:`PayloadBuffers._free`'s loop, of a buffer
+    that only the pool refers to (measured with the same code shape, so that it holds whatever
+    the interpreter counts)."""
+    pool = [bytearray(1)]
+    for buf in pool:
+        return sys.getrefcount(buf)
+    raise AssertionError("unreachable")
+
+
+_FREE_REFS = _free_refs()
+_POOLED_MIN = 64 * 1024  # smaller payload buffers are made afresh
+
+
+class PayloadBuffers:
+    """WRITE payload buffers that are used again once nothing refers to them.
+
+    A payload collected over several receives needs a buffer of its own; a fresh 1 MiB
+    bytearray per request costs a zero fill, and (from glibc's mmap'd allocations) page faults
+    and an munmap.  The pool keeps up to ``limit`` bytes of the buffers it hands out and gives
+    one out again only when the pool alone refers to it: every memoryview of a bytearray keeps
+    it alive, so a payload still held by anyone (a write-back cache, a lock waiter, a storage
+    call in a thread, the request itself) is never overwritten.  Not thread-safe: one pool per
+    event loop.
+    """
+
+    def __init__(self, limit: int = 32 << 20) -> None:
+        self.limit = limit
+        self._buffers: list[bytearray] = []
+        self._bytes = 0
+        self.reused = 0  # counters, for tests and metrics
+        self.allocated = 0
+
+    def _free(self, n: int) -> bytearray | None:
+        """A pooled buffer nobody else refers to, of ``n`` bytes (any size with ``n`` < 0)."""
+        for buf in self._buffers:
+            if sys.getrefcount(buf) <= _FREE_REFS and (n < 0 or len(buf) == n):
+                return buf
+        return None
+
+    def get(self, n: int) -> bytearray:
+        """A bytearray of ``n`` bytes that nothing else refers to (its content is stale)."""
+        if n < _POOLED_MIN:
+            return bytearray(n)  # small: cheap to make, and not worth a slot
+        buf = self._free(n)
+        if buf is not None:
+            self.reused += 1
+            return buf
+        self.allocated += 1
+        buf = bytearray(n)
+        if n > self.limit:
+            return buf
+        while self._bytes + n > self.limit:
+            old = self._free(-1)
+            if old is None:
+                return buf  # all held: this one is not kept
+            self._buffers.remove(old)
+            self._bytes -= len(old)
+        self._buffers.append(buf)
+        self._bytes += n
+        return buf
+
+
 class ServerConnection:
     """The protocol state of one client connection, server side."""
 
-    def __init__(self, tls: str = TLS_OFF) -> None:
+    def __init__(self, tls: str = TLS_OFF, buffers: PayloadBuffers | None = None) -> None:
         if tls not in TLS_MODES:
             raise ValueError(f"unknown TLS mode {tls!r}")
         self.tls_mode = tls
@@ -325,6 +389,8 @@ class ServerConnection:
         self._body: bytearray | mmap.mmap | None = None
         self._body_filled = 0
         self._body_kind = 0  # 0 none, 1 option data, 2 write payload
+        # WRITE payload buffers (shared by the connections of one server, on one loop).
+        self._buffers = buffers if buffers is not None else PayloadBuffers(4 << 20)
         self._option = 0
         self._header: tuple[int, int, int, int, int] | None = None  # (handle, cmd, flags, off, len)
         # Bytes to skip (an oversize WRITE or option) and what to emit afterwards.
@@ -360,7 +426,8 @@ class ServerConnection:
         if self._body is not None:
             need = len(self._body) - self._body_filled
             n = min(need, len(data))
-            self._body[self._body_filled : self._body_filled + n] = data[:n]
+            piece = data if n == len(data) else memoryview(data)[:n]
+            self._body[self._body_filled : self._body_filled + n] = piece
             self._body_filled += n
             if n == len(data):
                 return
@@ -410,6 +477,23 @@ class ServerConnection:
                 pos = 0
         self._pos = pos
         return bytes(out)
+
+    def _take_into(self, out: bytearray | mmap.mmap, n: int) -> None:
+        """Copy the next ``n`` (<= available, <= ``len(out)``) bytes to the start of ``out``."""
+        chunks = self._chunks
+        pos = self._pos
+        self._avail -= n
+        done = 0
+        while done < n:
+            first = chunks[0]
+            piece = min(n - done, len(first) - pos)
+            out[done : done + piece] = memoryview(first)[pos : pos + piece]
+            done += piece
+            pos += piece
+            if pos == len(first):
+                chunks.popleft()
+                pos = 0
+        self._pos = pos
 
     def _take_view(self, n: int) -> memoryview:
         """The next ``n`` (<= available) bytes: a view into what was received when they lie in
@@ -927,9 +1011,9 @@ class ServerConnection:
             if avail >= length:
                 return Request(handle, cmd, flags, offset, length, self._take_view(length))
             lazy = length - avail >= _LAZY_BODY and length > _EAGER_BODY
-            body = _lazy_buffer(length) if lazy else bytearray(length)
+            body = _lazy_buffer(length) if lazy else self._buffers.get(length)
             if avail:
-                body[:avail] = self._take_bytes(avail)
+                self._take_into(body, avail)
             self._body = body
             self._body_filled = avail
             self._header = (handle, cmd, flags, offset, length)

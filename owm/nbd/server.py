@@ -154,7 +154,7 @@ class _Connection(asyncio.BufferedProtocol):
     def __init__(self, server: NbdServer, unix: bool = False) -> None:
         self.server = server
         tls = p.TLS_OFF if unix or server.tls_context is None else server.tls_mode
-        self.machine = p.ServerConnection(tls=tls)
+        self.machine = p.ServerConnection(tls=tls, buffers=server.payload_buffers)
         self.client = Client(unix=unix)  # who the access rules see; the CN comes with TLS
         self.transport: asyncio.Transport | None = None
         self.peer = "?"
@@ -179,6 +179,10 @@ class _Connection(asyncio.BufferedProtocol):
         self._finished: asyncio.Future[None] = self._loop.create_future()
         self._scratch = memoryview(bytearray(RECV_BUFFER))
         self._direct = False
+        # After a payload read into place, the next read takes one request header only: if it
+        # is another large WRITE, its payload then goes into place too, none of it through
+        # the scratch buffer (a copy into a fresh bytes object each: page faults at 256K).
+        self._header_next = False
         self._deadline: asyncio.TimerHandle | None = None
         self._stopping = False
         self._finishing = False
@@ -258,13 +262,17 @@ class _Connection(asyncio.BufferedProtocol):
             self._direct = True
             return body
         self._direct = False
+        if self._header_next and not self.machine.buffered:
+            return self._scratch[: p.REQUEST_SIZE]
         return self._scratch
 
     def buffer_updated(self, nbytes: int) -> None:
         machine = self.machine
         if self._direct:
             machine.body_received(nbytes)
+            self._header_next = True
         else:
+            self._header_next = False
             machine.receive_data(bytes(self._scratch[:nbytes]))
         # _process, inline (once per receive).
         self._process_events()
@@ -1148,6 +1156,8 @@ class NbdServer:
         self.refused_connections = 0
         self.accepted_connections = 0  # since start, for the daemon's metrics
         self._refusal_logged = -10.0
+        # Buffers for WRITE payloads that arrive over several receives, used again once free.
+        self.payload_buffers = p.PayloadBuffers()
 
     def use_directory(self, directory: Directory) -> None:
         """Forward exports served by other daemons of the cluster from now on (the daemon

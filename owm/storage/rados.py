@@ -412,6 +412,18 @@ class RadosBackend:
         await asyncio.get_running_loop().run_in_executor(None, blocking)
 
 
+def _as_bytes(data: Buffer) -> bytes:
+    """``data`` as the ``bytes`` python-rados insists on: bytes as they are, a view of the
+    whole of a bytes object as that object (a payload received in one piece), else one copy."""
+    if type(data) is bytes:
+        return data
+    if type(data) is memoryview:
+        obj = data.obj
+        if type(obj) is bytes and data.nbytes == len(obj) and data.c_contiguous:
+            return obj
+    return bytes(data)
+
+
 _MMAP_THRESHOLD = 32 << 20
 _TRIM_THRESHOLD = 128 << 20
 
@@ -676,10 +688,8 @@ class RadosStorage:
         # Every call (the head's too, on a first write) is started here, at once, each in the
         # object's ``pending`` until it completes (``sync`` waits for those); this request
         # awaits their futures directly: its cancellation ends its wait, not the tracking.
-        # python-rados takes bytes only: one copy of a view here, none of bytes.
-        payload = data if type(data) is bytes else bytes(data)
         if named.head:
-            futures = self._start_writes(name, named, offset, payload)
+            futures = self._start_writes(name, named, offset, data)
             if len(futures) == 1:  # the common case: one stripe
                 rv, _ = await futures[0]
                 if rv < 0:
@@ -687,7 +697,7 @@ class RadosStorage:
                 return
         else:
             futures = [self._start_head(name, named)]
-            futures += self._start_writes(name, named, offset, payload)
+            futures += self._start_writes(name, named, offset, data)
         what = f"writing {name}"
         failure: OwmError | None = None
         for fut in futures:
@@ -716,7 +726,7 @@ class RadosStorage:
         return fut
 
     def _start_writes(self, name: str, named: _Named, offset: int,
-                      payload: bytes) -> list[asyncio.Future[Any]]:
+                      payload: Buffer) -> list[asyncio.Future[Any]]:
         size = self.stripe_size
         number, inner = divmod(offset, size)
         length = len(payload)
@@ -736,7 +746,7 @@ class RadosStorage:
             if stripes.get(number, 0) < end:
                 stripes[number] = end
             oid = _stripe(self.volume, name, number)
-            piece = payload if view is None else bytes(view[pos:pos + n])
+            piece = _as_bytes(payload if view is None else view[pos:pos + n])
             futures.append(self._submit(_aio_write(oid, piece, inner), what, named))
             pos += n
         return futures
