@@ -1,0 +1,223 @@
+"""Requests over many chunks: the lock manager's span fast path and the changed map's bulk set.
+
+A multi-chunk request that conflicts with nothing is granted as one span entry, with no per-chunk
+queue, and keeps every rule of the per-chunk queues once something does come to its chunks:
+exclusion, FIFO per chunk, shared holders together, cancellation, barriers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+
+import pytest
+
+from owm.locks.ranges import EXCLUSIVE, SHARED, RangeLockManager
+
+# 1 MiB over 4 KiB chunks
+WIDE = 256
+
+
+def _clean(locks: RangeLockManager) -> bool:
+    return not (locks._chunks or locks._solo or locks._spans or locks._span_firsts or
+                locks._held) and locks.waiting == 0 and locks._live == 0
+
+
+def test_a_free_wide_range_costs_no_per_chunk_state() -> None:
+    async def main() -> None:
+        locks = RangeLockManager()
+        assert locks.try_acquire(0, WIDE - 1, EXCLUSIVE) is None
+        assert locks.try_acquire(WIDE, 2 * WIDE - 1, SHARED) is None
+        assert locks.try_acquire(2 * WIDE, 2 * WIDE, EXCLUSIVE) is None  # a solo beside
+        assert not locks._chunks and len(locks._spans) == 2
+        assert locks.held_chunks == 2 * WIDE + 1
+        locks.release(0, WIDE - 1)
+        locks.release(WIDE, 2 * WIDE - 1)
+        locks.release(2 * WIDE, 2 * WIDE)
+        assert _clean(locks)
+
+    asyncio.run(main())
+
+
+def test_overlapping_wide_ranges_wait_in_arrival_order() -> None:
+    async def main() -> None:
+        locks = RangeLockManager()
+        assert locks.try_acquire(0, WIDE - 1, EXCLUSIVE) is None
+        second = locks.try_acquire(200, 300, EXCLUSIVE)
+        third = locks.try_acquire(250, 260, SHARED)  # overlaps the second only
+        fourth = locks.try_acquire(10, 20, SHARED)  # overlaps the first only
+        assert second is not None and third is not None and fourth is not None
+        assert locks.try_acquire(400, 500, SHARED) is None  # disjoint: a span at once
+        locks.release(0, WIDE - 1)
+        await asyncio.sleep(0)
+        assert second.done() and fourth.done() and not third.done()
+        locks.release(200, 300)
+        await asyncio.sleep(0)
+        assert third.done()
+        for first, last in ((250, 260), (10, 20), (400, 500)):
+            locks.release(first, last)
+        assert _clean(locks)
+
+    asyncio.run(main())
+
+
+def test_shared_wide_ranges_hold_together() -> None:
+    async def main() -> None:
+        locks = RangeLockManager()
+        assert locks.try_acquire(0, WIDE - 1, SHARED) is None
+        assert locks.try_acquire(100, WIDE + 100, SHARED) is None  # overlapping, shared
+        assert locks.try_acquire(5, 5, SHARED) is None
+        writer = locks.try_acquire(WIDE, WIDE, EXCLUSIVE)
+        assert writer is not None
+        late_reader = locks.try_acquire(WIDE, WIDE + 1, SHARED)  # behind the writer: FIFO
+        assert late_reader is not None
+        locks.release(0, WIDE - 1)
+        locks.release(5, 5)
+        await asyncio.sleep(0)
+        assert not writer.done()
+        locks.release(100, WIDE + 100)
+        await asyncio.sleep(0)
+        assert writer.done() and not late_reader.done()
+        locks.release(WIDE, WIDE)
+        await asyncio.sleep(0)
+        assert late_reader.done()
+        locks.release(WIDE, WIDE + 1)
+        assert _clean(locks)
+
+    asyncio.run(main())
+
+
+def test_a_waiter_on_one_chunk_of_a_held_span() -> None:
+    async def main() -> None:
+        locks = RangeLockManager()
+        assert locks.try_acquire(10, 10 + WIDE - 1, EXCLUSIVE) is None
+        one = locks.try_acquire(100, 100, SHARED)
+        assert one is not None
+        assert locks.try_acquire(5, 5, EXCLUSIVE) is None  # outside: at once
+        assert locks.try_acquire(10 + WIDE, 10 + WIDE, EXCLUSIVE) is None
+        assert locks.held_chunks == WIDE + 2
+        locks.release(10, 10 + WIDE - 1)
+        await asyncio.sleep(0)
+        assert one.done()
+        for c in (100, 5, 10 + WIDE):
+            locks.release(c, c)
+        assert _clean(locks)
+
+    asyncio.run(main())
+
+
+def test_cancelled_waiter_behind_a_span_holds_nothing_back() -> None:
+    async def main() -> None:
+        locks = RangeLockManager()
+        assert locks.try_acquire(0, WIDE - 1, EXCLUSIVE) is None
+        cancelled = asyncio.ensure_future(locks.acquire(50, 300, EXCLUSIVE))
+        await asyncio.sleep(0)
+        behind = locks.try_acquire(280, 290, EXCLUSIVE)  # behind the cancelled one only
+        after = locks.try_acquire(60, 60, SHARED)  # behind the span and the cancelled one
+        assert behind is not None and after is not None
+        cancelled.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await cancelled
+        await asyncio.sleep(0)
+        assert behind.done() and not after.done()
+        locks.release(0, WIDE - 1)
+        await asyncio.sleep(0)
+        assert after.done()
+        locks.release(280, 290)
+        locks.release(60, 60)
+        assert _clean(locks)
+
+    asyncio.run(main())
+
+
+def test_a_barrier_waits_for_a_span() -> None:
+    async def main() -> None:
+        locks = RangeLockManager()
+        assert locks.try_acquire(0, WIDE - 1, EXCLUSIVE) is None
+        barrier = asyncio.ensure_future(locks.barrier())
+        await asyncio.sleep(0)
+        late = locks.try_acquire(WIDE, 2 * WIDE, EXCLUSIVE)  # free, but behind the barrier
+        assert late is not None and not barrier.done()
+        locks.release(0, WIDE - 1)
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        assert barrier.done() and late.done()
+        locks.release(WIDE, 2 * WIDE)
+        assert _clean(locks)
+
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_random_wide_ranges_against_rules(seed: int) -> None:
+    """Random narrow and wide requests, some cancelled while they wait: holders never
+    conflict, every waiter conflicts with a holder or an earlier waiter (FIFO, no needless
+    wait), and everything is let go in the end."""
+    rng = random.Random(seed)
+
+    async def main() -> None:
+        locks = RangeLockManager()
+        held: list[tuple[int, int, bool]] = []
+        waiting: list[tuple[int, int, bool, asyncio.Task[None]]] = []
+
+        def conflict(a: tuple[int, int, bool], b: tuple[int, int, bool]) -> bool:
+            return a[0] <= b[1] and b[0] <= a[1] and (a[2] or b[2])
+
+        async def settle() -> None:
+            nonlocal waiting
+            for _ in range(3):
+                await asyncio.sleep(0)
+            still = []
+            for first, last, excl, task in waiting:
+                if task.cancelled():
+                    continue
+                if task.done():
+                    held.append((first, last, excl))
+                else:
+                    still.append((first, last, excl, task))
+            waiting = still
+
+        for _ in range(300):
+            r = rng.random()
+            if held and r < 0.4:
+                first, last, _excl = held.pop(rng.randrange(len(held)))
+                locks.release(first, last)
+            elif waiting and r < 0.5:
+                waiting[rng.randrange(len(waiting))][3].cancel()
+            else:
+                first = rng.randrange(64)
+                last = first if rng.random() < 0.4 else min(63, first + rng.randrange(24))
+                excl = rng.random() < 0.5
+                fut = locks.try_acquire(first, last, excl)
+                if fut is None:
+                    held.append((first, last, excl))
+                else:
+                    async def wait(f: asyncio.Future[None] = fut, a: int = first,
+                                   b: int = last) -> None:
+                        try:
+                            await f
+                        except asyncio.CancelledError:
+                            if f.done() and not f.cancelled():
+                                locks.release(a, b)
+                            raise
+
+                    waiting.append((first, last, excl, asyncio.ensure_future(wait())))
+            await settle()
+            for i, a in enumerate(held):
+                for b in held[i + 1:]:
+                    assert not conflict(a, b), (a, b)
+            for j, (first, last, excl, _task) in enumerate(waiting):
+                me = (first, last, excl)
+                assert any(conflict(me, h) for h in held) or any(
+                    conflict(me, (w[0], w[1], w[2])) for w in waiting[:j]
+                ), me
+        for _ in range(1000):
+            if not (held or waiting):
+                break
+            if held:
+                first, last, _excl = held.pop()
+                locks.release(first, last)
+            await settle()
+        assert _clean(locks)
+
+    asyncio.run(main())
