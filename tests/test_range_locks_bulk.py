@@ -280,6 +280,10 @@ async def test_set_range_agrees_with_set_per_chunk_and_survives_a_power_loss(see
             each._pending.clear()
         else:
             each._pending = list(bulk._pending)
+        probe = rng.randrange(chunks - 400)
+        probe_last = probe + rng.choice([0, 1, 64, 399])
+        assert bulk.unset(probe, probe_last) == [
+            c for c in range(probe, probe_last + 1) if not each.has(c)]
     await bulk.commit()
     assert bulk._pages == each._pages
     after = ChunkTable(storage.power_loss(), "bulk", chunks)

@@ -102,6 +102,31 @@ class ChunkTable:
         within = chunk & PAGE_MASK
         return bool(page[within >> 3] >> (within & 7) & 1)
 
+    def unset(self, first: int, last: int) -> list[int]:
+        """The chunks of first..last that are not set, ascending.  A page at a time, as
+        ``set_range`` works, so a run that is all set costs one slice per page rather than a
+        ``has`` per chunk."""
+        out: list[int] = []
+        c = first
+        while c <= last:
+            p = c >> PAGE_SHIFT
+            end = min(last, p << PAGE_SHIFT | PAGE_MASK)
+            page = self._pages.get(p)
+            if page is None:
+                out.extend(range(c, end + 1))
+            else:
+                lo, hi = c & PAGE_MASK, end & PAGE_MASK
+                b0, b1 = lo >> 3, (hi >> 3) + 1
+                gaps = ((1 << (hi - lo + 1)) - 1) << (lo & 7) & \
+                    ~int.from_bytes(page[b0:b1], "little")
+                base = (p << PAGE_SHIFT) + (b0 << 3)
+                while gaps:
+                    low = gaps & -gaps
+                    out.append(base + low.bit_length() - 1)
+                    gaps ^= low
+            c = end + 1
+        return out
+
     def __iter__(self) -> Iterator[int]:
         """The set chunks in ascending order, scanning 8 bytes at a time."""
         for p in sorted(self._pages):
