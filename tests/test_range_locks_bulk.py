@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import asyncio
 import random
+from pathlib import Path
+from typing import Any
 
 import pytest
 
 from owm.engine import chunktable
 from owm.engine.chunktable import ChunkTable
 from owm.locks.ranges import EXCLUSIVE, SHARED, RangeLockManager
+from owm.pool.pool import Pool
 from owm.storage.simulated import SimulatedStorage
 
 # 1 MiB over 4 KiB chunks
@@ -289,3 +292,54 @@ async def test_set_range_agrees_with_set_per_chunk_and_survives_a_power_loss(see
     after = ChunkTable(storage.power_loss(), "bulk", chunks)
     await after.load()
     assert after.damaged is None and after._pages == each._pages and after.count == each.count
+
+
+# --------------------------------------------------------------------------------------------
+# Through an engine: a 1 MiB write over 4 KiB chunks with a preserve active.
+
+
+@pytest.mark.parametrize("method", ["cow", "log"])
+async def test_a_wide_write_takes_its_lock_and_bits_in_bulk(
+    tmp_path: Path, method: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Once its chunks are copied and their changed bits durable, a 1 MiB write queues on no
+    chunk and sets no bit one by one; what it wrote reads back from the live volume, and the
+    preserved image keeps what it had."""
+    pool = await Pool.open(tmp_path / "pool")
+    try:
+        await pool.create_volume("v", 4 << 20, method=method, chunk_size=4096)
+        s = await pool.open_export("v", "test")
+        await s.write(1 << 20, b"a" * (1 << 20))
+        await s.close()
+        assert await pool.preserve("v") == "v@0"
+        s = await pool.open_export("v", "test")
+        await s.write(1 << 20, b"b" * (1 << 20))  # first write: copies, bits set and committed
+        await s.flush()  # and the engine's own entries for it
+        enqueued: list[int] = []
+        real_enqueue = RangeLockManager._enqueue
+
+        def counting_enqueue(self: RangeLockManager, req: Any) -> None:
+            enqueued.append(req.first)
+            real_enqueue(self, req)
+
+        real_set = ChunkTable.set
+
+        def no_set(self: ChunkTable, chunk: int) -> None:
+            if self.name.startswith("changed-"):
+                raise AssertionError("changed bit set per chunk")
+            real_set(self, chunk)
+
+        monkeypatch.setattr(RangeLockManager, "_enqueue", counting_enqueue)
+        monkeypatch.setattr(ChunkTable, "set", no_set)
+        for _ in range(3):
+            await s.write(1 << 20, b"c" * (1 << 20))
+        assert not enqueued
+        monkeypatch.undo()
+        assert await s.read((1 << 20) - 4096, (1 << 20) + 8192) == \
+            b"\0" * 4096 + b"c" * (1 << 20) + b"\0" * 4096
+        await s.close()
+        image = await pool.open_export("v@0", "test")
+        assert await image.read(1 << 20, 1 << 20) == b"a" * (1 << 20)
+        await image.close()
+    finally:
+        await pool.close()
