@@ -361,9 +361,13 @@ class Engine(ABC):
         before = table.count
         table.set_range(first, last)
         if table.count == before:
+            # Every bit was set already: the write waits only if one of them is not durable.
             if not ahead:
                 return False
-            if not any(c in ahead for c in range(first, last + 1)):
+            if len(ahead) <= last - first:
+                if not any(first <= c <= last for c in ahead):
+                    return False
+            elif ahead.isdisjoint(range(first, last + 1)):
                 return False
         if ahead is None:
             ahead = self._changed_ahead[gen] = set()

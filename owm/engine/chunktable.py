@@ -102,6 +102,31 @@ class ChunkTable:
         within = chunk & PAGE_MASK
         return bool(page[within >> 3] >> (within & 7) & 1)
 
+    def unset(self, first: int, last: int) -> list[int]:
+        """The chunks of first..last that are not set, ascending.  A page at a time, as
+        ``set_range`` works, so a run that is all set costs one slice per page rather than a
+        ``has`` per chunk."""
+        out: list[int] = []
+        c = first
+        while c <= last:
+            p = c >> PAGE_SHIFT
+            end = min(last, p << PAGE_SHIFT | PAGE_MASK)
+            page = self._pages.get(p)
+            if page is None:
+                out.extend(range(c, end + 1))
+            else:
+                lo, hi = c & PAGE_MASK, end & PAGE_MASK
+                b0, b1 = lo >> 3, (hi >> 3) + 1
+                gaps = ((1 << (hi - lo + 1)) - 1) << (lo & 7) & \
+                    ~int.from_bytes(page[b0:b1], "little")
+                base = (p << PAGE_SHIFT) + (b0 << 3)
+                while gaps:
+                    low = gaps & -gaps
+                    out.append(base + low.bit_length() - 1)
+                    gaps ^= low
+            c = end + 1
+        return out
+
     def __iter__(self) -> Iterator[int]:
         """The set chunks in ascending order, scanning 8 bytes at a time."""
         for p in sorted(self._pages):
@@ -146,9 +171,42 @@ class ChunkTable:
                 self._note(self)
 
     def set_range(self, first: int, last: int) -> None:
-        """Mark chunks first..last (inclusive)."""
-        for chunk in range(first, last + 1):
-            self.set(chunk)
+        """Mark chunks first..last (inclusive): a page at a time, on the bytes of the page the
+        run covers as one integer, so a run already set costs one slice per page.  Each chunk it
+        newly sets still gets its own journal record, in ascending order, as ``set`` gives."""
+        pages, counts, pending = self._pages, self._page_count, self._pending
+        added = 0
+        c = first
+        while c <= last:
+            p = c >> PAGE_SHIFT
+            end = min(last, p << PAGE_SHIFT | PAGE_MASK)
+            lo, hi = c & PAGE_MASK, end & PAGE_MASK
+            b0, b1 = lo >> 3, (hi >> 3) + 1
+            page = pages.get(p)
+            if page is None:
+                page = pages[p] = bytearray(PAGE_BYTES)
+                counts[p] = 0
+            old = int.from_bytes(page[b0:b1], "little")
+            mask = ((1 << (hi - lo + 1)) - 1) << (lo & 7)
+            new = mask & ~old
+            if new:
+                page[b0:b1] = (old | mask).to_bytes(b1 - b0, "little")
+                n = new.bit_count()
+                counts[p] += n
+                added += n
+                if n == end - c + 1:
+                    pending.extend([(_SET, chunk) for chunk in range(c, end + 1)])
+                else:
+                    base = (p << PAGE_SHIFT) + (b0 << 3)
+                    while new:
+                        low = new & -new
+                        pending.append((_SET, base + low.bit_length() - 1))
+                        new ^= low
+            c = end + 1
+        if added:
+            self.count += added
+            if self._note is not None:
+                self._note(self)
 
     def clear(self, chunk: int) -> None:
         if self._flip(chunk, False):

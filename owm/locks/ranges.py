@@ -17,12 +17,19 @@ only ever waits for earlier ones, so multi-chunk requests cannot deadlock.
 The common case costs less still: a one-chunk request on a chunk nobody holds or awaits is
 granted as a *solo* holder, one dict entry (chunk -> exclusive) with no request or queue
 objects; it is turned into a queued request of its own (``_materialise``) only if another
-request comes to that chunk while it holds it.
+request comes to that chunk while it holds it.  A multi-chunk request on chunks nobody holds or
+awaits is granted likewise as a *span*, whatever its length: an entry in a sorted list of
+disjoint ranges (found by bisection) with no per-chunk state, turned into a queued request
+(``_materialise_span``, O(chunks), paid once) only when another request touches one of its
+chunks.  So a 1 MiB request over 4 KiB chunks that conflicts with nothing costs O(log spans)
+plus a look for per-chunk state in its range (O(min(chunks, queued or solo chunks))), not 256
+queue entries.
 """
 
 from __future__ import annotations
 
 import asyncio
+from bisect import bisect_right
 from collections import deque
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -82,6 +89,11 @@ class RangeLockManager:
         # Chunks held by one request granted on the fast path, with nothing else on them:
         # chunk -> exclusive.  Never in ``_chunks``; counted in ``_live``.
         self._solo: dict[int, bool] = {}
+        # Multi-chunk ranges held by one request granted on the fast path, with nothing else on
+        # any of their chunks: disjoint, their first chunks sorted in ``_span_firsts`` and
+        # first -> (last, exclusive) in ``_spans``.  Never in ``_chunks``; counted in ``_live``.
+        self._span_firsts: list[int] = []
+        self._spans: dict[int, tuple[int, bool]] = {}
 
     # ------------------------------------------------------------------------ internals
 
@@ -100,10 +112,51 @@ class RangeLockManager:
             holders.append(req)
         return ch
 
+    def _overlapping_span(self, first: int, last: int) -> int | None:
+        """The first chunk of a span that overlaps first..last (the last such), or None."""
+        firsts = self._span_firsts
+        i = bisect_right(firsts, last)
+        if i:
+            f = firsts[i - 1]
+            if self._spans[f][0] >= first:
+                return f
+        return None
+
+    def _materialise_span(self, f: int) -> None:
+        """The span starting at chunk ``f`` becomes a granted request with a queue on each of
+        its chunks (another request is about to queue on one of them); see ``_materialise``."""
+        last, exclusive = self._spans.pop(f)
+        del self._span_firsts[bisect_right(self._span_firsts, f) - 1]
+        req = _Request(0, f, last, exclusive)
+        req.queued = True
+        req.missing = 0
+        chunks = self._chunks
+        for c in range(f, last + 1):
+            chunks[c] = _Chunk(req)
+        holders = self._held.get((f, last))
+        if holders is None:
+            self._held[(f, last)] = [req]
+        else:
+            holders.append(req)
+
+    def _free(self, first: int, last: int) -> bool:
+        """No chunk of first..last has a queue or a solo holder (spans aside)."""
+        chunks, solo = self._chunks, self._solo
+        n = len(chunks) + len(solo)
+        if not n:
+            return True
+        if n <= last - first:
+            return not any(first <= c <= last for c in chunks) and \
+                not any(first <= c <= last for c in solo)
+        return not any(c in chunks or c in solo for c in range(first, last + 1))
+
     def _enqueue(self, req: _Request) -> None:
         """Put ``req`` at the end of each chunk's queue; it becomes ready where nothing earlier
         conflicts, and is granted if that is everywhere."""
         req.queued = True
+        if self._spans:
+            while (f := self._overlapping_span(req.first, req.last)) is not None:
+                self._materialise_span(f)
         self._live += 1
         chunks = self._chunks
         solo = self._solo
@@ -251,11 +304,21 @@ class RangeLockManager:
 
     def try_acquire(self, first: int, last: int, exclusive: bool) -> asyncio.Future[None] | None:
         """Take chunks first..last now (returns None) or queue and return a future to await."""
-        if first == last and self._barrier is None and first not in self._chunks and \
-                first not in self._solo:
-            # The common case, one chunk nobody holds or awaits: granted at once, as a solo
-            # holder (no request object, no queue; see the module's docstring).
-            self._solo[first] = exclusive
+        if first == last:
+            if self._barrier is None and first not in self._chunks and \
+                    first not in self._solo and \
+                    (not self._spans or self._overlapping_span(first, first) is None):
+                # The common case, one chunk nobody holds or awaits: granted at once, as a solo
+                # holder (no request object, no queue; see the module's docstring).
+                self._solo[first] = exclusive
+                self._live += 1
+                return None
+        elif self._barrier is None and self._overlapping_span(first, last) is None and \
+                self._free(first, last):
+            # Several chunks nobody holds or awaits: granted at once, as a span.
+            firsts = self._span_firsts
+            firsts.insert(bisect_right(firsts, first), first)
+            self._spans[first] = (last, exclusive)
             self._live += 1
             return None
         self._seq += 1
@@ -279,6 +342,18 @@ class RangeLockManager:
                 self._pass_barriers()
                 self._wake_up()
             return
+        if first != last:
+            span = self._spans.get(first)
+            if span is not None and span[0] == last:
+                # Its span holder, nobody else on any of its chunks: forget it.
+                del self._spans[first]
+                firsts = self._span_firsts
+                del firsts[bisect_right(firsts, first) - 1]
+                self._live -= 1
+                if self._barrier is not None and self._live == 0:
+                    self._pass_barriers()
+                    self._wake_up()
+                return
         key = (first, last)
         holders = self._held.get(key)
         if not holders:
@@ -354,4 +429,4 @@ class RangeLockManager:
         return len(
             {c for reqs in self._held.values() for r in reqs for c in range(r.first, r.last + 1)}
             | self._solo.keys()
-        )
+        ) + sum(last - f + 1 for f, (last, _) in self._spans.items())
