@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+from bisect import bisect_left
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -113,16 +114,24 @@ class LogEngine(Engine):
 
     def _owner(self, layer: Layer) -> int:
         """The view owning a layer: the oldest view for the base, else the first view >= gen."""
+        views = self.views
         if layer.table is None:
-            return self.views[0]
-        return next(v for v in self.views if v >= layer.gen)
+            return views[0]
+        return views[bisect_left(views, layer.gen)]  # views ascend
 
     def _own_range(self, view: int) -> tuple[int, int]:
         """Indices (lo, hi) of the layers owned by ``view``."""
         got = self._ranges.get(view)
         if got is None:
-            owned = [i for i, layer in enumerate(self.layers) if self._owner(layer) == view]
-            got = self._ranges[view] = (owned[0], owned[-1])
+            # Every view's range in one pass over the layers (their owners ascend with them):
+            # with a thousand images, one per view would cost a pass each.
+            ranges = self._ranges
+            ranges.clear()
+            for i, layer in enumerate(self.layers):
+                owner = self._owner(layer)
+                had = ranges.get(owner)
+                ranges[owner] = (i, i) if had is None else (had[0], i)
+            got = ranges[view]
         return got
 
     def _reshaped(self) -> None:
@@ -144,8 +153,8 @@ class LogEngine(Engine):
         return out
 
     def objects_of(self, view: int) -> list[str]:
-        return [n for layer in self.layers if self._owner(layer) == view
-                for n in self._layer_objects(layer)]
+        lo, hi = self._own_range(view)
+        return [n for layer in self.layers[lo : hi + 1] for n in self._layer_objects(layer)]
 
     async def preserve(self) -> int:
         preserved = self.views[-1]
