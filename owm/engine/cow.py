@@ -218,8 +218,8 @@ class CowEngine(Engine):
                 return True
             missing = [first]
         else:
-            missing = [c for c in range(first, last + 1)
-                       if not table.has(c) and (pending is None or c not in pending)]
+            missing = [c for c in table.unset(first, last)
+                       if pending is None or c not in pending]
             if not missing:
                 return pending is not None and any(
                     c in pending for c in range(first, last + 1))

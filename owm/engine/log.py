@@ -267,8 +267,7 @@ class LogEngine(Engine):
                 if not (first in pending or table.has(first)):
                     fresh.append(first)
             else:
-                fresh = [c for c in range(first, last + 1)
-                         if not (c in pending or table.has(c))]
+                fresh = [c for c in table.unset(first, last) if c not in pending]
             if fresh:
                 # Only the first and the last piece can be partial (need a copy from below).
                 size = self.size
