@@ -309,16 +309,15 @@ class CowEngine(Engine):
         fut = locks.try_acquire(first, last, EXCLUSIVE)
         if fut is not None:
             await fut
+            if len(self.views) > 1:
+                # A preserve came while it waited for its chunks: nothing done yet, so it
+                # lets go and goes the general way (copies aside, other copies updated).
+                locks.release(first, last)
+                await super().write(gen, offset, data, fua)
+                return
         try:
             ahead = self._mark_changed(gen, first, last) if gen else False
-            if len(self.views) > 1:
-                # A preserve came while it waited for its chunks: the rest of Engine.write's
-                # general way (copies aside, other copies updated), under the lock it holds.
-                if ahead and not self._may_defer(gen, first, last):
-                    await self._commit_changed(self._changed_batch(gen))
-                    ahead = False
-                await self._write(gen, offset, data, ahead)
-            elif ahead or (self._held and self._must_hold(first, last)):
+            if ahead or (self._held and self._must_hold(first, last)):
                 # As Engine.write: _may_defer is True for the live view, so a write whose
                 # changed bit is not durable yet is held, as is one behind held overwrites.
                 self._hold(offset, memoryview(bytes(data)), length, False)
@@ -327,9 +326,7 @@ class CowEngine(Engine):
                 try:
                     await storage.inner.write(LIVE, offset, data)
                 finally:
-                    version = storage._version  # SyncTracking.write's bookkeeping, inline
-                    version[LIVE] = version.get(LIVE, 0) + 1
-                    storage.dirty.add(LIVE)
+                    storage.wrote(LIVE)
         finally:
             locks.release(first, last)
         if ahead:
@@ -356,15 +353,13 @@ class CowEngine(Engine):
         if hold:
             self._hold(offset, memoryview(bytes(data)), length, False)
         else:
-            # SyncTracking.write and .wrote inlined (the hot path: no coroutine and no call of
-            # ours around the storage's write).
+            # SyncTracking.write inlined (the hot path: no coroutine of ours around the
+            # storage's write).
             storage = self.storage
             try:
                 await storage.inner.write(LIVE, offset, data)
             finally:
-                version = storage._version
-                version[LIVE] = version.get(LIVE, 0) + 1
-                storage.dirty.add(LIVE)
+                storage.wrote(LIVE)
         return touched
 
     async def _zero(self, gen: int, offset: int, length: int, punch: bool,
