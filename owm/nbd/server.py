@@ -901,10 +901,7 @@ class _Connection(asyncio.BufferedProtocol):
             self._io_done(req, value)
 
     def _io_done(self, req: p.Request, value: Any) -> None:
-        """A READ (``value``: its data) or WRITE succeeded: reply, and let go of it.
-
-        The hot path: a WRITE's reply is queued as ``_send`` would, and ``_request_done`` is
-        inlined (one call each fewer per request)."""
+        """A READ (``value``: its data) or WRITE succeeded: reply, and let go of it."""
         length = req.length
         if req.command == c.CMD_READ:
             if len(value) != length:
@@ -912,28 +909,9 @@ class _Connection(asyncio.BufferedProtocol):
             else:
                 self._send_many(self.machine.reply_read(req.handle, req.offset, value))
             self._inflight_read_bytes -= length
-        elif not self._lost:
-            reply = self.machine.reply_ok(req.handle)
-            self._out.append(reply)
-            n = len(reply)
-            self._out_bytes += n
-            self._queued += n
-            self.server._buffered += n
-            if not self._flush_scheduled:
-                self._flush_scheduled = True
-                self._loop.call_soon(self._flush)
-        # _request_done(length), inline.
-        self._inflight -= 1
-        self._inflight_bytes -= length
-        self.server._buffered -= length
-        if self._stalled or self._reading_paused:
-            self._unstall()
-        if self.server._waiting:
-            self.server._wake()
-        if self._inflight == 0 and self._idle is not None:
-            if not self._idle.done():
-                self._idle.set_result(None)
-            self._idle = None
+        else:
+            self._send(self.machine.reply_ok(req.handle))
+        self._request_done(length)
 
     def _io_end(self, req: p.Request) -> None:
         """A READ or WRITE failed (its error reply is queued): let go of it."""
@@ -956,8 +934,7 @@ class _Connection(asyncio.BufferedProtocol):
             self._send(machine.reply_error(handle, c.EIO, "Internal server error."))
 
     def _request_done(self, held: int) -> None:
-        """A request finished (its reply is queued); ``held``: the bytes it held in memory.
-        (``_io_done`` has its own copy of this, for the hot path.)"""
+        """A request finished (its reply is queued); ``held``: the bytes it held in memory."""
         self._inflight -= 1
         if held:
             self._inflight_bytes -= held
