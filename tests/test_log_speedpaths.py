@@ -15,17 +15,13 @@ order and crash point of the same path.
 
 from __future__ import annotations
 
-import sys
-import types
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
 
 from owm.pool.pool import Pool
 from owm.pool.volume import ImageReader, Session
 from owm.storage import Buffer
 from owm.storage.simulated import SimulatedStorage
+from tests.call_counts import calls_in
 from tests.faults import SimPool
 
 KIB = 1024
@@ -72,22 +68,6 @@ async def _image(pool: Pool, image: str) -> bytes:
         return await r.read(0, pool.volumes["v"].engine.size)
     finally:
         await r.close()
-
-
-@contextmanager
-def _calls_in(path_part: str) -> Iterator[list[int]]:
-    """Count the Python calls made in files whose path contains ``path_part``."""
-    count = [0]
-
-    def hook(frame: types.FrameType, event: str, arg: Any) -> None:
-        if event == "call" and path_part in frame.f_code.co_filename:
-            count[0] += 1
-
-    sys.setprofile(hook)
-    try:
-        yield count
-    finally:
-        sys.setprofile(None)
 
 
 async def test_partial_first_write_copies_with_the_write_in_it(tmp_path: Path) -> None:
@@ -144,7 +124,7 @@ async def test_large_write_resolves_its_layer_once(tmp_path: Path) -> None:
     start = mib + 512
     payload = b"b" * mib
     storage.ops.clear()
-    with _calls_in("owm/engine/log.py") as calls:
+    with calls_in("owm/engine/log.py") as calls:
         await new.write(start, payload)
     # Two partial chunks copied with their pieces in them, and the rest as one write.
     assert [op[:2] for op in storage.ops if op[1].endswith(".data")] == [
@@ -155,7 +135,7 @@ async def test_large_write_resolves_its_layer_once(tmp_path: Path) -> None:
     assert calls[0] <= 40, calls[0]
     # Once more over chunks the delta holds: still one request, still no walk per chunk.
     storage.ops.clear()
-    with _calls_in("owm/engine/log.py") as calls:
+    with calls_in("owm/engine/log.py") as calls:
         await new.write(start, payload)
     assert [op[:2] for op in storage.ops if op[1].endswith(".data")] == [
         ("write", "delta-1.data")]

@@ -12,18 +12,14 @@ timed.
 
 from __future__ import annotations
 
-import sys
-import types
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
 
 from owm.engine.mirror import MirrorEngine
 from owm.pool.pool import Pool
 from owm.pool.volume import ImageReader, Session
 from owm.storage import Buffer
 from owm.storage.simulated import SimulatedStorage
+from tests.call_counts import calls_in
 from tests.faults import SimPool
 
 KIB = 1024
@@ -63,22 +59,6 @@ def _engine(pool: Pool) -> MirrorEngine:
     return engine
 
 
-@contextmanager
-def _calls_in(path_part: str) -> Iterator[list[int]]:
-    """Count the Python calls made in files whose path contains ``path_part``."""
-    count = [0]
-
-    def hook(frame: types.FrameType, event: str, arg: Any) -> None:
-        if event == "call" and path_part in frame.f_code.co_filename:
-            count[0] += 1
-
-    sys.setprofile(hook)
-    try:
-        yield count
-    finally:
-        sys.setprofile(None)
-
-
 async def _legs(sim: SimPool, engine: MirrorEngine, length: int) -> list[bytes]:
     storage = sim.storages["v"]
     return [await storage.read(f"leg-{i}.data", 0, length) for i in range(engine.legs)]
@@ -96,7 +76,7 @@ async def test_small_write_makes_few_calls(tmp_path: Path) -> None:
         await s.flush()
         counts = []
         for c in range(16):
-            with _calls_in("owm/engine/mirror.py") as calls:
+            with calls_in("owm/engine/mirror.py") as calls:
                 await s.write(c * chunk + 8 * KIB, b"b" * (4 * KIB))
             counts.append(calls[0])
         # Measured: 5 per write (_begin, _end, and _write started and resumed after each of its
