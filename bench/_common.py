@@ -2,7 +2,8 @@
 
 ``cpu_seconds`` and ``thread_cpu`` read ``/proc``; ``run_fio`` runs one fio job and returns its
 JSON report's job, raising with fio's own complaint if it failed; ``fill`` writes a whole export
-once so that later reads and copies see data, not holes.
+once so that later reads and copies see data, not holes; ``wait_for`` waits for a server's
+socket.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
@@ -55,3 +57,12 @@ def fill(uri: str, size: int, depth: int = 16) -> None:
     subprocess.run(["fio", "--name=fill", "--ioengine=nbd", f"--uri={uri}", "--rw=write",
                     "--bs=1M", f"--iodepth={depth}", f"--size={size}", "--output-format=json"],
                    check=True, capture_output=True, timeout=600)
+
+
+def wait_for(path: Path, proc: subprocess.Popen[bytes], what: str, timeout: float = 30) -> None:
+    """Wait until ``path`` exists (a server's socket), failing if ``proc`` exits first."""
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"{what} did not start")
+        time.sleep(0.05)

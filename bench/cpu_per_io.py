@@ -24,23 +24,14 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import cpu_seconds, fill, run_fio
+from _common import cpu_seconds, fill, run_fio, wait_for
 
 REPO = Path(__file__).resolve().parent.parent
 SIZE = 256 << 20
 DEPTH = 16
-
-
-def _wait_for(path: Path, proc: subprocess.Popen[bytes], what: str) -> None:
-    deadline = time.monotonic() + 30
-    while not path.exists():
-        if proc.poll() is not None or time.monotonic() > deadline:
-            raise RuntimeError(f"{what} did not start")
-        time.sleep(0.05)
 
 
 class Owm:
@@ -54,8 +45,8 @@ class Owm:
             [sys.executable, "-m", "owm", "--pool", str(self.pool), "serve", "--listen", "none",
              "--socket", str(self.sock)], cwd=self.tree, stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL)
-        _wait_for(self.pool / "control.sock", self.proc, "owm serve")
-        _wait_for(self.sock, self.proc, "owm serve")
+        wait_for(self.pool / "control.sock", self.proc, "owm serve")
+        wait_for(self.sock, self.proc, "owm serve")
         subprocess.run([sys.executable, "-m", "owm", "--pool", str(self.pool), "volume",
                         "create", "vol", "--size", str(SIZE), "--method", "cow",
                         "--chunk-size", "64K"], cwd=self.tree, check=True, capture_output=True)
@@ -76,7 +67,7 @@ class Nbdkit:
         self.sock = work / "nbdkit.sock"
         self.proc = subprocess.Popen(["nbdkit", "-f", "-U", str(self.sock), "file", str(disk)],
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        _wait_for(self.sock, self.proc, "nbdkit")
+        wait_for(self.sock, self.proc, "nbdkit")
         self.uri = f"nbd+unix:///?socket={self.sock}"
 
     def stop(self) -> None:

@@ -33,18 +33,13 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import wait_for
+
 REPO = Path(__file__).resolve().parent.parent
 SIZE = 256 << 20
 FILE_SIZE = "128M"
 DEPTH = 16
-
-
-def _wait_for(path: Path, proc: subprocess.Popen[bytes], what: str) -> None:
-    deadline = time.monotonic() + 30
-    while not path.exists():
-        if proc.poll() is not None or time.monotonic() > deadline:
-            raise RuntimeError(f"{what} did not start")
-        time.sleep(0.05)
 
 
 def _run(argv: list[str], timeout: float = 120) -> str:
@@ -72,9 +67,9 @@ def _server(kind: str, work: Path) -> Iterator[str]:
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         uri = f"nbd+unix:///?socket={sock}"
     try:
-        _wait_for(sock, proc, kind)
+        wait_for(sock, proc, kind)
         if kind == "owm cow":
-            _wait_for(work / "pool" / "control.sock", proc, kind)
+            wait_for(work / "pool" / "control.sock", proc, kind)
             _run([sys.executable, "-m", "owm", "--pool", str(work / "pool"), "volume", "create",
                   "vol", "--size", str(SIZE), "--method", "cow", "--chunk-size", "64K"])
         yield uri
@@ -98,7 +93,7 @@ def _stack(uri: str, work: Path) -> Iterator[tuple[Path, bool]]:
     loop = ""
     mounted = False
     try:
-        _wait_for(fuse_dir / "nbd", fuse, "nbdfuse")
+        wait_for(fuse_dir / "nbd", fuse, "nbdfuse")
         loop = _run(["losetup", "-f", "--show", str(fuse_dir / "nbd")]).strip()
         direct = subprocess.run(["losetup", "--direct-io=on", loop],
                                 capture_output=True).returncode == 0
