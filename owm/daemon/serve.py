@@ -32,7 +32,7 @@ import socket
 import ssl
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -264,12 +264,16 @@ async def connect_restore_source(
     return client.read, client.abort
 
 
-async def serve(config: DaemonConfig, stop: asyncio.Event | None = None) -> None:
-    """Run the daemon until ``stop`` is set or SIGTERM/SIGINT arrives, then shut down cleanly."""
+@contextlib.contextmanager
+def locked_pool(config: DaemonConfig) -> Iterator[tuple[Path, str | None, DataPlane, int]]:
+    """What every daemon checks before it touches its pool, then the pool's lock, held until
+    the end: yields (pool directory, control token, data plane, lock fd)."""
     pool_dir = config.pool.absolute()
     check_unix_path(config.control_socket.absolute())
     check_unix_path(config.nbd_socket_path.absolute())
     token = read_token_file(config.control_token_file) if config.control_token_file else None
+    if config.control_listen is not None and token is None:
+        raise InvalidRequest("a TCP control listener needs a bearer token file")
     plane = DataPlane.from_config(config)
     if config.ready_file is not None and not config.ready_file.absolute().parent.is_dir():
         raise WrongState(f"the directory of the ready file {config.ready_file} does not exist")
@@ -278,9 +282,15 @@ async def serve(config: DaemonConfig, stop: asyncio.Event | None = None) -> None
     # Nothing in the pool is read, written, recovered or unlinked before this lock is ours.
     lock_fd = lock_pool(pool_dir)
     try:
-        await _serve_locked(config, pool_dir, token, stop, plane)
+        yield pool_dir, token, plane, lock_fd
     finally:
         unlock_pool(lock_fd)
+
+
+async def serve(config: DaemonConfig, stop: asyncio.Event | None = None) -> None:
+    """Run the daemon until ``stop`` is set or SIGTERM/SIGINT arrives, then shut down cleanly."""
+    with locked_pool(config) as (pool_dir, token, plane, _lock_fd):
+        await _serve_locked(config, pool_dir, token, stop, plane)
 
 
 async def _serve_locked(

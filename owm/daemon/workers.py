@@ -66,7 +66,6 @@ from owm.common.view import ExportInfo
 from owm.control.server import (
     bind_private_unix_socket,
     check_unix_path,
-    read_token_file,
     socket_in_use,
 )
 from owm.daemon.handoff import FrontDoor, channel_pair, receive_connection, send_connection
@@ -75,9 +74,8 @@ from owm.daemon.serve import (
     DataPlane,
     _endpoint,
     connect_restore_source,
-    lock_pool,
+    locked_pool,
     setup_logging,
-    unlock_pool,
 )
 from owm.nbd.access import AccessRules
 
@@ -665,24 +663,9 @@ async def serve(config: DaemonConfig, stop: asyncio.Event | None = None,
     why = unsupported(config)
     if why is not None:
         raise InvalidRequest(f"--workers above 1 does not work with {why} yet")
-    pool_dir = config.pool.absolute()
-    check_unix_path(config.control_socket.absolute())
-    check_unix_path(config.nbd_socket_path.absolute())
-    token = read_token_file(config.control_token_file) if config.control_token_file else None
-    if config.control_listen is not None and token is None:
-        raise InvalidRequest("a TCP control listener needs a bearer token file")
-    plane = DataPlane.from_config(config)
-    if config.ready_file is not None and not config.ready_file.absolute().parent.is_dir():
-        raise WrongState(f"the directory of the ready file {config.ready_file} does not exist")
-    if not pool_dir.exists():
-        pool_dir.mkdir(mode=0o700, parents=True)
-    # Nothing in the pool is read, written, recovered or unlinked before this lock is ours.
-    lock_fd = lock_pool(pool_dir)
-    try:
+    with locked_pool(config) as (pool_dir, token, plane, lock_fd):
         await serve_parent(config, pool_dir, lock_fd, config.workers, stop, plane, log_level,
                            token)
-    finally:
-        unlock_pool(lock_fd)
 
 
 async def serve_parent(config: DaemonConfig, pool_dir: Path, lock_fd: int, count: int,
