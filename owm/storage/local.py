@@ -43,6 +43,10 @@ _NOWAIT = getattr(os, "RWF_NOWAIT", 0)
 _SEEK_DATA = getattr(os, "SEEK_DATA", 3)
 _SEEK_HOLE = getattr(os, "SEEK_HOLE", 4)
 _INLINE_LIMIT = 256 * 1024  # larger requests go to the pool without trying inline
+# In memory (tmpfs) a request is a memcpy that never blocks: up to this size doing it on the loop
+# costs less than the hop (a 1 MiB write: 230-270 µs of CPU inline against 350-390 µs through
+# the pool, whose futures and GIL hand-offs made 20 futex calls per write).
+_MEMORY_INLINE_LIMIT = 4 << 20
 _MEMORY_FILESYSTEMS = {"tmpfs", "ramfs"}
 # Buffers one pwritev may take (more is EINVAL): a longer run of contiguous queued writes is
 # split.  A group commit that releases hundreds of held writes at once queues such runs.
@@ -123,6 +127,7 @@ class LocalStorage:
         # Per operation: 0 = inline without asking, a flag = inline with RWF_NOWAIT, None = pool.
         self._read_mode: int | None = 0 if self.memory_backed else (_NOWAIT or None)
         self._write_mode: int | None = 0 if self.memory_backed else (_NOWAIT or None)
+        self._inline_limit = _MEMORY_INLINE_LIMIT if self.memory_backed else _INLINE_LIMIT
         # Small writes bound for the pool: queued, written in order by one thread at a time.
         self._queue: list[_QueuedWrite] = []
         self._queue_lock = threading.Lock()
@@ -172,7 +177,7 @@ class LocalStorage:
         if fd is None:
             return bytes(length)
         mode = self._read_mode
-        if mode is not None and length <= _INLINE_LIMIT:
+        if mode is not None and length <= self._inline_limit:
             buf = bytearray(length)
             try:
                 n = os.preadv(fd, [buf], offset, mode) if mode else os.preadv(fd, [buf], offset)
@@ -206,7 +211,7 @@ class LocalStorage:
         assert fd is not None
         length = len(data)
         mode = self._write_mode
-        if mode is not None and length <= _INLINE_LIMIT:
+        if mode is not None and length <= self._inline_limit:
             try:
                 n = os.pwritev(fd, [data], offset, mode) if mode else os.pwrite(fd, data, offset)
             except BlockingIOError:
