@@ -266,6 +266,127 @@ async def test_log_read_across_the_end_of_a_merge(sim: SimPool) -> None:
     await check(sim, t, "after the merge")
 
 
+
+async def test_log_write_across_the_end_of_a_merge(sim: SimPool) -> None:
+    """A write of the draining generation over two chunks is copying its first (partial) chunk
+    from below when the merge drops its emptied layer.  It routed by layer index: its second
+    piece went to the layer that moved into the dropped one's place, the live view's delta,
+    and view 2 lost it without any crash (found while tracing release-draining-log)."""
+    chunks = 16
+    size = chunks * CHUNK
+    t = Tracker(size)
+    await sim.p.create_volume("v", size, "log", CHUNK)
+    s = await sim.p.open_export("v", "t")
+    await s.write(0, b"\1" * size, fua=True)
+    t.wrote(0, 0, b"\1" * size, True)
+    await s.close()
+    for _ in range(2):
+        await sim.p.preserve("v")
+        t.preserved()
+    old = await sim.p.open_export("v", "t")
+    assert old.generation == 2
+    t.opened(2)
+    await sim.p.preserve("v")
+    t.preserved()
+    live = await sim.p.open_export("v", "t")
+    t.opened(3)
+    await live.write(5 * CHUNK, b"\3" * CHUNK, fua=True)  # the live delta holds chunk 5
+    t.wrote(3, 5 * CHUNK, b"\3" * CHUNK, True)
+    pause = Pause("fold-drop")
+    hook(sim, pause)
+    t.doomed.add(1)
+    release = asyncio.ensure_future(sim.p.release("v@1"))
+    await pause.wait()  # delta-2 (empty) folded into delta-1, about to be dropped
+    storage = sim.storages["v"]
+    real_read, copying, gate = storage.read, asyncio.Event(), asyncio.Event()
+
+    async def read(name: str, offset: int, length: int) -> bytes:
+        if name == "base.data" and offset == 4 * CHUNK and not gate.is_set():
+            copying.set()  # the write's copy of chunk 4 from below
+            await gate.wait()
+        return await real_read(name, offset, length)
+
+    storage.read = read  # type: ignore[method-assign]
+    data = b"\x77" * CHUNK
+    write = asyncio.ensure_future(old.write(4 * CHUNK + 1024, data, fua=True))
+    await asyncio.wait_for(copying.wait(), WAIT)
+    pause.go.set()
+    for _ in range(20):  # the merge drops delta-2 now, or waits for the write
+        await asyncio.sleep(0)
+    gate.set()
+    await asyncio.wait_for(write, WAIT)
+    t.wrote(2, 4 * CHUNK + 1024, data, True)
+    await asyncio.wait_for(release, WAIT)
+    t.model.release(1)
+    del t.loose[1]
+    await check(sim, t, "after the merge")
+    t.vanish()
+    await sim.crash()
+    await check(sim, t, "after a power loss")
+
+
+async def test_log_write_above_a_merge_across_its_end(sim: SimPool) -> None:
+    """The same under a write of a view above the folding pair: release @0 folds delta-1 into
+    the base while @2's session writes a chunk the live delta holds.  The write waited for its
+    own delta when the merge dropped delta-1; it then looked for newer copies past its own
+    index, which now named the end of the list, and the live view missed the write."""
+    chunks = 16
+    size = chunks * CHUNK
+    t = Tracker(size)
+    await sim.p.create_volume("v", size, "log", CHUNK)
+    s = await sim.p.open_export("v", "t")
+    await s.write(0, b"\1" * size, fua=True)
+    t.wrote(0, 0, b"\1" * size, True)
+    await s.close()
+    await sim.p.preserve("v")
+    t.preserved()
+    s = await sim.p.open_export("v", "t")
+    await s.write(2 * CHUNK, b"\2" * CHUNK, fua=True)  # delta-1 holds something to merge
+    t.wrote(1, 2 * CHUNK, b"\2" * CHUNK, True)
+    await s.close()
+    await sim.p.preserve("v")
+    t.preserved()
+    old = await sim.p.open_export("v", "t")
+    assert old.generation == 2
+    t.opened(2)
+    await sim.p.preserve("v")
+    t.preserved()
+    live = await sim.p.open_export("v", "t")
+    t.opened(3)
+    await live.write(7 * CHUNK, b"\3" * CHUNK, fua=True)  # the live delta holds chunk 7
+    t.wrote(3, 7 * CHUNK, b"\3" * CHUNK, True)
+    pause = Pause("fold-drop")
+    hook(sim, pause)
+    t.doomed.add(0)
+    release = asyncio.ensure_future(sim.p.release("v@0"))
+    await pause.wait()  # delta-1 merged into the base, about to be dropped
+    storage = sim.storages["v"]
+    real_write, writing, gate = storage.write, asyncio.Event(), asyncio.Event()
+
+    async def write_gated(name: str, offset: int, data: Any) -> None:
+        if name == "delta-2.data" and not gate.is_set():
+            writing.set()  # the write, into @2's own delta
+            await gate.wait()
+        await real_write(name, offset, data)
+
+    storage.write = write_gated  # type: ignore[method-assign]
+    data = b"\x77" * CHUNK
+    write = asyncio.ensure_future(old.write(7 * CHUNK, data, fua=True))
+    await asyncio.wait_for(writing.wait(), WAIT)
+    pause.go.set()
+    for _ in range(20):  # the merge drops delta-1
+        await asyncio.sleep(0)
+    gate.set()
+    await asyncio.wait_for(write, WAIT)
+    t.wrote(2, 7 * CHUNK, data, True)
+    await asyncio.wait_for(release, WAIT)
+    t.model.release(0)
+    del t.loose[0]
+    await check(sim, t, "after the merge")
+    t.vanish()
+    await sim.crash()
+    await check(sim, t, "after a power loss")
+
 # -- cow: the move-down --------------------------------------------------------------------------
 
 async def _four_generations_cow(sim: SimPool, t: Tracker, size: int) -> None:

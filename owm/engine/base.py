@@ -67,7 +67,8 @@ class SyncTracking:
         self._version: dict[str, int] = {}
         self._synced_at: dict[str, int] = {}
         self.dirty: set[str] = set()  # written since their last completed sync
-        self.tables: set[ChunkTable] = set()  # tables that may have something to commit
+        # Tables that may have something to commit, until a flush's commit leaves them idle.
+        self.tables: set[ChunkTable] = set()
         self.settled = False  # a full flush ran since open: ``dirty`` is the whole story
         self.syncs = 0  # syncs passed on to the storage
 
@@ -82,9 +83,17 @@ class SyncTracking:
     def note_table(self, table: ChunkTable) -> None:
         self.tables.add(table)
 
-    def take_tables(self) -> list[ChunkTable]:
-        tables, self.tables = list(self.tables), set()
-        return tables
+    def noted_tables(self) -> list[ChunkTable]:
+        """The tables a flush must commit: those with records to commit and those whose commit
+        is under way.  A table stays noted until a commit has left it idle, so that a flush
+        running beside the one that commits it waits for that commit too."""
+        return list(self.tables)
+
+    def committed(self, tables: list[ChunkTable]) -> None:
+        """``tables`` were committed: forget those that nothing was recorded in since."""
+        for table in tables:
+            if table.idle:
+                self.tables.discard(table)
 
     def needs_sync(self, name: str) -> bool:
         return self._synced_at.get(name, -1) != self._version.get(name, 0)
@@ -639,12 +648,12 @@ class Engine(ABC):
         if self.generic_flush and storage.settled:
             # Data first, then table entries (which only ever point at durable data).
             await self.sync_objects(sorted(storage.dirty))
-            tables = storage.take_tables()
-            try:
-                await asyncio.gather(*(t.commit() for t in tables))
-            except BaseException:
-                storage.tables.update(tables)
-                raise
+            # Every noted table, not only those no other flush is committing: a flush that
+            # found them taken and returned would acknowledge writes whose entries were still
+            # on their way to the journal.
+            tables = storage.noted_tables()
+            await asyncio.gather(*(t.commit() for t in tables))
+            storage.committed(tables)
             return
         await self._flush()
         await asyncio.gather(*(t.commit() for t in self.changed.values()))

@@ -218,6 +218,11 @@ class ChunkTable:
         self.set(chunk)
         await self.commit()
 
+    @property
+    def idle(self) -> bool:
+        """Is every update made so far durable (nothing to commit, no commit under way)?"""
+        return not (self._pending or self._force_checkpoint or self._writing)
+
     def commit(self) -> Awaitable[None]:
         """Make every update made so far durable (group-committed with concurrent callers).
 
@@ -225,7 +230,7 @@ class ChunkTable:
         over a thousand idle tables gathers no thousand tasks."""
         # With nothing pending a commit under way may still hold this caller's records: wait
         # for it (by joining the next one) rather than report them durable before they are.
-        if self._pending or self._force_checkpoint or self._writing:
+        if not self.idle:
             return self._commit()
         done = asyncio.get_running_loop().create_future()
         done.set_result(None)

@@ -195,42 +195,42 @@ class LogEngine(Engine):
             yield run
 
     # -- writes -----------------------------------------------------------------------------
-    async def _target(self, lo: int, hi: int, chunk: int, n: int) -> Layer:
-        """The layer a write to chunk by the view owning layers lo..hi lands in, creating a
-        delta entry if needed."""
+    async def _target(self, stack: list[Layer], lo: int, hi: int, chunk: int, n: int) -> Layer:
+        """The layer a write to chunk by the view owning layers lo..hi of ``stack`` (the write's
+        copy of the layer list) lands in, creating a delta entry if needed."""
         for i in range(hi, lo - 1, -1):
-            if self.layers[i].has(chunk):
-                return self.layers[i]
+            if stack[i].has(chunk):
+                return stack[i]
         # The entry goes into gen's lowest layer (a delta: the base holds every chunk).  While
         # a view owns several layers a release is folding them into that lowest one, and an
         # entry made in an upper layer after the fold listed its chunks would be deleted with it.
-        layer = self.layers[lo]
+        layer = stack[lo]
         assert layer.table is not None
         start = chunk << self.shift
         size = min(self.chunk_size, self.size - start)
         if n < size:  # partial write: the delta starts as a copy of the chunk seen from below
-            below = self._resolve(lo - 1, chunk)
+            below = self._resolve(lo - 1, chunk, stack)
             content = await self.storage.read(below.data, start, size)
             await self.put(layer.data, start, content)
             self.cow_copies += 1
             self.cow_copy_bytes += size
         return layer
 
-    async def _copy_in(self, lo: int, chunk: int, offset: int, length: int,
+    async def _copy_in(self, layer: Layer, below: Layer, chunk: int, offset: int, length: int,
                        data: memoryview | None) -> bool:
-        """Before a write covering part of ``chunk``, new to layer ``lo``'s delta: make the
-        delta chunk a copy of the chunk seen from below.  With the write's ``data`` the copy
-        carries the write's piece already (one storage write instead of two) and True says
-        that piece is done; a write covering the whole chunk needs no copy (False)."""
+        """Before a write covering part of ``chunk``, new to ``layer``'s delta: make the delta
+        chunk a copy of the chunk seen from below (in ``below``).  With the write's ``data``
+        the copy carries the write's piece already (one storage write instead of two) and True
+        says that piece is done; a write covering the whole chunk needs no copy (False)."""
         start = chunk << self.shift
         size = min(self.chunk_size, self.size - start)
         lo_b, hi_b = max(offset, start), min(offset + length, start + size)
         if hi_b - lo_b == size:
             return False
-        content = await self.storage.read(self._resolve(lo - 1, chunk).data, start, size)
+        content = await self.storage.read(below.data, start, size)
         self.cow_copies += 1
         self.cow_copy_bytes += size
-        name = self.layers[lo].data
+        name = layer.data
         if data is None:
             await self.put(name, start, content)
             return False
@@ -252,8 +252,12 @@ class LogEngine(Engine):
         if lo != hi:
             return await self._apply_folding(lo, hi, offset, length, writer)
         # The common case: gen owns one layer, so every piece lands in it, as one request.
+        # Whatever it needs by index into the layer list is taken before its first await: a
+        # fold may drop a layer meanwhile and shift the layers above it down one.  (What the
+        # layers hold of this write's chunks stays put: it holds their locks.)
         layer = layers[lo]
         name = layer.data
+        newer = layers[hi + 1 :] if hi + 1 < len(layers) else None
         start, end = offset, offset + length
         fresh: list[int] = []
         table = layer.table
@@ -271,15 +275,17 @@ class LogEngine(Engine):
             if fresh:
                 # Only the first and the last piece can be partial (need a copy from below).
                 size = self.size
-                head = first << shift
+                head, tail = first << shift, last << shift
+                below_tail = self._resolve(lo - 1, last) if (
+                    last != first and end < min(tail + self.chunk_size, size)
+                    and fresh[-1] == last) else None
                 if ((offset != head or end < min(head + self.chunk_size, size))
                         and fresh[0] == first
-                        and await self._copy_in(lo, first, offset, length, data)):
+                        and await self._copy_in(layer, self._resolve(lo - 1, first), first,
+                                                offset, length, data)):
                     start = min(end, head + self.chunk_size)
-                tail = last << shift
-                if (last != first and end < min(tail + self.chunk_size, size)
-                        and fresh[-1] == last
-                        and await self._copy_in(lo, last, offset, length, data)):
+                if below_tail is not None and await self._copy_in(
+                        layer, below_tail, last, offset, length, data):
                     end = tail
         if start < end:
             if data is None:
@@ -288,8 +294,7 @@ class LogEngine(Engine):
                 await self.storage.write(name, start, data if end - start == length
                                          else data[start - offset : end - offset])
         touched = {name}
-        if hi + 1 < len(layers):  # an old generation's write: newer copies of a chunk get it
-            newer = layers[hi + 1 :]
+        if newer is not None:  # an old generation's write: newer copies of a chunk get it
             for chunk, _within, n, done in self.pieces(offset, length):
                 for up in newer:
                     if up.has(chunk):
@@ -302,13 +307,14 @@ class LogEngine(Engine):
     async def _apply_folding(self, lo: int, hi: int, offset: int, length: int,
                              writer: Writer) -> set[str]:
         """``_apply`` for a view owning several layers (a release is folding them)."""
-        newer = self.layers[hi + 1 :]
+        stack = self.layers[:]  # by index across awaits: a copy (see ``_apply``)
+        newer = stack[hi + 1 :]
         fresh: dict[str, tuple[Layer, list[int]]] = {}  # by data object: a Layer is unhashable
         touched: set[str] = set()
         # Consecutive pieces bound for the same layer go out as one request.
         run: list[Any] | None = None  # [name, pos, done, n]
         for chunk, _within, n, done in self.pieces(offset, length):
-            layer = await self._target(lo, hi, chunk, n)
+            layer = await self._target(stack, lo, hi, chunk, n)
             if not layer.has(chunk):
                 fresh.setdefault(layer.data, (layer, []))[1].append(chunk)
             pos = offset + done
