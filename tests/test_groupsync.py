@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 
 import pytest
 
@@ -62,3 +63,37 @@ async def test_a_lone_caller_syncs_inline() -> None:
     assert gs.count == 3
     with pytest.raises(ZeroDivisionError):
         await GroupSync(lambda: asyncio.sleep(1 / 0))()
+
+
+async def test_a_failed_sync_whose_followers_are_gone_is_not_reported_as_never_retrieved() -> None:
+    """Followers cancelled while they waited (a session torn down, a crash in the tests): the
+    next sync's failure reaches no one, and asyncio must not log it as an unretrieved error."""
+    loop = asyncio.get_running_loop()
+    unhandled: list[dict[str, object]] = []
+    loop.set_exception_handler(lambda _loop, context: unhandled.append(context))
+    gate = asyncio.Event()
+    calls = 0
+
+    async def sync() -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            await gate.wait()
+        else:
+            raise OSError("the disk went away")
+
+    group = GroupSync(sync)
+    leader = asyncio.ensure_future(group())
+    await asyncio.sleep(0)
+    follower = asyncio.ensure_future(group())
+    await asyncio.sleep(0)
+    follower.cancel()
+    gate.set()
+    await leader
+    for _ in range(5):  # the second sync runs and fails, with no one waiting for it
+        await asyncio.sleep(0)
+    assert calls == 2
+    gc.collect()
+    await asyncio.sleep(0)
+    loop.set_exception_handler(None)
+    assert not unhandled, unhandled

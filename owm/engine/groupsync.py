@@ -30,6 +30,9 @@ class GroupSync:
             return
         if self._next is None:
             self._next = asyncio.get_running_loop().create_future()
+            # Its followers may all be gone (cancelled, or the process stopping) when it fails:
+            # the failure then reaches no one, and asyncio would log it as never retrieved.
+            self._next.add_done_callback(_retrieve)
         await asyncio.shield(self._next)
 
     def _hand_off(self) -> None:
@@ -50,3 +53,8 @@ class GroupSync:
             fut.set_result(None)
         finally:
             self._hand_off()
+
+
+def _retrieve(fut: asyncio.Future[None]) -> None:
+    if not fut.cancelled():
+        fut.exception()
