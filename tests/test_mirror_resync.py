@@ -403,7 +403,10 @@ async def test_sigkill_with_writes_in_flight_resyncs_only_the_intent_map(short_t
         daemon.proc.send_signal(signal.SIGKILL)  # requests of round `sent` are in flight
         daemon.proc.wait(timeout=30)
         writer.kill()
-        rest, _ = writer.communicate(timeout=30)
+        writer.wait(timeout=30)
+        # Through the text wrapper: readline above may have buffered lines already (a later
+        # "round"), which communicate() would skip, as it reads the pipe's descriptor itself.
+        rest = writer.stdout.read()
         for line in rest.splitlines():
             word, n = line.split()
             if word == "acked":
