@@ -154,14 +154,27 @@ async def test_log_merge_then_crash_during_the_delete_of_a_checkpointed_delta(
 
 # -- issue 18 item 1: writes while the merge runs must not land in the delta it deletes --------
 
-async def _four_generations_log(sim: SimPool, t: Tracker, size: int) -> tuple[Any, Any]:
-    """@0, @1 drained, @2 held by an open session of generation 2, live generation 3."""
+async def _filled_log_volume(sim: SimPool, t: Tracker, size: int) -> None:
+    """A log volume "v" of ``size`` bytes, all 0x01, durable (generation 0, no session open)."""
     await sim.p.create_volume("v", size, "log", CHUNK)
-    sim.p.volume("v").engine.merge_batch = 1  # type: ignore[attr-defined]
     s = await sim.p.open_export("v", "t")
     await s.write(0, b"\1" * size, fua=True)
     t.wrote(0, 0, b"\1" * size, True)
     await s.close()
+
+
+async def _open(sim: SimPool, t: Tracker, generation: int) -> Any:
+    """A session of the live generation, which must be ``generation``."""
+    s = await sim.p.open_export("v", "t")
+    assert s.generation == generation
+    t.opened(generation)
+    return s
+
+
+async def _four_generations_log(sim: SimPool, t: Tracker, size: int) -> tuple[Any, Any]:
+    """@0, @1 drained, @2 held by an open session of generation 2, live generation 3."""
+    await _filled_log_volume(sim, t, size)
+    sim.p.volume("v").engine.merge_batch = 1  # type: ignore[attr-defined]
     await sim.p.preserve("v")
     t.preserved()
     s = await sim.p.open_export("v", "t")
@@ -235,11 +248,7 @@ async def test_log_read_across_the_end_of_a_merge(sim: SimPool) -> None:
     chunks = 16
     size = chunks * CHUNK
     t = Tracker(size)
-    await sim.p.create_volume("v", size, "log", CHUNK)
-    s = await sim.p.open_export("v", "t")
-    await s.write(0, b"\1" * size, fua=True)
-    t.wrote(0, 0, b"\1" * size, True)
-    await s.close()
+    await _filled_log_volume(sim, t, size)
     for gen in (1, 2):
         await sim.p.preserve("v")
         t.preserved()
@@ -275,11 +284,7 @@ async def test_log_write_across_the_end_of_a_merge(sim: SimPool) -> None:
     chunks = 16
     size = chunks * CHUNK
     t = Tracker(size)
-    await sim.p.create_volume("v", size, "log", CHUNK)
-    s = await sim.p.open_export("v", "t")
-    await s.write(0, b"\1" * size, fua=True)
-    t.wrote(0, 0, b"\1" * size, True)
-    await s.close()
+    await _filled_log_volume(sim, t, size)
     for _ in range(2):
         await sim.p.preserve("v")
         t.preserved()
@@ -333,11 +338,7 @@ async def test_log_write_above_a_merge_across_its_end(sim: SimPool) -> None:
     chunks = 16
     size = chunks * CHUNK
     t = Tracker(size)
-    await sim.p.create_volume("v", size, "log", CHUNK)
-    s = await sim.p.open_export("v", "t")
-    await s.write(0, b"\1" * size, fua=True)
-    t.wrote(0, 0, b"\1" * size, True)
-    await s.close()
+    await _filled_log_volume(sim, t, size)
     await sim.p.preserve("v")
     t.preserved()
     s = await sim.p.open_export("v", "t")
@@ -346,13 +347,10 @@ async def test_log_write_above_a_merge_across_its_end(sim: SimPool) -> None:
     await s.close()
     await sim.p.preserve("v")
     t.preserved()
-    old = await sim.p.open_export("v", "t")
-    assert old.generation == 2
-    t.opened(2)
+    old = await _open(sim, t, 2)
     await sim.p.preserve("v")
     t.preserved()
-    live = await sim.p.open_export("v", "t")
-    t.opened(3)
+    live = await _open(sim, t, 3)
     await live.write(7 * CHUNK, b"\3" * CHUNK, fua=True)  # the live delta holds chunk 7
     t.wrote(3, 7 * CHUNK, b"\3" * CHUNK, True)
     pause = Pause("fold-drop")
