@@ -55,24 +55,24 @@ def _write(conn: p.ServerConnection, offset: int, data: bytes, split: int) -> p.
 
 def test_pool_never_hands_out_a_buffer_still_referred_to() -> None:
     pool = p.PayloadBuffers(limit=4 * MIB)
-    first = pool.get(MIB)
+    first, _ = pool.get(MIB)
     held = memoryview(first)[100:200]  # what a write-back cache or a waiter would keep
     first_id = id(first)
     del first
-    second = pool.get(MIB)
+    second, _ = pool.get(MIB)
     assert id(second) != first_id, "a buffer a view still refers to was handed out again"
     del held, second
-    again = pool.get(MIB)
+    again, _ = pool.get(MIB)
     assert pool.reused == 1 and id(again) == first_id
     # The limit: buffers beyond it are not kept; free ones of another size make room.
-    keep = [pool.get(MIB) for _ in range(6)]
+    keep = [pool.get(MIB)[0] for _ in range(6)]
     assert pool._bytes <= 4 * MIB
     del keep, again
-    other = pool.get(MIB // 2)
+    other, _ = pool.get(MIB // 2)
     assert len(other) == MIB // 2 and pool._bytes <= 4 * MIB
     assert any(b is other for b in pool._buffers), "no free buffer made room for another size"
     # Small payload buffers are made afresh, never kept.
-    small = pool.get(4096)
+    small, _ = pool.get(4096)
     assert not any(b is small for b in pool._buffers)
 
 
@@ -108,6 +108,22 @@ def test_rados_gets_a_payload_in_one_piece_without_a_copy() -> None:
     copied = _as_bytes(memoryview(arr))
     assert copied == whole and type(copied) is bytes
     assert _as_bytes(memoryview(whole)[::2]) == whole[::2]
+
+
+def test_a_payload_collected_over_receives_reaches_rados_without_a_copy() -> None:
+    pool = p.PayloadBuffers()
+    conn = _transmission(pool)
+    data = bytes(range(256)) * (MIB // 256)
+    req = _write(conn, 0, data, 100_000)
+    assert type(req.payload) is bytes and req.payload == data
+    assert _as_bytes(req.payload) is req.payload
+    # Filled in place, it is still an ordinary bytes object to everyone else.
+    assert req.payload[:4] == data[:4] and bytes(req.payload) is req.payload
+    held = req.payload
+    del req
+    other = bytes([7]) * MIB
+    req2 = _write(conn, MIB, other, 5)
+    assert req2.payload is not held and held == data, "a held payload was filled again"
 
 
 async def test_many_1m_writes_in_flight_through_write_back_read_back(tmp_path: Path) -> None:

@@ -35,6 +35,7 @@ options are read and discarded so the stream stays in step.
 
 from __future__ import annotations
 
+import ctypes
 import enum
 import mmap
 import struct
@@ -200,7 +201,7 @@ class Request:
     """A valid transmission request, ready to execute.
 
     ``payload`` is the WRITE data (a read-only view into received bytes, or a buffer the
-    machine filled); it is None for other commands.
+    machine filled: a pooled ``bytes``, a small bytearray); it is None for other commands.
     """
 
     handle: int
@@ -208,7 +209,7 @@ class Request:
     flags: int
     offset: int
     length: int
-    payload: memoryview | bytearray | None
+    payload: memoryview | bytes | bytearray | None
 
 
 @dataclass(slots=True)
@@ -307,53 +308,75 @@ _FREE_REFS = _free_refs()
 _POOLED_MIN = 64 * 1024  # smaller payload buffers are made afresh
 
 
+def _filled_in_place(n: int) -> tuple[bytes, memoryview]:
+    """A new ``bytes`` of ``n`` (> 1) bytes and a writable view of its own storage.
+
+    A payload collected over several receives is handed on as a ``bytes`` object, so that a
+    storage binding that takes nothing else (python-rados's writes) needs no copy of it: a
+    1 MiB copy cost a RADOS write more than the rest of owm's Python path for it. The object
+    is written only through this view, only by the machine collecting a body into it, and only
+    while nothing else refers to it (see :class:`PayloadBuffers`); it is never hashed.
+    """
+    data = bytes(n)  # a fresh object: only b"" and one-byte bytes are shared constants
+    address = ctypes.cast(ctypes.c_char_p(data), ctypes.c_void_p).value
+    return data, memoryview((ctypes.c_ubyte * n).from_address(address or 0)).cast("B")
+
+
 class PayloadBuffers:
     """WRITE payload buffers that are used again once nothing refers to them.
 
-    A payload collected over several receives needs a buffer of its own; a fresh 1 MiB
-    bytearray per request costs a zero fill, and (from glibc's mmap'd allocations) page faults
-    and an munmap.  The pool keeps up to ``limit`` bytes of the buffers it hands out and gives
-    one out again only when the pool alone refers to it: every memoryview of a bytearray keeps
-    it alive, so a payload still held by anyone (a write-back cache, a lock waiter, a storage
-    call in a thread, the request itself) is never overwritten.  Not thread-safe: one pool per
-    event loop.
+    A payload collected over several receives needs a buffer of its own; a fresh 1 MiB buffer
+    per request costs a zero fill, and (from glibc's mmap'd allocations) page faults and an
+    munmap.  The pool keeps up to ``limit`` bytes of the buffers it hands out and gives one out
+    again only when the pool alone refers to it: a payload still held by anyone (a write-back
+    cache, a lock waiter, a storage call in a thread, the request itself, a memoryview of it)
+    is never overwritten.  Pooled buffers are ``bytes`` objects filled in place (see
+    :func:`_filled_in_place`): the pool keeps each one's writable view beside it, and whoever
+    fills one holds the object itself while it does, so the view never outlives its memory.
+    Not thread-safe: one pool per event loop.
     """
 
     def __init__(self, limit: int = 32 << 20) -> None:
         self.limit = limit
-        self._buffers: list[bytearray] = []
+        self._buffers: list[bytes] = []
+        self._views: dict[int, memoryview] = {}  # id of a pooled buffer -> its writable view
         self._bytes = 0
         self.reused = 0  # counters, for tests and metrics
         self.allocated = 0
 
-    def _free(self, n: int) -> bytearray | None:
+    def _free(self, n: int) -> bytes | None:
         """A pooled buffer nobody else refers to, of ``n`` bytes (any size with ``n`` < 0)."""
         for buf in self._buffers:
             if sys.getrefcount(buf) <= _FREE_REFS and (n < 0 or len(buf) == n):
                 return buf
         return None
 
-    def get(self, n: int) -> bytearray:
-        """A bytearray of ``n`` bytes that nothing else refers to (its content is stale)."""
+    def get(self, n: int) -> tuple[bytes | bytearray, memoryview | bytearray]:
+        """A buffer of ``n`` bytes that nothing else refers to (its content is stale), and
+        where to write it: the payload to hand on, and its writable view (the same bytearray,
+        for a small one). Hold the payload for as long as the view is used."""
         if n < _POOLED_MIN:
-            return bytearray(n)  # small: cheap to make, and not worth a slot
+            small = bytearray(n)  # small: cheap to make, and not worth a slot
+            return small, small
         buf = self._free(n)
         if buf is not None:
             self.reused += 1
-            return buf
+            return buf, self._views[id(buf)]
         self.allocated += 1
-        buf = bytearray(n)
+        buf, view = _filled_in_place(n)
         if n > self.limit:
-            return buf
+            return buf, view
         while self._bytes + n > self.limit:
             old = self._free(-1)
             if old is None:
-                return buf  # all held: this one is not kept
+                return buf, view  # all held: this one is not kept
             self._buffers.remove(old)
+            del self._views[id(old)]
             self._bytes -= len(old)
         self._buffers.append(buf)
+        self._views[id(buf)] = view
         self._bytes += n
-        return buf
+        return buf, view
 
 
 class ServerConnection:
@@ -386,8 +409,9 @@ class ServerConnection:
         self._eof = False
         self._eof_reported = False
         # A message body being collected: an option's data or a WRITE payload.
-        self._body: bytearray | mmap.mmap | None = None
+        self._body: bytearray | mmap.mmap | memoryview | None = None
         self._body_filled = 0
+        self._payload: bytes | bytearray | None = None  # what a pooled ``_body`` fills
         self._body_kind = 0  # 0 none, 1 option data, 2 write payload
         # WRITE payload buffers (shared by the connections of one server, on one loop).
         self._buffers = buffers if buffers is not None else PayloadBuffers(4 << 20)
@@ -478,7 +502,7 @@ class ServerConnection:
         self._pos = pos
         return bytes(out)
 
-    def _take_into(self, out: bytearray | mmap.mmap, n: int) -> None:
+    def _take_into(self, out: bytearray | mmap.mmap | memoryview, n: int) -> None:
         """Copy the next ``n`` (<= available, <= ``len(out)``) bytes to the start of ``out``."""
         chunks = self._chunks
         pos = self._pos
@@ -599,14 +623,14 @@ class ServerConnection:
     def _fail(self, message: str) -> ProtocolError:
         self.state = State.FAILED
         self._clear()
-        self._body = None
+        self._body = self._payload = None
         return ProtocolError(message)
 
     def _eof_event(self, partial: int) -> ConnectionClosed | _Sentinel:
         if self._eof and not self._eof_reported:
             self._eof_reported = True
             self._clear()
-            self._body = None
+            self._body = self._payload = None
             return ConnectionClosed(partial)
         return NEED_DATA
 
@@ -984,10 +1008,14 @@ class ServerConnection:
                 return self._need()
             header = self._header
             assert header is not None
-            filled = self._body
-            payload = filled if isinstance(filled, bytearray) else memoryview(filled)
-            self._body = None
+            filled, pooled = self._body, self._payload
+            self._body = self._payload = None
             self._header = None
+            payload: memoryview | bytes | bytearray
+            if pooled is not None:
+                payload = pooled
+            else:
+                payload = filled if isinstance(filled, bytearray) else memoryview(filled)
             return Request(header[0], header[1], header[2], header[3], header[4], payload)
         if self._avail < 28:
             return self._need()
@@ -1011,7 +1039,11 @@ class ServerConnection:
             if avail >= length:
                 return Request(handle, cmd, flags, offset, length, self._take_view(length))
             lazy = length - avail >= _LAZY_BODY and length > _EAGER_BODY
-            body = _lazy_buffer(length) if lazy else self._buffers.get(length)
+            body: bytearray | mmap.mmap | memoryview
+            if lazy:
+                body = _lazy_buffer(length)
+            else:
+                self._payload, body = self._buffers.get(length)
             if avail:
                 self._take_into(body, avail)
             self._body = body
