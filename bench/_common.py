@@ -3,7 +3,7 @@
 ``cpu_seconds`` and ``thread_cpu`` read ``/proc``; ``run_fio`` runs one fio job and returns its
 JSON report's job, raising with fio's own complaint if it failed; ``fill`` writes a whole export
 once so that later reads and copies see data, not holes; ``wait_for`` waits for a server's
-socket.
+socket; ``cold_cache`` writes back and drops the page cache of a directory's files.
 """
 
 from __future__ import annotations
@@ -66,3 +66,30 @@ def wait_for(path: Path, proc: subprocess.Popen[bytes], what: str, timeout: floa
         if proc.poll() is not None or time.monotonic() > deadline:
             raise RuntimeError(f"{what} did not start")
         time.sleep(0.05)
+
+
+def cold_cache(root: Path) -> None:
+    """Write back every regular file under ``root`` and drop its pages from the page cache.
+
+    On a disk the cost of a small buffered write depends on what the page cache holds: ext4
+    makes page-cache folios as large as the write that created them, and every later 4K write
+    into a large folio costs more. Left alone, each server would inherit the folios of the jobs
+    before it (an O_DIRECT row even empties the cache for the next one), so that a row measures
+    its place in the run as much as its server. Called before every job, it gives every server
+    the same start: its data on the disk, nothing cached. A no-op on tmpfs, whose pages are the
+    data.
+    """
+    for path in root.rglob("*"):
+        try:
+            if not path.is_file() or path.is_symlink():
+                continue
+            fd = os.open(path, os.O_RDONLY)
+        except OSError:
+            continue  # removed meanwhile, or not ours to open
+        try:
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)

@@ -63,7 +63,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import cpu_seconds
+from _common import cold_cache, cpu_seconds
 
 REPO = Path(__file__).resolve().parent.parent
 JOBS = ["W1", "W2", "W3"]
@@ -208,7 +208,14 @@ def w1_iolog(path: Path, size: int, chunk: int, count: int, seed: int = 1) -> in
     return len(picked)
 
 
+# With --dir: the bench's work directory, whose files' page cache is written back and dropped
+# before every job (see cold_cache), so that every server starts each job alike.
+COLD_ROOT: Path | None = None
+
+
 def fio(uri: str, job: str, runtime: int, size: int, pid: int, iolog: Path) -> Result:
+    if COLD_ROOT is not None:
+        cold_cache(COLD_ROOT)
     argv = ["fio", "--name=bench", "--ioengine=nbd", f"--uri={uri}", f"--iodepth={DEPTH}",
             "--numjobs=1", "--output-format=json"]
     if job == "W1":
@@ -388,6 +395,8 @@ def run(args: argparse.Namespace) -> list[Row]:
     size = args.size
     only = set(args.only.split(",")) if args.only else None
     work = Path(tempfile.mkdtemp(prefix="owm-bench-", dir=args.dir or args.tmpfs))
+    global COLD_ROOT
+    COLD_ROOT = work if args.dir else None
     rows: list[Row] = []
     iologs: dict[int, Path] = {}
     try:
