@@ -27,8 +27,7 @@ from owm.storage.local import LocalStorage
 def queued(root: Path, batch_writer: bool = True) -> LocalStorage:
     """A storage whose small writes all take the queued, batched path (with Linux AIO, or,
     where it cannot be had, one ``pwritev`` per run), cut in pieces as on a disk."""
-    storage = LocalStorage(root)
-    storage._write_mode = None
+    storage = LocalStorage(root, inline_writes=False)
     storage._piece = aio.PIECE
     if storage._batch_writer is None and batch_writer:  # a memory-backed tmp_path
         storage._batch_writer = aio.open_batch_writer()

@@ -15,8 +15,7 @@ from owm.storage.local import LocalStorage
 
 
 async def test_queued_writes_land_in_order_and_whole(tmp_path: Path) -> None:
-    storage = LocalStorage(tmp_path)
-    storage._write_mode = None  # every write goes to the pool, as on ext4 here
+    storage = LocalStorage(tmp_path, inline_writes=False)  # every write through the pool
     rng = random.Random(7)
     size = 256 * 1024
     want = bytearray(size)
@@ -56,8 +55,7 @@ async def test_queued_writes_land_in_order_and_whole(tmp_path: Path) -> None:
 async def test_a_run_longer_than_iov_max_is_written_whole(tmp_path: Path) -> None:
     """A group commit may release thousands of contiguous held writes at once: one pwritev
     takes at most IOV_MAX buffers (more is EINVAL), so the run must be split."""
-    storage = LocalStorage(tmp_path)
-    storage._write_mode = None
+    storage = LocalStorage(tmp_path, inline_writes=False)
     piece = 512
     count = 3000
     try:

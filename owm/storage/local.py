@@ -4,8 +4,10 @@ The event loop must never wait for a disk, and a thread hop costs more than a 4 
 on a memory-backed filesystem (tmpfs, ramfs) small reads and writes run inline, since there is no
 disk to wait for; elsewhere small reads and writes are tried inline with RWF_NOWAIT, which the
 kernel refuses (EAGAIN) when it would have to wait, and only then leave the loop (where the
-kernel does not support RWF_NOWAIT for an operation, that operation always leaves it: ext4
-answers EOPNOTSUPP for writes).  Syncs always go to the thread pool.
+kernel does not support RWF_NOWAIT for an operation, that operation leaves it, except: ext4
+answers EOPNOTSUPP for writes, and there a small write within one 64 KiB piece runs inline while
+``owm.storage.inlinewrite``'s guard allows it (little dirty memory, no recent blocked write) and
+no queued write is outstanding.  Syncs always go to the thread pool.
 
 On a disk every write that leaves the loop joins one queue.  The first one queued in a loop turn
 hands the queue to a pool thread at the end of that turn, so every write of the turn (a receive
@@ -27,6 +29,7 @@ import contextlib
 import errno
 import os
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -35,6 +38,7 @@ from typing import TypeVar
 from owm.common.errors import NoSpace, OwmError
 from owm.storage import Buffer
 from owm.storage.aio import PIECE, open_batch_writer
+from owm.storage.inlinewrite import InlineWriteGuard
 
 T = TypeVar("T")
 _QueuedWrite = tuple[int, int, Buffer, "asyncio.Future[None]"]
@@ -42,6 +46,7 @@ _QueuedWrite = tuple[int, int, Buffer, "asyncio.Future[None]"]
 _NOWAIT = getattr(os, "RWF_NOWAIT", 0)
 _SEEK_DATA = getattr(os, "SEEK_DATA", 3)
 _SEEK_HOLE = getattr(os, "SEEK_HOLE", 4)
+_PIECE = PIECE
 _INLINE_LIMIT = 256 * 1024  # larger requests go to the pool without trying inline
 # In memory (tmpfs) a request is a memcpy that never blocks: up to this size doing it on the loop
 # costs less than the hop (a 1 MiB write: 230-270 µs of CPU inline against 350-390 µs through
@@ -113,7 +118,7 @@ def _settle(done: list[tuple[asyncio.Future[None], OSError | None]]) -> None:
 class LocalStorage:
     """Named objects as sparse files under ``root``."""
 
-    def __init__(self, root: Path | str, *, threads: int = 8) -> None:
+    def __init__(self, root: Path | str, *, threads: int = 8, inline_writes: bool = True) -> None:
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         self._fds: dict[str, int] = {}
@@ -127,6 +132,11 @@ class LocalStorage:
         # Per operation: 0 = inline without asking, a flag = inline with RWF_NOWAIT, None = pool.
         self._read_mode: int | None = 0 if self.memory_backed else (_NOWAIT or None)
         self._write_mode: int | None = 0 if self.memory_backed else (_NOWAIT or None)
+        # On a disk that refuses RWF_NOWAIT writes: small ones inline while this allows
+        # (owm.storage.inlinewrite); ``inline_writes=False``: every write through the queue.
+        self._guard = InlineWriteGuard() if inline_writes and not self.memory_backed else None
+        if not inline_writes:
+            self._write_mode = None
         self._inline_limit = _MEMORY_INLINE_LIMIT if self.memory_backed else _INLINE_LIMIT
         # Small writes bound for the pool: queued, written in order by one thread at a time.
         self._queue: list[_QueuedWrite] = []
@@ -224,6 +234,19 @@ class LocalStorage:
                 if n == length:
                     return
                 offset, data = offset + n, memoryview(data)[n:]
+        elif (self._guard is not None and offset % _PIECE + length <= _PIECE
+              and not self._queue_busy and self._guard.allows()):
+            # Within one 64 KiB piece (the folio rule below holds inline too), and only with
+            # nothing queued, so that this write cannot pass an earlier one.
+            began = time.perf_counter()
+            try:
+                n = os.pwrite(fd, data, offset)
+            except OSError as exc:
+                raise _translate(exc, f"writing {name}") from exc
+            self._guard.took(time.perf_counter() - began)
+            if n == length:
+                return
+            offset, data = offset + n, memoryview(data)[n:]
         if length <= _INLINE_LIMIT or self._piece:
             # On a disk every write leaves the loop through the one queue: written in the order
             # issued, big ones in pieces with the small ones of their batch.
