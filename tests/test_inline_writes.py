@@ -160,6 +160,10 @@ async def test_a_stalled_inline_write_sends_the_next_ones_to_the_writer(
         await storage.write("obj", 4096, b"y" * 4096)
         assert batches[0] == 1, "a write right after a stall stayed on the loop"
         fake.now += FIRST_BACKOFF + 0.01
+        for _ in range(200):  # the writer thread lets go of the queue just after its batch
+            if not storage._queue_busy:
+                break
+            await asyncio.sleep(0.005)
         await storage.write("obj", 8192, b"z" * 4096)
         assert batches[0] == 1
         assert await storage.read("obj", 0, 12288) == b"x" * 4096 + b"y" * 4096 + b"z" * 4096
