@@ -82,6 +82,8 @@ def owm_server_main(root: str, sock: str) -> None:
     # fio's nbd engine closes without NBD_CMD_DISC, so every fio session ends "unclean";
     # that is true and harmless here, and one warning per job would drown the table.
     logging.basicConfig(level=logging.ERROR)
+    # The inline-write guard's back-offs move the figures: say when one happens.
+    logging.getLogger("owm.storage").setLevel(logging.WARNING)
     sys.path.insert(0, str(REPO))
     from owm.nbd.server import NbdServer
     from owm.pool.pool import Pool
@@ -595,7 +597,7 @@ def p99_preserve(base: Path, method: str, size: int, runtime: int, chunk: int) -
     # How often the daemon's inline-write guard sent disk writes to the writer thread (a blocked
     # inline write, or too much dirty memory): either moves the steady p99.
     log_text = daemon.stderr.read().decode(errors="replace") if daemon.stderr else ""
-    result["guard_events"] = float(sum(("inline disk write took" in line
+    result["guard_events"] = float(sum(("inline disk writes blocked" in line
                                         or "inline disk writes off" in line)
                                        for line in log_text.splitlines()))
     return result

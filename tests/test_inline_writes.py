@@ -13,7 +13,14 @@ from pathlib import Path
 import pytest
 
 from owm.storage import aio, local
-from owm.storage.inlinewrite import FIRST_BACKOFF, MAX_BACKOFF, STALL, InlineWriteGuard
+from owm.storage.inlinewrite import (
+    BUDGET,
+    FIRST_BACKOFF,
+    MAX_BACKOFF,
+    SLOW,
+    STALL,
+    InlineWriteGuard,
+)
 from owm.storage.local import LocalStorage
 
 GIB = 1 << 30
@@ -46,9 +53,20 @@ def test_guard_follows_the_dirty_memory_and_backs_off_after_a_stall() -> None:
     fake.dirty = GIB // 4
     fake.now += 0.11
     assert guard.allows()
-    # A blocked inline write: off for the back-off, which doubles while stalls go on.
-    guard.took(STALL / 2)
+    # Writes blocked a little: allowed until they add up to more than the budget in a second.
+    guard.took(SLOW / 2)
+    guard.took(BUDGET / 2)
     assert guard.allows()
+    fake.now += 1.5  # a new second: the budget is whole again
+    guard.took(BUDGET / 2)
+    guard.took(BUDGET / 3)
+    assert guard.allows()
+    guard.took(BUDGET / 3)
+    assert not guard.allows(), "slow writes over the budget did not start a back-off"
+    fake.now += FIRST_BACKOFF + 0.01
+    assert guard.allows()
+    # A write blocked long: off for a back-off at once, which doubles while stalls go on.
+    fake.now += 300  # long past: the back-off starts afresh
     guard.took(STALL * 5)
     assert not guard.allows()
     fake.now += FIRST_BACKOFF + 0.01
