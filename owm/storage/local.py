@@ -142,6 +142,9 @@ class LocalStorage:
         self._queue: list[_QueuedWrite] = []
         self._queue_lock = threading.Lock()
         self._queue_busy = False
+        # Queued writes not yet settled on the loop, per file: an inline write to a file waits
+        # its turn behind them (kept on the loop only).
+        self._unsettled: dict[int, int] = {}
         # Linux AIO as a vectored pwrite for the queued writes (owm.storage.aio); None: one
         # pwritev per contiguous run instead.
         self._batch_writer = None if self.memory_backed else open_batch_writer()
@@ -235,9 +238,9 @@ class LocalStorage:
                     return
                 offset, data = offset + n, memoryview(data)[n:]
         elif (self._guard is not None and offset % _PIECE + length <= _PIECE
-              and not self._queue_busy and self._guard.allows()):
+              and fd not in self._unsettled and self._guard.allows()):
             # Within one 64 KiB piece (the folio rule below holds inline too), and only with
-            # nothing queued, so that this write cannot pass an earlier one.
+            # nothing queued for this file, so that this write cannot pass an earlier one.
             began = time.perf_counter()
             try:
                 n = os.pwrite(fd, data, offset)
@@ -257,6 +260,8 @@ class LocalStorage:
     async def _queued_write(self, name: str, fd: int, offset: int, data: Buffer) -> None:
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[None] = loop.create_future()
+        unsettled = self._unsettled
+        unsettled[fd] = unsettled.get(fd, 0) + 1
         with self._queue_lock:
             self._queue.append((fd, offset, data, fut))
             start, self._queue_busy = not self._queue_busy, True
@@ -276,9 +281,25 @@ class LocalStorage:
         except RuntimeError as exc:  # the pool is shut down (the storage is closed)
             with self._queue_lock:
                 batch, self._queue, self._queue_busy = self._queue, [], False
+            self._written([item[0] for item in batch])
             for item in batch:
                 if not item[3].done():
                     item[3].set_exception(OSError(errno.EBADF, f"the storage is closed ({exc})"))
+
+    def _written(self, fds: list[int]) -> None:
+        """On the loop: these queued writes (one fd each) are done."""
+        unsettled = self._unsettled
+        for fd in fds:
+            n = unsettled[fd] - 1
+            if n:
+                unsettled[fd] = n
+            else:
+                del unsettled[fd]
+
+    def _settle_batch(self, done: list[tuple[asyncio.Future[None], OSError | None]],
+                      fds: list[int]) -> None:
+        self._written(fds)
+        _settle(done)
 
     def _write_queued(self, loop: asyncio.AbstractEventLoop) -> None:
         """In a pool thread: write queued batches until the queue is empty."""
@@ -298,7 +319,7 @@ class LocalStorage:
             else:
                 done = self._write_runs(batch)
             with contextlib.suppress(RuntimeError):  # the loop is gone: nobody waits
-                loop.call_soon_threadsafe(_settle, done)
+                loop.call_soon_threadsafe(self._settle_batch, done, [item[0] for item in batch])
 
     def _write_runs(
         self, batch: list[_QueuedWrite]
