@@ -113,12 +113,18 @@ def count_batches(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     return calls
 
 
+def rig(root: Path, monkeypatch: pytest.MonkeyPatch,
+        dirty: int = 0) -> tuple[Fake, LocalStorage, list[int]]:
+    """Fake figures, a guarded storage on them, and its count of writer batches."""
+    fake = Fake()
+    fake.dirty = dirty
+    return fake, guarded(root, fake), count_batches(monkeypatch)
+
+
 async def test_small_writes_run_inline_while_allowed_and_queue_when_not(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    fake = Fake()
-    storage = guarded(tmp_path, fake)
-    batches = count_batches(monkeypatch)
+    fake, storage, batches = rig(tmp_path, monkeypatch)
     try:
         await asyncio.gather(*(storage.write("obj", k * 4096, bytes([k + 1]) * 4096)
                                for k in range(16)))
@@ -144,10 +150,7 @@ async def test_an_inline_write_never_passes_a_queued_one(
 ) -> None:
     """The guard allows again while a queued write to the same bytes is still outstanding:
     the next write queues behind it, and the later bytes win."""
-    fake = Fake()
-    fake.dirty = GIB
-    storage = guarded(tmp_path, fake)
-    batches = count_batches(monkeypatch)
+    fake, storage, batches = rig(tmp_path, monkeypatch, dirty=GIB)
     try:
         await storage.write("obj", 0, b"\0")  # the object exists
         first = asyncio.ensure_future(storage.write("obj", 0, b"A" * 4096))
@@ -166,9 +169,7 @@ async def test_an_inline_write_never_passes_a_queued_one(
 async def test_a_stalled_inline_write_sends_the_next_ones_to_the_writer(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    fake = Fake()
-    storage = guarded(tmp_path, fake)
-    batches = count_batches(monkeypatch)
+    fake, storage, batches = rig(tmp_path, monkeypatch)
     ticks = [0.5, 0.0]  # the next inline write "takes" 500 ms
     real = local.time.perf_counter
     monkeypatch.setattr(local.time, "perf_counter", lambda: ticks.pop() if ticks else real())
