@@ -23,8 +23,8 @@ writes only
   per 5 s job, at journal commits) and costs the loop less than a back-off costs throughput,
   so the loop may lose at most ``BUDGET`` per second to it.
 
-The storage also writes inline only when no queued write is outstanding, so that writes stay in
-the order they were issued.
+The storage also writes inline only when no queued write to the same file is outstanding, so
+that writes to a file stay in the order they were issued.
 
 May import ``owm.common`` only.
 """

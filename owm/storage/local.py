@@ -7,7 +7,7 @@ kernel refuses (EAGAIN) when it would have to wait, and only then leave the loop
 kernel does not support RWF_NOWAIT for an operation, that operation leaves it, except: ext4
 answers EOPNOTSUPP for writes, and there a small write within one 64 KiB piece runs inline while
 ``owm.storage.inlinewrite``'s guard allows it (little dirty memory, no recent blocked write) and
-no queued write is outstanding.  Syncs always go to the thread pool.
+no queued write to the same file is outstanding.  Syncs always go to the thread pool.
 
 On a disk every write that leaves the loop joins one queue.  The first one queued in a loop turn
 hands the queue to a pool thread at the end of that turn, so every write of the turn (a receive
@@ -46,7 +46,6 @@ _QueuedWrite = tuple[int, int, Buffer, "asyncio.Future[None]"]
 _NOWAIT = getattr(os, "RWF_NOWAIT", 0)
 _SEEK_DATA = getattr(os, "SEEK_DATA", 3)
 _SEEK_HOLE = getattr(os, "SEEK_HOLE", 4)
-_PIECE = PIECE
 _INLINE_LIMIT = 256 * 1024  # larger requests go to the pool without trying inline
 # In memory (tmpfs) a request is a memcpy that never blocks: up to this size doing it on the loop
 # costs less than the hop (a 1 MiB write: 230-270 µs of CPU inline against 350-390 µs through
@@ -237,7 +236,7 @@ class LocalStorage:
                 if n == length:
                     return
                 offset, data = offset + n, memoryview(data)[n:]
-        elif (self._guard is not None and offset % _PIECE + length <= _PIECE
+        elif (self._guard is not None and offset % PIECE + length <= PIECE
               and fd not in self._unsettled and self._guard.allows()):
             # Within one 64 KiB piece (the folio rule below holds inline too), and only with
             # nothing queued for this file, so that this write cannot pass an earlier one.
