@@ -15,12 +15,14 @@ import asyncio
 import errno
 import os
 import random
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from owm.common.errors import NoSpace, OwmError
 from owm.storage import aio, local
+from owm.storage.inlinewrite import InlineWriteGuard
 from owm.storage.local import LocalStorage
 
 
@@ -145,9 +147,21 @@ async def test_a_failing_request_fails_alone_with_eio(tmp_path: Path) -> None:
         await storage.close()
 
 
+def inline(root: Path) -> LocalStorage:
+    """A storage whose small writes run on the loop (a guard that always allows), as on ext4."""
+    storage = LocalStorage(root)
+    storage._write_mode = None  # no RWF_NOWAIT writes
+    storage._guard = InlineWriteGuard(lambda: (0, 1 << 30))
+    storage._piece = aio.PIECE
+    return storage
+
+
 @pytest.mark.skipif(not os.path.exists("/dev/full"), reason="no /dev/full")
-async def test_a_full_disk_fails_only_the_requests_that_hit_it(tmp_path: Path) -> None:
-    storage = queued(tmp_path)
+@pytest.mark.parametrize("make", [queued, inline], ids=["queued", "inline"])
+async def test_a_full_disk_fails_only_the_requests_that_hit_it(
+    tmp_path: Path, make: Callable[[Path], LocalStorage]
+) -> None:
+    storage = make(tmp_path)
     try:
         (tmp_path / "full").symlink_to("/dev/full")  # every write to it: ENOSPC
         names = ["ok", "full", "ok", "ok", "full", "ok", "ok", "ok"]
